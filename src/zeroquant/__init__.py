@@ -1,0 +1,23 @@
+"""zeroquant: ZeroQuant post-training quantization for Hugging Face transformers."""
+
+from .api import quantize, quantized_modules, set_mode
+from .checkpoint import load_quantized, save_quantized
+from .config import PRESETS, ActQuant, LinearRule, QuantConfig, WeightQuant
+from .errors import ZeroQuantError
+from .qlinear import QuantLinear
+
+__all__ = [
+    "PRESETS",
+    "ActQuant",
+    "LinearRule",
+    "QuantConfig",
+    "QuantLinear",
+    "WeightQuant",
+    "ZeroQuantError",
+    "load_quantized",
+    "quantize",
+    "quantized_modules",
+    "save_quantized",
+    "set_mode",
+]
+__version__ = "0.1.0"

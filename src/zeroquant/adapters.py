@@ -1,0 +1,151 @@
+"""Architecture knowledge in one table: where the blocks are, which linears are attention vs MLP,
+and which norm feeds which linears (for norm->quant fusion). Nothing else in the package looks at
+module names."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .errors import ZeroQuantError
+from .qlinear import is_linear
+
+
+@dataclass(frozen=True)
+class Arch:
+    blocks: str  # dotted path from model.base_model to the nn.ModuleList of transformer blocks
+    attention: tuple[str, ...]  # linears of a block, relative to the block
+    mlp: tuple[str, ...]
+    # norm (relative to the block) -> the linears whose input is exactly that norm's output
+    norm_feeds: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    causal: bool = True
+
+
+_BERT = Arch(
+    blocks="encoder.layer",
+    attention=("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"),
+    mlp=("intermediate.dense", "output.dense"),
+    # Post-LN: the attention output's LayerNorm is the FFN input. The QKV input is the previous block's
+    # output.LayerNorm (or the embeddings' LayerNorm), which lives outside this block.
+    norm_feeds={"attention.output.LayerNorm": ("intermediate.dense",)},
+    causal=False,
+)
+_LLAMA = Arch(
+    blocks="layers",
+    attention=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
+    mlp=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+    norm_feeds={
+        "input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj"),
+    },
+)
+
+ARCHITECTURES: dict[str, Arch] = {
+    "bert": _BERT,
+    "roberta": _BERT,
+    "xlm-roberta": _BERT,
+    "camembert": _BERT,
+    "gpt2": Arch(
+        blocks="h",
+        attention=("attn.c_attn", "attn.c_proj"),
+        mlp=("mlp.c_fc", "mlp.c_proj"),
+        norm_feeds={"ln_1": ("attn.c_attn",), "ln_2": ("mlp.c_fc",)},
+    ),
+    "opt": Arch(
+        blocks="decoder.layers",
+        attention=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"),
+        mlp=("fc1", "fc2"),
+        # Only valid for pre-LN OPT (every size but 350m); fusion checks config.do_layer_norm_before.
+        norm_feeds={
+            "self_attn_layer_norm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            "final_layer_norm": ("fc1",),
+        },
+    ),
+    "gpt_neox": Arch(
+        blocks="layers",
+        attention=("attention.query_key_value", "attention.dense"),
+        mlp=("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
+        norm_feeds={"input_layernorm": ("attention.query_key_value",),
+                    "post_attention_layernorm": ("mlp.dense_h_to_4h",)},
+    ),
+    "gptj": Arch(
+        blocks="h",
+        attention=("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj"),
+        mlp=("mlp.fc_in", "mlp.fc_out"),
+        # Parallel attention + MLP: one LayerNorm feeds both.
+        norm_feeds={"ln_1": ("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.fc_in")},
+    ),
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+}
+
+
+def supported() -> str:
+    return ", ".join(sorted(ARCHITECTURES))
+
+
+def arch_for(model_type: str | None, allow_generic: bool = False) -> Arch | None:
+    """The adapter for a config.model_type; None means the opt-in generic fallback."""
+    if model_type in ARCHITECTURES:
+        return ARCHITECTURES[model_type]
+    if allow_generic:
+        return None
+    raise ZeroQuantError(
+        f"unsupported architecture {model_type!r}; supported: {supported()} "
+        "(or opt into the generic fallback: allow_generic=True / --generic)"
+    )
+
+
+def get_arch(model: nn.Module, allow_generic: bool = False) -> Arch | None:
+    return arch_for(getattr(getattr(model, "config", None), "model_type", None), allow_generic)
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    return getattr(model, "base_model", model)
+
+
+def _generic_blocks(model: nn.Module) -> nn.ModuleList:
+    """The largest ModuleList of identical modules: the transformer stack in every model we know."""
+    best = None
+    for m in model.modules():
+        if isinstance(m, nn.ModuleList) and len(m) > 0 and len({type(c) for c in m}) == 1:
+            if best is None or len(m) > len(best):
+                best = m
+    if best is None:
+        raise ZeroQuantError("generic fallback found no nn.ModuleList of blocks in this model")
+    return best
+
+
+def get_blocks(model: nn.Module, allow_generic: bool = False) -> nn.ModuleList:
+    arch = get_arch(model, allow_generic)
+    if arch is None:
+        return _generic_blocks(model)
+    return base_model(model).get_submodule(arch.blocks)
+
+
+def block_linears(block: nn.Module, arch: Arch | None) -> Iterator[tuple[str, str, nn.Module]]:
+    """(name relative to block, kind, module) for each quantizable linear of a block.
+
+    The generic fallback takes every linear in the block and gives it the attention rule, the more
+    conservative one in every preset.
+    """
+    if arch is None:
+        for name, m in block.named_modules():
+            if is_linear(m):
+                yield name, "attention", m
+        return
+    for kind, names in (("attention", arch.attention), ("mlp", arch.mlp)):
+        for name in names:
+            yield name, kind, block.get_submodule(name)
+
+
+def is_causal(model: nn.Module) -> bool:
+    """Whether blocks attend causally (decoders) rather than bidirectionally (encoders)."""
+    arch = get_arch(model, allow_generic=True)
+    if arch is not None:
+        return arch.causal
+    return not bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False)) and bool(
+        getattr(getattr(model, "config", None), "is_decoder", True))

@@ -1,0 +1,154 @@
+"""zeroquant.quantize: swap a model's block linears for QuantLinear according to a QuantConfig."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import quant as Q
+from .adapters import block_linears, get_arch, get_blocks
+from .calib import Batch, model_device, move, to_batches
+from .config import LinearRule, QuantConfig, resolve_config
+from .errors import ZeroQuantError
+from .qlinear import QuantLinear, linear_weight
+
+
+@dataclass
+class Target:
+    """One linear to quantize: where it is and which rule applies."""
+
+    name: str  # full dotted name in the model
+    block: int
+    local: str  # name relative to its block
+    kind: str
+    rule: LinearRule
+    module: nn.Module
+
+
+def find_targets(model: nn.Module, config: QuantConfig, allow_generic: bool = False) -> list[Target]:
+    arch = get_arch(model, allow_generic)
+    blocks = get_blocks(model, allow_generic)
+    prefix = {id(m): n for n, m in model.named_modules()}[id(blocks)]
+    targets = []
+    for i, block in enumerate(blocks):
+        for local, kind, module in block_linears(block, arch):
+            rule = config.rule(kind)
+            if rule.weight is None:
+                continue
+            targets.append(Target(f"{prefix}.{i}.{local}", i, local, kind, rule, module))
+    if not targets:
+        raise ZeroQuantError("the config quantizes no linear layer of this model")
+    return targets
+
+
+def validate_targets(targets: list[Target]) -> None:
+    """Fail before touching the model on shapes the config cannot quantize."""
+    for t in targets:
+        w = t.rule.weight
+        k = linear_weight(t.module).shape[1]
+        if not w.per_tensor:
+            try:
+                Q.num_groups(k, w.group_size)
+            except ValueError as e:
+                raise ZeroQuantError(f"{t.name}: {e}") from None
+        if w.bits <= 4 and k % 2:
+            raise ZeroQuantError(f"{t.name}: INT4 packing needs an even input size, got {k}")
+
+
+@torch.no_grad()
+def collect_input_ranges(
+    model: nn.Module, modules: dict[str, nn.Module], batches: list[Batch], progress: bool = True
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Min/max of each module's input over the calibration batches (static per-tensor baseline)."""
+    ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def hook(name):
+        def fn(_mod, args):
+            x = args[0].detach().float()
+            lo, hi = x.min(), x.max()
+            if name in ranges:
+                lo, hi = torch.minimum(lo, ranges[name][0]), torch.maximum(hi, ranges[name][1])
+            ranges[name] = (lo, hi)
+
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+    device = model_device(model)
+    try:
+        for b in tqdm(batches, desc="calibrating", disable=not progress, leave=False):
+            model(**move(b, device))
+    finally:
+        for h in handles:
+            h.remove()
+    return ranges
+
+
+def quantize(
+    model: nn.Module,
+    config: QuantConfig | str,
+    calib_data=None,
+    tokenizer=None,
+    *,
+    lkd=None,
+    inplace: bool = False,
+    allow_generic: bool = False,
+    calib_seq_len: int = 512,
+    calib_batch_size: int = 8,
+    progress: bool = True,
+) -> nn.Module:
+    """Quantize `model` the ZeroQuant way and return it.
+
+    config: a QuantConfig or a preset name ("w8a8", "w4/8-a8", ...; see zeroquant.PRESETS).
+    calib_data: list of strings, tensor of token ids, or list of tokenized batches. Needed by static
+        activation baselines and by distillation (`lkd`); token-wise dynamic presets need none.
+    lkd: an LKDConfig to run layer-by-layer distillation of each quantized block from its FP self.
+    inplace: modify and return `model` itself; by default a copy is quantized and `model` is untouched.
+    allow_generic: quantize every linear inside the blocks of an architecture without an adapter.
+    """
+    cfg = resolve_config(config)
+    targets = find_targets(model, cfg, allow_generic)
+    validate_targets(targets)
+    needs_data = cfg.needs_calibration or lkd is not None
+    batches = None
+    if needs_data:
+        if calib_data is None:
+            what = "distillation (lkd)" if lkd is not None else f"preset {cfg.name!r} (static activations)"
+            raise ZeroQuantError(f"{what} needs calib_data")
+        batches = to_batches(calib_data, tokenizer, model, calib_seq_len, calib_batch_size)
+
+    model = model if inplace else copy.deepcopy(model)
+    model.eval()
+    targets = find_targets(model, cfg, allow_generic)  # the copy's modules
+
+    if lkd is not None:
+        from .lkd import distill
+
+        distill(model, targets, batches, lkd, allow_generic=allow_generic, progress=progress)
+    else:
+        ranges = {}
+        static = {t.name: t.module for t in targets if t.rule.act is not None and not t.rule.act.dynamic}
+        if static:
+            ranges = collect_input_ranges(model, static, batches, progress)
+        for t in tqdm(targets, desc=f"quantizing ({cfg.name})", disable=not progress, leave=False):
+            ql = QuantLinear.from_float(t.module, t.rule, ranges.get(t.name))
+            model.set_submodule(t.name, ql)
+    model.zeroquant_config = cfg
+    model.zeroquant_generic = allow_generic
+    return model
+
+
+def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def set_mode(model: nn.Module, mode: str) -> nn.Module:
+    """Switch every QuantLinear between the integer reference path ("int") and fake-quant ("fake")."""
+    if mode not in ("int", "fake"):
+        raise ZeroQuantError(f"mode must be 'int' or 'fake', got {mode!r}")
+    for m in quantized_modules(model).values():
+        m.mode = mode
+    return model

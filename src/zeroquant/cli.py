@@ -1,0 +1,189 @@
+"""Command-line interface: zeroquant quantize | eval | info."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .adapters import arch_for
+from .errors import ZeroQuantError
+
+EPILOG = """presets:
+  w8a8         INT8 group-wise weights (g128), INT8 token-wise dynamic activations (ZeroQuant)
+  w8a16        INT8 group-wise weights, FP activations
+  w4a16        INT4 group-wise weights (g128, asymmetric), FP activations
+  w4a8         INT4 group-wise weights, INT8 token-wise activations
+  w4/8-a16     INT4 MLP weights, INT8 attention weights, FP activations
+  w4/8-a8      INT4 MLP weights, INT8 attention weights, INT8 token-wise activations
+  w8a8-static  baseline: per-tensor INT8 weights, static per-tensor INT8 activations (needs --calib)
+  rtn-w4       baseline: per-row round-to-nearest INT4 weights
+Embeddings, norms and the LM head stay in floating point."""
+
+
+def load_fp_model(model_dir: str, device: str = "cpu", allow_generic: bool = False):
+    """Load a local Hugging Face checkpoint (config.json + weights) and its tokenizer, offline."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    p = Path(model_dir)
+    if not p.is_dir():
+        raise ZeroQuantError(f"model directory not found: {model_dir}")
+    if not (p / "config.json").exists():
+        raise ZeroQuantError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(p)
+    except (OSError, ValueError) as e:
+        raise ZeroQuantError(f"cannot read {p / 'config.json'}: {e}") from None
+    arch_for(config.model_type, allow_generic)  # fail on an unsupported architecture before loading weights
+    archs = getattr(config, "architectures", None) or []
+    cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), transformers.AutoModel)
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    try:
+        model = cls.from_pretrained(p, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(p)
+    except (OSError, ValueError) as e:
+        raise ZeroQuantError(f"cannot load the model in {model_dir}: {e}") from None
+    return model.to(device).eval(), tokenizer
+
+
+def _default_device(arg: str | None) -> str:
+    if arg:
+        return arg
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _calib_texts(path: str | None, n: int) -> list[str] | None:
+    if path is None:
+        return None
+    from .evaluate import read_text, sentences
+
+    texts = sentences(read_text(path), n)
+    if not texts:
+        raise ZeroQuantError(f"calibration file has no usable sentences: {path}")
+    return texts
+
+
+def cmd_quantize(args) -> None:
+    from .api import quantize
+    from .checkpoint import save_quantized
+    from .config import resolve_config, with_group_size
+
+    cfg = resolve_config(args.preset)
+    if args.group_size is not None:
+        cfg = with_group_size(cfg, args.group_size)
+    device = _default_device(args.device)
+    model, tok = load_fp_model(args.model_dir, device, args.generic)
+    calib = _calib_texts(args.calib, args.calib_samples)
+    if cfg.needs_calibration and calib is None:
+        raise ZeroQuantError(f"preset {cfg.name!r} uses static activation scales: pass --calib FILE")
+    qmodel = quantize(model, cfg, calib_data=calib, tokenizer=tok, inplace=True, allow_generic=args.generic)
+    out = save_quantized(qmodel, args.output, tokenizer=tok)
+    print(f"saved {cfg.name} model to {out}")
+
+
+def cmd_eval(args) -> None:
+    from .config import resolve_config
+    from .evaluate import EvalSettings, read_text
+    from .report import print_report, report
+
+    presets = [p.strip() for p in args.presets.split(",") if p.strip()]
+    configs = [resolve_config(p) for p in presets]
+    text = read_text(args.text)
+    calib = _calib_texts(args.calib, args.calib_samples)
+    if calib is None and any(c.needs_calibration for c in configs):
+        raise ZeroQuantError("a static preset needs --calib FILE (never calibrate on the evaluation text)")
+    model, tok = load_fp_model(args.model_dir, _default_device(args.device), args.generic)
+    settings = EvalSettings(max_sentences=args.max_sentences, max_tokens=args.max_tokens,
+                            seq_len=args.seq_len, batch_size=args.batch_size)
+    rows = report(model, tok, text, presets, calib, settings, allow_generic=args.generic)
+    print(f"\nmodel: {args.model_dir}  text: {args.text}  device: {next(model.parameters()).device}")
+    print_report(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps([{k: v for k, v in r.items() if not k.startswith("_")}
+                                               for r in rows], indent=2))
+
+
+def cmd_info(args) -> None:
+    from .checkpoint import WEIGHTS_FILE, read_manifest
+
+    m = read_manifest(args.out_dir)
+    mods = m["modules"]
+    by_kind: dict[str, int] = {}
+    for spec in mods.values():
+        w, a = spec["weight"], spec["act"]
+        key = f"W{w['bits']} " + ("per-tensor" if w["per_tensor"] else f"g{w['group_size']}") + (
+            " asym" if not w["symmetric"] else "") + (" / A16" if a is None else
+                                                      f" / A{a['bits']} {'token' if a['dynamic'] else 'static'}")
+        by_kind[key] = by_kind.get(key, 0) + 1
+    size = (Path(args.out_dir) / WEIGHTS_FILE).stat().st_size
+    print(f"preset:        {m['preset']}")
+    print(f"model class:   {m['model_class']} ({m['dtype']})")
+    print(f"quantized:     {len(mods)} linear layers")
+    for k, v in sorted(by_kind.items()):
+        print(f"  {v:4d} x {k}")
+    print(f"weights file:  {size / 1e6:.2f} MB")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="zeroquant",
+        description="ZeroQuant post-training quantization of local Hugging Face checkpoints.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp):
+        sp.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+        sp.add_argument("--generic", action="store_true",
+                        help="quantize every linear in the blocks of an architecture without an adapter")
+        sp.add_argument("--calib", metavar="FILE", help="text file for calibration (static presets)")
+        sp.add_argument("--calib-samples", type=int, default=256, help="calibration sentences (default 256)")
+
+    q = sub.add_parser("quantize", help="quantize a model and save it", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    q.add_argument("model_dir", help="local Hugging Face model directory")
+    q.add_argument("--preset", default="w8a8", help="quantization preset (default w8a8; see below)")
+    q.add_argument("-o", "--output", required=True, help="directory to write the quantized model to")
+    q.add_argument("--group-size", type=int, default=None,
+                   help="override the preset's weight group size (input channels per scale; -1 = per row)")
+    common(q)
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="FP vs presets on a text file: perplexity (LMs) or fidelity (encoders)",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    e.add_argument("model_dir", help="local Hugging Face model directory (floating point)")
+    e.add_argument("--text", required=True, help="evaluation text file (e.g. wikitext-2 test.txt)")
+    e.add_argument("--presets", default="w8a8,w8a8-static,w4/8-a16,rtn-w4",
+                   help="comma-separated presets (default: w8a8,w8a8-static,w4/8-a16,rtn-w4)")
+    e.add_argument("--max-sentences", type=int, default=2000, help="encoder sentences (default 2000)")
+    e.add_argument("--max-tokens", type=int, default=None, help="causal LM: cap on evaluated tokens")
+    e.add_argument("--seq-len", type=int, default=None, help="causal LM window (default min(1024, max positions))")
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    common(e)
+    e.set_defaults(func=cmd_eval)
+
+    i = sub.add_parser("info", help="describe a saved quantized model")
+    i.add_argument("out_dir")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ZeroQuantError as e:
+        print(f"zeroquant: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

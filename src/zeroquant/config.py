@@ -1,0 +1,129 @@
+"""Quantization configuration: per-module-kind rules and the named presets."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+from .errors import ZeroQuantError
+
+
+@dataclass(frozen=True)
+class WeightQuant:
+    bits: int = 8
+    group_size: int = 128  # input channels per scale; -1 = one scale per output row
+    symmetric: bool = True
+    per_tensor: bool = False  # naive baseline: one scale for the whole matrix
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.bits <= 8:
+            raise ZeroQuantError(f"weight bits must be in 2..8, got {self.bits}")
+        if self.group_size == 0 or self.group_size < -1:
+            raise ZeroQuantError(f"group_size must be positive or -1 (per row), got {self.group_size}")
+
+
+@dataclass(frozen=True)
+class ActQuant:
+    bits: int = 8
+    dynamic: bool = True  # True: one scale per token at run time; False: static per-tensor from calibration
+    symmetric: bool = True  # static only; token-wise dynamic quantization is always symmetric
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.bits <= 8:
+            raise ZeroQuantError(f"activation bits must be in 2..8, got {self.bits}")
+
+
+@dataclass(frozen=True)
+class LinearRule:
+    """How one kind of linear is quantized; None keeps that side in floating point."""
+
+    weight: WeightQuant | None = None
+    act: ActQuant | None = None
+
+
+KINDS = ("attention", "mlp")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    attention: LinearRule = field(default_factory=LinearRule)
+    mlp: LinearRule = field(default_factory=LinearRule)
+    name: str = "custom"
+
+    def rule(self, kind: str) -> LinearRule:
+        if kind not in KINDS:
+            raise ZeroQuantError(f"unknown module kind {kind!r}; expected one of {KINDS}")
+        return getattr(self, kind)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return any(r.act is not None and not r.act.dynamic for r in (self.attention, self.mlp))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> QuantConfig:
+        def rule(r: dict) -> LinearRule:
+            return LinearRule(
+                weight=WeightQuant(**r["weight"]) if r.get("weight") else None,
+                act=ActQuant(**r["act"]) if r.get("act") else None,
+            )
+
+        return cls(attention=rule(d["attention"]), mlp=rule(d["mlp"]), name=d.get("name", "custom"))
+
+
+W8 = WeightQuant(bits=8, group_size=128, symmetric=True)
+# INT4 keeps a zero point: with only 16 levels, an asymmetric grid wastes none on a skewed group.
+W4 = WeightQuant(bits=4, group_size=128, symmetric=False)
+A8 = ActQuant(bits=8, dynamic=True)
+
+
+def _preset(name: str, attention: LinearRule, mlp: LinearRule) -> QuantConfig:
+    return QuantConfig(attention=attention, mlp=mlp, name=name)
+
+
+PRESETS: dict[str, QuantConfig] = {
+    p.name: p
+    for p in [
+        # ZeroQuant: group-wise INT8 weights, token-wise dynamic INT8 activations.
+        _preset("w8a8", LinearRule(W8, A8), LinearRule(W8, A8)),
+        _preset("w8a16", LinearRule(W8), LinearRule(W8)),
+        _preset("w4a16", LinearRule(W4), LinearRule(W4)),
+        _preset("w4a8", LinearRule(W4, A8), LinearRule(W4, A8)),
+        # Mixed precision: the MLP holds ~2/3 of the weights and tolerates INT4 better than attention.
+        _preset("w4/8-a16", LinearRule(W8), LinearRule(W4)),
+        _preset("w4/8-a8", LinearRule(W8, A8), LinearRule(W4, A8)),
+        # Baselines.
+        _preset(
+            "w8a8-static",
+            LinearRule(WeightQuant(8, -1, True, per_tensor=True), ActQuant(8, dynamic=False, symmetric=False)),
+            LinearRule(WeightQuant(8, -1, True, per_tensor=True), ActQuant(8, dynamic=False, symmetric=False)),
+        ),
+        _preset(
+            "rtn-w4",
+            LinearRule(WeightQuant(4, -1, symmetric=False)),
+            LinearRule(WeightQuant(4, -1, symmetric=False)),
+        ),
+    ]
+}
+
+
+def with_group_size(config: QuantConfig, group_size: int) -> QuantConfig:
+    """The same config with every group-wise weight rule set to `group_size` (per-tensor rules kept)."""
+
+    def rule(r: LinearRule) -> LinearRule:
+        if r.weight is None or r.weight.per_tensor:
+            return r
+        return replace(r, weight=replace(r.weight, group_size=group_size))
+
+    return replace(config, attention=rule(config.attention), mlp=rule(config.mlp),
+                   name=f"{config.name}-g{group_size}")
+
+
+def resolve_config(config: QuantConfig | str) -> QuantConfig:
+    if isinstance(config, QuantConfig):
+        return config
+    key = str(config).lower()
+    if key not in PRESETS:
+        raise ZeroQuantError(f"unknown preset {config!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[key]

@@ -1,0 +1,196 @@
+"""QuantLinear: the drop-in replacement for nn.Linear / GPT-2 Conv1D that stores integer weights."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from . import quant as Q
+from .config import ActQuant, LinearRule, WeightQuant
+from .errors import ZeroQuantError
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The [out, in] weight of an nn.Linear or a GPT-2 Conv1D (which stores [in, out])."""
+    if isinstance(module, Conv1D):
+        return module.weight.t()
+    return module.weight
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+class QuantLinear(nn.Module):
+    """Linear layer with group-wise quantized integer weights and optional INT8 activations.
+
+    mode="int"  (default): integer reference path. Activations are quantized (per token, or with the
+                 static calibrated scale), multiplied as int8 x int8 -> int32 per weight group, and
+                 dequantized with token scale x group scale; bias added in float. The GPU kernels match it.
+    mode="fake": dequantize the weight, quantize-dequantize the activation, float matmul. Same numbers
+                 up to float rounding; used to cross-check and by distillation.
+    Weight-only rules (act=None) take the fake path in both modes: the activation stays floating point.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        weight: WeightQuant,
+        act: ActQuant | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.wq, self.aq = weight, act
+        self.mode = "int"
+        self.packed = weight.bits <= 4
+        groups = 1 if weight.per_tensor else Q.num_groups(in_features, weight.group_size)
+        qdtype = Q.storage_dtype(weight.bits, weight.symmetric)
+        if self.packed:
+            if in_features % 2:
+                raise ZeroQuantError(f"INT4 weights need an even input size, got {in_features}")
+            self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
+        else:
+            self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=qdtype))
+        self.register_buffer("w_scale", torch.ones(out_features, groups))
+        self.register_buffer("w_zero", None if weight.symmetric else torch.zeros(out_features, groups))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
+        static = act is not None and not act.dynamic
+        self.register_buffer("a_scale", torch.ones(()) if static else None)
+        self.register_buffer("a_zero", torch.zeros(()) if static else None)
+
+    # ------------------------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_float(
+        cls,
+        module: nn.Module,
+        rule: LinearRule,
+        act_range: tuple[torch.Tensor, torch.Tensor] | None = None,
+        weight: torch.Tensor | None = None,
+        w_scale: torch.Tensor | None = None,
+    ) -> QuantLinear:
+        """Quantize a float linear. `weight`/`w_scale` override the module's (used by distillation)."""
+        if rule.weight is None:
+            raise ZeroQuantError("activation-only quantization is not supported; give a weight rule")
+        w = (weight if weight is not None else linear_weight(module)).detach()
+        out_f, in_f = w.shape
+        b = module.bias
+        ql = cls(in_f, out_f, b is not None, rule.weight, rule.act, dtype=w.dtype)
+        ql.to(w.device)
+        ql.set_weight(w, w_scale)
+        if b is not None:
+            ql.bias.copy_(b.detach())
+        if ql.a_scale is not None:
+            if act_range is None:
+                raise ZeroQuantError("static activation quantization needs calibration data (calib_data=...)")
+            s, z = Q.scale_zero_from_range(act_range[0], act_range[1], rule.act.bits, rule.act.symmetric)
+            ql.a_scale.copy_(s)
+            ql.a_zero.copy_(z)
+        return ql
+
+    @torch.no_grad()
+    def set_weight(self, w: torch.Tensor, w_scale: torch.Tensor | None = None) -> None:
+        wq = self.wq
+        if w_scale is None:
+            s, z = Q.weight_scale_zero(w, wq.bits, wq.group_size, wq.symmetric, wq.per_tensor)
+        else:  # a trained scale keeps the zero point computed from the weight's range
+            s = w_scale.float()
+            _, z = Q.weight_scale_zero(w, wq.bits, wq.group_size, wq.symmetric, wq.per_tensor)
+        q = Q.quantize(w, Q.expand_groups(s, self.in_features), Q.expand_groups(z, self.in_features),
+                       wq.bits, wq.symmetric)
+        self.qweight.copy_(Q.pack_int4(q, wq.symmetric) if self.packed else q)
+        self.w_scale.copy_(s)
+        if self.w_zero is not None:
+            self.w_zero.copy_(z)
+
+    # ---------------------------------------------------------------------------------------- weights
+
+    def int_weight(self) -> torch.Tensor:
+        """Unpacked integer weight [N, K]."""
+        return Q.unpack_int4(self.qweight, self.wq.symmetric) if self.packed else self.qweight
+
+    def _zero(self) -> torch.Tensor:
+        return self.w_zero if self.w_zero is not None else torch.zeros_like(self.w_scale)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return Q.dequantize_weight(self.int_weight(), self.w_scale, self._zero()).to(dtype)
+
+    def weight_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.w_scale, self.w_zero) if t is not None)
+
+    # ---------------------------------------------------------------------------------------- forward
+
+    def fake_quant_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.aq is None:
+            return x
+        if self.aq.dynamic:
+            return Q.fake_quantize_per_token(x, self.aq.bits)
+        return Q.fake_quantize(x, self.a_scale.to(x.dtype), self.a_zero.to(x.dtype), self.aq.bits, self.aq.symmetric)
+
+    def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """int8 activation x8, its scale ([M, 1] or []) and an integer offset c with x ~= (x8 + c) * scale.
+
+        Asymmetric (uint8, zero point z) values are stored shifted to int8, q - 128, with c = 128 - z, so the
+        GEMM stays int8 x int8 and the offset becomes a cheap rank-1 correction, as in integer kernels.
+        """
+        if self.aq.dynamic:
+            q, s = Q.quantize_per_token(x, self.aq.bits)
+            return q, s, 0
+        q = Q.quantize(x, self.a_scale, self.a_zero, self.aq.bits, self.aq.symmetric)
+        if self.aq.symmetric:
+            return q, self.a_scale, 0
+        return (q.to(torch.int16) - 128).to(torch.int8), self.a_scale, 128 - int(self.a_zero)
+
+    def int8_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """int8 weight w8 [N, K] and per-group integer offsets c [N, G] (None if 0) with w ~= (w8 + c) * s."""
+        q = self.int_weight()
+        if self.w_zero is None:
+            return q, None
+        z = self.w_zero.to(torch.int16)
+        if self.wq.bits <= 7:  # q - z fits int8 exactly
+            return (q.to(torch.int16) - Q.expand_groups(z, self.in_features)).to(torch.int8), None
+        return (q.to(torch.int16) - 128).to(torch.int8), (128 - z).to(torch.int32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.aq is None or self.mode == "fake":
+            w = self.dequantized_weight(x.dtype)
+            b = None if self.bias is None else self.bias.to(x.dtype)
+            return F.linear(self.fake_quant_input(x), w, b)
+        return self.forward_int(x)
+
+    def forward_int(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x8, sx, cx = self.quantize_input(x.reshape(-1, self.in_features))
+        w8, cw = self.int8_weight()
+        groups = self.w_scale.shape[1]
+        gsize = self.in_features // groups
+        y = None
+        for g in range(groups):
+            sl = slice(g * gsize, (g + 1) * gsize)
+            # sum_k (x8 + cx)(w8 + cw) = x8.w8 + cw * sum x8 + cx * sum w8 + K * cx * cw, all exact in int32
+            acc = Q.int_matmul(x8[:, sl], w8[:, sl])
+            if cw is not None:
+                acc += x8[:, sl].sum(1, keepdim=True, dtype=torch.int32) * cw[:, g]
+            if cx:
+                acc += cx * w8[:, sl].sum(1, dtype=torch.int32)
+                if cw is not None:
+                    acc += gsize * cx * cw[:, g]
+            part = acc.float() * self.w_scale[:, g]
+            y = part if y is None else y + part
+        y = y * sx
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        w = self.wq
+        wdesc = f"W{w.bits} " + ("per-tensor" if w.per_tensor else f"g{w.group_size}") + (
+            "" if w.symmetric else " asym")
+        a = self.aq
+        adesc = "A16" if a is None else f"A{a.bits} " + ("per-token" if a.dynamic else "static")
+        return f"in={self.in_features}, out={self.out_features}, {wdesc}, {adesc}, mode={self.mode}"

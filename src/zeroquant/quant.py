@@ -1,0 +1,188 @@
+"""Linear quantization primitives: ranges, scales, quantize/dequantize, STE fake-quant, INT4 packing.
+
+Conventions used everywhere in the package:
+- symmetric: q in [-(2^(b-1) - 1), 2^(b-1) - 1] (the "restricted" range, so -q is representable), zero = 0.
+- asymmetric: q in [0, 2^b - 1] with an integer zero point z; x ~= (q - z) * scale.
+- weights are [N, K] (out, in); scales and zero points are [N, n_groups] float32, where a group is
+  `group_size` consecutive input channels of one row (per-row = one group, per-tensor = one group with
+  every row holding the same value).
+- activations are quantized per token (last dim) at run time, or per tensor with static calibration.
+"""
+
+from __future__ import annotations
+
+import torch
+
+EPS = 1e-8
+
+
+def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
+    """Integer range (inclusive) for `bits` bits."""
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits must be in 2..8, got {bits}")
+    if symmetric:
+        m = 2 ** (bits - 1) - 1
+        return -m, m
+    return 0, 2**bits - 1
+
+
+def storage_dtype(bits: int, symmetric: bool) -> torch.dtype:
+    """Narrowest torch integer dtype that holds the quantized values (before any packing)."""
+    return torch.int8 if symmetric else torch.uint8
+
+
+def scale_zero_from_range(
+    x_min: torch.Tensor, x_max: torch.Tensor, bits: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point (both float32, zero integer-valued) that map [x_min, x_max] onto the q range."""
+    qmin, qmax = qrange(bits, symmetric)
+    x_min = x_min.float()
+    x_max = x_max.float()
+    if symmetric:
+        amax = torch.maximum(x_min.abs(), x_max.abs())
+        scale = amax.clamp_min(EPS) / qmax
+        return scale, torch.zeros_like(scale)
+    # The range must contain 0 so that zero padding / exact zeros stay exact.
+    x_min = x_min.clamp_max(0)
+    x_max = x_max.clamp_min(0)
+    scale = (x_max - x_min).clamp_min(EPS) / (qmax - qmin)
+    zero = (qmin - x_min / scale).round().clamp(qmin, qmax)
+    return scale, zero
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+    """Round-to-nearest quantization; returns integers in the storage dtype."""
+    qmin, qmax = qrange(bits, symmetric)
+    q = torch.round(x.float() / scale) + zero
+    return q.clamp(qmin, qmax).to(storage_dtype(bits, symmetric))
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return (q.float() - zero) * scale
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round() in the forward pass, identity gradient in the backward pass."""
+    return x + (torch.round(x) - x).detach()
+
+
+def fake_quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool
+) -> torch.Tensor:
+    """Quantize-dequantize with the straight-through estimator.
+
+    Gradients reach `x` (zero outside the clamp range) and, when it requires grad, `scale`
+    (LSQ-style), which is what layer-wise distillation trains.
+    """
+    qmin, qmax = qrange(bits, symmetric)
+    q = torch.clamp(round_ste(x / scale) + zero, qmin, qmax)
+    return ((q - zero) * scale).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- weights
+
+
+def num_groups(in_features: int, group_size: int) -> int:
+    """Number of groups per row; group_size <= 0 or >= in_features means one group (per row)."""
+    if group_size <= 0 or group_size >= in_features:
+        return 1
+    if in_features % group_size:
+        raise ValueError(
+            f"group_size {group_size} does not divide the input size {in_features}; "
+            "pick a divisor or -1 (per row)"
+        )
+    return in_features // group_size
+
+
+def weight_scale_zero(
+    w: torch.Tensor, bits: int, group_size: int, symmetric: bool, per_tensor: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales/zero points for an [N, K] weight: [N, n_groups] each."""
+    n, k = w.shape
+    if per_tensor:
+        s, z = scale_zero_from_range(w.min(), w.max(), bits, symmetric)
+        return s.expand(n, 1).contiguous(), z.expand(n, 1).contiguous()
+    g = num_groups(k, group_size)
+    wg = w.float().reshape(n, g, k // g)
+    return scale_zero_from_range(wg.amin(-1), wg.amax(-1), bits, symmetric)
+
+
+def expand_groups(t: torch.Tensor, in_features: int) -> torch.Tensor:
+    """[N, n_groups] -> [N, K] by repeating each group's value over its channels."""
+    return t.repeat_interleave(in_features // t.shape[1], dim=1)
+
+
+def quantize_weight(
+    w: torch.Tensor, bits: int, group_size: int, symmetric: bool, per_tensor: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group-wise RTN quantization of an [N, K] weight -> (q [N, K], scale [N, G], zero [N, G])."""
+    scale, zero = weight_scale_zero(w, bits, group_size, symmetric, per_tensor)
+    k = w.shape[1]
+    q = quantize(w, expand_groups(scale, k), expand_groups(zero, k), bits, symmetric)
+    return q, scale, zero
+
+
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    k = q.shape[1]
+    return dequantize(q, expand_groups(scale, k), expand_groups(zero, k))
+
+
+# ------------------------------------------------------------------------------------------ activations
+
+
+def quantize_per_token(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic symmetric per-token quantization over the last dim -> (int8 q, float32 scale [..., 1])."""
+    _, qmax = qrange(bits, True)
+    scale = x.float().abs().amax(dim=-1, keepdim=True).clamp_min(EPS) / qmax
+    q = torch.round(x.float() / scale).clamp(-qmax, qmax).to(torch.int8)
+    return q, scale
+
+
+def fake_quantize_per_token(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """STE fake-quant with a per-token scale (the scale itself is not differentiated through)."""
+    _, qmax = qrange(bits, True)
+    scale = (x.detach().float().abs().amax(dim=-1, keepdim=True).clamp_min(EPS) / qmax).to(x.dtype)
+    return fake_quantize(x, scale, torch.zeros_like(scale), bits, True)
+
+
+# ---------------------------------------------------------------------------------------------- packing
+
+
+def pack_int4(q: torch.Tensor, symmetric: bool) -> torch.Tensor:
+    """Pack 4-bit values two per byte along the last dim.
+
+    Byte j of a row holds element 2j in its low nibble and element 2j+1 in its high nibble.
+    Symmetric values (-7..7) are stored offset by +8 so every nibble is unsigned.
+    """
+    if q.shape[-1] % 2:
+        raise ValueError("INT4 packing needs an even number of input channels")
+    u = q.to(torch.int16) + (8 if symmetric else 0)
+    lo, hi = u[..., 0::2], u[..., 1::2]
+    return (lo | (hi << 4)).to(torch.uint8)
+
+
+def unpack_int4(p: torch.Tensor, symmetric: bool) -> torch.Tensor:
+    """Inverse of pack_int4."""
+    p16 = p.to(torch.int16)
+    lo, hi = p16 & 0xF, (p16 >> 4) & 0xF
+    u = torch.stack([lo, hi], dim=-1).flatten(-2)
+    if symmetric:
+        return (u - 8).to(torch.int8)
+    return u.to(torch.uint8)
+
+
+def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact integer a [M, K] @ b[N, K]^T -> int32 [M, N].
+
+    int8 x int8 goes through torch._int_mm (int32 accumulation, like the tensor-core kernels) where the
+    backend accepts the shape; other integer inputs (zero-point-shifted values) use int32 matmul on
+    CPU, or float64 on GPU, which is exact for |sum| < 2^53.
+    """
+    if a.dtype == torch.int8 and b.dtype == torch.int8:
+        m, k = a.shape
+        n = b.shape[0]
+        if a.device.type == "cpu" or (m > 16 and k % 8 == 0 and n % 8 == 0):
+            return torch._int_mm(a.contiguous(), b.t().contiguous())
+    if a.device.type == "cpu":
+        return a.to(torch.int32) @ b.to(torch.int32).t()
+    return (a.double() @ b.double().t()).round().to(torch.int32)

