@@ -4,16 +4,20 @@ from .api import quantize, quantized_modules, set_mode
 from .checkpoint import load_quantized, save_quantized
 from .config import PRESETS, ActQuant, LinearRule, QuantConfig, WeightQuant
 from .errors import ZeroQuantError
+from .lkd import LKDConfig
+from .lkd_data import lkd_batches
 from .qlinear import QuantLinear
 
 __all__ = [
     "PRESETS",
     "ActQuant",
+    "LKDConfig",
     "LinearRule",
     "QuantConfig",
     "QuantLinear",
     "WeightQuant",
     "ZeroQuantError",
+    "lkd_batches",
     "load_quantized",
     "quantize",
     "quantized_modules",

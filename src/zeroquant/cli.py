@@ -81,10 +81,23 @@ def cmd_quantize(args) -> None:
     device = _default_device(args.device)
     model, tok = load_fp_model(args.model_dir, device, args.generic)
     calib = _calib_texts(args.calib, args.calib_samples)
-    if cfg.needs_calibration and calib is None:
+    lkd, extra = None, {}
+    if args.lkd:
+        from .evaluate import format_table
+        from .lkd import LKDConfig
+        from .lkd_data import lkd_batches
+
+        lkd = LKDConfig(steps=args.lkd_steps, lr=args.lkd_lr, train_scales=not args.lkd_freeze_scales,
+                        seed=args.seed)
+        calib = lkd_batches(args.lkd_data, model, tok, args.lkd_samples, args.lkd_seq_len, seed=args.seed)
+    elif cfg.needs_calibration and calib is None:
         raise ZeroQuantError(f"preset {cfg.name!r} uses static activation scales: pass --calib FILE")
-    qmodel = quantize(model, cfg, calib_data=calib, tokenizer=tok, inplace=True, allow_generic=args.generic)
-    out = save_quantized(qmodel, args.output, tokenizer=tok)
+    qmodel = quantize(model, cfg, calib_data=calib, tokenizer=tok, inplace=True, allow_generic=args.generic,
+                      lkd=lkd)
+    if lkd is not None:
+        extra["lkd_report.json"] = {"data": args.lkd_data, "config": vars(lkd), "blocks": qmodel.zeroquant_lkd}
+        print(format_table(qmodel.zeroquant_lkd))
+    out = save_quantized(qmodel, args.output, tokenizer=tok, extra=extra)
     print(f"saved {cfg.name} model to {out}")
 
 
@@ -152,6 +165,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-o", "--output", required=True, help="directory to write the quantized model to")
     q.add_argument("--group-size", type=int, default=None,
                    help="override the preset's weight group size (input channels per scale; -1 = per row)")
+    q.add_argument("--lkd", action="store_true", help="layer-by-layer distillation of each quantized block")
+    q.add_argument("--lkd-data", default="self", metavar="FILE|self|random",
+                   help="distillation data: a text/jsonl file, text the model generates itself (default), "
+                   "or random token ids")
+    q.add_argument("--lkd-steps", type=int, default=400, help="optimizer steps per block (default 400)")
+    q.add_argument("--lkd-lr", type=float, default=3e-5, help="learning rate (default 3e-5)")
+    q.add_argument("--lkd-samples", type=int, default=128, help="distillation sequences (default 128)")
+    q.add_argument("--lkd-seq-len", type=int, default=128, help="distillation sequence length (default 128)")
+    q.add_argument("--lkd-freeze-scales", action="store_true", help="train weights only, not their scales")
+    q.add_argument("--seed", type=int, default=0)
     common(q)
     q.set_defaults(func=cmd_quantize)
 

@@ -71,18 +71,16 @@ class QuantLinear(nn.Module):
         module: nn.Module,
         rule: LinearRule,
         act_range: tuple[torch.Tensor, torch.Tensor] | None = None,
-        weight: torch.Tensor | None = None,
-        w_scale: torch.Tensor | None = None,
     ) -> QuantLinear:
-        """Quantize a float linear. `weight`/`w_scale` override the module's (used by distillation)."""
+        """Round-to-nearest quantization of a float linear (nn.Linear or Conv1D)."""
         if rule.weight is None:
             raise ZeroQuantError("activation-only quantization is not supported; give a weight rule")
-        w = (weight if weight is not None else linear_weight(module)).detach()
+        w = linear_weight(module).detach()
         out_f, in_f = w.shape
         b = module.bias
         ql = cls(in_f, out_f, b is not None, rule.weight, rule.act, dtype=w.dtype)
         ql.to(w.device)
-        ql.set_weight(w, w_scale)
+        ql.set_weight(w)
         if b is not None:
             ql.bias.copy_(b.detach())
         if ql.a_scale is not None:
@@ -94,13 +92,14 @@ class QuantLinear(nn.Module):
         return ql
 
     @torch.no_grad()
-    def set_weight(self, w: torch.Tensor, w_scale: torch.Tensor | None = None) -> None:
+    def set_weight(self, w: torch.Tensor, scale: torch.Tensor | None = None, zero: torch.Tensor | None = None) -> None:
+        """Quantize float weight `w` [N, K] into the buffers; scale/zero default to RTN from w's range."""
         wq = self.wq
-        if w_scale is None:
-            s, z = Q.weight_scale_zero(w, wq.bits, wq.group_size, wq.symmetric, wq.per_tensor)
-        else:  # a trained scale keeps the zero point computed from the weight's range
-            s = w_scale.float()
-            _, z = Q.weight_scale_zero(w, wq.bits, wq.group_size, wq.symmetric, wq.per_tensor)
+        s, z = scale, zero
+        if s is None or z is None:
+            s0, z0 = Q.weight_scale_zero(w, wq.bits, wq.group_size, wq.symmetric, wq.per_tensor)
+            s = s0 if s is None else s.float()
+            z = z0 if z is None else z
         q = Q.quantize(w, Q.expand_groups(s, self.in_features), Q.expand_groups(z, self.in_features),
                        wq.bits, wq.symmetric)
         self.qweight.copy_(Q.pack_int4(q, wq.symmetric) if self.packed else q)

@@ -1,0 +1,223 @@
+"""Layer-by-layer knowledge distillation (ZeroQuant's LKD).
+
+For block k: the input is the FP teacher's output of blocks 1..k-1 (cached and carried forward), the
+loss is MSE(teacher_k(x), student_k(x)) where student_k is block k with fake-quantized linears, and only
+student_k trains (weights through the straight-through estimator, optionally the weight scales too).
+Only the current block (teacher + student) and the cached hidden states live on the training device.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import quant as Q
+from .adapters import get_blocks
+from .calib import Batch, model_device, move
+from .config import LinearRule
+from .errors import ZeroQuantError
+from .qlinear import QuantLinear, linear_weight
+
+
+@dataclass
+class LKDConfig:
+    steps: int = 400  # optimizer steps per block
+    lr: float = 3e-5  # weights and biases; scales use lr * scale_lr_mult
+    train_scales: bool = True
+    scale_lr_mult: float = 1.0
+    optimizer: str = "adam"  # adam | sgd
+    device: str | None = None  # None: cuda when available, else cpu
+    seed: int = 0
+
+
+class FakeQuantLinear(nn.Module):
+    """Trainable stand-in for a linear during distillation: float master weight, STE-quantized forward."""
+
+    def __init__(self, module: nn.Module, rule: LinearRule, act_range=None, train_scales: bool = True) -> None:
+        super().__init__()
+        wq = rule.weight
+        self.rule = rule
+        w = linear_weight(module).detach().float().clone()
+        self.in_features = w.shape[1]
+        self.weight = nn.Parameter(w)
+        self.bias = None if module.bias is None else nn.Parameter(module.bias.detach().float().clone())
+        s, z = Q.weight_scale_zero(w, wq.bits, wq.group_size, wq.symmetric, wq.per_tensor)
+        # A per-tensor baseline keeps one shared scale: training it per row would change the scheme.
+        self.w_scale = nn.Parameter(s, requires_grad=train_scales and not wq.per_tensor)
+        self.register_buffer("w_zero", z)
+        # activation quantization of the final QuantLinear, reused so the student sees the same rounding
+        ref = QuantLinear.from_float(module, rule, act_range)
+        self.act = ref
+        for p in self.act.buffers():
+            p.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        wq = self.rule.weight
+        k = self.in_features
+        scale = self.w_scale.abs().clamp_min(Q.EPS)
+        w = Q.fake_quantize(self.weight, Q.expand_groups(scale, k), Q.expand_groups(self.w_zero, k), wq.bits,
+                            wq.symmetric)
+        x = self.act.fake_quant_input(x)
+        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    @torch.no_grad()
+    def to_quant_linear(self) -> QuantLinear:
+        ql = self.act
+        ql.set_weight(self.weight, self.w_scale.abs().clamp_min(Q.EPS), self.w_zero)
+        if self.bias is not None:
+            ql.bias.copy_(self.bias)
+        return ql
+
+
+class _Stop(Exception):
+    pass
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, block: nn.Module, batches: list[Batch]) -> list[tuple[tuple, dict]]:
+    """The exact (args, kwargs) the model passes to its first block, per batch.
+
+    Hooking the real call keeps attention masks, position ids and rotary embeddings exactly as the
+    model's own forward builds them; the forward stops at the first block.
+    """
+    captured = []
+
+    def hook(_m, args, kwargs):
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values", "layer_past")}
+        captured.append((args, kwargs))
+        raise _Stop
+
+    h = block.register_forward_pre_hook(hook, with_kwargs=True)
+    device = model_device(model)
+    try:
+        for b in batches:
+            extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+            try:
+                model(**move(b, device), **extra)
+            except _Stop:
+                pass
+    finally:
+        h.remove()
+    if len(captured) != len(batches):
+        raise ZeroQuantError("could not capture the first block's inputs")
+    return captured
+
+
+def _hidden(out) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _call(block: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    return _hidden(block(hidden, *args[1:], **kwargs))
+
+
+def _block_mse(block, inputs, targets, ctx, autocast) -> float:
+    total, n = 0.0, 0
+    with torch.no_grad(), autocast():
+        for (args, kwargs), h, y in zip(ctx, inputs, targets, strict=True):
+            out = _call(block, h, args, kwargs).float()
+            total += F.mse_loss(out, y.float(), reduction="sum").item()
+            n += y.numel()
+    return total / n
+
+
+def distill(model: nn.Module, targets, batches: list[Batch], cfg: LKDConfig, allow_generic: bool = False,
+            progress: bool = True) -> list[dict]:
+    """Quantize `model` in place block by block with LKD; returns the per-block MSE table."""
+    from .api import collect_input_ranges
+
+    torch.manual_seed(cfg.seed)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    blocks = get_blocks(model, allow_generic)
+    model.requires_grad_(False)
+    static = {t.name: t.module for t in targets if t.rule.act is not None and not t.rule.act.dynamic}
+    ranges = collect_input_ranges(model, static, batches, progress) if static else {}
+    by_block: dict[int, list] = {}
+    for t in targets:
+        by_block.setdefault(t.block, []).append(t)
+
+    ctx = capture_block_inputs(model, blocks[0], batches)
+    hidden = [_to(a[0], device) for a, _ in ctx]
+    ctx = [(_to(a, device), _to(k, device)) for a, k in ctx]
+    dtype = hidden[0].dtype
+    use_amp = dtype in (torch.float16, torch.bfloat16)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype, enabled=use_amp)
+
+    table = []
+    bar = tqdm(total=len(blocks) * cfg.steps, desc="LKD", disable=not progress)
+    for k, teacher in enumerate(blocks):
+        home = next(teacher.parameters()).device
+        teacher.to(device)
+        with torch.no_grad():
+            outs = [_call(teacher, h, a, kw) for (a, kw), h in zip(ctx, hidden, strict=True)]
+        student = copy.deepcopy(teacher)
+        student_targets = by_block.get(k, [])
+        fq = {}
+        for t in student_targets:
+            m = FakeQuantLinear(student.get_submodule(t.local), t.rule, ranges.get(t.name), cfg.train_scales)
+            fq[t.local] = m.to(device)
+            student.set_submodule(t.local, fq[t.local])
+        before = _block_mse(student, hidden, outs, ctx, autocast)
+        params = [p for m in fq.values() for p in (m.weight, m.bias) if p is not None]
+        scales = [m.w_scale for m in fq.values() if m.w_scale.requires_grad]
+        for p in params:
+            p.requires_grad_(True)
+        groups = [{"params": params, "lr": cfg.lr}]
+        if scales:
+            groups.append({"params": scales, "lr": cfg.lr * cfg.scale_lr_mult})
+        if cfg.optimizer == "adam":
+            opt = torch.optim.Adam(groups)
+        elif cfg.optimizer == "sgd":
+            opt = torch.optim.SGD(groups, momentum=0.9)
+        else:
+            raise ZeroQuantError(f"unknown optimizer {cfg.optimizer!r}; use adam or sgd")
+        student.train(False)  # no dropout: the target is the deterministic FP block
+        for step in range(cfg.steps if fq else 0):
+            i = step % len(hidden)
+            a, kw = ctx[i]
+            with torch.enable_grad(), autocast():  # callers may hold no_grad; training needs autograd
+                loss = F.mse_loss(_call(student, hidden[i], a, kw).float(), outs[i].float())
+            opt.zero_grad(set_to_none=True)
+            with torch.enable_grad():
+                loss.backward()
+            opt.step()
+            bar.update(1)
+            bar.set_postfix(block=k, loss=f"{loss.item():.3e}")
+        after = _block_mse(student, hidden, outs, ctx, autocast) if fq else before
+        for t in student_targets:
+            student.set_submodule(t.local, fq[t.local].to_quant_linear())
+        student.requires_grad_(False)
+        blocks[k] = student.to(home)
+        teacher.to(home)
+        del teacher
+        hidden = outs  # the teacher's output feeds the next block
+        table.append({"block": k, "mse_before": before, "mse_after": after,
+                      "recovered": 0.0 if before == 0 else 1 - after / before})
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    bar.close()
+    model.zeroquant_lkd = table
+    if not all(math.isfinite(r["mse_after"]) for r in table):
+        raise ZeroQuantError("distillation diverged (non-finite loss); lower --lkd-lr")
+    return table
