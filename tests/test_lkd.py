@@ -86,7 +86,7 @@ def test_one_block_matches_hand_written_loop():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    mine = {t.name: fqs[t.local].to_quant_linear() for t in targets}
+    mine = {t.name: fqs[t.local].to_quant_linear(torch.float32) for t in targets}
     theirs = zq.quantized_modules(ours)
     for name, ql in mine.items():
         assert torch.equal(ql.qweight, theirs[name].qweight), name
@@ -152,3 +152,15 @@ def test_cli_lkd_writes_report(tmp_path, minilm):
     rep = json.loads((tmp_path / "q" / "lkd_report.json").read_text())
     assert rep["data"] == "random" and len(rep["blocks"]) == 2 and rep["config"]["steps"] == 5
     assert zq.load_quantized(tmp_path / "q") is not None
+
+
+def test_lkd_on_half_precision_model_keeps_dtypes_and_reloads(tmp_path):
+    model = tiny_model("gpt2").to(torch.bfloat16)
+    q = _lkd(model)
+    ql = next(iter(zq.quantized_modules(q).values()))
+    assert ql.w_scale.dtype == torch.float32 and ql.bias.dtype == torch.bfloat16
+    assert all(r["mse_after"] < r["mse_before"] for r in q.zeroquant_lkd)
+    zq.save_quantized(q, tmp_path / "q")
+    ids = tiny_input()
+    with torch.no_grad():
+        assert torch.equal(q(ids).logits, zq.load_quantized(tmp_path / "q")(ids).logits)

@@ -72,3 +72,11 @@ def test_half_precision_io():
     y16 = ql(x.to(torch.bfloat16))
     assert y16.dtype == torch.bfloat16
     assert _rel(y16.float(), ql(x)) < 0.01
+
+
+def test_half_cast_keeps_scales_float32():
+    ql = QuantLinear.from_float(nn.Linear(64, 32), PRESETS["w4a8"].mlp)
+    s = ql.w_scale.clone()
+    ql.half()
+    assert ql.w_scale.dtype == torch.float32 and torch.equal(ql.w_scale, s)
+    assert ql.bias.dtype == torch.float16

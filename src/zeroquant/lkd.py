@@ -68,11 +68,12 @@ class FakeQuantLinear(nn.Module):
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     @torch.no_grad()
-    def to_quant_linear(self) -> QuantLinear:
+    def to_quant_linear(self, dtype: torch.dtype) -> QuantLinear:
+        """Freeze into integers; `dtype` is the model's (for the bias), scales stay float32."""
         ql = self.act
         ql.set_weight(self.weight, self.w_scale.abs().clamp_min(Q.EPS), self.w_zero)
         if self.bias is not None:
-            ql.bias.copy_(self.bias)
+            ql.bias = self.bias.detach().to(dtype).clone()
         return ql
 
 
@@ -80,15 +81,14 @@ class _Stop(Exception):
     pass
 
 
-def _to(obj, device):
+def _to(obj, device, dtype: torch.dtype | None = None):
+    """Move tensors in nested args to `device`; floating ones also cast to `dtype` when given."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(_to(o, device) for o in obj)
-    if isinstance(obj, list):
-        return [_to(o, device) for o in obj]
+        return obj.to(device, dtype=dtype if dtype is not None and obj.is_floating_point() else None)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device, dtype) for o in obj)
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: _to(v, device, dtype) for k, v in obj.items()}
     return obj
 
 
@@ -130,9 +130,9 @@ def _call(block: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> 
     return _hidden(block(hidden, *args[1:], **kwargs))
 
 
-def _block_mse(block, inputs, targets, ctx, autocast) -> float:
+def _block_mse(block, inputs, targets, ctx) -> float:
     total, n = 0.0, 0
-    with torch.no_grad(), autocast():
+    with torch.no_grad():
         for (args, kwargs), h, y in zip(ctx, inputs, targets, strict=True):
             out = _call(block, h, args, kwargs).float()
             total += F.mse_loss(out, y.float(), reduction="sum").item()
@@ -140,9 +140,26 @@ def _block_mse(block, inputs, targets, ctx, autocast) -> float:
     return total / n
 
 
+def _optimizer(fq: dict[str, FakeQuantLinear], cfg: LKDConfig) -> torch.optim.Optimizer:
+    params = [p for m in fq.values() for p in (m.weight, m.bias) if p is not None]
+    scales = [m.w_scale for m in fq.values() if m.w_scale.requires_grad]
+    groups = [{"params": params, "lr": cfg.lr}]
+    if scales:
+        groups.append({"params": scales, "lr": cfg.lr * cfg.scale_lr_mult})
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, momentum=0.9)
+    raise ZeroQuantError(f"unknown optimizer {cfg.optimizer!r}; use adam or sgd")
+
+
 def distill(model: nn.Module, targets, batches: list[Batch], cfg: LKDConfig, allow_generic: bool = False,
             progress: bool = True) -> list[dict]:
-    """Quantize `model` in place block by block with LKD; returns the per-block MSE table."""
+    """Quantize `model` in place block by block with LKD; returns the per-block MSE table.
+
+    The student always trains in float32 (fp16 gradients of a small MSE underflow); the teacher runs
+    in the model's dtype, and the finished block is cast back to it.
+    """
     from .api import collect_input_ranges
 
     torch.manual_seed(cfg.seed)
@@ -155,14 +172,12 @@ def distill(model: nn.Module, targets, batches: list[Batch], cfg: LKDConfig, all
     for t in targets:
         by_block.setdefault(t.block, []).append(t)
 
-    ctx = capture_block_inputs(model, blocks[0], batches)
-    hidden = [_to(a[0], device) for a, _ in ctx]
-    ctx = [(_to(a, device), _to(k, device)) for a, k in ctx]
+    captured = capture_block_inputs(model, blocks[0], batches)
+    ctx = [(_to(a, device), _to(k, device)) for a, k in captured]
+    del captured
+    hidden = [a[0] for a, _ in ctx]
     dtype = hidden[0].dtype
-    use_amp = dtype in (torch.float16, torch.bfloat16)
-
-    def autocast():
-        return torch.autocast(device.type, dtype=dtype, enabled=use_amp)
+    ctx32 = ctx if dtype == torch.float32 else [_to(c, device, torch.float32) for c in ctx]
 
     table = []
     bar = tqdm(total=len(blocks) * cfg.steps, desc="LKD", disable=not progress)
@@ -171,46 +186,34 @@ def distill(model: nn.Module, targets, batches: list[Batch], cfg: LKDConfig, all
         teacher.to(device)
         with torch.no_grad():
             outs = [_call(teacher, h, a, kw) for (a, kw), h in zip(ctx, hidden, strict=True)]
-        student = copy.deepcopy(teacher)
-        student_targets = by_block.get(k, [])
+        student = copy.deepcopy(teacher).float()
+        teacher.to(home)
         fq = {}
-        for t in student_targets:
-            m = FakeQuantLinear(student.get_submodule(t.local), t.rule, ranges.get(t.name), cfg.train_scales)
-            fq[t.local] = m.to(device)
+        for t in by_block.get(k, []):
+            fq[t.local] = FakeQuantLinear(student.get_submodule(t.local), t.rule, ranges.get(t.name),
+                                          cfg.train_scales).to(device)
             student.set_submodule(t.local, fq[t.local])
-        before = _block_mse(student, hidden, outs, ctx, autocast)
-        params = [p for m in fq.values() for p in (m.weight, m.bias) if p is not None]
-        scales = [m.w_scale for m in fq.values() if m.w_scale.requires_grad]
-        for p in params:
-            p.requires_grad_(True)
-        groups = [{"params": params, "lr": cfg.lr}]
-        if scales:
-            groups.append({"params": scales, "lr": cfg.lr * cfg.scale_lr_mult})
-        if cfg.optimizer == "adam":
-            opt = torch.optim.Adam(groups)
-        elif cfg.optimizer == "sgd":
-            opt = torch.optim.SGD(groups, momentum=0.9)
-        else:
-            raise ZeroQuantError(f"unknown optimizer {cfg.optimizer!r}; use adam or sgd")
+        h32 = hidden if dtype == torch.float32 else [h.float() for h in hidden]
+        before = _block_mse(student, h32, outs, ctx32)
+        opt = _optimizer(fq, cfg)
         student.train(False)  # no dropout: the target is the deterministic FP block
         for step in range(cfg.steps if fq else 0):
             i = step % len(hidden)
-            a, kw = ctx[i]
-            with torch.enable_grad(), autocast():  # callers may hold no_grad; training needs autograd
-                loss = F.mse_loss(_call(student, hidden[i], a, kw).float(), outs[i].float())
-            opt.zero_grad(set_to_none=True)
-            with torch.enable_grad():
+            a, kw = ctx32[i]
+            with torch.enable_grad():  # callers may hold no_grad; training needs autograd
+                loss = F.mse_loss(_call(student, h32[i], a, kw), outs[i].float())
+                opt.zero_grad(set_to_none=True)
                 loss.backward()
             opt.step()
             bar.update(1)
             bar.set_postfix(block=k, loss=f"{loss.item():.3e}")
-        after = _block_mse(student, hidden, outs, ctx, autocast) if fq else before
-        for t in student_targets:
-            student.set_submodule(t.local, fq[t.local].to_quant_linear())
-        student.requires_grad_(False)
+        after = _block_mse(student, h32, outs, ctx32) if fq else before
+        qls = {name: m.to_quant_linear(dtype) for name, m in fq.items()}
+        student.to(dtype).requires_grad_(False)
+        for name, ql in qls.items():
+            student.set_submodule(name, ql)  # after the cast: weight scales stay float32
         blocks[k] = student.to(home)
-        teacher.to(home)
-        del teacher
+        del teacher, fq, opt, h32
         hidden = outs  # the teacher's output feeds the next block
         table.append({"block": k, "mse_before": before, "mse_after": after,
                       "recovered": 0.0 if before == 0 else 1 - after / before})
@@ -219,5 +222,25 @@ def distill(model: nn.Module, targets, batches: list[Batch], cfg: LKDConfig, all
     bar.close()
     model.zeroquant_lkd = table
     if not all(math.isfinite(r["mse_after"]) for r in table):
-        raise ZeroQuantError("distillation diverged (non-finite loss); lower --lkd-lr")
+        raise ZeroQuantError("distillation diverged (non-finite loss); lower the learning rate")
     return table
+
+@torch.no_grad()
+def blockwise_mse(fp_model: nn.Module, q_model: nn.Module, batches: list[Batch],
+                  allow_generic: bool = False) -> list[float]:
+    """Per-block output MSE of the quantized model's blocks against the FP blocks, each fed the FP
+    model's own input to that block (the quantity LKD minimises), on `batches`."""
+    fp_blocks, q_blocks = get_blocks(fp_model, allow_generic), get_blocks(q_model, allow_generic)
+    ctx = capture_block_inputs(fp_model, fp_blocks[0], batches)
+    hidden = [a[0] for a, _ in ctx]
+    out = []
+    for fb, qb in zip(fp_blocks, q_blocks, strict=True):
+        total, n, nxt = 0.0, 0, []
+        for (a, kw), h in zip(ctx, hidden, strict=True):
+            y = _call(fb, h, a, kw)
+            total += F.mse_loss(_call(qb, h, a, kw).float(), y.float(), reduction="sum").item()
+            n += y.numel()
+            nxt.append(y)
+        out.append(total / n)
+        hidden = nxt
+    return out

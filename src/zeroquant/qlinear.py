@@ -63,6 +63,17 @@ class QuantLinear(nn.Module):
         self.register_buffer("a_scale", torch.ones(()) if static else None)
         self.register_buffer("a_zero", torch.zeros(()) if static else None)
 
+    SCALE_BUFFERS = ("w_scale", "w_zero", "a_scale", "a_zero")
+
+    def _apply(self, fn, recurse=True):
+        """Follow device moves but keep scales and zero points float32 through model.half()/.to(dtype):
+        rounding them to 16 bits would change every output."""
+        kept = {n: self._buffers[n] for n in self.SCALE_BUFFERS if self._buffers.get(n) is not None}
+        super()._apply(fn, recurse)
+        for n, old in kept.items():
+            self._buffers[n] = old.to(self._buffers[n].device)
+        return self
+
     # ------------------------------------------------------------------------------------ construction
 
     @classmethod
