@@ -20,7 +20,6 @@ class Arch:
     mlp: tuple[str, ...]
     # norm (relative to the block) -> the linears whose input is exactly that norm's output
     norm_feeds: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    causal: bool = True
 
 
 _BERT = Arch(
@@ -30,7 +29,6 @@ _BERT = Arch(
     # Post-LN: the attention output's LayerNorm is the FFN input. The QKV input is the previous block's
     # output.LayerNorm (or the embeddings' LayerNorm), which lives outside this block.
     norm_feeds={"attention.output.LayerNorm": ("intermediate.dense",)},
-    causal=False,
 )
 _LLAMA = Arch(
     blocks="layers",
@@ -141,11 +139,3 @@ def block_linears(block: nn.Module, arch: Arch | None) -> Iterator[tuple[str, st
         for name in names:
             yield name, kind, block.get_submodule(name)
 
-
-def is_causal(model: nn.Module) -> bool:
-    """Whether blocks attend causally (decoders) rather than bidirectionally (encoders)."""
-    arch = get_arch(model, allow_generic=True)
-    if arch is not None:
-        return arch.causal
-    return not bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False)) and bool(
-        getattr(getattr(model, "config", None), "is_decoder", True))

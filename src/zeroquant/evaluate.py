@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -157,7 +157,6 @@ class EvalSettings:
     seq_len: int | None = None
     batch_size: int = 64
     progress: bool = True
-    extra: dict = field(default_factory=dict)
 
 
 def evaluate_model(model: nn.Module, tokenizer, text: str, settings: EvalSettings,

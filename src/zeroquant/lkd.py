@@ -52,11 +52,9 @@ class FakeQuantLinear(nn.Module):
         # A per-tensor baseline keeps one shared scale: training it per row would change the scheme.
         self.w_scale = nn.Parameter(s, requires_grad=train_scales and not wq.per_tensor)
         self.register_buffer("w_zero", z)
-        # activation quantization of the final QuantLinear, reused so the student sees the same rounding
-        ref = QuantLinear.from_float(module, rule, act_range)
-        self.act = ref
-        for p in self.act.buffers():
-            p.requires_grad_(False)
+        # The final QuantLinear, built now: the student quantizes activations exactly as it will, and
+        # freezing fills its integer weights in place.
+        self.act = QuantLinear.from_float(module, rule, act_range)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         wq = self.rule.weight
