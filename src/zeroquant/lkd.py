@@ -178,7 +178,6 @@ def distill(model: nn.Module, targets, batches: list[Batch], cfg: LKDConfig, all
     ctx32 = ctx if dtype == torch.float32 else [_to(c, device, torch.float32) for c in ctx]
 
     table = []
-    bar = tqdm(total=len(blocks) * cfg.steps, desc="LKD", disable=not progress)
     for k, teacher in enumerate(blocks):
         home = next(teacher.parameters()).device
         teacher.to(device)
@@ -195,7 +194,9 @@ def distill(model: nn.Module, targets, batches: list[Batch], cfg: LKDConfig, all
         before = _block_mse(student, h32, outs, ctx32)
         opt = _optimizer(fq, cfg)
         student.train(False)  # no dropout: the target is the deterministic FP block
-        for step in range(cfg.steps if fq else 0):
+        bar = tqdm(range(cfg.steps if fq else 0), desc=f"LKD block {k + 1}/{len(blocks)}", disable=not progress,
+                   leave=False)
+        for step in bar:
             i = step % len(hidden)
             a, kw = ctx32[i]
             with torch.enable_grad():  # callers may hold no_grad; training needs autograd
@@ -203,8 +204,8 @@ def distill(model: nn.Module, targets, batches: list[Batch], cfg: LKDConfig, all
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
             opt.step()
-            bar.update(1)
-            bar.set_postfix(block=k, loss=f"{loss.item():.3e}")
+            if step % 10 == 0:  # .item() syncs the GPU: not every step
+                bar.set_postfix(loss=f"{loss.item():.3e}")
         after = _block_mse(student, h32, outs, ctx32) if fq else before
         qls = {name: m.to_quant_linear(dtype) for name, m in fq.items()}
         student.to(dtype).requires_grad_(False)
@@ -217,7 +218,6 @@ def distill(model: nn.Module, targets, batches: list[Batch], cfg: LKDConfig, all
                       "recovered": 0.0 if before == 0 else 1 - after / before})
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    bar.close()
     model.zeroquant_lkd = table
     if not all(math.isfinite(r["mse_after"]) for r in table):
         raise ZeroQuantError("distillation diverged (non-finite loss); lower the learning rate")
