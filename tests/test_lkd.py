@@ -86,7 +86,7 @@ def test_one_block_matches_hand_written_loop():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    mine = {t.name: fqs[t.local].to_quant_linear(torch.float32) for t in targets}
+    mine = {t.name: fqs[t.local].to_quant_linear() for t in targets}
     theirs = zq.quantized_modules(ours)
     for name, ql in mine.items():
         assert torch.equal(ql.qweight, theirs[name].qweight), name

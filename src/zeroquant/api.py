@@ -124,15 +124,13 @@ def quantize(
     model.eval()
     targets = find_targets(model, cfg, allow_generic)  # the copy's modules
 
+    static = {t.name: t.module for t in targets if t.rule.act is not None and not t.rule.act.dynamic}
+    ranges = collect_input_ranges(model, static, batches, progress) if static else {}
     if lkd is not None:
         from .lkd import distill
 
-        distill(model, targets, batches, lkd, allow_generic=allow_generic, progress=progress)
+        distill(model, targets, batches, lkd, ranges, allow_generic=allow_generic, progress=progress)
     else:
-        ranges = {}
-        static = {t.name: t.module for t in targets if t.rule.act is not None and not t.rule.act.dynamic}
-        if static:
-            ranges = collect_input_ranges(model, static, batches, progress)
         for t in tqdm(targets, desc=f"quantizing ({cfg.name})", disable=not progress, leave=False):
             ql = QuantLinear.from_float(t.module, t.rule, ranges.get(t.name))
             model.set_submodule(t.name, ql)

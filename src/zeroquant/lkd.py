@@ -54,7 +54,7 @@ class FakeQuantLinear(nn.Module):
         self.register_buffer("w_zero", z)
         # The final QuantLinear, built now: the student quantizes activations exactly as it will, and
         # freezing fills its integer weights in place.
-        self.act = QuantLinear.from_float(module, rule, act_range)
+        self.quant = QuantLinear.from_float(module, rule, act_range)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         wq = self.rule.weight
@@ -62,16 +62,16 @@ class FakeQuantLinear(nn.Module):
         scale = self.w_scale.abs().clamp_min(Q.EPS)
         w = Q.fake_quantize(self.weight, Q.expand_groups(scale, k), Q.expand_groups(self.w_zero, k), wq.bits,
                             wq.symmetric)
-        x = self.act.fake_quant_input(x)
+        x = self.quant.fake_quant_input(x)
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     @torch.no_grad()
-    def to_quant_linear(self, dtype: torch.dtype) -> QuantLinear:
-        """Freeze into integers; `dtype` is the model's (for the bias), scales stay float32."""
-        ql = self.act
+    def to_quant_linear(self) -> QuantLinear:
+        """Freeze the trained weight, scale and bias into the integer QuantLinear."""
+        ql = self.quant
         ql.set_weight(self.weight, self.w_scale.abs().clamp_min(Q.EPS), self.w_zero)
         if self.bias is not None:
-            ql.bias = self.bias.detach().to(dtype).clone()
+            ql.bias.copy_(self.bias)
         return ql
 
 
@@ -106,9 +106,9 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, batches: list[Batch
 
     h = block.register_forward_pre_hook(hook, with_kwargs=True)
     device = model_device(model)
+    extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
     try:
         for b in batches:
-            extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
             try:
                 model(**move(b, device), **extra)
             except _Stop:
@@ -151,21 +151,19 @@ def _optimizer(fq: dict[str, FakeQuantLinear], cfg: LKDConfig) -> torch.optim.Op
     raise ZeroQuantError(f"unknown optimizer {cfg.optimizer!r}; use adam or sgd")
 
 
-def distill(model: nn.Module, targets, batches: list[Batch], cfg: LKDConfig, allow_generic: bool = False,
-            progress: bool = True) -> list[dict]:
+def distill(model: nn.Module, targets, batches: list[Batch], cfg: LKDConfig, ranges: dict | None = None,
+            allow_generic: bool = False, progress: bool = True) -> list[dict]:
     """Quantize `model` in place block by block with LKD; returns the per-block MSE table.
+    `ranges` holds the calibrated input (min, max) of linears with static activation quantization.
 
     The student always trains in float32 (fp16 gradients of a small MSE underflow); the teacher runs
     in the model's dtype, and the finished block is cast back to it.
     """
-    from .api import collect_input_ranges
-
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     blocks = get_blocks(model, allow_generic)
     model.requires_grad_(False)
-    static = {t.name: t.module for t in targets if t.rule.act is not None and not t.rule.act.dynamic}
-    ranges = collect_input_ranges(model, static, batches, progress) if static else {}
+    ranges = ranges or {}  # static activation ranges per linear, from the FP model on `batches`
     by_block: dict[int, list] = {}
     for t in targets:
         by_block.setdefault(t.block, []).append(t)
@@ -207,10 +205,9 @@ def distill(model: nn.Module, targets, batches: list[Batch], cfg: LKDConfig, all
             if step % 10 == 0:  # .item() syncs the GPU: not every step
                 bar.set_postfix(loss=f"{loss.item():.3e}")
         after = _block_mse(student, h32, outs, ctx32) if fq else before
-        qls = {name: m.to_quant_linear(dtype) for name, m in fq.items()}
-        student.to(dtype).requires_grad_(False)
-        for name, ql in qls.items():
-            student.set_submodule(name, ql)  # after the cast: weight scales stay float32
+        for name, m in fq.items():
+            student.set_submodule(name, m.to_quant_linear())
+        student.to(dtype).requires_grad_(False)  # QuantLinear keeps its scales float32 through the cast
         blocks[k] = student.to(home)
         del teacher, fq, opt, h32
         hidden = outs  # the teacher's output feeds the next block
@@ -223,6 +220,7 @@ def distill(model: nn.Module, targets, batches: list[Batch], cfg: LKDConfig, all
         raise ZeroQuantError("distillation diverged (non-finite loss); lower the learning rate")
     return table
 
+
 @torch.no_grad()
 def blockwise_mse(fp_model: nn.Module, q_model: nn.Module, batches: list[Batch],
                   allow_generic: bool = False) -> list[float]:
@@ -233,12 +231,7 @@ def blockwise_mse(fp_model: nn.Module, q_model: nn.Module, batches: list[Batch],
     hidden = [a[0] for a, _ in ctx]
     out = []
     for fb, qb in zip(fp_blocks, q_blocks, strict=True):
-        total, n, nxt = 0.0, 0, []
-        for (a, kw), h in zip(ctx, hidden, strict=True):
-            y = _call(fb, h, a, kw)
-            total += F.mse_loss(_call(qb, h, a, kw).float(), y.float(), reduction="sum").item()
-            n += y.numel()
-            nxt.append(y)
-        out.append(total / n)
-        hidden = nxt
+        targets = [_call(fb, h, a, kw) for (a, kw), h in zip(ctx, hidden, strict=True)]
+        out.append(_block_mse(qb, hidden, targets, ctx))
+        hidden = targets
     return out

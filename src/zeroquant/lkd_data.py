@@ -56,7 +56,11 @@ def _self_generated(model: nn.Module, tokenizer, n: int, seq_len: int, batch_siz
     distribution (its MLM head when it has one, else the tied input embedding matrix as output layer).
     """
     device = model_device(model)
-    vocab = model.get_input_embeddings().weight.shape[0]
+    emb = model.get_input_embeddings().weight
+    vocab = emb.shape[0]
+    banned = torch.ones(vocab, dtype=torch.bool)
+    banned[_allowed_ids(tokenizer, vocab)] = False
+    banned = banned.to(device)
     out = []
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))  # generate() uses global RNG
     for i in range(0, n, batch_size):
@@ -69,13 +73,10 @@ def _self_generated(model: nn.Module, tokenizer, n: int, seq_len: int, batch_siz
             out.append(ids.cpu())
             continue
         ids = _random_ids(b, seq_len, vocab, tokenizer, gen).to(device)
-        emb = model.get_input_embeddings().weight
-        banned = torch.ones(vocab, dtype=torch.bool)
-        banned[_allowed_ids(tokenizer, vocab)] = False
         for _ in range(rounds):
             o = model(input_ids=ids, output_hidden_states=True)
             logits = o.logits if getattr(o, "logits", None) is not None else o.hidden_states[-1] @ emb.t()
-            logits = logits.float().masked_fill(banned.to(device), float("-inf"))
+            logits = logits.float().masked_fill(banned, float("-inf"))
             probs = F.softmax(logits / temperature, dim=-1)
             sample = torch.multinomial(probs.flatten(0, 1).cpu(), 1, generator=gen).view(b, seq_len).to(device)
             pick = (torch.rand(b, seq_len, generator=gen) < 0.3).to(device)
