@@ -1,0 +1,117 @@
+"""Pure-PyTorch twins of every Triton kernel: same signatures, same numbers up to float rounding.
+
+They are built from `zeroquant.quant`, the package's single definition of the number formats, so a
+kernel that matches its twin matches the QuantLinear reference path (see tests/test_kernels*.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import quant as Q
+
+
+def apply_act(y: torch.Tensor, act: str | None) -> torch.Tensor:
+    if act is None:
+        return y
+    if act == "gelu":
+        return F.gelu(y)
+    if act == "gelu_tanh":
+        return F.gelu(y, approximate="tanh")
+    if act == "relu":
+        return F.relu(y)
+    if act == "silu":
+        return F.silu(y)
+    raise ValueError(f"unsupported fused activation {act!r}")
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] -> (int8 [..., K], float32 scale [..., 1]), symmetric, scale = amax / 127."""
+    return Q.quantize_per_token(x, 8)
+
+
+def norm_quant(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float,
+    kind: str = "layernorm",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LayerNorm or RMSNorm in x's dtype, then token-wise INT8 -> (y, q, scale)."""
+    if kind == "layernorm":
+        y = F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+    elif kind == "rmsnorm":
+        xf = x.float()
+        y = weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)  # as HF Llama
+    else:
+        raise ValueError(f"unknown norm kind {kind!r}")
+    q, s = quantize_per_token(y)
+    return y, q, s
+
+
+def act_quant(
+    x: torch.Tensor, act: str | None, gate: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """act(x) (times `gate`'s partner for gated MLPs: act(x) * gate) then token-wise INT8 -> (q, scale)."""
+    y = apply_act(x, act)
+    if gate is not None:
+        y = y * gate
+    return quantize_per_token(y.to(x.dtype))
+
+
+def _unpack(qweight: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    if bits == 4:
+        return Q.unpack_int4(qweight, symmetric=False).to(torch.int16)  # raw nibbles 0..15
+    return qweight.to(torch.int16)
+
+
+def dequantize_weight(
+    qweight: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None, bits: int
+) -> torch.Tensor:
+    """Float32 [N, K] weight from kernel-format storage.
+
+    bits=8: int8 [N, K], symmetric (w_zero None).  bits=4: uint8 [N, K/2], two nibbles per byte (low =
+    even channel); values are q - w_zero when w_zero is given, else q - 8 (the symmetric offset).
+    """
+    k = qweight.shape[1] * (2 if bits == 4 else 1)
+    q = _unpack(qweight, bits, k).float()
+    if bits == 4:
+        q = q - (Q.expand_groups(w_zero, k) if w_zero is not None else 8.0)
+    elif w_zero is not None:
+        q = q - Q.expand_groups(w_zero, k)
+    return q * Q.expand_groups(w_scale, k)
+
+
+def quant_linear(
+    x: torch.Tensor,
+    x_scale: torch.Tensor | None,
+    qweight: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_zero: torch.Tensor | None,
+    bits: int,
+    bias: torch.Tensor | None = None,
+    act: str | None = None,
+    out_dtype: torch.dtype = torch.float16,
+) -> torch.Tensor:
+    """y = act((x [* x_scale]) @ dequant(W)^T + bias).
+
+    x int8 with per-token x_scale [M, 1] (W8A8 / W4A8), or fp16/bf16 with x_scale None (W8A16 / W4A16).
+    Integer inputs are multiplied exactly per weight group (float64 holds every int32 sum), then scaled,
+    which is what the kernels do in int32 on tensor cores.
+    """
+    n, g = w_scale.shape
+    k = x.shape[1]
+    if x_scale is None:
+        y = x.float() @ dequantize_weight(qweight, w_scale, w_zero, bits).to(x.dtype).float().t()
+    else:
+        q = _unpack(qweight, bits, k).double()
+        if bits == 4 or w_zero is not None:
+            q = q - (Q.expand_groups(w_zero, k).double() if w_zero is not None else 8.0)
+        xg = x.double().reshape(-1, g, k // g).transpose(0, 1)  # [G, M, K/G]
+        wg = q.reshape(n, g, k // g).transpose(0, 1)  # [G, N, K/G]
+        part = xg @ wg.transpose(1, 2)  # exact integer sums per group [G, M, N]
+        y = (part.float() * w_scale.t()[:, None, :]).sum(0) * x_scale
+    if bias is not None:
+        y = y + bias.float()
+    return apply_act(y, act).to(out_dtype)
