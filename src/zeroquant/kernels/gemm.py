@@ -2,13 +2,12 @@
 
 One kernel body, specialised by constexprs, covers the four weight/activation combinations:
 - A_INT8 (W8A8, W4A8): int8 x int8 -> int32 on tensor cores. Per-channel weights keep one int32
-  accumulator for the whole K loop; group-wise weights (group_size < K) convert each BLOCK_K partial
-  product to float and multiply it by its group's scale (BLOCK_K divides group_size), so groups are
-  accumulated in the K loop. The per-token activation scale, bias and activation come last.
+  accumulator for the whole K loop; group-wise weights (group_size < K) convert each group-aligned
+  chunk's int32 dot to float and multiply it by its group's scale, so groups are accumulated in the K
+  loop. The per-token activation scale, bias and activation come last.
 - A16 (W8A16, W4A16): weights are dequantized in registers to the activation dtype and fed to an fp16/bf16
   tensor-core dot with float32 accumulation.
-INT4 weights arrive packed two per byte (low nibble = even channel, the checkpoint format) and are
-unpacked in registers, so only K/2 bytes per row leave memory.
+INT4 weights are packed two per byte and unpacked in registers, so only K/2 bytes per row leave memory.
 
 Scales and zero points are stored transposed, [G, N], so one program's loads of a group's scales are
 contiguous; `KernelWeight.from_quant` makes that layout once per layer.
@@ -25,12 +24,24 @@ import triton.language as tl
 from . import act_code
 from .rowwise import apply_act
 
+PACK = 64  # INT4 channels per half-split chunk in the kernel layout (see KernelWeight)
+_PACK = tl.constexpr(PACK)  # the same, readable inside kernels
+
+
+def _repack_int4(p: torch.Tensor) -> torch.Tensor:
+    """Checkpoint packing (byte j = channels 2j | 2j+1 << 4) -> kernel packing: within each PACK-channel
+    chunk, byte j = channel j | channel j + PACK/2 << 4. Unpacking is then two nibble masks with no
+    register shuffle, and each half feeds its own dot against a contiguous slice of the activations."""
+    n, kh = p.shape
+    nib = torch.stack([p & 0xF, p >> 4], dim=-1).reshape(n, kh * 2 // PACK, PACK)
+    return (nib[..., : PACK // 2] | (nib[..., PACK // 2 :] << 4)).reshape(n, kh).contiguous()
+
 
 @dataclass(frozen=True)
 class KernelWeight:
     """A quantized weight in the layout the GEMM kernel reads."""
 
-    qweight: torch.Tensor  # int8 [N, K] (bits 8, symmetric) or uint8 [N, K/2] (bits 4)
+    qweight: torch.Tensor  # int8 [N, K] (bits 8, symmetric) or uint8 [N, K/2] in kernel packing (bits 4)
     scale: torch.Tensor  # float32 [G, N]
     zero: torch.Tensor | None  # float32 [G, N], integer-valued; None: symmetric
     bits: int
@@ -41,19 +52,35 @@ class KernelWeight:
     def group_size(self) -> int:
         return self.in_features // self.scale.shape[0]
 
+    @staticmethod
+    def unsupported(k: int, bits: int, symmetric: bool, groups: int) -> str | None:
+        """Why the kernels cannot take this weight format (None: they can)."""
+        if bits == 8 and not symmetric:
+            return "8-bit kernel weights must be symmetric"
+        if bits not in (4, 8):
+            return f"kernels take 4- or 8-bit weights, got {bits}"
+        gs = k // groups
+        if groups > 1 and not (gs % 16 == 0 and (gs % 128 == 0 or 128 % gs == 0)):
+            return f"group size {gs} must be a multiple of 128 or a power of two between 16 and 128"
+        if bits == 4 and gs % PACK:
+            return f"INT4 kernels need groups (or K) that are multiples of {PACK}, got {gs}"
+        return None
+
     @classmethod
     def from_quant(
         cls, qweight: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None, bits: int
     ) -> KernelWeight:
         """From QuantLinear storage: qweight as stored, w_scale / w_zero [N, G]."""
-        if bits not in (4, 8):
-            raise ValueError(f"kernels take 4- or 8-bit weights, got {bits}")
-        if bits == 8 and (qweight.dtype != torch.int8 or w_zero is not None):
-            raise ValueError("8-bit kernel weights must be symmetric int8")
         n = qweight.shape[0]
         k = qweight.shape[1] * (2 if bits == 4 else 1)
+        why = cls.unsupported(k, bits, w_zero is None, w_scale.shape[1])
+        if bits == 8 and qweight.dtype != torch.int8:
+            why = "8-bit kernel weights must be int8"
+        if why:
+            raise ValueError(why)
+        q = _repack_int4(qweight) if bits == 4 else qweight.contiguous()
         zero = None if w_zero is None else w_zero.float().t().contiguous()
-        return cls(qweight.contiguous(), w_scale.float().t().contiguous(), zero, bits, k, n)
+        return cls(q, w_scale.float().t().contiguous(), zero, bits, k, n)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.scale, self.zero) if t is not None)
@@ -67,12 +94,12 @@ def _cfg(bm, bn, bk, warps, stages):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
 
 
-# Decode (M <= 16) is bound by weight bytes: narrow N tiles so that every SM streams weights, deep pipelines.
-# Prefill is bound by tensor-core throughput: large tiles, BLOCK_K 128 for int8 (64 suits fp16 better).
+# Decode (M <= 16) is bound by weight bytes: narrow N tiles so every SM streams weights, long K steps and
+# deep pipelines to keep enough bytes in flight. Prefill is bound by tensor-core throughput: large tiles.
 _CONFIGS = {
-    16: [_cfg(16, 32, 128, 4, 4), _cfg(16, 64, 128, 4, 4), _cfg(16, 32, 256, 4, 3), _cfg(16, 64, 256, 4, 3),
-         _cfg(16, 128, 128, 4, 4), _cfg(16, 16, 256, 2, 4)],
-    64: [_cfg(64, 64, 128, 4, 4), _cfg(64, 128, 128, 4, 3), _cfg(64, 64, 64, 4, 4), _cfg(32, 64, 128, 4, 4)],
+    16: [_cfg(16, 32, 256, 4, 4), _cfg(16, 64, 256, 4, 3), _cfg(16, 32, 512, 4, 3), _cfg(16, 16, 512, 4, 4),
+         _cfg(16, 64, 128, 4, 4), _cfg(16, 128, 128, 4, 4)],
+    64: [_cfg(64, 64, 128, 4, 4), _cfg(64, 128, 128, 4, 3), _cfg(32, 64, 256, 4, 3), _cfg(32, 64, 128, 4, 4)],
     128: [_cfg(128, 128, 128, 8, 3), _cfg(64, 128, 128, 4, 4), _cfg(128, 64, 128, 4, 4), _cfg(128, 128, 64, 4, 4)],
     1024: [_cfg(128, 128, 128, 8, 3), _cfg(128, 256, 128, 8, 3), _cfg(256, 128, 128, 8, 3), _cfg(128, 128, 64, 4, 4),
            _cfg(128, 256, 64, 8, 4), _cfg(128, 128, 128, 4, 4)],
@@ -82,16 +109,41 @@ _ALL = [c for cs in _CONFIGS.values() for c in cs]
 
 def _prune(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
-    bucket, gs = args["M_BUCKET"], args["group_size"]
-    keep = [c for c in configs if c in _CONFIGS[bucket]]
-    if args["GROUPED"]:  # a BLOCK_K step must stay inside one group
-        keep = [c for c in keep if gs % c.kwargs["BLOCK_K"] == 0]
-    return keep or [_cfg(16 if bucket == 16 else 64, 64, 32, 4, 2)]
+    gs, k = args["GROUP_SIZE"], args["K"]
+    keep = [c for c in configs if c in _CONFIGS[args["M_BUCKET"]]]
+    if gs or args["W_BITS"] == 4:  # chunks are not masked: whole BLOCK_K steps, aligned to groups
+        bk = lambda c: c.kwargs["BLOCK_K"]
+        keep = [c for c in keep if k % bk(c) == 0 and (not gs or gs % bk(c) == 0 or bk(c) % gs == 0)]
+    return keep or [_cfg(16 if args["M_BUCKET"] == 16 else 64, 64, 64, 4, 2)]
+
+
+@triton.jit
+def _exact_float(i):
+    """int32 -> float32 for |i| < 2^22 with an integer add and a float subtract instead of I2F, which issues
+    at 1/8 the rate of FMA on Hopper and otherwise dominates group-wise epilogues. One chunk's int8 dot
+    (<= 256 * 127 * 127 < 2^22) always fits."""
+    return (i + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+
+
+@triton.jit
+def _w4_int8(nib, z, HAS_ZERO: tl.constexpr):
+    if HAS_ZERO:
+        return (nib.to(tl.int32) - z.to(tl.int32)[None, :]).to(tl.int8)
+    return (nib.to(tl.int32) - 8).to(tl.int8)
+
+
+@triton.jit
+def _w4_float(nib, z, s, HAS_ZERO: tl.constexpr):
+    """(q - z) * s in float32 like the reference; q -> float as the bits of 2^23 + q (no I2F)."""
+    q = (nib.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True)
+    if HAS_ZERO:
+        return (q - (z + 8388608.0)[None, :]) * s[None, :]
+    return (q - 8388616.0) * s[None, :]  # 2^23 + 8, the symmetric offset
 
 
 @triton.autotune(
     configs=_ALL,
-    key=["M_BUCKET", "N", "K", "group_size", "A_INT8", "W_BITS", "HAS_ZERO"],
+    key=["M_BUCKET", "N", "K", "A_INT8", "W_BITS", "HAS_ZERO", "GROUP_SIZE"],
     prune_configs_by={"early_config_prune": _prune},
     # Short timing runs: the ranking of configs is stable long before the default 100 ms.
     do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles),
@@ -100,8 +152,8 @@ def _prune(configs, named_args, **kwargs):
 @triton.jit
 def _qlinear_kernel(
     a_ptr, as_ptr, w_ptr, s_ptr, z_ptr, b_ptr, c_ptr,
-    M, N, K, stride_am, stride_wn, stride_cm, group_size, M_BUCKET,
-    A_INT8: tl.constexpr, W_BITS: tl.constexpr, HAS_ZERO: tl.constexpr, GROUPED: tl.constexpr,
+    M, N, K, stride_am, stride_wn, stride_cm, M_BUCKET,
+    A_INT8: tl.constexpr, W_BITS: tl.constexpr, HAS_ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -121,61 +173,68 @@ def _qlinear_kernel(
     # Out-of-range rows/columns load a valid row instead (wrapped); their results are never stored.
     rm = (offs_m % M).to(tl.int64)
     rn = offs_n % N
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rm[:, None] * stride_am + offs_k[None, :]
-    if W_BITS == 4:
-        KW: tl.constexpr = BLOCK_K // 2
-    else:
-        KW: tl.constexpr = BLOCK_K
-    offs_kw = tl.arange(0, KW)
-    w_ptrs = w_ptr + rn[None, :].to(tl.int64) * stride_wn + offs_kw[:, None]  # [KW, BLOCK_N], K-contiguous
+    a_rows = a_ptr + rm[:, None] * stride_am
+    w_cols = w_ptr + rn[None, :].to(tl.int64) * stride_wn
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if A_INT8 and not GROUPED:
+    # A BLOCK_K step is split into chunks of CH channels that never straddle a weight group: one dot per
+    # chunk, its group's scale applied to that dot. INT4 chunks are PACK channels stored half-split
+    # (byte j = channel j | channel j + PACK/2 << 4), so each chunk is two dots on unshuffled nibbles.
+    if W_BITS == 4:
+        CH: tl.constexpr = _PACK
+    elif GROUP_SIZE > 0 and GROUP_SIZE < BLOCK_K:
+        CH: tl.constexpr = GROUP_SIZE
+    else:
+        CH: tl.constexpr = BLOCK_K
+    HALF: tl.constexpr = CH // 2
+    offs_c = tl.arange(0, CH)
+    offs_h = tl.arange(0, HALF)
+
+    # Only one accumulator is live through the loop: two would double the registers and spill.
+    if A_INT8 and GROUP_SIZE == 0:
         acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    if not GROUPED:  # one scale (and zero) per output channel
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if GROUP_SIZE == 0:  # one scale (and zero) per output channel
         s = tl.load(s_ptr + rn)
-        if HAS_ZERO:
-            z = tl.load(z_ptr + rn)
+        z = tl.load(z_ptr + rn) if HAS_ZERO else s
 
     for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            w = tl.load(w_ptrs)
-        else:
-            a = tl.load(a_ptrs, mask=offs_k[None, :] < K - k0, other=0)
-            w = tl.load(w_ptrs, mask=offs_kw[:, None] < (K - k0) // (BLOCK_K // KW), other=0)
-        if GROUPED:
-            g = k0 // group_size
-            s = tl.load(s_ptr + g * N + rn)
-            if HAS_ZERO:
-                z = tl.load(z_ptr + g * N + rn)
-        if W_BITS == 4:  # [K/2, N] bytes -> [K, N] nibbles, even channel from the low nibble
-            w = tl.reshape(tl.permute(tl.join(w & 0xF, w >> 4), (0, 2, 1)), (BLOCK_K, BLOCK_N))
-        if A_INT8:
+        for j in tl.static_range(BLOCK_K // CH):
+            kc = k0 + j * CH
+            if GROUP_SIZE > 0:
+                g = kc // GROUP_SIZE
+                s = tl.load(s_ptr + g * N + rn)
+                z = tl.load(z_ptr + g * N + rn) if HAS_ZERO else s
             if W_BITS == 4:
-                if HAS_ZERO:
-                    wi = (w.to(tl.int32) - z.to(tl.int32)[None, :]).to(tl.int8)
+                wb = tl.load(w_cols + (kc // 2 + offs_h)[:, None])  # [HALF, BLOCK_N] bytes
+                a_lo = tl.load(a_rows + (kc + offs_h)[None, :])
+                a_hi = tl.load(a_rows + (kc + HALF + offs_h)[None, :])
+                lo, hi = wb & 0xF, wb >> 4
+                if A_INT8:
+                    part = tl.dot(a_lo, _w4_int8(lo, z, HAS_ZERO), out_dtype=tl.int32)
+                    part = tl.dot(a_hi, _w4_int8(hi, z, HAS_ZERO), part, out_dtype=tl.int32)
                 else:
-                    wi = (w.to(tl.int32) - 8).to(tl.int8)
+                    acc = tl.dot(a_lo, _w4_float(lo, z, s, HAS_ZERO).to(a_lo.dtype), acc)
+                    acc = tl.dot(a_hi, _w4_float(hi, z, s, HAS_ZERO).to(a_hi.dtype), acc)
             else:
-                wi = w
-            if GROUPED:
-                acc += tl.dot(a, wi, out_dtype=tl.int32).to(tl.float32) * s[None, :]
-            else:
-                acc_i = tl.dot(a, wi, acc_i, out_dtype=tl.int32)
-        else:
-            wf = w.to(tl.float32)
-            if HAS_ZERO:
-                wf = wf - z[None, :]
-            elif W_BITS == 4:
-                wf = wf - 8.0
-            acc = tl.dot(a, (wf * s[None, :]).to(a.dtype), acc)
-        a_ptrs += BLOCK_K
-        w_ptrs += KW
+                if EVEN_K:
+                    a = tl.load(a_rows + (kc + offs_c)[None, :])
+                    w = tl.load(w_cols + (kc + offs_c)[:, None])
+                else:
+                    a = tl.load(a_rows + (kc + offs_c)[None, :], mask=(kc + offs_c)[None, :] < K, other=0)
+                    w = tl.load(w_cols + (kc + offs_c)[:, None], mask=(kc + offs_c)[:, None] < K, other=0)
+                if A_INT8:
+                    part = tl.dot(a, w, out_dtype=tl.int32)
+                else:
+                    acc = tl.dot(a, (_exact_float(w.to(tl.int32)) * s[None, :]).to(a.dtype), acc)
+            if A_INT8:
+                if GROUP_SIZE > 0:
+                    acc = tl.fma(_exact_float(part), s[None, :], acc)
+                else:
+                    acc_i += part
 
     if A_INT8:
-        if not GROUPED:
+        if GROUP_SIZE == 0:
             acc = acc_i.to(tl.float32) * s[None, :]
         acc = acc * tl.load(as_ptr + rm)[:, None]
     if HAS_BIAS:
@@ -183,6 +242,91 @@ def _qlinear_kernel(
     acc = apply_act(acc, ACT)
     c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+_GEMV_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
+                 for bn, bk, w in [(16, 512, 4), (32, 512, 4), (16, 1024, 4), (32, 1024, 8), (64, 512, 8), (8, 1024, 4)]]
+
+
+def _prune_gemv(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    gs, k = args["GROUP_SIZE"], args["K"]
+    keep = [c for c in configs if k % c.kwargs["BLOCK_K"] == 0]
+    return keep or [triton.Config({"BLOCK_N": 16, "BLOCK_K": 128 if k % 128 == 0 else 64}, num_warps=4)]
+
+
+@triton.autotune(
+    configs=_GEMV_CONFIGS,
+    key=["N", "K", "A_INT8", "W_BITS", "HAS_ZERO", "GROUP_SIZE"],
+    prune_configs_by={"early_config_prune": _prune_gemv},
+    do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles),
+)
+@triton.jit
+def _gemv_kernel(
+    a_ptr, as_ptr, w_ptr, s_ptr, z_ptr, b_ptr, c_ptr, N, K, stride_wn,
+    A_INT8: tl.constexpr, W_BITS: tl.constexpr, HAS_ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One token (M = 1): y = x @ W^T on CUDA cores, weights streamed in wide K-contiguous rows.
+
+    No tensor cores (a single row would waste 15/16 of an MMA) and no shared memory: each program reads
+    a [BLOCK_N, BLOCK_K] slab, multiplies by x in float32 (exact for int8 x), reduces each chunk, and
+    applies the chunk's group scale to the chunk's sum rather than to every weight.
+    """
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = offs_n % N
+    w_rows = w_ptr + rn[:, None].to(tl.int64) * stride_wn
+    if W_BITS == 4:
+        CH: tl.constexpr = _PACK
+    elif GROUP_SIZE > 0 and GROUP_SIZE < BLOCK_K:
+        CH: tl.constexpr = GROUP_SIZE
+    else:
+        CH: tl.constexpr = BLOCK_K
+    NCH: tl.constexpr = BLOCK_K // CH
+    HALF: tl.constexpr = CH // 2
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if GROUP_SIZE == 0:
+        s = tl.load(s_ptr + rn)
+        z = tl.load(z_ptr + rn) if HAS_ZERO else s
+    for k0 in range(0, K, BLOCK_K):
+        if W_BITS == 4:
+            wb = tl.load(w_rows + (k0 // 2 + tl.arange(0, BLOCK_K // 2))[None, :])
+            wb = tl.reshape(wb, (BLOCK_N, NCH, HALF))
+            ch = k0 + tl.arange(0, NCH)[:, None] * CH + tl.arange(0, HALF)[None, :]  # [NCH, HALF] channels
+            x_lo = tl.load(a_ptr + ch).to(tl.float32)
+            x_hi = tl.load(a_ptr + ch + HALF).to(tl.float32)
+            q_lo = ((wb & 0xF).to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + q
+            q_hi = ((wb >> 4).to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True)
+            if GROUP_SIZE > 0:
+                g = (k0 + tl.arange(0, NCH) * CH) // GROUP_SIZE
+                s = tl.load(s_ptr + g[None, :] * N + rn[:, None])  # [BLOCK_N, NCH]
+                z = tl.load(z_ptr + g[None, :] * N + rn[:, None]) if HAS_ZERO else s
+                off = (z + 8388608.0) if HAS_ZERO else 8388616.0
+                part = tl.sum((q_lo - off[:, :, None]) * x_lo[None] + (q_hi - off[:, :, None]) * x_hi[None], 2)
+                acc += tl.sum(part * s, 1)
+            else:
+                off = (z + 8388608.0)[:, None, None] if HAS_ZERO else 8388616.0
+                acc += tl.sum(tl.sum((q_lo - off) * x_lo[None] + (q_hi - off) * x_hi[None], 2), 1)
+        else:
+            w = tl.load(w_rows + (k0 + tl.arange(0, BLOCK_K))[None, :])
+            wf = tl.reshape(_exact_float(w.to(tl.int32)), (BLOCK_N, NCH, CH))
+            x = tl.reshape(tl.load(a_ptr + k0 + tl.arange(0, BLOCK_K)).to(tl.float32), (NCH, CH))
+            part = tl.sum(wf * x[None], 2)  # [BLOCK_N, NCH]
+            if GROUP_SIZE > 0:
+                g = (k0 + tl.arange(0, NCH) * CH) // GROUP_SIZE
+                acc += tl.sum(part * tl.load(s_ptr + g[None, :] * N + rn[:, None]), 1)
+            else:
+                acc += tl.sum(part, 1)
+    if GROUP_SIZE == 0:
+        acc = acc * s
+    if A_INT8:
+        acc = acc * tl.load(as_ptr)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn).to(tl.float32)
+    acc = apply_act(acc, ACT)
+    tl.store(c_ptr + offs_n, acc.to(c_ptr.dtype.element_ty), mask=offs_n < N)
+
 
 
 def quant_linear(
@@ -213,11 +357,19 @@ def quant_linear(
         return c.reshape(*lead, n)
     xs = x_scale.reshape(-1).float().contiguous() if a_int8 else c
     grouped = w.scale.shape[0] > 1
+    group = w.group_size if grouped else 0
+    if m == 1 and k % 64 == 0:
+        _gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
+            a, xs, w.qweight, w.scale, w.zero if w.zero is not None else w.scale, bias if bias is not None else c, c,
+            n, k, w.qweight.stride(0), A_INT8=a_int8, W_BITS=w.bits, HAS_ZERO=w.zero is not None,
+            GROUP_SIZE=group, HAS_BIAS=bias is not None, ACT=act_code(act),
+        )
+        return c.reshape(*lead, n)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
     _qlinear_kernel[grid](
         a, xs, w.qweight, w.scale, w.zero if w.zero is not None else w.scale, bias if bias is not None else c, c,
-        m, n, k, a.stride(0), w.qweight.stride(0), c.stride(0), w.group_size, _m_bucket(m),
-        A_INT8=a_int8, W_BITS=w.bits, HAS_ZERO=w.zero is not None, GROUPED=grouped,
+        m, n, k, a.stride(0), w.qweight.stride(0), c.stride(0), _m_bucket(m),
+        A_INT8=a_int8, W_BITS=w.bits, HAS_ZERO=w.zero is not None, GROUP_SIZE=group,
         HAS_BIAS=bias is not None, ACT=act_code(act),
     )
     return c.reshape(*lead, n)

@@ -108,10 +108,13 @@ def quant_linear(
         q = _unpack(qweight, bits, k).double()
         if bits == 4 or w_zero is not None:
             q = q - (Q.expand_groups(w_zero, k).double() if w_zero is not None else 8.0)
-        xg = x.double().reshape(-1, g, k // g).transpose(0, 1)  # [G, M, K/G]
-        wg = q.reshape(n, g, k // g).transpose(0, 1)  # [G, N, K/G]
-        part = xg @ wg.transpose(1, 2)  # exact integer sums per group [G, M, N]
-        y = (part.float() * w_scale.t()[:, None, :]).sum(0) * x_scale
+        gs = k // g
+        xd = x.double()
+        y = torch.zeros(x.shape[0], n, dtype=torch.float32, device=x.device)
+        for i in range(g):  # exact integer sums per group, then the group's scale
+            part = xd[:, i * gs:(i + 1) * gs] @ q[:, i * gs:(i + 1) * gs].t()
+            y += part.float() * w_scale[:, i]
+        y = y * x_scale
     if bias is not None:
         y = y + bias.float()
     return apply_act(y, act).to(out_dtype)

@@ -12,8 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import act_code
 from ..quant import EPS
+from . import act_code
 
 NORM_NONE, NORM_LAYER, NORM_RMS = 0, 1, 2
 
@@ -63,10 +63,11 @@ def _row_quant_kernel(
     if WRITE_Y:
         tl.store(y_ptr + row * stride_y + cols, y, mask=mask)
     y = tl.where(mask, y.to(tl.float32), 0.0)
-    scale = tl.maximum(tl.max(tl.abs(y), 0), qeps) / 127.0
+    # IEEE divisions (div_rn), as torch does: Triton's default '/' is approximate and would move ties.
+    scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(y), 0), qeps), 127.0)
     # Round half to even like torch.round: adding 1.5 * 2^23 leaves no fraction bits, so the float add
     # rounds; exact for |y / scale| <= 127.
-    q = (y / scale + 12582912.0) - 12582912.0
+    q = (tl.math.div_rn(y, scale) + 12582912.0) - 12582912.0
     q = tl.minimum(tl.maximum(q, -127.0), 127.0)
     tl.store(q_ptr + row * stride_q + cols, q.to(tl.int8), mask=mask)
     tl.store(s_ptr + row, scale)

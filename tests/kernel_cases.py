@@ -1,0 +1,31 @@
+"""Shared builders for kernel tests: quantized weights in QuantLinear format and their kernel twins."""
+
+from __future__ import annotations
+
+import torch
+
+from zeroquant.config import ActQuant, LinearRule, WeightQuant
+from zeroquant.qlinear import QuantLinear
+
+# (name, bits, group_size, symmetric, int8 activations)
+VARIANTS = [
+    ("w8a8-g128", 8, 128, True, True),
+    ("w8a8-channel", 8, -1, True, True),
+    ("w4a8-g128", 4, 128, False, True),
+    ("w4a16-g128", 4, 128, False, False),
+    ("w4a16-channel-sym", 4, -1, True, False),
+    ("w8a16-g128", 8, 128, True, False),
+]
+
+# BERT-base, GPT-2, Llama-7B linears, and sizes that are not multiples of any block.
+SHAPES = [(768, 768), (768, 3072), (3072, 768), (768, 2304), (4096, 4096), (4096, 11008), (11008, 4096),
+          (384, 1000), (200, 300)]
+
+
+def quant_linear(k: int, n: int, bits: int, group: int, sym: bool, a8: bool, device, bias=True) -> QuantLinear:
+    lin = torch.nn.Linear(k, n, bias=bias, device=device)
+    torch.nn.init.normal_(lin.weight, std=k**-0.5)
+    if bias:
+        torch.nn.init.normal_(lin.bias, std=0.1)
+    rule = LinearRule(WeightQuant(bits, group, sym), ActQuant(8) if a8 else None)
+    return QuantLinear.from_float(lin, rule)

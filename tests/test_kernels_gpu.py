@@ -1,0 +1,127 @@
+"""GPU: every Triton kernel against its reference twin on fresh random inputs, over a grid of shapes.
+
+Outputs are allocated from memory poisoned with 0xFF bytes (NaN in fp16/fp32), so an element the kernel
+fails to write shows up as NaN or a wrong integer; NaN never passes the checks.
+"""
+
+import pytest
+import torch
+from kernel_cases import SHAPES, VARIANTS, quant_linear
+
+from zeroquant.kernels import reference as R
+
+gemm = pytest.importorskip("zeroquant.kernels.gemm") if torch.cuda.is_available() else None
+
+pytestmark = pytest.mark.gpu
+
+MS = [1, 7, 16, 33, 128, 2048]
+
+
+def poison_cuda_cache() -> None:
+    """Fill freed blocks of the caching allocator (small and large pools) with 0xFF."""
+    blocks = [torch.empty(2**19, dtype=torch.uint8, device="cuda").fill_(255) for _ in range(64)]
+    blocks.append(torch.empty(2**28, dtype=torch.uint8, device="cuda").fill_(255))
+    del blocks
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    assert torch.isfinite(got).all(), "non-finite output (unwritten or overflowed elements)"
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+def assert_quant_close(q, s, q_ref, s_ref):
+    assert rel_err(s, s_ref) < 1e-3
+    diff = (q.int() - q_ref.int()).abs()
+    # Norm/act outputs computed in a different float order may land on the other side of a rounding tie.
+    assert diff.max() <= 1 and diff.float().mean() < 1e-3
+
+
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("k", [200, 768, 4096, 11008])
+def test_quantize_per_token(m, k):
+    from zeroquant.kernels import rowwise
+
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16) * 3
+    poison_cuda_cache()
+    q, s = rowwise.quantize_per_token(x)
+    assert_quant_close(q, s, *R.quantize_per_token(x))
+
+
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("k", [200, 768, 4096])
+@pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_norm_quant(m, k, kind, dtype):
+    from zeroquant.kernels import rowwise
+
+    x = (torch.randn(m, k, device="cuda") * 2 + 0.5).to(dtype)
+    w = (torch.rand(k, device="cuda") + 0.5).to(dtype)
+    b = torch.randn(k, device="cuda").to(dtype) if kind == "layernorm" else None
+    poison_cuda_cache()
+    y, q, s = rowwise.norm_quant(x, w, b, 1e-5, kind)
+    y_ref, q_ref, s_ref = R.norm_quant(x, w, b, 1e-5, kind)
+    assert rel_err(y, y_ref) < 5e-3
+    assert_quant_close(q, s, q_ref, s_ref)
+    q2, s2 = rowwise.norm_quant_only(x, w, b, 1e-5, kind)
+    assert torch.equal(q2, q) and torch.equal(s2, s)
+
+
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "relu", "silu"])
+@pytest.mark.parametrize("gated", [False, True])
+def test_act_quant(m, act, gated):
+    from zeroquant.kernels import rowwise
+
+    x = torch.randn(m, 3072, device="cuda", dtype=torch.float16) * 2
+    g = torch.randn_like(x) if gated else None
+    poison_cuda_cache()
+    q, s = rowwise.act_quant(x, act, gate=g)
+    assert_quant_close(q, s, *R.act_quant(x, act, gate=g))
+
+
+def _run_gemm(ql, x, bits, a8, act=None):
+    from zeroquant.kernels import gemm, rowwise
+
+    kw = gemm.KernelWeight.from_quant(ql.qweight, ql.w_scale, ql.w_zero, bits)
+    if a8:
+        q, s = rowwise.quantize_per_token(x)
+        args = (q, s, ql.qweight, ql.w_scale, ql.w_zero, bits, ql.bias, act)
+        poison_cuda_cache()
+        return gemm.quant_linear(q, s, kw, ql.bias, act), R.quant_linear(*args)
+    poison_cuda_cache()
+    return gemm.quant_linear(x, None, kw, ql.bias, act), R.quant_linear(x, None, ql.qweight, ql.w_scale, ql.w_zero,
+                                                                        bits, ql.bias, act)
+
+
+@pytest.mark.parametrize("name,bits,group,sym,a8", VARIANTS)
+@pytest.mark.parametrize("k,n", SHAPES)
+@pytest.mark.parametrize("m", MS)
+def test_quant_linear(m, k, n, name, bits, group, sym, a8):
+    if group > 0 and k % group:
+        group = -1  # per-channel where the group does not divide K (200)
+    ql = quant_linear(k, n, bits, group, sym, a8, "cuda").half()
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    if gemm.KernelWeight.unsupported(k, bits, sym, ql.w_scale.shape[1]):
+        with pytest.raises(ValueError):
+            gemm.KernelWeight.from_quant(ql.qweight, ql.w_scale, ql.w_zero, bits)
+        return
+    got, want = _run_gemm(ql, x, bits, a8)
+    assert got.shape == (m, n) and got.dtype == torch.float16
+    assert rel_err(got, want) < 2e-3
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "relu", "silu"])
+@pytest.mark.parametrize("name,bits,group,sym,a8", VARIANTS[:4])
+def test_quant_linear_fused_bias_act(act, name, bits, group, sym, a8):
+    ql = quant_linear(768, 3072, bits, group, sym, a8, "cuda").half()
+    x = torch.randn(2, 64, 768, device="cuda", dtype=torch.float16)
+    got, want = _run_gemm(ql, x.reshape(-1, 768), bits, a8, act)
+    assert rel_err(got, want) < 2e-3
+
+
+def test_quant_linear_matches_quantlinear_reference_path():
+    """The kernel GEMM equals QuantLinear's own integer path (forward_int), not just the twin."""
+    ql = quant_linear(4096, 1024, 8, 128, True, True, "cuda").half()
+    x = torch.randn(37, 4096, device="cuda", dtype=torch.float16)
+    got, _ = _run_gemm(ql, x, 8, True)
+    assert rel_err(got, ql.forward_int(x)) < 2e-3

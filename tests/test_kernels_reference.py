@@ -1,0 +1,57 @@
+"""CPU: the kernels' reference twins agree with the QuantLinear reference path and with plain PyTorch."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from kernel_cases import VARIANTS, quant_linear
+
+from zeroquant import quant as Q
+from zeroquant.kernels import act_code
+from zeroquant.kernels import reference as R
+
+
+@pytest.mark.parametrize("name,bits,group,sym,a8", VARIANTS)
+def test_reference_quant_linear_matches_quantlinear(name, bits, group, sym, a8):
+    ql = quant_linear(256, 96, bits, group if group < 0 else 64, sym, a8, "cpu")
+    x = torch.randn(9, 256)
+    want = ql(x)
+    if a8:
+        q, s = R.quantize_per_token(x)
+        got = R.quant_linear(q, s, ql.qweight, ql.w_scale, ql.w_zero, bits, ql.bias, out_dtype=torch.float32)
+    else:
+        got = R.quant_linear(x, None, ql.qweight, ql.w_scale, ql.w_zero, bits, ql.bias, out_dtype=torch.float32)
+    assert (got - want).norm() / want.norm() < 1e-6
+
+
+def test_reference_quant_linear_fuses_activation_and_dtype():
+    ql = quant_linear(128, 64, 8, 32, True, True, "cpu")
+    x = torch.randn(4, 128)
+    q, s = R.quantize_per_token(x)
+    got = R.quant_linear(q, s, ql.qweight, ql.w_scale, None, 8, ql.bias, act="gelu_tanh", out_dtype=torch.float16)
+    want = F.gelu(ql(x), approximate="tanh").half()
+    assert got.dtype == torch.float16
+    assert (got.float() - want.float()).abs().max() < 2e-3
+
+
+def test_reference_norm_quant_is_norm_then_token_quant():
+    x = torch.randn(6, 80)
+    w, b = torch.randn(80), torch.randn(80)
+    y, q, s = R.norm_quant(x, w, b, 1e-5, "layernorm")
+    assert torch.equal(y, F.layer_norm(x, (80,), w, b, 1e-5))
+    q2, s2 = Q.quantize_per_token(y)
+    assert torch.equal(q, q2) and torch.equal(s, s2)
+    y, _, _ = R.norm_quant(x, w, None, 1e-6, "rmsnorm")
+    rms = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+    assert (y - rms).abs().max() < 1e-5
+
+
+def test_reference_act_quant_gated():
+    x, g = torch.randn(3, 64), torch.randn(3, 64)
+    q, s = R.act_quant(x, "silu", gate=g)
+    q2, s2 = Q.quantize_per_token(F.silu(x) * g)
+    assert torch.equal(q, q2) and torch.allclose(s, s2)
+
+
+def test_unknown_activation_is_rejected():
+    with pytest.raises(ValueError, match="unsupported"):
+        act_code("swish2")
