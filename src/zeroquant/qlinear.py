@@ -12,6 +12,12 @@ from .config import ActQuant, LinearRule, WeightQuant
 from .errors import ZeroQuantError
 
 
+def _kernels_available() -> bool:
+    from .kernels import available
+
+    return available()
+
+
 def linear_weight(module: nn.Module) -> torch.Tensor:
     """The [out, in] weight of an nn.Linear or a GPT-2 Conv1D (which stores [in, out])."""
     if isinstance(module, Conv1D):
@@ -26,9 +32,11 @@ def is_linear(module: nn.Module) -> bool:
 class QuantLinear(nn.Module):
     """Linear layer with group-wise quantized integer weights and optional INT8 activations.
 
-    mode="int"  (default): integer reference path. Activations are quantized (per token, or with the
-                 static calibrated scale), multiplied as int8 x int8 -> int32 per weight group, and
-                 dequantized with token scale x group scale; bias added in float. The GPU kernels match it.
+    mode="int"  (default): on CUDA tensors, the Triton kernels (zeroquant.kernels) where they take the
+                 format; otherwise the integer reference path, as in mode="ref".
+    mode="ref":  integer reference path. Activations are quantized (per token, or with the static
+                 calibrated scale), multiplied as int8 x int8 -> int32 per weight group, and dequantized
+                 with token scale x group scale; bias added in float. The kernels match it.
     mode="fake": dequantize the weight, quantize-dequantize the activation, float matmul. Same numbers
                  up to float rounding; used to cross-check and by distillation.
     Weight-only rules (act=None) take the fake path in both modes: the activation stays floating point.
@@ -166,7 +174,43 @@ class QuantLinear(nn.Module):
             return (q.to(torch.int16) - Q.expand_groups(z, self.in_features)).to(torch.int8), None
         return (q.to(torch.int16) - 128).to(torch.int8), (128 - z).to(torch.int32)
 
+    def kernel_weight(self):
+        """This layer's weight in the kernels' layout (built once, rebuilt if the buffers change), or None
+        where the kernels do not take the format (static activations, asymmetric 8-bit, odd groups)."""
+        key = (self.qweight.data_ptr(), self.qweight._version, self.w_scale._version)
+        cached = self.__dict__.get("_kernel_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        from .kernels.gemm import KernelWeight
+
+        w, a = self.wq, self.aq
+        ok = (not w.per_tensor and (a is None or (a.dynamic and a.bits == 8))
+              and KernelWeight.unsupported(self.in_features, w.bits, w.symmetric, self.w_scale.shape[1]) is None)
+        kw = KernelWeight.from_quant(self.qweight, self.w_scale, self.w_zero, w.bits) if ok else None
+        self.__dict__["_kernel_cache"] = (key, kw)  # not a buffer: derived, never saved
+        return kw
+
+    def forward_kernel(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The Triton path, or None where it does not apply (the caller falls back to the reference)."""
+        if x.dtype not in (torch.float16, torch.bfloat16):
+            return None
+        kw = self.kernel_weight()
+        if kw is None:
+            return None
+        from .kernels import gemm, rowwise
+
+        if self.aq is None:
+            return gemm.quant_linear(x, None, kw, self.bias)
+        # A norm that quantized its output already (fused norm -> quant) attaches the int8 pair to it.
+        pre = getattr(x, "zq_int8", None)
+        q, s = pre if pre is not None else rowwise.quantize_per_token(x)
+        return gemm.quant_linear(q, s, kw, self.bias, out_dtype=x.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "int" and x.is_cuda and _kernels_available():
+            y = self.forward_kernel(x)
+            if y is not None:
+                return y
         if self.aq is None or self.mode == "fake":
             w = self.dequantized_weight(x.dtype)
             b = None if self.bias is None else self.bias.to(x.dtype)

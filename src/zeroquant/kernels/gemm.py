@@ -244,13 +244,15 @@ def _qlinear_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-_GEMV_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
-                 for bn, bk, w in [(16, 512, 4), (32, 512, 4), (16, 1024, 4), (32, 1024, 8), (64, 512, 8), (8, 1024, 4)]]
+_GEMV_CONFIGS = [
+    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
+    for bn, bk, w in [(16, 256, 4), (32, 256, 4), (16, 512, 4), (32, 512, 4), (16, 1024, 4), (32, 1024, 8), (8, 1024, 4)]
+]
 
 
 def _prune_gemv(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
-    gs, k = args["GROUP_SIZE"], args["K"]
+    k = args["K"]
     keep = [c for c in configs if k % c.kwargs["BLOCK_K"] == 0]
     return keep or [triton.Config({"BLOCK_N": 16, "BLOCK_K": 128 if k % 128 == 0 else 64}, num_warps=4)]
 
