@@ -11,13 +11,13 @@ Prints a table last; writes kernels.json and kernels.md to --out (default bench/
 
 import argparse
 import json
-import os
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 import triton
 
+from zeroquant import quant as Q
 from zeroquant.kernels import gemm, rowwise
 
 MS = [1, 16, 128, 2048, 8192]
@@ -58,14 +58,9 @@ def ms(fn, *tensors: torch.Tensor, reps: int = 15) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def torch_quant(x):
-    s = x.float().abs().amax(-1, keepdim=True).clamp_min(1e-8) / 127
-    return (x.float() / s).round().clamp(-127, 127).to(torch.int8), s
-
-
 def torch_w8a8(x, w8t, sw):
     """What a user gets from plain PyTorch: quantize, torch._int_mm, dequantize (3+ kernels)."""
-    q, s = torch_quant(x)
+    q, s = Q.quantize_per_token(x)
     m = q.shape[0]
     if m <= 16:  # torch._int_mm needs M > 16 on CUDA
         q = torch.nn.functional.pad(q, (0, 0, 0, 32 - m))
@@ -141,7 +136,7 @@ def row_kernel_rows(dev, k=4096):
             "layernorm_quant(+y)": (lambda x: rowwise.norm_quant(x, w, b, 1e-5, "layernorm"), 5),
             "rmsnorm_quant": (lambda x: rowwise.norm_quant_only(x, w, None, 1e-5, "rmsnorm"), 3),
             "torch: layernorm then quant": (
-                lambda x: torch_quant(torch.nn.functional.layer_norm(x, (k,), w, b, 1e-5)), 5),
+                lambda x: Q.quantize_per_token(torch.nn.functional.layer_norm(x, (k,), w, b, 1e-5)), 5),
         }
         for name, (fn, per_elt) in cases.items():
             t = ms(fn, x)
@@ -210,7 +205,6 @@ def main():
     print(f"MMA in compiled GEMM variants: {sum(f['wgmma'] for f in res['kernel_facts'])} wgmma, "
           f"{sum(f['mma_sync'] for f in res['kernel_facts'])} mma.sync, "
           f"max spills {max([f['spills'] or 0 for f in res['kernel_facts']], default=0)}")
-    os.sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -10,12 +10,7 @@ from transformers.pytorch_utils import Conv1D
 from . import quant as Q
 from .config import ActQuant, LinearRule, WeightQuant
 from .errors import ZeroQuantError
-
-
-def _kernels_available() -> bool:
-    from .kernels import available
-
-    return available()
+from .kernels import available as kernels_available
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor:
@@ -201,13 +196,11 @@ class QuantLinear(nn.Module):
 
         if self.aq is None:
             return gemm.quant_linear(x, None, kw, self.bias)
-        # A norm that quantized its output already (fused norm -> quant) attaches the int8 pair to it.
-        pre = getattr(x, "zq_int8", None)
-        q, s = pre if pre is not None else rowwise.quantize_per_token(x)
+        q, s = rowwise.quantize_per_token(x)
         return gemm.quant_linear(q, s, kw, self.bias, out_dtype=x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "int" and x.is_cuda and _kernels_available():
+        if self.mode == "int" and x.is_cuda and kernels_available():
             y = self.forward_kernel(x)
             if y is not None:
                 return y

@@ -25,7 +25,6 @@ from . import act_code
 from .rowwise import apply_act
 
 PACK = 64  # INT4 channels per half-split chunk in the kernel layout (see KernelWeight)
-_PACK = tl.constexpr(PACK)  # the same, readable inside kernels
 
 
 def _repack_int4(p: torch.Tensor) -> torch.Tensor:
@@ -117,6 +116,16 @@ def _prune(configs, named_args, **kwargs):
     return keep or [_cfg(16 if args["M_BUCKET"] == 16 else 64, 64, 64, 4, 2)]
 
 
+def _chunk(args: dict) -> int:
+    """Channels per dot inside a BLOCK_K step, for both kernels: a chunk never straddles a weight group, so
+    its group's scale applies to the whole dot; an INT4 chunk is one PACK of the half-split layout
+    (byte j = channel j | channel j + PACK/2 << 4)."""
+    gs, bk = args["GROUP_SIZE"], args["BLOCK_K"]
+    if args["W_BITS"] == 4:
+        return PACK
+    return gs if 0 < gs < bk else bk
+
+
 @triton.jit
 def _exact_float(i):
     """int32 -> float32 for |i| < 2^22 with an integer add and a float subtract instead of I2F, which issues
@@ -148,13 +157,13 @@ def _w4_float(nib, z, s, HAS_ZERO: tl.constexpr):
     # Short timing runs: the ranking of configs is stable long before the default 100 ms.
     do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles),
 )
-@triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+@triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0, "CH": _chunk})
 @triton.jit
 def _qlinear_kernel(
     a_ptr, as_ptr, w_ptr, s_ptr, z_ptr, b_ptr, c_ptr,
     M, N, K, stride_am, stride_wn, stride_cm, M_BUCKET,
     A_INT8: tl.constexpr, W_BITS: tl.constexpr, HAS_ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr,
-    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, EVEN_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, EVEN_K: tl.constexpr, CH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Tile order: GROUP_M row-tiles share each column of weight tiles, so weights are reused from L2.
@@ -176,15 +185,8 @@ def _qlinear_kernel(
     a_rows = a_ptr + rm[:, None] * stride_am
     w_cols = w_ptr + rn[None, :].to(tl.int64) * stride_wn
 
-    # A BLOCK_K step is split into chunks of CH channels that never straddle a weight group: one dot per
-    # chunk, its group's scale applied to that dot. INT4 chunks are PACK channels stored half-split
-    # (byte j = channel j | channel j + PACK/2 << 4), so each chunk is two dots on unshuffled nibbles.
-    if W_BITS == 4:
-        CH: tl.constexpr = _PACK
-    elif GROUP_SIZE > 0 and GROUP_SIZE < BLOCK_K:
-        CH: tl.constexpr = GROUP_SIZE
-    else:
-        CH: tl.constexpr = BLOCK_K
+    # A BLOCK_K step is split into chunks of CH channels (see _chunk): one dot per chunk, its group's scale
+    # applied to that dot; an INT4 chunk is two dots on unshuffled nibbles.
     HALF: tl.constexpr = CH // 2
     offs_c = tl.arange(0, CH)
     offs_h = tl.arange(0, HALF)
@@ -264,11 +266,12 @@ def _prune_gemv(configs, named_args, **kwargs):
     prune_configs_by={"early_config_prune": _prune_gemv},
     do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles),
 )
+@triton.heuristics({"CH": _chunk})
 @triton.jit
 def _gemv_kernel(
     a_ptr, as_ptr, w_ptr, s_ptr, z_ptr, b_ptr, c_ptr, N, K, stride_wn,
     A_INT8: tl.constexpr, W_BITS: tl.constexpr, HAS_ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr,
-    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, CH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One token (M = 1): y = x @ W^T on CUDA cores, weights streamed in wide K-contiguous rows.
 
@@ -280,12 +283,6 @@ def _gemv_kernel(
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rn = offs_n % N
     w_rows = w_ptr + rn[:, None].to(tl.int64) * stride_wn
-    if W_BITS == 4:
-        CH: tl.constexpr = _PACK
-    elif GROUP_SIZE > 0 and GROUP_SIZE < BLOCK_K:
-        CH: tl.constexpr = GROUP_SIZE
-    else:
-        CH: tl.constexpr = BLOCK_K
     NCH: tl.constexpr = BLOCK_K // CH
     HALF: tl.constexpr = CH // 2
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)

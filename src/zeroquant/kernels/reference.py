@@ -60,27 +60,28 @@ def act_quant(
     return quantize_per_token(y.to(x.dtype))
 
 
-def _unpack(qweight: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+def int_weight(qweight: torch.Tensor, w_zero: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """Zero-shifted integer weight [N, K] (float64, exact) from kernel-format storage.
+
+    bits=8: int8 [N, K], symmetric (w_zero None).  bits=4: uint8 [N, K/2], two nibbles per byte (low =
+    even channel); values are q - w_zero when w_zero is given, else q - 8 (the symmetric offset).
+    """
     if bits == 4:
-        return Q.unpack_int4(qweight, symmetric=False).to(torch.int16)  # raw nibbles 0..15
-    return qweight.to(torch.int16)
+        q = Q.unpack_int4(qweight, symmetric=False).double()  # raw nibbles 0..15
+    else:
+        q = qweight.double()
+    k = q.shape[1]
+    if w_zero is not None:
+        return q - Q.expand_groups(w_zero, k).double()
+    return q - 8.0 if bits == 4 else q
 
 
 def dequantize_weight(
     qweight: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None, bits: int
 ) -> torch.Tensor:
-    """Float32 [N, K] weight from kernel-format storage.
-
-    bits=8: int8 [N, K], symmetric (w_zero None).  bits=4: uint8 [N, K/2], two nibbles per byte (low =
-    even channel); values are q - w_zero when w_zero is given, else q - 8 (the symmetric offset).
-    """
-    k = qweight.shape[1] * (2 if bits == 4 else 1)
-    q = _unpack(qweight, bits, k).float()
-    if bits == 4:
-        q = q - (Q.expand_groups(w_zero, k) if w_zero is not None else 8.0)
-    elif w_zero is not None:
-        q = q - Q.expand_groups(w_zero, k)
-    return q * Q.expand_groups(w_scale, k)
+    """Float32 [N, K] weight: int_weight times the group scales."""
+    q = int_weight(qweight, w_zero, bits)
+    return q.float() * Q.expand_groups(w_scale, q.shape[1])
 
 
 def quant_linear(
@@ -105,9 +106,7 @@ def quant_linear(
     if x_scale is None:
         y = x.float() @ dequantize_weight(qweight, w_scale, w_zero, bits).to(x.dtype).float().t()
     else:
-        q = _unpack(qweight, bits, k).double()
-        if bits == 4 or w_zero is not None:
-            q = q - (Q.expand_groups(w_zero, k).double() if w_zero is not None else 8.0)
+        q = int_weight(qweight, w_zero, bits)
         gs = k // g
         xd = x.double()
         y = torch.zeros(x.shape[0], n, dtype=torch.float32, device=x.device)

@@ -15,7 +15,8 @@ import triton.language as tl
 from ..quant import EPS
 from . import act_code
 
-NORM_NONE, NORM_LAYER, NORM_RMS = 0, 1, 2
+NORM_NONE = 0
+NORMS = {"layernorm": 1, "rmsnorm": 2}
 
 
 @triton.jit
@@ -106,16 +107,14 @@ def norm_quant(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, kind: str = "layernorm"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """LayerNorm/RMSNorm + token-wise INT8 in one pass -> (y, q, scale); twin: reference.norm_quant."""
-    norm = {"layernorm": NORM_LAYER, "rmsnorm": NORM_RMS}[kind]
-    return _launch(x, norm=norm, weight=weight, bias=bias, eps=eps, write_y=True)
+    return _launch(x, norm=NORMS[kind], weight=weight, bias=bias, eps=eps, write_y=True)
 
 
 def norm_quant_only(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, kind: str = "layernorm"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """As norm_quant without writing y: for norms whose only consumers are quantized linears."""
-    norm = {"layernorm": NORM_LAYER, "rmsnorm": NORM_RMS}[kind]
-    return _launch(x, norm=norm, weight=weight, bias=bias, eps=eps)
+    return _launch(x, norm=NORMS[kind], weight=weight, bias=bias, eps=eps)
 
 
 def act_quant(
