@@ -51,13 +51,18 @@ def test_asymmetric_keeps_zero_exact():
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_int4_pack_roundtrip(symmetric):
     qmin, qmax = Q.qrange(4, symmetric)
-    q = torch.randint(qmin, qmax + 1, (8, 32)).to(Q.storage_dtype(4, symmetric))
+    q = torch.randint(qmin, qmax + 1, (8, 100)).to(Q.storage_dtype(4, symmetric))
     p = Q.pack_int4(q, symmetric)
-    assert p.dtype == torch.uint8 and p.shape == (8, 16)
+    assert p.dtype == torch.uint8 and p.shape == (8, 50)
     assert torch.equal(Q.unpack_int4(p, symmetric), q)
-    # documented order: element 2j in the low nibble, 2j+1 in the high nibble
+    # documented order: half-split chunks of 64 channels (byte j = channel j | channel j + 32), then the
+    # 36 channels left form one chunk (byte 32 + j = channel 64 + j | channel 82 + j)
     off = 8 if symmetric else 0
-    assert int(p[0, 0]) == (int(q[0, 0]) + off) | ((int(q[0, 1]) + off) << 4)
+    nib = lambda i: int(q[0, i]) + off
+    assert int(p[0, 0]) == nib(0) | (nib(32) << 4)
+    assert int(p[0, 31]) == nib(31) | (nib(63) << 4)
+    assert int(p[0, 32]) == nib(64) | (nib(82) << 4)
+    assert int(p[0, 49]) == nib(81) | (nib(99) << 4)
 
 
 def test_ste_gradient_is_identity_inside_and_zero_outside():

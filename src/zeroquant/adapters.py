@@ -20,15 +20,26 @@ class Arch:
     mlp: tuple[str, ...]
     # norm (relative to the block) -> the linears whose input is exactly that norm's output
     norm_feeds: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # the same for a norm whose output feeds linears of the *next* block (post-LN encoders)
+    norm_feeds_next: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # (activation module, linear whose output is its only input): the activation can move into that
+    # linear's GEMM epilogue
+    mlp_act: tuple[str, str] | None = None
+    # a boolean config attribute that must be true for norm_feeds to hold (OPT-350m is post-LN)
+    norm_feeds_when: str | None = None
+    # what the norms compute: "layernorm" (torch's) or "rmsnorm" (weight * x * rsqrt(mean(x^2) + eps))
+    norm: str = "layernorm"
 
 
 _BERT = Arch(
     blocks="encoder.layer",
     attention=("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"),
     mlp=("intermediate.dense", "output.dense"),
-    # Post-LN: the attention output's LayerNorm is the FFN input. The QKV input is the previous block's
-    # output.LayerNorm (or the embeddings' LayerNorm), which lives outside this block.
+    # Post-LN: the attention output's LayerNorm is the FFN input, and the block's output LayerNorm is the
+    # next block's QKV input (block 0 takes the embeddings' LayerNorm, which stays unfused).
     norm_feeds={"attention.output.LayerNorm": ("intermediate.dense",)},
+    norm_feeds_next={"output.LayerNorm": ("attention.self.query", "attention.self.key", "attention.self.value")},
+    mlp_act=("intermediate.intermediate_act_fn", "intermediate.dense"),
 )
 _LLAMA = Arch(
     blocks="layers",
@@ -38,6 +49,9 @@ _LLAMA = Arch(
         "input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
         "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj"),
     },
+    # down_proj(act_fn(gate_proj(x)) * up_proj(x)): the activation applies to gate_proj's output alone
+    mlp_act=("mlp.act_fn", "mlp.gate_proj"),
+    norm="rmsnorm",
 )
 
 ARCHITECTURES: dict[str, Arch] = {
@@ -50,16 +64,19 @@ ARCHITECTURES: dict[str, Arch] = {
         attention=("attn.c_attn", "attn.c_proj"),
         mlp=("mlp.c_fc", "mlp.c_proj"),
         norm_feeds={"ln_1": ("attn.c_attn",), "ln_2": ("mlp.c_fc",)},
+        mlp_act=("mlp.act", "mlp.c_fc"),
     ),
     "opt": Arch(
         blocks="decoder.layers",
         attention=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"),
         mlp=("fc1", "fc2"),
-        # Only valid for pre-LN OPT (every size but 350m); fusion checks config.do_layer_norm_before.
+        # Only valid for pre-LN OPT (every size but 350m).
         norm_feeds={
             "self_attn_layer_norm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
             "final_layer_norm": ("fc1",),
         },
+        mlp_act=("activation_fn", "fc1"),
+        norm_feeds_when="do_layer_norm_before",
     ),
     "gpt_neox": Arch(
         blocks="layers",
@@ -67,6 +84,7 @@ ARCHITECTURES: dict[str, Arch] = {
         mlp=("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
         norm_feeds={"input_layernorm": ("attention.query_key_value",),
                     "post_attention_layernorm": ("mlp.dense_h_to_4h",)},
+        mlp_act=("mlp.act", "mlp.dense_h_to_4h"),
     ),
     "gptj": Arch(
         blocks="h",
@@ -74,6 +92,7 @@ ARCHITECTURES: dict[str, Arch] = {
         mlp=("mlp.fc_in", "mlp.fc_out"),
         # Parallel attention + MLP: one LayerNorm feeds both.
         norm_feeds={"ln_1": ("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.fc_in")},
+        mlp_act=("mlp.act", "mlp.fc_in"),
     ),
     "llama": _LLAMA,
     "mistral": _LLAMA,

@@ -96,6 +96,7 @@ def quantize(
     lkd=None,
     inplace: bool = False,
     allow_generic: bool = False,
+    fuse: bool = True,
     calib_seq_len: int = 512,
     calib_batch_size: int = 8,
     progress: bool = True,
@@ -108,6 +109,8 @@ def quantize(
     lkd: an LKDConfig to run layer-by-layer distillation of each quantized block from its FP self.
     inplace: modify and return `model` itself; by default a copy is quantized and `model` is untouched.
     allow_generic: quantize every linear inside the blocks of an architecture without an adapter.
+    fuse: fold norms into token-wise quantization and MLP activations into GEMM epilogues
+        (zeroquant.fusion); same numbers on the reference path, fewer kernels on CUDA.
     """
     cfg = resolve_config(config)
     targets = find_targets(model, cfg, allow_generic)
@@ -134,6 +137,10 @@ def quantize(
         for t in tqdm(targets, desc=f"quantizing ({cfg.name})", disable=not progress, leave=False):
             ql = QuantLinear.from_float(t.module, t.rule, ranges.get(t.name))
             model.set_submodule(t.name, ql)
+    if fuse:
+        from .fusion import fuse as fuse_ops
+
+        fuse_ops(model)
     model.zeroquant_config = cfg
     model.zeroquant_generic = allow_generic
     return model

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from . import quant as Q
 from .api import quantized_modules
 from .calib import model_tokenizer
 from .config import QuantConfig
@@ -27,7 +28,8 @@ from .qlinear import QuantLinear
 
 QUANT_FILE = "quantization.json"
 WEIGHTS_FILE = "model.safetensors"
-FORMAT_VERSION = 1
+# 2: INT4 weights packed half-split in 64-channel chunks (the kernels' layout); 1: adjacent pairs.
+FORMAT_VERSION = 2
 
 
 def _float_dtype(model: nn.Module) -> torch.dtype:
@@ -107,8 +109,19 @@ def read_manifest(path: str | os.PathLike) -> dict:
     return manifest
 
 
-def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a model saved by save_quantized; its forward matches the model that was saved."""
+@torch.no_grad()
+def _repack_v1_int4(model: nn.Module) -> None:
+    """Version-1 checkpoints packed INT4 as adjacent pairs; rewrite them in the current layout."""
+    for m in quantized_modules(model).values():
+        if m.packed:
+            m.qweight.copy_(Q.pack_int4(Q.unpack_int4_pairs(m.qweight), symmetric=False))
+
+
+def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", fuse: bool = True) -> nn.Module:
+    """Rebuild a model saved by save_quantized; its forward matches the model that was saved.
+
+    fuse: apply zeroquant.fusion (norm -> quant, activation -> epilogue), as quantize() does.
+    """
     import transformers
     from transformers import AutoConfig
 
@@ -128,6 +141,12 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
     missing, unexpected = load_model(model, str(Path(path) / WEIGHTS_FILE), strict=False)
     if missing or unexpected:
         raise ZeroQuantError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if manifest.get("version", 1) < 2:
+        _repack_v1_int4(model)
+    if fuse:
+        from .fusion import fuse as fuse_ops
+
+        fuse_ops(model)
     model.zeroquant_config = QuantConfig.from_dict(manifest["config"])
     model.zeroquant_generic = False
     model.config._name_or_path = str(path)

@@ -11,6 +11,7 @@ from . import quant as Q
 from .config import ActQuant, LinearRule, WeightQuant
 from .errors import ZeroQuantError
 from .kernels import available as kernels_available
+from .kernels.reference import apply_act
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor:
@@ -50,6 +51,9 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.wq, self.aq = weight, act
         self.mode = "int"
+        # Activation applied to the output (fused into the GEMM epilogue on CUDA); set by zeroquant.fuse,
+        # which removes the model's own activation module. Not saved: fuse() sets it again after loading.
+        self.act: str | None = None
         self.packed = weight.bits <= 4
         groups = 1 if weight.per_tensor else Q.num_groups(in_features, weight.group_size)
         qdtype = Q.storage_dtype(weight.bits, weight.symmetric)
@@ -59,8 +63,10 @@ class QuantLinear(nn.Module):
             self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
         else:
             self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=qdtype))
-        self.register_buffer("w_scale", torch.ones(out_features, groups))
-        self.register_buffer("w_zero", None if weight.symmetric else torch.zeros(out_features, groups))
+        # [N, G] tensors stored G-major (a transposed view): the kernels read [G, N] rows, so they use these
+        # buffers in place instead of keeping a second copy on the GPU. Saving writes them contiguous.
+        self.register_buffer("w_scale", torch.ones(groups, out_features).t())
+        self.register_buffer("w_zero", None if weight.symmetric else torch.zeros(groups, out_features).t())
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
         static = act is not None and not act.dynamic
         self.register_buffer("a_scale", torch.ones(()) if static else None)
@@ -195,9 +201,22 @@ class QuantLinear(nn.Module):
         from .kernels import gemm, rowwise
 
         if self.aq is None:
-            return gemm.quant_linear(x, None, kw, self.bias)
-        q, s = rowwise.quantize_per_token(x)
-        return gemm.quant_linear(q, s, kw, self.bias, out_dtype=x.dtype)
+            return gemm.quant_linear(x, None, kw, self.bias, act=self.act)
+        pre = self.__dict__.pop("_prequant", None)
+        if pre is not None and pre[0] is x and pre[1] == x._version:
+            q, s = pre[2], pre[3]  # quantized by the norm that produced x (zeroquant.fusion)
+        else:
+            q, s = rowwise.quantize_per_token(x)
+        return gemm.quant_linear(q, s, kw, self.bias, act=self.act, out_dtype=x.dtype)
+
+    def takes_prequant(self, x: torch.Tensor) -> bool:
+        """Whether forward(x) would use a token-wise INT8 copy of x handed over by the op that made x."""
+        return (self.mode == "int" and self.aq is not None and x.is_cuda and kernels_available()
+                and x.dtype in (torch.float16, torch.bfloat16) and self.kernel_weight() is not None)
+
+    def give_prequant(self, x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> None:
+        """Hand over x's token-wise INT8 form (q, s); the next forward uses it if its input is still x."""
+        self.__dict__["_prequant"] = (x, x._version, q, s)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "int" and x.is_cuda and kernels_available():
@@ -206,8 +225,12 @@ class QuantLinear(nn.Module):
                 return y
         if self.aq is None or self.mode == "fake":
             w = self.dequantized_weight(x.dtype)
-            b = None if self.bias is None else self.bias.to(x.dtype)
-            return F.linear(self.fake_quant_input(x), w, b)
+            if self.act is None:
+                b = None if self.bias is None else self.bias.to(x.dtype)
+                return F.linear(self.fake_quant_input(x), w, b)
+            y = F.linear(self.fake_quant_input(x), w).float()
+            y = y if self.bias is None else y + self.bias.float()
+            return apply_act(y, self.act).to(x.dtype)
         return self.forward_int(x)
 
     def forward_int(self, x: torch.Tensor) -> torch.Tensor:
@@ -232,7 +255,7 @@ class QuantLinear(nn.Module):
         y = y * sx
         if self.bias is not None:
             y = y + self.bias.float()
-        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        return apply_act(y, self.act).to(x.dtype).reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         w = self.wq
@@ -240,4 +263,5 @@ class QuantLinear(nn.Module):
             "" if w.symmetric else " asym")
         a = self.aq
         adesc = "A16" if a is None else f"A{a.bits} " + ("per-token" if a.dynamic else "static")
-        return f"in={self.in_features}, out={self.out_features}, {wdesc}, {adesc}, mode={self.mode}"
+        act = f", act={self.act}" if self.act else ""
+        return f"in={self.in_features}, out={self.out_features}, {wdesc}, {adesc}{act}, mode={self.mode}"

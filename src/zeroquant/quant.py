@@ -148,27 +148,53 @@ def fake_quantize_per_token(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- packing
 
 
-def pack_int4(q: torch.Tensor, symmetric: bool) -> torch.Tensor:
-    """Pack 4-bit values two per byte along the last dim.
+INT4_CHUNK = 64  # channels per half-split chunk of the INT4 storage layout
 
-    Byte j of a row holds element 2j in its low nibble and element 2j+1 in its high nibble.
-    Symmetric values (-7..7) are stored offset by +8 so every nibble is unsigned.
+
+def _chunks(k: int) -> list[tuple[int, int]]:
+    """(start, size) of the half-split chunks of a row of k channels: whole INT4_CHUNKs, then the rest."""
+    full = k - k % INT4_CHUNK
+    out = [(s, INT4_CHUNK) for s in range(0, full, INT4_CHUNK)]
+    return out + ([(full, k - full)] if k > full else [])
+
+
+def pack_int4(q: torch.Tensor, symmetric: bool) -> torch.Tensor:
+    """Pack 4-bit values two per byte along the last dim, half-split within chunks of 64 channels.
+
+    In a chunk of c channels (64, or what is left at the end of the row), byte j holds channel j in its
+    low nibble and channel j + c/2 in its high nibble. This is the layout the GPU kernels read, so the
+    stored weight is used as is: a nibble mask gives each half, and each half multiplies a contiguous
+    slice of the activations. Symmetric values (-7..7) are stored offset by +8 so every nibble is unsigned.
     """
-    if q.shape[-1] % 2:
+    k = q.shape[-1]
+    if k % 2:
         raise ValueError("INT4 packing needs an even number of input channels")
     u = q.to(torch.int16) + (8 if symmetric else 0)
-    lo, hi = u[..., 0::2], u[..., 1::2]
-    return (lo | (hi << 4)).to(torch.uint8)
+    parts = []
+    for s, c in _chunks(k):
+        h = c // 2
+        parts.append(u[..., s:s + h] | (u[..., s + h:s + c] << 4))
+    return torch.cat(parts, dim=-1).to(torch.uint8)
 
 
 def unpack_int4(p: torch.Tensor, symmetric: bool) -> torch.Tensor:
     """Inverse of pack_int4."""
     p16 = p.to(torch.int16)
     lo, hi = p16 & 0xF, (p16 >> 4) & 0xF
-    u = torch.stack([lo, hi], dim=-1).flatten(-2)
+    parts = []
+    for s, c in _chunks(p.shape[-1] * 2):
+        b = slice(s // 2, (s + c) // 2)
+        parts += [lo[..., b], hi[..., b]]
+    u = torch.cat(parts, dim=-1)
     if symmetric:
         return (u - 8).to(torch.int8)
     return u.to(torch.uint8)
+
+
+def unpack_int4_pairs(p: torch.Tensor) -> torch.Tensor:
+    """Raw nibbles of the version-1 checkpoint layout (byte j = channels 2j | 2j+1 << 4)."""
+    p16 = p.to(torch.int16)
+    return torch.stack([p16 & 0xF, (p16 >> 4) & 0xF], dim=-1).flatten(-2).to(torch.uint8)
 
 
 def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

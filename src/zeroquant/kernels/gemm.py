@@ -21,26 +21,21 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import quant as Q
 from . import act_code
 from .rowwise import apply_act
 
-PACK = 64  # INT4 channels per half-split chunk in the kernel layout (see KernelWeight)
-
-
-def _repack_int4(p: torch.Tensor) -> torch.Tensor:
-    """Checkpoint packing (byte j = channels 2j | 2j+1 << 4) -> kernel packing: within each PACK-channel
-    chunk, byte j = channel j | channel j + PACK/2 << 4. Unpacking is then two nibble masks with no
-    register shuffle, and each half feeds its own dot against a contiguous slice of the activations."""
-    n, kh = p.shape
-    nib = torch.stack([p & 0xF, p >> 4], dim=-1).reshape(n, kh * 2 // PACK, PACK)
-    return (nib[..., : PACK // 2] | (nib[..., PACK // 2 :] << 4)).reshape(n, kh).contiguous()
+# INT4 channels per half-split chunk: the storage layout of zeroquant.quant.pack_int4 (byte j of a chunk =
+# channel j | channel j + PACK/2 << 4), read as stored. Unpacking is two nibble masks with no register
+# shuffle, and each half feeds its own dot against a contiguous slice of the activations.
+PACK = Q.INT4_CHUNK
 
 
 @dataclass(frozen=True)
 class KernelWeight:
     """A quantized weight in the layout the GEMM kernel reads."""
 
-    qweight: torch.Tensor  # int8 [N, K] (bits 8, symmetric) or uint8 [N, K/2] in kernel packing (bits 4)
+    qweight: torch.Tensor  # int8 [N, K] (bits 8, symmetric) or uint8 [N, K/2] packed by quant.pack_int4
     scale: torch.Tensor  # float32 [G, N]
     zero: torch.Tensor | None  # float32 [G, N], integer-valued; None: symmetric
     bits: int
@@ -77,9 +72,9 @@ class KernelWeight:
             why = "8-bit kernel weights must be int8"
         if why:
             raise ValueError(why)
-        q = _repack_int4(qweight) if bits == 4 else qweight.contiguous()
+        # No copies when QuantLinear's buffers are in place: its scales are stored [G, N]-major already.
         zero = None if w_zero is None else w_zero.float().t().contiguous()
-        return cls(q, w_scale.float().t().contiguous(), zero, bits, k, n)
+        return cls(qweight.contiguous(), w_scale.float().t().contiguous(), zero, bits, k, n)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.scale, self.zero) if t is not None)

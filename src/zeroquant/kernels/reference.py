@@ -31,6 +31,16 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return Q.quantize_per_token(x, 8)
 
 
+def norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, kind: str) -> torch.Tensor:
+    """LayerNorm (torch's) or RMSNorm (as Hugging Face's Llama computes it) in x's dtype."""
+    if kind == "layernorm":
+        return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+    if kind == "rmsnorm":
+        xf = x.float()
+        return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    raise ValueError(f"unknown norm kind {kind!r}")
+
+
 def norm_quant(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -39,13 +49,7 @@ def norm_quant(
     kind: str = "layernorm",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """LayerNorm or RMSNorm in x's dtype, then token-wise INT8 -> (y, q, scale)."""
-    if kind == "layernorm":
-        y = F.layer_norm(x, x.shape[-1:], weight, bias, eps)
-    elif kind == "rmsnorm":
-        xf = x.float()
-        y = weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)  # as HF Llama
-    else:
-        raise ValueError(f"unknown norm kind {kind!r}")
+    y = norm(x, weight, bias, eps, kind)
     q, s = quantize_per_token(y)
     return y, q, s
 

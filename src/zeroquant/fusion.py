@@ -1,0 +1,124 @@
+"""Fuse the float ops around quantized linears inside a whole model (zeroquant.fuse).
+
+Two rewrites, both driven by the adapter table (adapters.Arch), both exact on the reference path:
+- norm -> token-wise INT8: a LayerNorm/RMSNorm whose output feeds only QuantLinears with token-wise
+  INT8 activations becomes a FusedNorm. On CUDA it runs one kernel that writes the normalised output and
+  its INT8 form, and hands the INT8 copy to those linears, which then skip their own quantization (Llama's
+  q/k/v projections quantized the same tensor three times before). Elsewhere it is the plain norm.
+- activation -> GEMM epilogue: the MLP activation (GELU, SiLU, ReLU) moves into the preceding
+  QuantLinear (its `act`), which applies it to its float32 output in every mode: inside the kernel's
+  epilogue on CUDA. The model's own activation module becomes nn.Identity.
+Parameter names do not change, so state dicts, checkpoints and LKD see the same model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .adapters import Arch, get_arch, get_blocks
+from .kernels import available as kernels_available
+from .kernels import reference
+from .qlinear import QuantLinear
+
+# Hugging Face activation modules -> the kernels' activation names (transformers.activations).
+_ACTS = {
+    "GELUActivation": "gelu", "GELU": "gelu",
+    "NewGELUActivation": "gelu_tanh", "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh",
+    "SiLUActivation": "silu", "SiLU": "silu",
+    "ReLU": "relu",
+}
+
+
+def norm_eps(module: nn.Module, kind: str) -> float | None:
+    """The eps of a norm the fused kernel computes exactly (the adapter says which kind), else None."""
+    if kind == "layernorm":
+        ok = isinstance(module, nn.LayerNorm) and module.weight is not None and len(module.normalized_shape) == 1
+        return module.eps if ok else None
+    eps = getattr(module, "variance_epsilon", None)  # Hugging Face's Llama-family RMSNorm
+    return eps if isinstance(getattr(module, "weight", None), nn.Parameter) else None
+
+
+class FusedNorm(nn.Module):
+    """LayerNorm/RMSNorm that also quantizes its output per token for the QuantLinears it feeds.
+
+    Same parameters under the same names as the norm it replaces. The INT8 copy is only made where those
+    linears would use it (CUDA kernels, inference); otherwise this is the reference norm.
+    """
+
+    def __init__(self, norm: nn.Module, kind: str, eps: float, consumers: list[QuantLinear]) -> None:
+        super().__init__()
+        self.kind, self.eps = kind, eps
+        self.weight = norm.weight
+        self.bias = getattr(norm, "bias", None)
+        # A tuple, not a ModuleList: the consumers belong to (and are saved with) their own parents.
+        self.consumers = tuple(consumers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and kernels_available() and not (torch.is_grad_enabled() and x.requires_grad):
+            takers = [c for c in self.consumers if c.takes_prequant(x)]
+            if takers:
+                from .kernels import rowwise
+
+                y, q, s = rowwise.norm_quant(x, self.weight, self.bias, self.eps, self.kind)
+                for c in takers:
+                    c.give_prequant(y, q, s)
+                return y
+        return reference.norm(x, self.weight, self.bias, self.eps, self.kind)
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, eps={self.eps}, feeds {len(self.consumers)} quantized linear(s)"
+
+
+def _takes_int8(m: nn.Module) -> bool:
+    return isinstance(m, QuantLinear) and m.aq is not None and m.aq.dynamic and m.aq.bits == 8
+
+
+def _fuse_norm(owner: nn.Module, name: str, kind: str, consumers: list[nn.Module]) -> bool:
+    norm = owner.get_submodule(name)
+    if isinstance(norm, FusedNorm) or not all(_takes_int8(c) for c in consumers):
+        return False
+    eps = norm_eps(norm, kind)
+    if eps is None:
+        return False
+    owner.set_submodule(name, FusedNorm(norm, kind, eps, consumers))
+    return True
+
+
+def _fuse_act(block: nn.Module, act_name: str, linear_name: str) -> bool:
+    act, linear = block.get_submodule(act_name), block.get_submodule(linear_name)
+    name = _ACTS.get(type(act).__name__)
+    if name is None or not isinstance(linear, QuantLinear) or linear.act is not None:
+        return False
+    linear.act = name
+    block.set_submodule(act_name, nn.Identity())
+    return True
+
+
+def _norms_apply(model: nn.Module, arch: Arch) -> bool:
+    return arch.norm_feeds_when is None or bool(getattr(model.config, arch.norm_feeds_when, True))
+
+
+def fuse(model: nn.Module) -> dict[str, int]:
+    """Apply both rewrites in place wherever the adapter allows them; returns how many of each were made.
+
+    Idempotent. Models without an adapter (the generic fallback) are left as they are.
+    """
+    arch = get_arch(model, allow_generic=True)
+    done = {"norm->quant": 0, "act->epilogue": 0}
+    if arch is None:
+        return done
+    blocks = get_blocks(model)
+    norms = _norms_apply(model, arch)
+    for i, block in enumerate(blocks):
+        if norms:
+            for name, linears in arch.norm_feeds.items():
+                consumers = [block.get_submodule(n) for n in linears]
+                done["norm->quant"] += _fuse_norm(block, name, arch.norm, consumers)
+            if i + 1 < len(blocks):
+                for name, linears in arch.norm_feeds_next.items():
+                    consumers = [blocks[i + 1].get_submodule(n) for n in linears]
+                    done["norm->quant"] += _fuse_norm(block, name, arch.norm, consumers)
+        if arch.mlp_act is not None:
+            done["act->epilogue"] += _fuse_act(block, *arch.mlp_act)
+    return done

@@ -1,0 +1,112 @@
+"""zeroquant.fusion on CPU: the fused model computes what the unfused one does, with the same parameters."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny_models import tiny_input, tiny_model
+from torch import nn
+
+import zeroquant as zq
+from zeroquant import checkpoint
+from zeroquant import quant as Q
+from zeroquant.config import with_group_size
+from zeroquant.fusion import FusedNorm, fuse
+from zeroquant.qlinear import QuantLinear
+
+# fused norms per 2-block model under an INT8-activation preset, and fused activations
+EXPECTED = {"llama": (4, 2), "qwen2": (4, 2), "opt": (4, 2), "gpt2": (4, 2), "gpt_neox": (4, 2), "gptj": (2, 2),
+            "bert": (3, 2), "roberta": (3, 2)}
+
+
+def _out(model, ids):
+    with torch.no_grad():
+        o = model(input_ids=ids)
+    return o.logits if hasattr(o, "logits") else o.last_hidden_state
+
+
+@pytest.mark.parametrize("arch", list(EXPECTED))
+def test_fused_model_matches_unfused(arch):
+    model, ids = tiny_model(arch), tiny_input()
+    plain = zq.quantize(model, "w4/8-a8", progress=False, fuse=False)
+    fused = zq.quantize(model, "w4/8-a8", progress=False, fuse=False)
+    assert fuse(fused) == {"norm->quant": EXPECTED[arch][0], "act->epilogue": EXPECTED[arch][1]}
+    assert fuse(fused) == {"norm->quant": 0, "act->epilogue": 0}  # idempotent
+    assert sum(isinstance(m, FusedNorm) for m in fused.modules()) == EXPECTED[arch][0]
+    assert sorted(fused.state_dict()) == sorted(plain.state_dict())
+    a, b = _out(plain, ids), _out(fused, ids)
+    assert (a - b).abs().max().item() <= 1e-5 * a.abs().max().item()
+
+
+def test_weight_only_presets_fuse_activations_not_norms():
+    q = zq.quantize(tiny_model("llama"), "w4a16", progress=False)
+    assert not any(isinstance(m, FusedNorm) for m in q.modules())
+    gate = q.model.layers[0].mlp.gate_proj
+    assert isinstance(gate, QuantLinear) and gate.act == "silu"
+    assert isinstance(q.model.layers[0].mlp.act_fn, nn.Identity)
+
+
+def test_post_ln_opt_keeps_its_norms():
+    model = tiny_model("opt")
+    model.config.do_layer_norm_before = False
+    for layer in model.model.decoder.layers:
+        layer.do_layer_norm_before = False
+    q = zq.quantize(model, "w8a8", progress=False, fuse=False)
+    assert fuse(q) == {"norm->quant": 0, "act->epilogue": 2}
+
+
+def test_norm_hands_int8_only_to_linears_that_take_it():
+    """On CPU nothing is handed over: consumers quantize for themselves (the reference path)."""
+    q = zq.quantize(tiny_model("llama"), "w8a8", progress=False)
+    norm = q.model.layers[0].input_layernorm
+    assert isinstance(norm, FusedNorm) and norm.kind == "rmsnorm" and len(norm.consumers) == 3
+    assert norm.consumers[0] is q.model.layers[0].self_attn.q_proj
+    _out(q, tiny_input())
+    assert all("_prequant" not in c.__dict__ for c in norm.consumers)
+
+
+def test_prequant_is_used_only_for_the_same_unmodified_tensor():
+    ql = zq.quantize(tiny_model("llama"), "w8a8", progress=False).model.layers[0].self_attn.q_proj
+    x = torch.randn(3, 64)
+    ql.give_prequant(x, torch.zeros(3, 64, dtype=torch.int8), torch.ones(3, 1))
+    pre = ql.__dict__["_prequant"]
+    assert pre[0] is x and pre[1] == x._version
+    x.add_(1)
+    assert pre[1] != x._version  # forward_kernel would quantize x itself
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_saved_fused_model_loads_fused(tmp_path, arch):
+    model, ids = tiny_model(arch), tiny_input()
+    q = zq.quantize(model, "w8a8", progress=False)
+    loaded = zq.load_quantized(zq.save_quantized(q, tmp_path / "q"))
+    assert sum(isinstance(m, FusedNorm) for m in loaded.modules()) == EXPECTED[arch][0]
+    assert torch.equal(_out(q, ids), _out(loaded, ids))
+
+
+def test_scales_are_stored_group_major():
+    """The kernels read scales as [G, N] rows: QuantLinear keeps them that way (no second GPU copy)."""
+    cfg = with_group_size(zq.PRESETS["w4a8"], 32)
+    ql = zq.quantize(tiny_model("llama"), cfg, progress=False).model.layers[0].mlp.down_proj
+    assert ql.w_scale.shape == (64, 4) and not ql.w_scale.is_contiguous()
+    assert ql.w_scale.t().is_contiguous() and ql.w_zero.t().is_contiguous()
+    assert ql.half().w_scale.t().is_contiguous() and ql.w_scale.dtype == torch.float32
+
+
+def test_version1_checkpoint_int4_is_repacked(tmp_path):
+    model, ids = tiny_model("llama"), tiny_input()
+    q = zq.quantize(model, "w4/8-a16", progress=False)
+    out = zq.save_quantized(q, tmp_path / "q")
+    # rewrite the file as version 1 wrote it: INT4 bytes hold adjacent channel pairs
+    f = out / checkpoint.WEIGHTS_FILE
+    tensors = load_file(str(f))
+    for name, m in zq.quantized_modules(q).items():
+        if m.packed:
+            u = Q.unpack_int4(m.qweight, symmetric=False).to(torch.int16)
+            tensors[f"{name}.qweight"] = (u[:, 0::2] | (u[:, 1::2] << 4)).to(torch.uint8)
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    manifest = json.loads((out / checkpoint.QUANT_FILE).read_text())
+    manifest["version"] = 1
+    (out / checkpoint.QUANT_FILE).write_text(json.dumps(manifest))
+    assert torch.equal(_out(q, ids), _out(zq.load_quantized(out), ids))
