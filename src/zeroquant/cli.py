@@ -1,4 +1,4 @@
-"""Command-line interface: zeroquant quantize | eval | info."""
+"""Command-line interface: zeroquant quantize | eval | info | bench."""
 
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ EPILOG = """presets:
 Embeddings, norms and the LM head stay in floating point."""
 
 
-def load_fp_model(model_dir: str, device: str = "cpu", allow_generic: bool = False):
-    """Load a local Hugging Face checkpoint (config.json + weights) and its tokenizer, offline."""
+def load_fp_model(model_dir: str, device: str = "cpu", allow_generic: bool = False, tokenizer: bool = True):
+    """Load a local Hugging Face checkpoint (config.json + weights) and its tokenizer (None when
+    tokenizer=False), offline."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     p = Path(model_dir)
     if not p.is_dir():
@@ -45,10 +46,10 @@ def load_fp_model(model_dir: str, device: str = "cpu", allow_generic: bool = Fal
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     try:
         model = cls.from_pretrained(p, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(p)
+        tok = AutoTokenizer.from_pretrained(p) if tokenizer else None
     except (OSError, ValueError) as e:
         raise ZeroQuantError(f"cannot load the model in {model_dir}: {e}") from None
-    return model.to(device).eval(), tokenizer
+    return model.to(device).eval(), tok
 
 
 def _default_device(arg: str | None) -> str:
@@ -144,6 +145,43 @@ def cmd_info(args) -> None:
     print(f"weights file:  {size / 1e6:.2f} MB")
 
 
+def cmd_bench(args) -> None:
+    from .benchmark import BenchSettings, describe, run, table, to_json
+
+    if args.random_weights != (args.config is not None):
+        raise ZeroQuantError("--random-weights and --config NAME go together")
+    if (args.model_dir is None) == (args.config is None):
+        raise ZeroQuantError("give MODEL_DIR, or --random-weights --config NAME (not both)")
+    for name in ("batch", "prompt_len", "reps"):
+        if getattr(args, name) < 1:
+            raise ZeroQuantError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.gen_len < 0:
+        raise ZeroQuantError("--gen-len must be 0 or more")
+    s = BenchSettings(model_dir=args.model_dir, config=args.config, layers=args.layers,
+                      presets=[p.strip() for p in args.preset.split(",") if p.strip()], batch=args.batch,
+                      prompt_len=args.prompt_len, gen_len=args.gen_len, compile=args.compile,
+                      graph=not args.no_graph, reps=args.reps, seed=args.seed,
+                      device=_default_device(args.device), save_files=not args.no_save)
+    rows = run(s, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    md = f"{describe(s, rows)}\n\n{table(rows)}"
+    print(md)
+    if args.json:
+        Path(args.json).write_text(json.dumps(to_json(rows, s), indent=2))
+    if args.md:
+        Path(args.md).write_text(md + "\n")
+
+
+BENCH_EPILOG = """rows: FP16 Hugging Face eager (decode = model.generate), FP16 on zeroquant's static-cache CUDA-graph
+loop, FP16 torch.compile (--compile), then each preset eager and on the graph loop. Prefill = one forward
+over the prompt; decode tok/s = batch x new tokens / time. 'x fp eager' divides by the first row, 'x best fp'
+by the fastest FP row. Memory: resident = CUDA memory once the model is ready; weights = its parameters and
+buffers; file = the saved quantized checkpoint.
+
+random shapes (--random-weights --config): """ + ", ".join(
+    ["llama-7b", "gpt-neox-20b", "opt-1.3b", "bert-large"]) + """
+Presets take a group-size suffix: w8a8-ch (per-channel INT8 weights), w4a16-g64."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="zeroquant",
@@ -191,6 +229,26 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     common(e)
     e.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser("bench", help="FP16 eager vs quantized: prefill latency, decode tokens/s, memory",
+                       epilog=BENCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    b.add_argument("model_dir", nargs="?", help="local Hugging Face model directory (floating point)")
+    b.add_argument("--random-weights", action="store_true", help="build --config's shape with random weights")
+    b.add_argument("--config", help="model shape for --random-weights: llama-7b, gpt-neox-20b, opt-1.3b, bert-large")
+    b.add_argument("--layers", type=int, help="override the number of blocks (quick looks only)")
+    b.add_argument("--preset", default="w8a8,w4a16,w4/8-a8", help="comma-separated presets (default: %(default)s)")
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (encoders: sequence length)")
+    b.add_argument("--gen-len", type=int, default=64, help="new tokens to decode; 0 = prefill only")
+    b.add_argument("--compile", action="store_true", help="add a torch.compile FP16 row (slow to compile)")
+    b.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph rows")
+    b.add_argument("--no-save", action="store_true", help="do not save each quantized model to measure its file")
+    b.add_argument("--reps", type=int, default=3, help="timed repetitions, median reported (default 3)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    b.add_argument("--json", metavar="FILE", help="also write settings and rows as JSON")
+    b.add_argument("--md", metavar="FILE", help="also write the printed table as markdown")
+    b.set_defaults(func=cmd_bench)
 
     i = sub.add_parser("info", help="describe a saved quantized model")
     i.add_argument("out_dir")

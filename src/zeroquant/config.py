@@ -116,14 +116,20 @@ def with_group_size(config: QuantConfig, group_size: int) -> QuantConfig:
             return r
         return replace(r, weight=replace(r.weight, group_size=group_size))
 
-    return replace(config, attention=rule(config.attention), mlp=rule(config.mlp),
-                   name=f"{config.name}-g{group_size}")
+    suffix = "ch" if group_size == -1 else f"g{group_size}"
+    return replace(config, attention=rule(config.attention), mlp=rule(config.mlp), name=f"{config.name}-{suffix}")
 
 
 def resolve_config(config: QuantConfig | str) -> QuantConfig:
+    """A QuantConfig, a preset name, or a preset name with a group-size suffix: "-gN" (N input channels
+    per scale) or "-ch" (one scale per output channel), e.g. "w8a8-ch", "w4a16-g64"."""
     if isinstance(config, QuantConfig):
         return config
     key = str(config).lower()
-    if key not in PRESETS:
-        raise ZeroQuantError(f"unknown preset {config!r}; choose one of: {', '.join(PRESETS)}")
-    return PRESETS[key]
+    if key in PRESETS:
+        return PRESETS[key]
+    base, _, suffix = key.rpartition("-")
+    if base in PRESETS and (suffix == "ch" or (suffix[:1] == "g" and suffix[1:].isdigit() and int(suffix[1:]) > 0)):
+        return with_group_size(PRESETS[base], -1 if suffix == "ch" else int(suffix[1:]))
+    raise ZeroQuantError(f"unknown preset {config!r}; choose one of: {', '.join(PRESETS)} "
+                         "(optionally with a group-size suffix: -g64, -ch for per channel)")

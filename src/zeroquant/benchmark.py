@@ -1,0 +1,304 @@
+"""`zeroquant bench`: FP16 Hugging Face eager vs quantized models, in one run, on what users feel.
+
+Causal LMs: prefill latency (one forward over the [B, P] prompt), decode tokens/s and memory. Encoders:
+forward latency over [B, T]. Every model is built fresh for its row (loaded from MODEL_DIR, or a named
+shape with random weights), so rows do not share caches or memory. Rows:
+- fp16 eager: the Hugging Face model as users run it (decode = model.generate, greedy);
+- fp16 graph: the same weights on zeroquant.runtime (static KV cache, one CUDA-graph replay per token),
+  which separates what the graph buys from what quantization buys;
+- fp16 compile (--compile): torch.compile(mode="reduce-overhead") on the same static-cache loop;
+- each preset, eager (model.generate on the kernels) and graph.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ZeroQuantError
+
+# Shapes of well-known checkpoints, for speed measurements with random weights (nothing is downloaded).
+RANDOM_CONFIGS: dict[str, tuple[str, str, dict]] = {
+    "llama-7b": ("LlamaConfig", "LlamaForCausalLM", dict(
+        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-6)),
+    "gpt-neox-20b": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(
+        vocab_size=50432, hidden_size=6144, intermediate_size=24576, num_hidden_layers=44,
+        num_attention_heads=64, rotary_pct=0.25, max_position_embeddings=2048, use_parallel_residual=True)),
+    "opt-1.3b": ("OPTConfig", "OPTForCausalLM", dict(
+        vocab_size=50272, hidden_size=2048, ffn_dim=8192, num_hidden_layers=24, num_attention_heads=32,
+        max_position_embeddings=2048, word_embed_proj_dim=2048, do_layer_norm_before=True)),
+    "bert-large": ("BertConfig", "BertModel", dict(
+        vocab_size=30522, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+        num_attention_heads=16, max_position_embeddings=512)),
+}
+
+
+@dataclass
+class BenchSettings:
+    model_dir: str | None = None  # a local FP checkpoint, or None with `config` for random weights
+    config: str | None = None  # a RANDOM_CONFIGS name
+    layers: int | None = None  # override the depth (quick looks; not for reported numbers)
+    presets: list[str] = field(default_factory=lambda: ["w8a8", "w4a16", "w4/8-a8"])
+    batch: int = 1
+    prompt_len: int = 128
+    gen_len: int = 64
+    compile: bool = False
+    graph: bool = True  # also run the CUDA-graph rows (CUDA only)
+    reps: int = 3
+    seed: int = 0
+    device: str = "cuda"
+    save_files: bool = True  # save each quantized model to a temp dir and report the file size
+
+
+@dataclass
+class Row:
+    variant: str
+    prefill_ms: float | None = None  # causal LM: the prompt forward; encoder: the whole forward
+    decode_tok_s: float | None = None
+    resident_gib: float | None = None  # CUDA memory allocated once the model is ready
+    peak_gib: float | None = None  # CUDA peak while it ran
+    weights_gib: float | None = None  # bytes of its parameters and buffers
+    file_gib: float | None = None  # saved checkpoint (quantized rows)
+    note: str = ""
+
+
+def random_config(name: str, layers: int | None = None):
+    import transformers
+
+    if name not in RANDOM_CONFIGS:
+        raise ZeroQuantError(f"unknown --config {name!r}; choose one of: {', '.join(RANDOM_CONFIGS)}")
+    cfg_cls, model_cls, kwargs = RANDOM_CONFIGS[name]
+    cfg = getattr(transformers, cfg_cls)(**kwargs)
+    if layers is not None:
+        cfg.num_hidden_layers = layers
+    cfg.architectures = [model_cls]
+    return cfg
+
+
+def build_model(s: BenchSettings) -> nn.Module:
+    """A fresh FP16 (CPU: FP32) model for one row, in eval mode on s.device."""
+    import transformers
+
+    dtype = torch.float16 if s.device.startswith("cuda") else torch.float32
+    if s.model_dir is not None:
+        from .cli import load_fp_model
+
+        return load_fp_model(s.model_dir, s.device, tokenizer=False)[0].to(dtype)
+    cfg = random_config(s.config, s.layers)
+    cls = getattr(transformers, cfg.architectures[0])
+    torch.manual_seed(s.seed)
+    with torch.device(s.device):  # initialise on the GPU: seconds for 7B parameters instead of minutes
+        model = cls._from_config(cfg, dtype=dtype)
+    return model.eval()
+
+
+def is_causal(model: nn.Module) -> bool:
+    return hasattr(model, "generate") and getattr(model, "can_generate", lambda: False)()
+
+
+def tensor_bytes(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = (t.untyped_storage().data_ptr(), t.data_ptr())
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], reps: int, device: str) -> float:
+    """Median wall seconds of fn() over reps runs after one warm-up, synchronised on CUDA."""
+    fn()
+    _sync(device)
+    out = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        out.append(time.perf_counter() - t)
+    return statistics.median(out)
+
+
+def _gib(n: float | None) -> float | None:
+    return None if n is None else n / 2**30
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _prompt(s: BenchSettings, model: nn.Module) -> torch.Tensor:
+    g = torch.Generator().manual_seed(s.seed)
+    vocab = model.config.vocab_size
+    return torch.randint(min(1000, vocab - 1), vocab, (s.batch, s.prompt_len), generator=g).to(s.device)
+
+
+def measure(model: nn.Module, s: BenchSettings, mode: str) -> Row:
+    """One row: mode "eager", "graph" or "compile"."""
+    from .runtime import GraphedForward, GreedyDecoder
+
+    cuda = s.device.startswith("cuda")
+    ids = _prompt(s, model)
+    row = Row(mode, weights_gib=_gib(tensor_bytes(model)))
+    if cuda:
+        _free()
+        row.resident_gib = _gib(torch.cuda.memory_allocated())
+        torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+        if not is_causal(model):
+            if mode == "eager":
+                fwd = lambda: model(input_ids=ids)
+            else:
+                if mode == "compile":
+                    model.forward = torch.compile(model.forward, mode="reduce-overhead")
+                    graphed = lambda **kw: model(**kw)
+                else:
+                    graphed = GraphedForward(model, input_ids=ids)
+                fwd = lambda: graphed(input_ids=ids)
+            row.prefill_ms = 1e3 * timed(fwd, s.reps, s.device)
+        else:
+            n = s.gen_len
+            dec = GreedyDecoder(model, s.batch, s.prompt_len + max(n, 1) + 1, cuda_graph=mode == "graph")
+            if mode == "compile":
+                dec.prefill(ids)  # allocate the static cache eagerly, so the compiled graphs see fixed buffers
+                model.forward = torch.compile(model.forward, mode="reduce-overhead")
+            if mode == "eager":
+                keep = dec.keep
+                row.prefill_ms = 1e3 * timed(lambda: model(input_ids=ids, use_cache=True, **keep), s.reps, s.device)
+            else:
+                row.prefill_ms = 1e3 * timed(lambda: dec.prefill(ids), s.reps, s.device)
+            if n > 1:
+                if mode == "eager":
+                    mask = torch.ones_like(ids)
+                    gen = lambda k: model.generate(ids, attention_mask=mask, max_new_tokens=k, min_new_tokens=k,
+                                                   do_sample=False, pad_token_id=0)
+                    step = (timed(lambda: gen(n), s.reps, s.device) - timed(lambda: gen(1), s.reps, s.device)) / (n - 1)
+                else:
+                    def run():
+                        dec.prefill(ids)
+                        _sync(s.device)
+                        t = time.perf_counter()
+                        dec.decode(n)
+                        _sync(s.device)
+                        return time.perf_counter() - t
+
+                    run()  # capture / compile
+                    step = statistics.median(run() for _ in range(s.reps)) / n
+                row.decode_tok_s = s.batch / step
+    if cuda:
+        row.peak_gib = _gib(torch.cuda.max_memory_allocated())
+    return row
+
+
+def _file_gib(model: nn.Module) -> float:
+    from .checkpoint import WEIGHTS_FILE, save_quantized
+
+    with tempfile.TemporaryDirectory(prefix="zeroquant-bench-") as d:
+        out = save_quantized(model, f"{d}/q")
+        return _gib((out / WEIGHTS_FILE).stat().st_size)
+
+
+def run(s: BenchSettings, progress: Callable[[str], None] = print) -> list[Row]:
+    """Every row for these settings; rows that fail keep their error in `note`."""
+    from .api import quantize
+    from .config import resolve_config
+
+    if (s.model_dir is None) == (s.config is None):
+        raise ZeroQuantError("give MODEL_DIR, or --random-weights --config NAME")
+    # Fail on bad input before building anything.
+    configs = [resolve_config(p) for p in s.presets]
+    if s.config is not None:
+        random_config(s.config)
+    elif not (Path(s.model_dir) / "config.json").is_file():
+        raise ZeroQuantError(f"{s.model_dir} is not a Hugging Face model directory (no config.json)")
+    cuda = s.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        raise ZeroQuantError("--device cuda but CUDA is not available")
+    modes = ["eager"] + (["graph"] if s.graph and cuda else [])
+    fp_modes = modes + (["compile"] if s.compile else [])
+    plan = [(None, m) for m in fp_modes] + [(c, m) for c in configs for m in modes]
+    rows = []
+    for cfg, mode in plan:
+        label = f"{'fp16' if cuda else 'fp32'} {mode}" if cfg is None else f"{cfg.name} {mode}"
+        progress(f"[bench] {label} ...")
+        model = build_model(s)
+        file_gib = None
+        try:
+            if cfg is not None:
+                model = quantize(model, cfg, inplace=True, progress=False)
+                if s.save_files and mode == "eager":
+                    file_gib = _file_gib(model)
+            row = measure(model, s, mode)
+            row.file_gib = file_gib
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as e:  # a failing row must not hide the others
+            row = Row(mode, note=f"failed: {str(e).splitlines()[0][:120]}")
+        row.variant = label
+        rows.append(row)
+        del model
+        _free()
+    return rows
+
+
+def _fmt(v: float | None, digits: int = 2) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def table(rows: list[Row]) -> str:
+    """Markdown table with speed-ups against the first (FP eager) row and the best FP row."""
+    base = rows[0]
+    fp = [r for r in rows if r.variant.startswith(("fp16", "fp32")) and r.decode_tok_s]
+    best_fp = max(fp, key=lambda r: r.decode_tok_s) if fp else None
+    fp_lat = [r for r in rows if r.variant.startswith(("fp16", "fp32")) and r.prefill_ms]
+    best_lat = min(fp_lat, key=lambda r: r.prefill_ms) if fp_lat else None
+    ratio = lambda a, b: None if not a or not b else a / b
+    causal = any(r.decode_tok_s for r in rows)
+    what = "prefill ms" if causal else "forward ms"
+    head = ["variant", what, "x fp eager", "x best fp"]
+    if causal:
+        head += ["decode tok/s", "x fp eager", "x best fp"]
+    head += ["resident GiB", "peak GiB", "weights GiB", "file GiB", "note"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r.variant, _fmt(r.prefill_ms), _fmt(ratio(base.prefill_ms, r.prefill_ms)),
+                 _fmt(ratio(best_lat.prefill_ms if best_lat else None, r.prefill_ms))]
+        if causal:
+            cells += [_fmt(r.decode_tok_s, 1), _fmt(ratio(r.decode_tok_s, base.decode_tok_s)),
+                      _fmt(ratio(r.decode_tok_s, best_fp.decode_tok_s if best_fp else None))]
+        cells += [_fmt(r.resident_gib), _fmt(r.peak_gib), _fmt(r.weights_gib), _fmt(r.file_gib), r.note]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def device_name(s: BenchSettings) -> str:
+    return torch.cuda.get_device_name() if s.device.startswith("cuda") else "cpu"
+
+
+def describe(s: BenchSettings, rows: list[Row]) -> str:
+    src = s.model_dir or f"random {s.config}" + (f" ({s.layers} layers)" if s.layers else "")
+    shape = (f"batch {s.batch} x prompt {s.prompt_len}, {s.gen_len} new tokens" if any(r.decode_tok_s for r in rows)
+             else f"batch {s.batch} x {s.prompt_len} tokens")
+    return f"model: {src}  device: {device_name(s)}  {shape}, median of {s.reps}"
+
+
+def to_json(rows: list[Row], s: BenchSettings) -> dict:
+    import transformers
+
+    return {"settings": asdict(s), "device": device_name(s),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "rows": [asdict(r) for r in rows]}

@@ -1,0 +1,128 @@
+"""Run models with as little Python per step as possible: static KV cache + CUDA-graph replays.
+
+Hugging Face's eager decode step launches several hundred small kernels from Python; at batch 1 the GPU
+waits on the CPU, so faster GEMMs alone change little. GreedyDecoder keeps the KV cache in fixed
+buffers (transformers.StaticCache) and captures one decode step, including the argmax and the update of
+its own input token and position, into a CUDA graph: each new token is then one graph replay.
+GraphedForward does the same for a fixed-shape forward (encoders). Both work for float and quantized
+models alike, so a benchmark can separate what the graph buys from what quantization buys.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+from transformers import StaticCache
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    return name in inspect.signature(model.forward).parameters
+
+
+def _warm_and_capture(fn, warmup: int = 2) -> torch.cuda.CUDAGraph:
+    """Run fn a few times on a side stream (first calls autotune and compile kernels; a graph cannot
+    capture that), then capture one call."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+class GreedyDecoder:
+    """Greedy generation of a causal LM with a static KV cache; each decode step is one CUDA-graph replay
+    on CUDA (cuda_graph=True), an eager forward otherwise. No stopping criteria: always n tokens."""
+
+    def __init__(self, model: nn.Module, batch_size: int, max_len: int, cuda_graph: bool = True) -> None:
+        self.model, self.batch, self.max_len = model, batch_size, max_len
+        device = next(model.parameters()).device
+        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        self.ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # the token being fed
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)  # its position
+        # A full-length all-ones mask: with it no model infers positions from the cache length (a sync).
+        self.mask = torch.ones(batch_size, max_len, dtype=torch.long, device=device)
+        self.keep = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+        self.use_graph = cuda_graph and device.type == "cuda"
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.length = 0
+
+    def _next_token(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos.expand(ids.shape[0], -1),
+                         past_key_values=self.cache, cache_position=pos, use_cache=True, **self.keep)
+        return out.logits[:, -1].argmax(-1)
+
+    def _step(self) -> None:
+        nxt = self._next_token(self.ids, self.pos)
+        self.ids.copy_(nxt[:, None])
+        self.pos.add_(1)
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        """Run the prompt [B, P] from an empty cache; returns the first generated token [B]."""
+        b, p = ids.shape
+        if b != self.batch or p >= self.max_len:
+            raise ValueError(f"prompt {tuple(ids.shape)} does not fit batch {self.batch}, max_len {self.max_len}")
+        self.cache.reset()
+        pos = torch.arange(p, device=ids.device)
+        nxt = self._next_token(ids, pos)
+        self.ids.copy_(nxt[:, None])
+        self.pos.fill_(p)
+        self.length = p
+        return nxt
+
+    @torch.no_grad()
+    def decode(self, n: int) -> torch.Tensor:
+        """n more tokens [B, n], each fed back as the next input."""
+        if self.length + n > self.max_len:
+            raise ValueError(f"{self.length} + {n} tokens exceed max_len {self.max_len}")
+        out = torch.empty(self.batch, n, dtype=torch.long, device=self.ids.device)
+        if self.use_graph and self.graph is None and n:
+            # Warm-up steps write the same cache entries the real steps will; rewind ids/pos after them.
+            ids, pos = self.ids.clone(), self.pos.clone()
+            self.graph = _warm_and_capture(self._step)
+            self.ids.copy_(ids)
+            self.pos.copy_(pos)
+        for i in range(n):
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self._step()
+            out[:, i] = self.ids[:, 0]
+        self.length += n
+        return out
+
+    def generate(self, ids: torch.Tensor, n: int) -> torch.Tensor:
+        """n new tokens [B, n] after the prompt: what model.generate(greedy, min_new_tokens=n) returns."""
+        first = self.prefill(ids)
+        return torch.cat([first[:, None], self.decode(n - 1)], dim=1)
+
+
+class GraphedForward:
+    """model(**inputs) for one fixed set of input shapes as a CUDA-graph replay.
+
+    The returned output lives in the graph's memory and is overwritten by the next call.
+    """
+
+    def __init__(self, model: nn.Module, **example: torch.Tensor) -> None:
+        self.model = model
+        self.inputs = {k: v.clone() for k, v in example.items()}
+        self.out = None
+
+        def run():
+            self.out = model(**self.inputs)
+
+        with torch.no_grad():
+            self.graph = _warm_and_capture(run)
+
+    def __call__(self, **inputs: torch.Tensor):
+        for k, v in inputs.items():
+            self.inputs[k].copy_(v)
+        self.graph.replay()
+        return self.out

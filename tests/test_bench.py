@@ -1,0 +1,85 @@
+"""zeroquant bench and zeroquant.runtime on CPU (the CUDA-graph rows are covered by GPU tests)."""
+
+import json
+
+import pytest
+import torch
+from tiny_models import tiny_input, tiny_model
+
+import zeroquant as zq
+from zeroquant import benchmark
+from zeroquant.cli import main
+from zeroquant.config import resolve_config
+from zeroquant.runtime import GreedyDecoder
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tinyllama")
+    tiny_model("llama").save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2", "gpt_neox", "gptj"])
+@pytest.mark.parametrize("preset", [None, "w4/8-a8"])
+def test_static_cache_decoder_matches_generate(arch, preset):
+    model = tiny_model(arch)
+    if preset:
+        model = zq.quantize(model, preset, progress=False)
+    ids = tiny_input(2, 8)
+    with torch.no_grad():
+        want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, min_new_tokens=10,
+                              do_sample=False, pad_token_id=0)[:, 8:]
+    dec = GreedyDecoder(model, 2, 20, cuda_graph=False)
+    assert torch.equal(dec.generate(ids, 10), want)
+    assert torch.equal(dec.generate(ids, 10), want)  # a second prompt starts from a clean cache
+    with pytest.raises(ValueError):
+        dec.decode(5)  # 18 + 5 > 20
+
+
+def test_bench_cli_tiny_model(llama_dir, tmp_path, capsys):
+    out = tmp_path / "b.json"
+    rc = main(["bench", str(llama_dir), "--device", "cpu", "--batch", "2", "--prompt-len", "12", "--gen-len", "6",
+               "--reps", "1", "--preset", "w8a8,w4a16", "--json", str(out), "--md", str(tmp_path / "b.md")])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in data["rows"]}
+    assert list(rows) == ["fp32 eager", "w8a8 eager", "w4a16 eager"]
+    assert all(r["prefill_ms"] > 0 and r["decode_tok_s"] > 0 and not r["note"] for r in rows.values())
+    # INT4 weights: the linears shrink 8x, the FP32 embeddings (most of a tiny model) do not
+    assert rows["w4a16 eager"]["weights_gib"] < rows["w8a8 eager"]["weights_gib"] < rows["fp32 eager"]["weights_gib"]
+    assert rows["w4a16 eager"]["file_gib"] > 0 and rows["fp32 eager"]["file_gib"] is None
+    assert "| w4a16 eager |" in capsys.readouterr().out and (tmp_path / "b.md").exists()
+
+
+def test_bench_random_weights_encoder(capsys):
+    rc = main(["bench", "--random-weights", "--config", "bert-large", "--layers", "1", "--device", "cpu",
+               "--batch", "1", "--prompt-len", "8", "--reps", "1", "--preset", "w8a8", "--no-save"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "random bert-large (1 layers)" in out and "forward ms" in out and "decode" not in out
+    cfg = benchmark.random_config("llama-7b")
+    assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size) == (4096, 11008, 32, 32000)
+
+
+@pytest.mark.parametrize("argv", [
+    ["bench"],  # neither a model nor a config
+    ["bench", "--random-weights"],  # no --config
+    ["bench", "--config", "llama-7b"],  # no --random-weights
+    ["bench", "--random-weights", "--config", "gpt-5"],
+    ["bench", "/nonexistent/dir", "--device", "cpu"],
+    ["bench", "--random-weights", "--config", "bert-large", "--preset", "w3a3", "--device", "cpu"],
+    ["bench", "--random-weights", "--config", "bert-large", "--batch", "0", "--device", "cpu"],
+])
+def test_bench_cli_errors(argv, capsys):
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith("zeroquant: error:")
+
+
+def test_preset_group_size_suffix():
+    ch = resolve_config("w8a8-ch")
+    assert ch.name == "w8a8-ch" and ch.attention.weight.group_size == -1 and ch.attention.act.dynamic
+    assert resolve_config("w4a16-g64").mlp.weight.group_size == 64
+    for bad in ("w8a8-g0", "w8a8-gx", "nope-ch"):
+        with pytest.raises(zq.ZeroQuantError):
+            resolve_config(bad)
