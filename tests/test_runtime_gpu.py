@@ -47,8 +47,11 @@ def test_graphed_encoder_matches_eager():
     ids2 = torch.randint(0, 1000, (4, 32), device="cuda")
     with torch.no_grad():
         want2 = q(input_ids=ids2).last_hidden_state.clone()
-    assert torch.equal(g(input_ids=ids).last_hidden_state, want)
-    assert torch.equal(g(input_ids=ids2).last_hidden_state, want2)
+    # Under capture Hugging Face builds an explicit attention mask instead of skipping it: same math, another
+    # SDPA kernel, so equal up to fp16 rounding rather than bitwise.
+    for x, w in ((ids, want), (ids2, want2)):
+        got = g(input_ids=x).last_hidden_state.float()
+        assert ((got - w.float()).norm() / w.float().norm()).item() < 2e-3
 
 
 def test_fused_norm_quantizes_once_for_its_linears(monkeypatch):
@@ -65,6 +68,27 @@ def test_fused_norm_quantizes_once_for_its_linears(monkeypatch):
         set_mode(q, "ref")
         want = q(ids).logits.float()
     assert ((got - want).norm() / want.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("preset", ["w8a8", "w4/8-a8"])
+def test_float32_model_runs_int8_kernels(preset, monkeypatch):
+    """A float32 model on CUDA: token-wise INT8 linears still take the kernels (within fp32 rounding of
+    the reference), weight-only ones the reference path."""
+    torch.manual_seed(0)
+    m = T.LlamaForCausalLM(T.LlamaConfig(intermediate_size=512, num_key_value_heads=2, **DIMS)).eval()
+    q = zq.quantize(m, preset, progress=False).cuda()
+    from zeroquant.kernels import gemm
+
+    calls = []
+    real = gemm.quant_linear
+    monkeypatch.setattr(gemm, "quant_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ids = torch.randint(0, 1000, (2, 16), device="cuda")
+    with torch.no_grad():
+        got = q(ids).logits
+        assert len(calls) == 2 * 7
+        set_mode(q, "ref")
+        want = q(ids).logits
+    assert got.dtype == torch.float32 and ((got - want).norm() / want.norm()).item() < 1e-3
 
 
 def test_quantized_weights_on_gpu_are_not_duplicated():

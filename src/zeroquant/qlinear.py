@@ -193,7 +193,10 @@ class QuantLinear(nn.Module):
 
     def forward_kernel(self, x: torch.Tensor) -> torch.Tensor | None:
         """The Triton path, or None where it does not apply (the caller falls back to the reference)."""
-        if x.dtype not in (torch.float16, torch.bfloat16):
+        # INT8 activations: any float input (float32 models too: the GEMM is int8 either way). Weight-only
+        # formats feed x to an fp16/bf16 tensor-core dot.
+        halves = (torch.float16, torch.bfloat16)
+        if x.dtype not in ((*halves, torch.float32) if self.aq else halves):
             return None
         kw = self.kernel_weight()
         if kw is None:
@@ -212,7 +215,7 @@ class QuantLinear(nn.Module):
     def takes_prequant(self, x: torch.Tensor) -> bool:
         """Whether forward(x) would use a token-wise INT8 copy of x handed over by the op that made x."""
         return (self.mode == "int" and self.aq is not None and x.is_cuda and kernels_available()
-                and x.dtype in (torch.float16, torch.bfloat16) and self.kernel_weight() is not None)
+                and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and self.kernel_weight() is not None)
 
     def give_prequant(self, x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> None:
         """Hand over x's token-wise INT8 form (q, s); the next forward uses it if its input is still x."""

@@ -84,11 +84,14 @@ class GreedyDecoder:
             raise ValueError(f"{self.length} + {n} tokens exceed max_len {self.max_len}")
         out = torch.empty(self.batch, n, dtype=torch.long, device=self.ids.device)
         if self.use_graph and self.graph is None and n:
-            # Warm-up steps write the same cache entries the real steps will; rewind ids/pos after them.
-            ids, pos = self.ids.clone(), self.pos.clone()
+            # Warm-up steps write the same cache entries the real steps will; rewind every position counter
+            # (ours and the cache layers' own) after them.
+            counters = [self.ids, self.pos] + [t for t in (getattr(la, "cumulative_length", None)
+                                                           for la in self.cache.layers) if torch.is_tensor(t)]
+            saved = [t.clone() for t in counters]
             self.graph = _warm_and_capture(self._step)
-            self.ids.copy_(ids)
-            self.pos.copy_(pos)
+            for t, v in zip(counters, saved, strict=True):
+                t.copy_(v)
         for i in range(n):
             if self.graph is not None:
                 self.graph.replay()
