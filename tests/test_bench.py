@@ -68,6 +68,7 @@ def test_bench_random_weights_encoder(capsys):
     ["bench", "--config", "llama-7b"],  # no --random-weights
     ["bench", "--random-weights", "--config", "gpt-5"],
     ["bench", "/nonexistent/dir", "--device", "cpu"],
+    ["bench", "/nonexistent/dir", "--layers", "2", "--device", "cpu"],  # --layers needs a --config shape
     ["bench", "--random-weights", "--config", "bert-large", "--preset", "w3a3", "--device", "cpu"],
     ["bench", "--random-weights", "--config", "bert-large", "--batch", "0", "--device", "cpu"],
 ])

@@ -4,6 +4,7 @@ from .api import quantize, quantized_modules, set_mode
 from .checkpoint import load_quantized, save_quantized
 from .config import PRESETS, ActQuant, LinearRule, QuantConfig, WeightQuant
 from .errors import ZeroQuantError
+from .fusion import fuse
 from .lkd import LKDConfig
 from .lkd_data import lkd_batches
 from .qlinear import QuantLinear
@@ -17,6 +18,7 @@ __all__ = [
     "QuantLinear",
     "WeightQuant",
     "ZeroQuantError",
+    "fuse",
     "lkd_batches",
     "load_quantized",
     "quantize",
