@@ -100,3 +100,22 @@ def test_quantized_weights_on_gpu_are_not_duplicated():
     for m in zq.quantized_modules(q).values():
         assert m.kernel_weight() is not None
     assert torch.cuda.memory_allocated() == before
+
+
+@pytest.mark.parametrize("preset", ["w8a8", "w4/8-a8", "w4a16"])
+def test_loaded_checkpoint_runs_on_kernels(tmp_path, preset):
+    """A saved model loaded back onto the GPU is fused, runs the kernels and decodes as the in-memory one."""
+    torch.manual_seed(0)
+    m = T.LlamaForCausalLM(T.LlamaConfig(intermediate_size=512, num_key_value_heads=2, **DIMS)).eval()
+    q = zq.quantize(m, preset, progress=False).half()
+    zq.save_quantized(q, tmp_path / "q")
+    loaded = zq.load_quantized(tmp_path / "q", device="cuda")
+    q = q.cuda()
+    assert loaded.model.layers[0].mlp.gate_proj.act == "silu"
+    assert all(m.kernel_weight() is not None for m in zq.quantized_modules(loaded).values())
+    ids = torch.randint(0, 1000, (2, 12), device="cuda")
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=16, min_new_tokens=16, do_sample=False,
+              pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, q(ids).logits)
+        assert torch.equal(loaded.generate(ids, **kw), q.generate(ids, **kw))
