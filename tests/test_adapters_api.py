@@ -1,7 +1,7 @@
 import pytest
 import torch
 import transformers as T
-from tiny_models import CONFIGS, LINEARS_PER_BLOCK, tiny_input, tiny_model
+from tiny_models import CONFIGS, LINEARS_PER_BLOCK, model_output, tiny_input, tiny_model
 
 import zeroquant as zq
 from zeroquant.adapters import ARCHITECTURES, get_blocks
@@ -12,27 +12,21 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-def _out(model, ids):
-    with torch.no_grad():
-        o = model(input_ids=ids)
-    return o.logits if hasattr(o, "logits") else o.last_hidden_state
-
-
 @pytest.mark.parametrize("arch", list(CONFIGS))
 def test_every_adapter_quantizes_all_block_linears(arch):
     model = tiny_model(arch)
     ids = tiny_input()
-    ref = _out(model, ids)
+    ref = model_output(model, ids)
     q = zq.quantize(model, "w8a8", progress=False)
     mods = zq.quantized_modules(q)
     assert len(mods) == LINEARS_PER_BLOCK[arch] * len(get_blocks(model))
-    assert _rel(_out(q, ids), ref) < 0.05
+    assert _rel(model_output(q, ids), ref) < 0.05
     # weight-only INT4 on random weights is coarser, but must stay the same function
     q4 = zq.quantize(model, "w4/8-a16", progress=False)
-    assert _rel(_out(q4, ids), ref) < 0.5
+    assert _rel(model_output(q4, ids), ref) < 0.5
     # the input model is untouched
     assert not zq.quantized_modules(model)
-    assert torch.equal(_out(model, ids), ref)
+    assert torch.equal(model_output(model, ids), ref)
 
 
 def test_adapters_name_real_modules():
@@ -60,7 +54,7 @@ def test_preset_name_and_config_object_agree():
     ids = tiny_input()
     a = zq.quantize(model, "w4/8-a8", progress=False)
     b = zq.quantize(model, zq.PRESETS["w4/8-a8"], progress=False)
-    assert torch.equal(_out(a, ids), _out(b, ids))
+    assert torch.equal(model_output(a, ids), model_output(b, ids))
     with pytest.raises(zq.ZeroQuantError, match="unknown preset 'w9a9'"):
         zq.quantize(model, "w9a9")
 
@@ -114,9 +108,9 @@ def test_fake_and_int_modes_agree_on_whole_model():
     model = tiny_model("opt")
     ids = tiny_input()
     q = zq.quantize(model, "w4/8-a8", progress=False)
-    y_int = _out(q, ids)
-    y_fake = _out(zq.set_mode(q, "fake"), ids)
+    y_int = model_output(q, ids)
+    y_fake = model_output(zq.set_mode(q, "fake"), ids)
     # per layer the two paths agree to 1e-5 (test_qlinear); through a whole model a float-rounding
     # difference can flip an activation's rounding in a later layer, so compare against the quant error
-    err_q = _rel(y_fake, _out(model, ids))
+    err_q = _rel(y_fake, model_output(model, ids))
     assert _rel(y_int, y_fake) < 0.1 * err_q

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_models import tiny_input, tiny_model
+from tiny_models import model_output, tiny_input, tiny_model
 from torch import nn
 
 import zeroquant as zq
@@ -20,12 +20,6 @@ EXPECTED = {"llama": (4, 2), "qwen2": (4, 2), "opt": (4, 2), "gpt2": (4, 2), "gp
             "bert": (3, 2), "roberta": (3, 2)}
 
 
-def _out(model, ids):
-    with torch.no_grad():
-        o = model(input_ids=ids)
-    return o.logits if hasattr(o, "logits") else o.last_hidden_state
-
-
 @pytest.mark.parametrize("arch", list(EXPECTED))
 def test_fused_model_matches_unfused(arch):
     model, ids = tiny_model(arch), tiny_input()
@@ -35,7 +29,7 @@ def test_fused_model_matches_unfused(arch):
     assert fuse(fused) == {"norm->quant": 0, "act->epilogue": 0}  # idempotent
     assert sum(isinstance(m, FusedNorm) for m in fused.modules()) == EXPECTED[arch][0]
     assert sorted(fused.state_dict()) == sorted(plain.state_dict())
-    a, b = _out(plain, ids), _out(fused, ids)
+    a, b = model_output(plain, ids), model_output(fused, ids)
     assert (a - b).abs().max().item() <= 1e-5 * a.abs().max().item()
 
 
@@ -62,7 +56,7 @@ def test_norm_hands_int8_only_to_linears_that_take_it():
     norm = q.model.layers[0].input_layernorm
     assert isinstance(norm, FusedNorm) and norm.kind == "rmsnorm" and len(norm.consumers) == 3
     assert norm.consumers[0] is q.model.layers[0].self_attn.q_proj
-    _out(q, tiny_input())
+    model_output(q, tiny_input())
     assert all("_prequant" not in c.__dict__ for c in norm.consumers)
 
 
@@ -82,7 +76,7 @@ def test_saved_fused_model_loads_fused(tmp_path, arch):
     q = zq.quantize(model, "w8a8", progress=False)
     loaded = zq.load_quantized(zq.save_quantized(q, tmp_path / "q"))
     assert sum(isinstance(m, FusedNorm) for m in loaded.modules()) == EXPECTED[arch][0]
-    assert torch.equal(_out(q, ids), _out(loaded, ids))
+    assert torch.equal(model_output(q, ids), model_output(loaded, ids))
 
 
 def test_scales_are_stored_group_major():
@@ -109,4 +103,4 @@ def test_version1_checkpoint_int4_is_repacked(tmp_path):
     manifest = json.loads((out / checkpoint.QUANT_FILE).read_text())
     manifest["version"] = 1
     (out / checkpoint.QUANT_FILE).write_text(json.dumps(manifest))
-    assert torch.equal(_out(q, ids), _out(zq.load_quantized(out), ids))
+    assert torch.equal(model_output(q, ids), model_output(zq.load_quantized(out), ids))

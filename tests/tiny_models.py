@@ -45,3 +45,10 @@ def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
 def tiny_input(n: int = 2, t: int = 16, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(1000, VOCAB, (n, t), generator=g)
+
+
+def model_output(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of a causal LM, last hidden state of an encoder."""
+    with torch.no_grad():
+        o = model(input_ids=ids)
+    return o.logits if hasattr(o, "logits") else o.last_hidden_state

@@ -14,6 +14,7 @@ from .adapters import block_linears, get_arch, get_blocks
 from .calib import Batch, model_device, move, to_batches
 from .config import LinearRule, QuantConfig, resolve_config
 from .errors import ZeroQuantError
+from .fusion import fuse as fuse_ops
 from .qlinear import QuantLinear, linear_weight
 
 
@@ -138,8 +139,6 @@ def quantize(
             ql = QuantLinear.from_float(t.module, t.rule, ranges.get(t.name))
             model.set_submodule(t.name, ql)
     if fuse:
-        from .fusion import fuse as fuse_ops
-
         fuse_ops(model)
     model.zeroquant_config = cfg
     model.zeroquant_generic = allow_generic

@@ -105,16 +105,6 @@ def is_causal(model: nn.Module) -> bool:
     return hasattr(model, "generate") and getattr(model, "can_generate", lambda: False)()
 
 
-def tensor_bytes(model: nn.Module) -> int:
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        key = (t.untyped_storage().data_ptr(), t.data_ptr())
-        if key not in seen:
-            seen.add(key)
-            total += t.numel() * t.element_size()
-    return total
-
-
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -151,11 +141,12 @@ def _prompt(s: BenchSettings, model: nn.Module) -> torch.Tensor:
 
 def measure(model: nn.Module, s: BenchSettings, mode: str) -> Row:
     """One row: mode "eager", "graph" or "compile"."""
+    from .evaluate import weight_bytes
     from .runtime import GraphedForward, GreedyDecoder
 
     cuda = s.device.startswith("cuda")
     ids = _prompt(s, model)
-    row = Row(mode, weights_gib=_gib(tensor_bytes(model)))
+    row = Row(mode, weights_gib=_gib(weight_bytes(model)))
     if cuda:
         _free()
         row.resident_gib = _gib(torch.cuda.memory_allocated())
@@ -220,7 +211,7 @@ def run(s: BenchSettings, progress: Callable[[str], None] = print) -> list[Row]:
     from .config import resolve_config
 
     if (s.model_dir is None) == (s.config is None):
-        raise ZeroQuantError("give MODEL_DIR, or --random-weights --config NAME")
+        raise ZeroQuantError("give MODEL_DIR, or --random-weights --config NAME (not both)")
     # Fail on bad input before building anything.
     configs = [resolve_config(p) for p in s.presets]
     if s.config is not None:

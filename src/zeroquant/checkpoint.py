@@ -24,6 +24,7 @@ from .api import quantized_modules
 from .calib import model_tokenizer
 from .config import QuantConfig
 from .errors import ZeroQuantError
+from .fusion import fuse as fuse_ops
 from .qlinear import QuantLinear
 
 QUANT_FILE = "quantization.json"
@@ -144,8 +145,6 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
     if manifest.get("version", 1) < 2:
         _repack_v1_int4(model)
     if fuse:
-        from .fusion import fuse as fuse_ops
-
         fuse_ops(model)
     model.zeroquant_config = QuantConfig.from_dict(manifest["config"])
     model.zeroquant_generic = False

@@ -150,8 +150,6 @@ def cmd_bench(args) -> None:
 
     if args.random_weights != (args.config is not None):
         raise ZeroQuantError("--random-weights and --config NAME go together")
-    if (args.model_dir is None) == (args.config is None):
-        raise ZeroQuantError("give MODEL_DIR, or --random-weights --config NAME (not both)")
     if args.layers is not None and (args.config is None or args.layers < 1):
         raise ZeroQuantError("--layers N (N >= 1) only applies to --random-weights --config shapes")
     for name in ("batch", "prompt_len", "reps"):

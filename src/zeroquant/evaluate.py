@@ -139,15 +139,20 @@ def cosine_stats(ref: torch.Tensor, other: torch.Tensor) -> dict:
             "n": cos.numel()}
 
 
-def weight_megabytes(model: nn.Module) -> float:
-    """Bytes of every parameter and persistent buffer (what the checkpoint holds), in MB."""
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer, tied tensors counted once."""
     seen, total = set(), 0
     for t in list(model.parameters()) + [b for _, b in model.named_buffers()]:
         if t.data_ptr() in seen:
             continue
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
-    return total / 1e6
+    return total
+
+
+def weight_megabytes(model: nn.Module) -> float:
+    """weight_bytes in MB."""
+    return weight_bytes(model) / 1e6
 
 
 @dataclass

@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from .adapters import Arch, get_arch, get_blocks
-from .kernels import available as kernels_available
 from .kernels import reference
 from .qlinear import QuantLinear
 
@@ -55,7 +54,7 @@ class FusedNorm(nn.Module):
         self.consumers = tuple(consumers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and kernels_available() and not (torch.is_grad_enabled() and x.requires_grad):
+        if not (torch.is_grad_enabled() and x.requires_grad):
             takers = [c for c in self.consumers if c.takes_prequant(x)]
             if takers:
                 from .kernels import rowwise

@@ -191,18 +191,20 @@ class QuantLinear(nn.Module):
         self.__dict__["_kernel_cache"] = (key, kw)  # not a buffer: derived, never saved
         return kw
 
-    def forward_kernel(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The Triton path, or None where it does not apply (the caller falls back to the reference)."""
+    def uses_kernels(self, x: torch.Tensor) -> bool:
+        """Whether forward(x) runs the Triton kernels (else the reference path)."""
+        if self.mode != "int" or not x.is_cuda or not kernels_available():
+            return False
         # INT8 activations: any float input (float32 models too: the GEMM is int8 either way). Weight-only
         # formats feed x to an fp16/bf16 tensor-core dot.
         halves = (torch.float16, torch.bfloat16)
-        if x.dtype not in ((*halves, torch.float32) if self.aq else halves):
-            return None
-        kw = self.kernel_weight()
-        if kw is None:
-            return None
+        return x.dtype in ((*halves, torch.float32) if self.aq else halves) and self.kernel_weight() is not None
+
+    def forward_kernel(self, x: torch.Tensor) -> torch.Tensor:
+        """The Triton path; only where uses_kernels(x)."""
         from .kernels import gemm, rowwise
 
+        kw = self.kernel_weight()
         if self.aq is None:
             return gemm.quant_linear(x, None, kw, self.bias, act=self.act)
         pre = self.__dict__.pop("_prequant", None)
@@ -214,18 +216,15 @@ class QuantLinear(nn.Module):
 
     def takes_prequant(self, x: torch.Tensor) -> bool:
         """Whether forward(x) would use a token-wise INT8 copy of x handed over by the op that made x."""
-        return (self.mode == "int" and self.aq is not None and x.is_cuda and kernels_available()
-                and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and self.kernel_weight() is not None)
+        return self.aq is not None and self.uses_kernels(x)
 
     def give_prequant(self, x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> None:
         """Hand over x's token-wise INT8 form (q, s); the next forward uses it if its input is still x."""
         self.__dict__["_prequant"] = (x, x._version, q, s)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "int" and x.is_cuda and kernels_available():
-            y = self.forward_kernel(x)
-            if y is not None:
-                return y
+        if self.uses_kernels(x):
+            return self.forward_kernel(x)
         if self.aq is None or self.mode == "fake":
             w = self.dequantized_weight(x.dtype)
             if self.act is None:
