@@ -12,12 +12,17 @@ import zeroquant as zq
 from zeroquant import checkpoint
 from zeroquant import quant as Q
 from zeroquant.config import with_group_size
-from zeroquant.fusion import FusedNorm, fuse
+from zeroquant.fusion import FusedNorm, GatedMLP, fuse
 from zeroquant.qlinear import QuantLinear
 
-# fused norms per 2-block model under an INT8-activation preset, and fused activations
-EXPECTED = {"llama": (4, 2), "qwen2": (4, 2), "opt": (4, 2), "gpt2": (4, 2), "gpt_neox": (4, 2), "gptj": (2, 2),
-            "bert": (3, 2), "roberta": (3, 2)}
+# per 2-block model under an INT8-activation preset: fused norms, fused activations, fused gated MLPs
+EXPECTED = {"llama": (4, 2, 2), "qwen2": (4, 2, 2), "opt": (4, 2, 0), "gpt2": (4, 2, 0), "gpt_neox": (4, 2, 0),
+            "gptj": (2, 2, 0), "bert": (3, 2, 0), "roberta": (3, 2, 0)}
+NONE = {"norm->quant": 0, "act->epilogue": 0, "gate*up->quant": 0}
+
+
+def counts(norms: int, acts: int, gated: int) -> dict[str, int]:
+    return {"norm->quant": norms, "act->epilogue": acts, "gate*up->quant": gated}
 
 
 @pytest.mark.parametrize("arch", list(EXPECTED))
@@ -25,9 +30,10 @@ def test_fused_model_matches_unfused(arch):
     model, ids = tiny_model(arch), tiny_input()
     plain = zq.quantize(model, "w4/8-a8", progress=False, fuse=False)
     fused = zq.quantize(model, "w4/8-a8", progress=False, fuse=False)
-    assert fuse(fused) == {"norm->quant": EXPECTED[arch][0], "act->epilogue": EXPECTED[arch][1]}
-    assert fuse(fused) == {"norm->quant": 0, "act->epilogue": 0}  # idempotent
+    assert fuse(fused) == counts(*EXPECTED[arch])
+    assert fuse(fused) == NONE  # idempotent
     assert sum(isinstance(m, FusedNorm) for m in fused.modules()) == EXPECTED[arch][0]
+    assert sum(isinstance(m, GatedMLP) for m in fused.modules()) == EXPECTED[arch][2]
     assert sorted(fused.state_dict()) == sorted(plain.state_dict())
     a, b = model_output(plain, ids), model_output(fused, ids)
     assert (a - b).abs().max().item() <= 1e-5 * a.abs().max().item()
@@ -41,13 +47,23 @@ def test_weight_only_presets_fuse_activations_not_norms():
     assert isinstance(q.model.layers[0].mlp.act_fn, nn.Identity)
 
 
+def test_gated_mlp_only_where_the_down_projection_takes_int8():
+    assert fuse(zq.quantize(tiny_model("llama"), "w4a16", progress=False, fuse=False)) == counts(0, 2, 0)
+    q = zq.quantize(tiny_model("llama"), "w4/8-a8", progress=False)
+    mlp = q.model.layers[0].mlp
+    assert isinstance(mlp, GatedMLP) and isinstance(mlp.act_fn, nn.Identity) and mlp.gate_proj.act == "silu"
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():  # the reference path: down(act(gate(x)) * up(x)), act in gate's epilogue
+        assert torch.equal(mlp(x), mlp.down_proj(mlp.gate_proj(x) * mlp.up_proj(x)))
+
+
 def test_post_ln_opt_keeps_its_norms():
     model = tiny_model("opt")
     model.config.do_layer_norm_before = False
     for layer in model.model.decoder.layers:
         layer.do_layer_norm_before = False
     q = zq.quantize(model, "w8a8", progress=False, fuse=False)
-    assert fuse(q) == {"norm->quant": 0, "act->epilogue": 2}
+    assert fuse(q) == counts(0, 2, 0)
 
 
 def test_norm_hands_int8_only_to_linears_that_take_it():

@@ -119,6 +119,23 @@ def test_quant_linear_fused_bias_act(act, name, bits, group, sym, a8):
     assert rel_err(got, want) < 2e-3
 
 
+@pytest.mark.parametrize("k,n", [(1024, 3072), (4096, 1000), (768, 768)])
+def test_w8a8_tma_kernel_matches_pointer_kernel(k, n, monkeypatch):
+    """Large-M per-channel W8A8 takes the TMA kernel on Hopper; same numbers as the pointer-based kernel
+    (and so as the reference, which test_quant_linear checks at M = 2048)."""
+    from zeroquant.kernels import rowwise
+
+    ql = quant_linear(k, n, 8, -1, True, True, "cuda").half()
+    x = torch.randn(600, k, device="cuda", dtype=torch.float16)
+    q, s = rowwise.quantize_per_token(x)
+    kw = ql.kernel_weight()
+    assert gemm._tma_ok(q, kw) == (torch.cuda.get_device_capability()[0] >= 9)
+    got = gemm.quant_linear(q, s, kw, ql.bias, "gelu")
+    monkeypatch.setattr(gemm, "_tma_ok", lambda a, w: False)
+    want = gemm.quant_linear(q, s, kw, ql.bias, "gelu")
+    assert want.abs().max().item() > 0 and rel_err(got, want) < 1e-5
+
+
 def test_quant_linear_matches_quantlinear_reference_path():
     """The kernel GEMM equals QuantLinear's own integer path (forward_int), not just the twin."""
     ql = quant_linear(4096, 1024, 8, 128, True, True, "cuda").half()

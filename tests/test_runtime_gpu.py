@@ -6,7 +6,7 @@ import transformers as T
 
 import zeroquant as zq
 from zeroquant.api import set_mode
-from zeroquant.fusion import FusedNorm
+from zeroquant.fusion import FusedNorm, GatedMLP
 from zeroquant.runtime import GraphedForward, GreedyDecoder
 
 pytestmark = pytest.mark.gpu
@@ -54,7 +54,8 @@ def test_graphed_encoder_matches_eager():
 
 
 def test_fused_norm_quantizes_once_for_its_linears(monkeypatch):
-    """Llama w8a8: q/k/v and gate/up take the INT8 from their norm; only o_proj and down_proj quantize."""
+    """Llama w8a8: q/k/v and gate/up take the INT8 from their norm, down_proj from the gated-MLP kernel;
+    only o_proj quantizes its own input."""
     q = llama("w8a8")
     assert sum(isinstance(m, FusedNorm) for m in q.modules()) == 4
     from zeroquant.kernels import rowwise  # needs Triton: imported only where the test runs
@@ -65,10 +66,23 @@ def test_fused_norm_quantizes_once_for_its_linears(monkeypatch):
     ids = torch.randint(0, 1000, (2, 16), device="cuda")
     with torch.no_grad():
         got = q(ids).logits.float()
-        assert len(calls) == 2 * 2  # o_proj + down_proj per block
+        assert len(calls) == 2  # o_proj, once per block
         set_mode(q, "ref")
         want = q(ids).logits.float()
     assert ((got - want).norm() / want.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("preset", ["w8a8", "w4/8-a8"])
+def test_gated_mlp_kernel_equals_unfused_kernels(preset):
+    """silu(gate) * up quantized in one kernel gives bit for bit what the separate multiply and quantize do."""
+    mlp = llama(preset).model.layers[0].mlp
+    assert isinstance(mlp, GatedMLP)
+    torch.manual_seed(1)
+    x = torch.randn(3, 40, 256, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        got = mlp(x)
+        want = mlp.down_proj(mlp.gate_proj(x) * mlp.up_proj(x))
+    assert got.abs().max().item() > 0 and torch.equal(got, want)
 
 
 @pytest.mark.parametrize("preset", ["w8a8", "w4/8-a8"])

@@ -25,6 +25,9 @@ class Arch:
     # (activation module, linear whose output is its only input): the activation can move into that
     # linear's GEMM epilogue
     mlp_act: tuple[str, str] | None = None
+    # (MLP module, gate, up, down) for gated MLPs computing down(act(gate(x)) * up(x)): the product and the
+    # down projection's token-wise quantization can run as one kernel
+    gated_mlp: tuple[str, str, str, str] | None = None
     # a boolean config attribute that must be true for norm_feeds to hold (OPT-350m is post-LN)
     norm_feeds_when: str | None = None
     # what the norms compute: "layernorm" (torch's) or "rmsnorm" (weight * x * rsqrt(mean(x^2) + eps))
@@ -51,6 +54,7 @@ _LLAMA = Arch(
     },
     # down_proj(act_fn(gate_proj(x)) * up_proj(x)): the activation applies to gate_proj's output alone
     mlp_act=("mlp.act_fn", "mlp.gate_proj"),
+    gated_mlp=("mlp", "gate_proj", "up_proj", "down_proj"),
     norm="rmsnorm",
 )
 

@@ -153,15 +153,19 @@ def measure(model: nn.Module, s: BenchSettings, mode: str) -> Row:
         torch.cuda.reset_peak_memory_stats()
     with torch.no_grad():
         if not is_causal(model):
+            # With the attention mask, as a tokenizer's output gives it. Without one, transformers < 5.23 builds
+            # an all-ones mask with a stride-0 last dimension while a CUDA graph is captured, which no fused SDPA
+            # kernel accepts: attention would then run in float32 on the math path in the graph rows only.
+            inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
             if mode == "eager":
-                fwd = lambda: model(input_ids=ids)
+                fwd = lambda: model(**inputs)
             else:
                 if mode == "compile":
                     model.forward = torch.compile(model.forward, mode="reduce-overhead")
                     graphed = lambda **kw: model(**kw)
                 else:
-                    graphed = GraphedForward(model, input_ids=ids)
-                fwd = lambda: graphed(input_ids=ids)
+                    graphed = GraphedForward(model, **inputs)
+                fwd = lambda: graphed(**inputs)
             row.prefill_ms = 1e3 * timed(fwd, s.reps, s.device)
         else:
             n = s.gen_len

@@ -12,14 +12,16 @@ from .adapters import arch_for
 from .errors import ZeroQuantError
 
 EPILOG = """presets:
-  w8a8         INT8 group-wise weights (g128), INT8 token-wise dynamic activations (ZeroQuant)
-  w8a16        INT8 group-wise weights, FP activations
+  w8a8         INT8 per-channel weights, INT8 token-wise dynamic activations (ZeroQuant)
+  w8a16        INT8 per-channel weights, FP activations
   w4a16        INT4 group-wise weights (g128, asymmetric), FP activations
   w4a8         INT4 group-wise weights, INT8 token-wise activations
   w4/8-a16     INT4 MLP weights, INT8 attention weights, FP activations
   w4/8-a8      INT4 MLP weights, INT8 attention weights, INT8 token-wise activations
   w8a8-static  baseline: per-tensor INT8 weights, static per-tensor INT8 activations (needs --calib)
   rtn-w4       baseline: per-row round-to-nearest INT4 weights
+Any preset takes a group-size suffix for its group-wise weights: -g64, -g128 (w8a8-g128: group-wise
+INT8), -ch (one scale per output channel).
 Embeddings, norms and the LM head stay in floating point."""
 
 

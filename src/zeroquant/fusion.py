@@ -1,10 +1,13 @@
 """Fuse the float ops around quantized linears inside a whole model (zeroquant.fuse).
 
-Two rewrites, both driven by the adapter table (adapters.Arch), both exact on the reference path:
+Three rewrites, all driven by the adapter table (adapters.Arch), all exact on the reference path:
 - norm -> token-wise INT8: a LayerNorm/RMSNorm whose output feeds only QuantLinears with token-wise
   INT8 activations becomes a FusedNorm. On CUDA it runs one kernel that writes the normalised output and
   its INT8 form, and hands the INT8 copy to those linears, which then skip their own quantization (Llama's
   q/k/v projections quantized the same tensor three times before). Elsewhere it is the plain norm.
+- gated MLP product -> token-wise INT8: in down(act(gate(x)) * up(x)) (Llama family), the product and its
+  quantization for an INT8-activation down projection run as one kernel that writes only the INT8 copy
+  (GatedMLP); the float product is never materialised on CUDA.
 - activation -> GEMM epilogue: the MLP activation (GELU, SiLU, ReLU) moves into the preceding
   QuantLinear (its `act`), which applies it to its float32 output in every mode: inside the kernel's
   epilogue on CUDA. The model's own activation module becomes nn.Identity.
@@ -69,6 +72,40 @@ class FusedNorm(nn.Module):
         return f"{self.kind}, eps={self.eps}, feeds {len(self.consumers)} quantized linear(s)"
 
 
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)) whose product is quantized for `down` in the same kernel that forms it.
+
+    Holds the original MLP's gate/up/down linears and activation under their own names, so parameter
+    names do not change. After the act->epilogue rewrite the activation is nn.Identity and the gate
+    linear applies it; otherwise `act` is the model's own module.
+    """
+
+    def __init__(self, mlp: nn.Module, gate: str, up: str, down: str) -> None:
+        super().__init__()
+        self.names = (gate, up, down)
+        for n in self.names:
+            self.add_module(n, mlp.get_submodule(n))
+        self.act_fn = mlp.act_fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up, down = (getattr(self, n) for n in self.names)
+        g, u = self.act_fn(gate(x)), up(x)
+        if not (torch.is_grad_enabled() and x.requires_grad) and down.takes_prequant(g):
+            from .kernels import rowwise
+
+            q, s = rowwise.act_quant(g, None, gate=u)
+            return down.forward_quantized(q, s, g.dtype)
+        return down(g * u)
+
+
+def _fuse_gated_mlp(block: nn.Module, path: str, gate: str, up: str, down: str) -> bool:
+    mlp = block.get_submodule(path)
+    if isinstance(mlp, GatedMLP) or not _takes_int8(mlp.get_submodule(down)) or not hasattr(mlp, "act_fn"):
+        return False
+    block.set_submodule(path, GatedMLP(mlp, gate, up, down))
+    return True
+
+
 def _takes_int8(m: nn.Module) -> bool:
     return isinstance(m, QuantLinear) and m.aq is not None and m.aq.dynamic and m.aq.bits == 8
 
@@ -99,12 +136,12 @@ def _norms_apply(model: nn.Module, arch: Arch) -> bool:
 
 
 def fuse(model: nn.Module) -> dict[str, int]:
-    """Apply both rewrites in place wherever the adapter allows them; returns how many of each were made.
+    """Apply the rewrites in place wherever the adapter allows them; returns how many of each were made.
 
     Idempotent. Models without an adapter (the generic fallback) are left as they are.
     """
     arch = get_arch(model, allow_generic=True)
-    done = {"norm->quant": 0, "act->epilogue": 0}
+    done = {"norm->quant": 0, "act->epilogue": 0, "gate*up->quant": 0}
     if arch is None:
         return done
     blocks = get_blocks(model)
@@ -120,4 +157,6 @@ def fuse(model: nn.Module) -> dict[str, int]:
                     done["norm->quant"] += _fuse_norm(block, name, arch.norm, consumers)
         if arch.mlp_act is not None:
             done["act->epilogue"] += _fuse_act(block, *arch.mlp_act)
+        if arch.gated_mlp is not None:
+            done["gate*up->quant"] += _fuse_gated_mlp(block, *arch.gated_mlp)
     return done

@@ -212,7 +212,14 @@ class QuantLinear(nn.Module):
             q, s = pre[2], pre[3]  # quantized by the norm that produced x (zeroquant.fusion)
         else:
             q, s = rowwise.quantize_per_token(x)
-        return gemm.quant_linear(q, s, kw, self.bias, act=self.act, out_dtype=x.dtype)
+        return self.forward_quantized(q, s, x.dtype)
+
+    def forward_quantized(self, q: torch.Tensor, s: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """The kernel GEMM on an input already in token-wise INT8 form (q [..., K], s [..., 1]), made by a
+        fused op that never writes the float input (zeroquant.fusion.GatedMLP); only where takes_prequant."""
+        from .kernels import gemm
+
+        return gemm.quant_linear(q, s, self.kernel_weight(), self.bias, act=self.act, out_dtype=out_dtype)
 
     def takes_prequant(self, x: torch.Tensor) -> bool:
         """Whether forward(x) would use a token-wise INT8 copy of x handed over by the op that made x."""

