@@ -12,17 +12,18 @@ import zeroquant as zq
 from zeroquant import checkpoint
 from zeroquant import quant as Q
 from zeroquant.config import with_group_size
-from zeroquant.fusion import FusedNorm, GatedMLP, fuse
+from zeroquant.fusion import FusedAct, FusedNorm, GatedMLP, fuse
 from zeroquant.qlinear import QuantLinear
 
-# per 2-block model under an INT8-activation preset: fused norms, fused activations, fused gated MLPs
-EXPECTED = {"llama": (4, 2, 2), "qwen2": (4, 2, 2), "opt": (4, 2, 0), "gpt2": (4, 2, 0), "gpt_neox": (4, 2, 0),
+# per 2-block model under w4/8-a8 (INT8 activations everywhere): fused norms, activations moved into the next
+# linear's quantization, fused gated MLPs
+EXPECTED = {"llama": (4, 0, 2), "qwen2": (4, 0, 2), "opt": (4, 2, 0), "gpt2": (4, 2, 0), "gpt_neox": (4, 2, 0),
             "gptj": (2, 2, 0), "bert": (3, 2, 0), "roberta": (3, 2, 0)}
-NONE = {"norm->quant": 0, "act->epilogue": 0, "gate*up->quant": 0}
+NONE = {"norm->quant": 0, "act->epilogue": 0, "act->quant": 0, "gate*up->quant": 0}
 
 
-def counts(norms: int, acts: int, gated: int) -> dict[str, int]:
-    return {"norm->quant": norms, "act->epilogue": acts, "gate*up->quant": gated}
+def counts(norms: int, act_quant: int, gated: int, epilogue: int = 0) -> dict[str, int]:
+    return {"norm->quant": norms, "act->epilogue": epilogue, "act->quant": act_quant, "gate*up->quant": gated}
 
 
 @pytest.mark.parametrize("arch", list(EXPECTED))
@@ -48,13 +49,24 @@ def test_weight_only_presets_fuse_activations_not_norms():
 
 
 def test_gated_mlp_only_where_the_down_projection_takes_int8():
-    assert fuse(zq.quantize(tiny_model("llama"), "w4a16", progress=False, fuse=False)) == counts(0, 2, 0)
+    assert fuse(zq.quantize(tiny_model("llama"), "w4a16", progress=False, fuse=False)) == counts(0, 0, 0, 2)
     q = zq.quantize(tiny_model("llama"), "w4/8-a8", progress=False)
     mlp = q.model.layers[0].mlp
-    assert isinstance(mlp, GatedMLP) and isinstance(mlp.act_fn, nn.Identity) and mlp.gate_proj.act == "silu"
+    assert isinstance(mlp, GatedMLP) and mlp.act == "silu" and mlp.gate_proj.act is None
     x = torch.randn(2, 5, 64)
-    with torch.no_grad():  # the reference path: down(act(gate(x)) * up(x)), act in gate's epilogue
-        assert torch.equal(mlp(x), mlp.down_proj(mlp.gate_proj(x) * mlp.up_proj(x)))
+    with torch.no_grad():  # the reference path: down(act(gate(x)) * up(x))
+        want = mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+        assert torch.equal(mlp(x), want)
+
+
+def test_activation_goes_to_the_next_linears_quantization_or_else_the_epilogue():
+    q8 = zq.quantize(tiny_model("bert"), "w8a8", progress=False)
+    act = q8.encoder.layer[0].intermediate.intermediate_act_fn
+    assert isinstance(act, FusedAct) and act.name == "gelu" and act.consumer[0] is q8.encoder.layer[0].output.dense
+    assert q8.encoder.layer[0].intermediate.dense.act is None
+    q16 = zq.quantize(tiny_model("bert"), "w8a16", progress=False)
+    assert q16.encoder.layer[0].intermediate.dense.act == "gelu"
+    assert isinstance(q16.encoder.layer[0].intermediate.intermediate_act_fn, nn.Identity)
 
 
 def test_post_ln_opt_keeps_its_norms():
@@ -63,7 +75,7 @@ def test_post_ln_opt_keeps_its_norms():
     for layer in model.model.decoder.layers:
         layer.do_layer_norm_before = False
     q = zq.quantize(model, "w8a8", progress=False, fuse=False)
-    assert fuse(q) == counts(0, 2, 0)
+    assert fuse(q) == counts(0, 2, 0)  # no fused norms; the activations still go to fc2's quantization
 
 
 def test_norm_hands_int8_only_to_linears_that_take_it():

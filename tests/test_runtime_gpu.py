@@ -74,15 +74,37 @@ def test_fused_norm_quantizes_once_for_its_linears(monkeypatch):
 
 @pytest.mark.parametrize("preset", ["w8a8", "w4/8-a8"])
 def test_gated_mlp_kernel_equals_unfused_kernels(preset):
-    """silu(gate) * up quantized in one kernel gives bit for bit what the separate multiply and quantize do."""
+    """silu(gate) * up quantized in one kernel gives what torch's silu, multiply and a separate quantize do,
+    up to the last bit of silu (Triton's sigmoid and torch's round differently at times)."""
     mlp = llama(preset).model.layers[0].mlp
     assert isinstance(mlp, GatedMLP)
     torch.manual_seed(1)
     x = torch.randn(3, 40, 256, device="cuda", dtype=torch.float16)
     with torch.no_grad():
         got = mlp(x)
-        want = mlp.down_proj(mlp.gate_proj(x) * mlp.up_proj(x))
-    assert got.abs().max().item() > 0 and torch.equal(got, want)
+        want = mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+    assert want.abs().max().item() > 0
+    assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 2e-3
+
+
+def test_fused_activation_quantizes_for_the_next_linear(monkeypatch):
+    """BERT w8a8: GELU runs in FFN2's quantization kernel, not FFN1's epilogue; outputs match the unfused
+    kernels (GELU in the epilogue is computed before the fp16 rounding of FFN1's output, so not bitwise)."""
+    torch.manual_seed(0)
+    m = T.BertModel(T.BertConfig(intermediate_size=512, **DIMS)).eval()
+    fused = zq.quantize(m, "w8a8", progress=False).half().cuda()
+    plain = zq.quantize(m, "w8a8", progress=False, fuse=False).half().cuda()
+    from zeroquant.kernels import rowwise  # needs Triton
+
+    calls = []
+    real = rowwise.quantize_per_token
+    monkeypatch.setattr(rowwise, "quantize_per_token", lambda x: calls.append(1) or real(x))
+    ids = torch.randint(0, 1000, (4, 32), device="cuda")
+    with torch.no_grad():
+        got = fused(input_ids=ids).last_hidden_state.float()
+        assert len(calls) == 3 + 2  # block 0 q/k/v (after the unfused embedding LayerNorm), each o-proj
+        want = plain(input_ids=ids).last_hidden_state.float()
+    assert ((got - want).norm() / want.norm()).item() < 5e-3
 
 
 @pytest.mark.parametrize("preset", ["w8a8", "w4/8-a8"])
@@ -125,7 +147,9 @@ def test_loaded_checkpoint_runs_on_kernels(tmp_path, preset):
     zq.save_quantized(q, tmp_path / "q")
     loaded = zq.load_quantized(tmp_path / "q", device="cuda")
     q = q.cuda()
-    assert loaded.model.layers[0].mlp.gate_proj.act == "silu"
+    mlp = loaded.model.layers[0].mlp
+    assert (mlp.act if isinstance(mlp, GatedMLP) else mlp.gate_proj.act) == "silu"  # fused again on load
+    assert isinstance(mlp, GatedMLP) == (preset != "w4a16")
     assert all(m.kernel_weight() is not None for m in zq.quantized_modules(loaded).values())
     ids = torch.randint(0, 1000, (2, 12), device="cuda")
     kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=16, min_new_tokens=16, do_sample=False,

@@ -22,9 +22,10 @@ class Arch:
     norm_feeds: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # the same for a norm whose output feeds linears of the *next* block (post-LN encoders)
     norm_feeds_next: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    # (activation module, linear whose output is its only input): the activation can move into that
-    # linear's GEMM epilogue
-    mlp_act: tuple[str, str] | None = None
+    # (activation module, linear whose output is its only input, linear whose only input is its output or
+    # None): the activation can move into the first linear's GEMM epilogue, or into the second's token-wise
+    # quantization
+    mlp_act: tuple[str, str, str | None] | None = None
     # (MLP module, gate, up, down) for gated MLPs computing down(act(gate(x)) * up(x)): the product and the
     # down projection's token-wise quantization can run as one kernel
     gated_mlp: tuple[str, str, str, str] | None = None
@@ -42,7 +43,7 @@ _BERT = Arch(
     # next block's QKV input (block 0 takes the embeddings' LayerNorm, which stays unfused).
     norm_feeds={"attention.output.LayerNorm": ("intermediate.dense",)},
     norm_feeds_next={"output.LayerNorm": ("attention.self.query", "attention.self.key", "attention.self.value")},
-    mlp_act=("intermediate.intermediate_act_fn", "intermediate.dense"),
+    mlp_act=("intermediate.intermediate_act_fn", "intermediate.dense", "output.dense"),
 )
 _LLAMA = Arch(
     blocks="layers",
@@ -53,7 +54,7 @@ _LLAMA = Arch(
         "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj"),
     },
     # down_proj(act_fn(gate_proj(x)) * up_proj(x)): the activation applies to gate_proj's output alone
-    mlp_act=("mlp.act_fn", "mlp.gate_proj"),
+    mlp_act=("mlp.act_fn", "mlp.gate_proj", None),
     gated_mlp=("mlp", "gate_proj", "up_proj", "down_proj"),
     norm="rmsnorm",
 )
@@ -68,7 +69,7 @@ ARCHITECTURES: dict[str, Arch] = {
         attention=("attn.c_attn", "attn.c_proj"),
         mlp=("mlp.c_fc", "mlp.c_proj"),
         norm_feeds={"ln_1": ("attn.c_attn",), "ln_2": ("mlp.c_fc",)},
-        mlp_act=("mlp.act", "mlp.c_fc"),
+        mlp_act=("mlp.act", "mlp.c_fc", "mlp.c_proj"),
     ),
     "opt": Arch(
         blocks="decoder.layers",
@@ -79,7 +80,7 @@ ARCHITECTURES: dict[str, Arch] = {
             "self_attn_layer_norm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
             "final_layer_norm": ("fc1",),
         },
-        mlp_act=("activation_fn", "fc1"),
+        mlp_act=("activation_fn", "fc1", "fc2"),
         norm_feeds_when="do_layer_norm_before",
     ),
     "gpt_neox": Arch(
@@ -88,7 +89,7 @@ ARCHITECTURES: dict[str, Arch] = {
         mlp=("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
         norm_feeds={"input_layernorm": ("attention.query_key_value",),
                     "post_attention_layernorm": ("mlp.dense_h_to_4h",)},
-        mlp_act=("mlp.act", "mlp.dense_h_to_4h"),
+        mlp_act=("mlp.act", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
     ),
     "gptj": Arch(
         blocks="h",
@@ -96,7 +97,7 @@ ARCHITECTURES: dict[str, Arch] = {
         mlp=("mlp.fc_in", "mlp.fc_out"),
         # Parallel attention + MLP: one LayerNorm feeds both.
         norm_feeds={"ln_1": ("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.fc_in")},
-        mlp_act=("mlp.act", "mlp.fc_in"),
+        mlp_act=("mlp.act", "mlp.fc_in", "mlp.fc_out"),
     ),
     "llama": _LLAMA,
     "mistral": _LLAMA,

@@ -1,14 +1,17 @@
 """Fuse the float ops around quantized linears inside a whole model (zeroquant.fuse).
 
-Three rewrites, all driven by the adapter table (adapters.Arch), all exact on the reference path:
+Rewrites driven by the adapter table (adapters.Arch), all exact on the reference path:
 - norm -> token-wise INT8: a LayerNorm/RMSNorm whose output feeds only QuantLinears with token-wise
   INT8 activations becomes a FusedNorm. On CUDA it runs one kernel that writes the normalised output and
   its INT8 form, and hands the INT8 copy to those linears, which then skip their own quantization (Llama's
   q/k/v projections quantized the same tensor three times before). Elsewhere it is the plain norm.
-- gated MLP product -> token-wise INT8: in down(act(gate(x)) * up(x)) (Llama family), the product and its
-  quantization for an INT8-activation down projection run as one kernel that writes only the INT8 copy
-  (GatedMLP); the float product is never materialised on CUDA.
-- activation -> GEMM epilogue: the MLP activation (GELU, SiLU, ReLU) moves into the preceding
+- activation -> token-wise INT8: an MLP activation (GELU, SiLU, ReLU) whose output feeds an INT8-activation
+  linear becomes a FusedAct: one row kernel applies it and quantizes for that linear (the quantization pass
+  is needed anyway, and being memory-bound it hides the activation's math).
+- gated MLP -> token-wise INT8: in down(act(gate(x)) * up(x)) (Llama family) with an INT8-activation down
+  projection, the activation, the product and its quantization run as one kernel that writes only the
+  INT8 copy (GatedMLP).
+- activation -> GEMM epilogue: otherwise (weight-only presets) the MLP activation moves into the preceding
   QuantLinear (its `act`), which applies it to its float32 output in every mode: inside the kernel's
   epilogue on CUDA. The model's own activation module becomes nn.Identity.
 Parameter names do not change, so state dicts, checkpoints and LKD see the same model.
@@ -72,37 +75,74 @@ class FusedNorm(nn.Module):
         return f"{self.kind}, eps={self.eps}, feeds {len(self.consumers)} quantized linear(s)"
 
 
-class GatedMLP(nn.Module):
-    """down(act(gate(x)) * up(x)) whose product is quantized for `down` in the same kernel that forms it.
+def _inference(x: torch.Tensor) -> bool:
+    return not (torch.is_grad_enabled() and x.requires_grad)
 
-    Holds the original MLP's gate/up/down linears and activation under their own names, so parameter
-    names do not change. After the act->epilogue rewrite the activation is nn.Identity and the gate
-    linear applies it; otherwise `act` is the model's own module.
+
+class FusedAct(nn.Module):
+    """An MLP activation whose output feeds one INT8-activation linear: on CUDA, one row kernel reads the
+    first linear's output, applies the activation, writes the result and its token-wise INT8 form, and
+    hands the INT8 copy to the second linear. The activation's math hides under that memory-bound pass,
+    where in the first GEMM's epilogue it would stall the tensor cores (erf GELU: +70% on BERT-large's
+    FFN1 on H100). Elsewhere it is the model's own activation module."""
+
+    def __init__(self, act: nn.Module, name: str, consumer: QuantLinear) -> None:
+        super().__init__()
+        self.act, self.name = act, name
+        self.consumer = (consumer,)  # a tuple: the consumer belongs to (and is saved with) its own parent
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (c,) = self.consumer
+        if _inference(x) and c.takes_prequant(x):
+            from .kernels import rowwise
+
+            y, q, s = rowwise.act_quant(x, self.name, write_y=True)
+            c.give_prequant(y, q, s)
+            return y
+        return self.act(x)
+
+    def extra_repr(self) -> str:
+        return f"{self.name}, quantized for the next linear"
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)) whose activation, product and token-wise INT8 quantization for `down`
+    run as one kernel on CUDA; the float product is never written.
+
+    Holds the original MLP's gate/up/down linears and activation module under their own names, so
+    parameter names do not change. `act` names the activation for the kernel (None: unknown to the
+    kernels, so the model's own module applies it first).
     """
 
-    def __init__(self, mlp: nn.Module, gate: str, up: str, down: str) -> None:
+    def __init__(self, mlp: nn.Module, gate: str, up: str, down: str, act: str | None) -> None:
         super().__init__()
-        self.names = (gate, up, down)
+        self.names, self.act = (gate, up, down), act
         for n in self.names:
             self.add_module(n, mlp.get_submodule(n))
         self.act_fn = mlp.act_fn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up, down = (getattr(self, n) for n in self.names)
-        g, u = self.act_fn(gate(x)), up(x)
-        if not (torch.is_grad_enabled() and x.requires_grad) and down.takes_prequant(g):
+        g, u = gate(x), up(x)
+        if _inference(x) and down.takes_prequant(g):
             from .kernels import rowwise
 
-            q, s = rowwise.act_quant(g, None, gate=u)
+            q, s = rowwise.act_quant(g if self.act else self.act_fn(g), self.act, gate=u)
             return down.forward_quantized(q, s, g.dtype)
-        return down(g * u)
+        return down(self.act_fn(g) * u)
+
+    def extra_repr(self) -> str:
+        return f"act={self.act}, quantized with the product for {self.names[2]}"
 
 
 def _fuse_gated_mlp(block: nn.Module, path: str, gate: str, up: str, down: str) -> bool:
     mlp = block.get_submodule(path)
     if isinstance(mlp, GatedMLP) or not _takes_int8(mlp.get_submodule(down)) or not hasattr(mlp, "act_fn"):
         return False
-    block.set_submodule(path, GatedMLP(mlp, gate, up, down))
+    g = mlp.get_submodule(gate)
+    if isinstance(g, QuantLinear) and g.act is not None:
+        return False  # a model fused before GatedMLP existed keeps its epilogue activation
+    block.set_submodule(path, GatedMLP(mlp, gate, up, down, _ACTS.get(type(mlp.act_fn).__name__)))
     return True
 
 
@@ -121,14 +161,20 @@ def _fuse_norm(owner: nn.Module, name: str, kind: str, consumers: list[nn.Module
     return True
 
 
-def _fuse_act(block: nn.Module, act_name: str, linear_name: str) -> bool:
+def _fuse_act(block: nn.Module, act_name: str, linear_name: str, consumer_name: str | None) -> str | None:
+    """Move the activation into the consumer's quantization (when it takes INT8) or else into the producer's
+    epilogue; returns which, or None."""
     act, linear = block.get_submodule(act_name), block.get_submodule(linear_name)
     name = _ACTS.get(type(act).__name__)
     if name is None or not isinstance(linear, QuantLinear) or linear.act is not None:
-        return False
+        return None
+    consumer = block.get_submodule(consumer_name) if consumer_name else None
+    if consumer is not None and _takes_int8(consumer):
+        block.set_submodule(act_name, FusedAct(act, name, consumer))
+        return "act->quant"
     linear.act = name
     block.set_submodule(act_name, nn.Identity())
-    return True
+    return "act->epilogue"
 
 
 def _norms_apply(model: nn.Module, arch: Arch) -> bool:
@@ -141,7 +187,7 @@ def fuse(model: nn.Module) -> dict[str, int]:
     Idempotent. Models without an adapter (the generic fallback) are left as they are.
     """
     arch = get_arch(model, allow_generic=True)
-    done = {"norm->quant": 0, "act->epilogue": 0, "gate*up->quant": 0}
+    done = {"norm->quant": 0, "act->epilogue": 0, "act->quant": 0, "gate*up->quant": 0}
     if arch is None:
         return done
     blocks = get_blocks(model)
@@ -155,8 +201,13 @@ def fuse(model: nn.Module) -> dict[str, int]:
                 for name, linears in arch.norm_feeds_next.items():
                     consumers = [blocks[i + 1].get_submodule(n) for n in linears]
                     done["norm->quant"] += _fuse_norm(block, name, arch.norm, consumers)
-        if arch.mlp_act is not None:
-            done["act->epilogue"] += _fuse_act(block, *arch.mlp_act)
+        # Gated MLPs first: when `down` takes INT8 the activation belongs to their kernel, not an epilogue.
         if arch.gated_mlp is not None:
             done["gate*up->quant"] += _fuse_gated_mlp(block, *arch.gated_mlp)
+            if isinstance(block.get_submodule(arch.gated_mlp[0]), GatedMLP):
+                continue
+        if arch.mlp_act is not None and not isinstance(block.get_submodule(arch.mlp_act[0]), FusedAct):
+            how = _fuse_act(block, *arch.mlp_act)
+            if how:
+                done[how] += 1
     return done

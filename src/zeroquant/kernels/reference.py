@@ -55,13 +55,15 @@ def norm_quant(
 
 
 def act_quant(
-    x: torch.Tensor, act: str | None, gate: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """act(x) (times `gate`'s partner for gated MLPs: act(x) * gate) then token-wise INT8 -> (q, scale)."""
+    x: torch.Tensor, act: str | None, gate: torch.Tensor | None = None, write_y: bool = False
+) -> tuple[torch.Tensor, ...]:
+    """act(x) (times `gate`'s partner for gated MLPs: act(x) * gate) then token-wise INT8 -> (q, scale), or
+    (y, q, scale) with write_y."""
     y = apply_act(x, act)
     if gate is not None:
         y = y * gate
-    return quantize_per_token(y.to(x.dtype))
+    y = y.to(x.dtype)
+    return (y, *quantize_per_token(y)) if write_y else quantize_per_token(y)
 
 
 def int_weight(qweight: torch.Tensor, w_zero: torch.Tensor | None, bits: int) -> torch.Tensor:

@@ -118,7 +118,8 @@ def norm_quant_only(
 
 
 def act_quant(
-    x: torch.Tensor, act: str | None, gate: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """act(x) [* gate] + token-wise INT8 in one pass -> (q, scale); twin: reference.act_quant."""
-    return _launch(x, act=act, gate=gate)
+    x: torch.Tensor, act: str | None, gate: torch.Tensor | None = None, write_y: bool = False
+) -> tuple[torch.Tensor, ...]:
+    """act(x) [* gate] + token-wise INT8 in one pass -> (q, scale), or (y, q, scale) with write_y;
+    twin: reference.act_quant."""
+    return _launch(x, act=act, gate=gate, write_y=write_y)
