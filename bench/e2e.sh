@@ -9,7 +9,7 @@ mkdir -p "$out"
 case "$name" in
   llama7b-b1) args="--config llama-7b --batch 1 --prompt-len 128 --gen-len 64 --compile" ;;
   llama7b-b16) args="--config llama-7b --batch 16 --prompt-len 128 --gen-len 64 --no-save" ;;
-  llama7b-prefill) args="--config llama-7b --batch 8 --prompt-len 512 --gen-len 0 --no-graph --no-save
+  llama7b-prefill) args="--config llama-7b --batch 8 --prompt-len 512 --gen-len 0 --no-graph --no-save --reps 5
                          --preset w8a8,w8a8-g128,w4/8-a8,w4a16" ;;
   bert-large) args="--config bert-large --batch 32 --prompt-len 128 --compile --no-save --reps 10
                     --preset w8a8,w8a8-g128,w4/8-a8" ;;

@@ -84,7 +84,8 @@ class FusedAct(nn.Module):
     first linear's output, applies the activation, writes the result and its token-wise INT8 form, and
     hands the INT8 copy to the second linear. The activation's math hides under that memory-bound pass,
     where in the first GEMM's epilogue it would stall the tensor cores (erf GELU: +70% on BERT-large's
-    FFN1 on H100). Elsewhere it is the model's own activation module."""
+    FFN1 on H100). Elsewhere it computes the same activation in float32 (the model's module is kept as
+    `act` for reference)."""
 
     def __init__(self, act: nn.Module, name: str, consumer: QuantLinear) -> None:
         super().__init__()
@@ -99,7 +100,9 @@ class FusedAct(nn.Module):
             y, q, s = rowwise.act_quant(x, self.name, write_y=True)
             c.give_prequant(y, q, s)
             return y
-        return self.act(x)
+        # In float32 like the kernel (and like an epilogue activation): GPT-2's own gelu_new rounds to fp16
+        # after every op, which the reference path must not add on top of quantization error.
+        return reference.apply_act(x.float(), self.name).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.name}, quantized for the next linear"
