@@ -204,9 +204,8 @@ class QuantLinear(nn.Module):
         """The Triton path; only where uses_kernels(x)."""
         from .kernels import gemm, rowwise
 
-        kw = self.kernel_weight()
         if self.aq is None:
-            return gemm.quant_linear(x, None, kw, self.bias, act=self.act)
+            return gemm.quant_linear(x, None, self.kernel_weight(), self.bias, act=self.act)
         pre = self.__dict__.pop("_prequant", None)
         if pre is not None and pre[0] is x and pre[1] == x._version:
             q, s = pre[2], pre[3]  # quantized by the norm that produced x (zeroquant.fusion)
