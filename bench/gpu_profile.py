@@ -30,8 +30,9 @@ def family(name: str) -> str:
     return name[:110]
 
 
-def kernel_times(fwd, reps: int) -> tuple[dict[str, float], float, float]:
-    """Per-kernel-family GPU ms per call, their sum, and the wall ms per call (median of reps)."""
+def kernel_times(fwd, reps: int) -> tuple[dict[str, float], float, float, list[tuple[str, float]]]:
+    """Per-kernel-family GPU ms per call, their sum, the wall ms per call (median of reps), and every kernel
+    of the profiled calls in launch order as (family, us)."""
     with torch.no_grad():
         for _ in range(2):
             fwd()
@@ -47,10 +48,12 @@ def kernel_times(fwd, reps: int) -> tuple[dict[str, float], float, float]:
                 fwd()
             torch.cuda.synchronize()
     per = defaultdict(float)
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            per[family(e.name)] += e.device_time / 1e3 / reps  # ms per forward
-    return dict(per), sum(per.values()), statistics.median(walls)
+    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+    for e in kernels:
+        per[family(e.name)] += e.device_time / 1e3 / reps  # ms per forward
+    order = [(family(e.name), e.device_time) for e in kernels]
+    return dict(per), sum(per.values()), statistics.median(walls), order
 
 
 def main() -> None:
@@ -63,6 +66,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--graph", action="store_true", help="profile a CUDA-graph replay of the forward")
+    p.add_argument("--trace", type=int, default=0, help="also print the first N kernels of a forward in order")
     p.add_argument("--json")
     a = p.parse_args()
     s = BenchSettings(config=a.config, layers=a.layers, batch=a.batch, prompt_len=a.seq)
@@ -78,12 +82,15 @@ def main() -> None:
             fwd = functools.partial(graphed, **inputs)
         else:
             fwd = functools.partial(model, **inputs)
-        per, total, wall = kernel_times(fwd, a.reps)
-        out["variants"][preset] = {"total_ms": total, "wall_ms": wall, "kernels_ms": per}
+        per, total, wall, order = kernel_times(fwd, a.reps)
+        out["variants"][preset] = {"total_ms": total, "wall_ms": wall, "kernels_ms": per,
+                                   "first_kernels_us": order[: max(a.trace, 0)]}
         print(f"\n== {preset}{' graph' if a.graph else ''}: GPU {total:.2f} ms, wall {wall:.2f} ms per forward "
               f"({a.config}, {a.batch} x {a.seq})")
         for name, ms in sorted(per.items(), key=lambda kv: -kv[1])[: a.top]:
             print(f"  {ms:8.3f} ms {100 * ms / total:5.1f}%  {name}")
+        for name, us in order[: a.trace]:
+            print(f"    {us:8.1f} us  {name[:70]}")
         del model
         torch.cuda.empty_cache()
     if a.json:

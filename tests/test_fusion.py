@@ -12,18 +12,19 @@ import zeroquant as zq
 from zeroquant import checkpoint
 from zeroquant import quant as Q
 from zeroquant.config import with_group_size
-from zeroquant.fusion import FusedAct, FusedNorm, GatedMLP, fuse
+from zeroquant.fusion import FusedAct, FusedNorm, GatedMLP, ResidualNorm, fuse
 from zeroquant.qlinear import QuantLinear
 
 # per 2-block model under w4/8-a8 (INT8 activations everywhere): fused norms, activations moved into the next
-# linear's quantization, fused gated MLPs
+# linear's quantization, fused gated MLPs, epilogue activations, residual adds moved into fused norms
 EXPECTED = {"llama": (4, 0, 2), "qwen2": (4, 0, 2), "opt": (4, 2, 0), "gpt2": (4, 2, 0), "gpt_neox": (4, 2, 0),
-            "gptj": (2, 2, 0), "bert": (3, 2, 0), "roberta": (3, 2, 0)}
-NONE = {"norm->quant": 0, "act->epilogue": 0, "act->quant": 0, "gate*up->quant": 0}
+            "gptj": (2, 2, 0), "bert": (3, 2, 0, 0, 3), "roberta": (3, 2, 0, 0, 3)}
+NONE = {"norm->quant": 0, "residual->norm": 0, "act->epilogue": 0, "act->quant": 0, "gate*up->quant": 0}
 
 
-def counts(norms: int, act_quant: int, gated: int, epilogue: int = 0) -> dict[str, int]:
-    return {"norm->quant": norms, "act->epilogue": epilogue, "act->quant": act_quant, "gate*up->quant": gated}
+def counts(norms: int, act_quant: int, gated: int, epilogue: int = 0, residual: int = 0) -> dict[str, int]:
+    return {"norm->quant": norms, "residual->norm": residual, "act->epilogue": epilogue, "act->quant": act_quant,
+            "gate*up->quant": gated}
 
 
 @pytest.mark.parametrize("arch", list(EXPECTED))
@@ -35,6 +36,7 @@ def test_fused_model_matches_unfused(arch):
     assert fuse(fused) == NONE  # idempotent
     assert sum(isinstance(m, FusedNorm) for m in fused.modules()) == EXPECTED[arch][0]
     assert sum(isinstance(m, GatedMLP) for m in fused.modules()) == EXPECTED[arch][2]
+    assert sum(isinstance(m, ResidualNorm) for m in fused.modules()) == counts(*EXPECTED[arch])["residual->norm"]
     assert sorted(fused.state_dict()) == sorted(plain.state_dict())
     a, b = model_output(plain, ids), model_output(fused, ids)
     assert (a - b).abs().max().item() <= 1e-5 * a.abs().max().item()
@@ -67,6 +69,21 @@ def test_activation_goes_to_the_next_linears_quantization_or_else_the_epilogue()
     q16 = zq.quantize(tiny_model("bert"), "w8a16", progress=False)
     assert q16.encoder.layer[0].intermediate.dense.act == "gelu"
     assert isinstance(q16.encoder.layer[0].intermediate.intermediate_act_fn, nn.Identity)
+
+
+def test_post_ln_residual_add_moves_into_the_fused_norm():
+    q = zq.quantize(tiny_model("bert"), "w8a8", progress=False)
+    first, last = q.encoder.layer[0], q.encoder.layer[-1]
+    assert isinstance(first.attention.output, ResidualNorm) and isinstance(first.output, ResidualNorm)
+    assert first.output.LayerNorm.consumers[0] is q.encoder.layer[1].attention.self.query  # the next block's QKV
+    # The last block's output norm feeds no quantized linear: it stays a plain LayerNorm and keeps its add.
+    assert not isinstance(last.output, ResidualNorm) and isinstance(last.output.LayerNorm, nn.LayerNorm)
+    h, r = torch.randn(2, 5, 64), torch.randn(2, 5, 64)
+    with torch.no_grad():
+        sub = first.attention.output
+        want = nn.functional.layer_norm(sub.dense(h) + r, (64,), sub.LayerNorm.weight, sub.LayerNorm.bias,
+                                        sub.LayerNorm.eps)
+        assert torch.equal(sub(h, r), want)
 
 
 def test_post_ln_opt_keeps_its_norms():

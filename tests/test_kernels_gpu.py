@@ -51,19 +51,22 @@ def test_quantize_per_token(m, k):
 @pytest.mark.parametrize("k", [200, 768, 4096])
 @pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_norm_quant(m, k, kind, dtype):
+@pytest.mark.parametrize("residual", [False, True])
+def test_norm_quant(m, k, kind, dtype, residual):
     from zeroquant.kernels import rowwise
 
     x = (torch.randn(m, k, device="cuda") * 2 + 0.5).to(dtype)
     w = (torch.rand(k, device="cuda") + 0.5).to(dtype)
     b = torch.randn(k, device="cuda").to(dtype) if kind == "layernorm" else None
+    r = (torch.randn(m, k, device="cuda") * 3).to(dtype) if residual else None
     poison_cuda_cache()
-    y, q, s = rowwise.norm_quant(x, w, b, 1e-5, kind)
-    y_ref, q_ref, s_ref = R.norm_quant(x, w, b, 1e-5, kind)
+    y, q, s = rowwise.norm_quant(x, w, b, 1e-5, kind, residual=r)
+    y_ref, q_ref, s_ref = R.norm_quant(x, w, b, 1e-5, kind, residual=r)
     assert rel_err(y, y_ref) < 5e-3
     assert_quant_close(q, s, q_ref, s_ref)
-    q2, s2 = rowwise.norm_quant_only(x, w, b, 1e-5, kind)
-    assert torch.equal(q2, q) and torch.equal(s2, s)
+    if not residual:
+        q2, s2 = rowwise.norm_quant_only(x, w, b, 1e-5, kind)
+        assert torch.equal(q2, q) and torch.equal(s2, s)
 
 
 @pytest.mark.parametrize("m", MS)

@@ -45,6 +45,12 @@ def test_reference_norm_quant_is_norm_then_token_quant():
     assert (y - rms).abs().max() < 1e-5
 
 
+def test_reference_norm_quant_adds_the_residual_first():
+    x, r, w, b = torch.randn(3, 64).half(), torch.randn(3, 64).half(), torch.rand(64).half(), torch.randn(64).half()
+    for got, want in zip(R.norm_quant(x, w, b, 1e-5, residual=r), R.norm_quant(x + r, w, b, 1e-5)):
+        assert torch.equal(got, want)
+
+
 def test_reference_act_quant_gated():
     x, g = torch.randn(3, 64), torch.randn(3, 64)
     q, s = R.act_quant(x, "silu", gate=g)

@@ -107,6 +107,19 @@ def test_fused_activation_quantizes_for_the_next_linear(monkeypatch):
     assert ((got - want).norm() / want.norm()).item() < 5e-3
 
 
+def test_fused_activation_output_goes_only_to_its_linear():
+    """FusedAct writes only the INT8 form: its consumer raises if handed another tensor, never quantizes it."""
+    torch.manual_seed(0)
+    m = T.BertModel(T.BertConfig(intermediate_size=512, **DIMS)).eval()
+    layer = zq.quantize(m, "w8a8", progress=False).half().cuda().encoder.layer[0]
+    x = torch.randn(2, 8, 512, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        token = layer.intermediate.intermediate_act_fn(x)
+        assert token is x  # the float activation is not materialised
+        with pytest.raises(zq.ZeroQuantError, match="mlp_act"):
+            layer.output.dense(x.clone())
+
+
 @pytest.mark.parametrize("preset", ["w8a8", "w4/8-a8"])
 def test_float32_model_runs_int8_kernels(preset, monkeypatch):
     """A float32 model on CUDA: token-wise INT8 linears still take the kernels (within fp32 rounding of

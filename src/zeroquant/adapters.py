@@ -22,6 +22,9 @@ class Arch:
     norm_feeds: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # the same for a norm whose output feeds linears of the *next* block (post-LN encoders)
     norm_feeds_next: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # (sublayer, linear, dropout, norm) of post-LN sublayers computing norm(dropout(linear(h)) + residual) in
+    # forward(h, residual): the add can run inside the norm's kernel
+    residual_norm: tuple[tuple[str, str, str, str], ...] = ()
     # (activation module, linear whose output is its only input, linear whose only input is its output or
     # None): the activation can move into the first linear's GEMM epilogue, or into the second's token-wise
     # quantization
@@ -43,6 +46,7 @@ _BERT = Arch(
     # next block's QKV input (block 0 takes the embeddings' LayerNorm, which stays unfused).
     norm_feeds={"attention.output.LayerNorm": ("intermediate.dense",)},
     norm_feeds_next={"output.LayerNorm": ("attention.self.query", "attention.self.key", "attention.self.value")},
+    residual_norm=(("attention.output", "dense", "dropout", "LayerNorm"), ("output", "dense", "dropout", "LayerNorm")),
     mlp_act=("intermediate.intermediate_act_fn", "intermediate.dense", "output.dense"),
 )
 _LLAMA = Arch(

@@ -5,9 +5,11 @@ Rewrites driven by the adapter table (adapters.Arch), all exact on the reference
   INT8 activations becomes a FusedNorm. On CUDA it runs one kernel that writes the normalised output and
   its INT8 form, and hands the INT8 copy to those linears, which then skip their own quantization (Llama's
   q/k/v projections quantized the same tensor three times before). Elsewhere it is the plain norm.
+- residual add -> norm: in a post-LN sublayer norm(linear(h) + residual) whose norm became a FusedNorm, the
+  add moves into the norm's kernel (ResidualNorm).
 - activation -> token-wise INT8: an MLP activation (GELU, SiLU, ReLU) whose output feeds an INT8-activation
-  linear becomes a FusedAct: one row kernel applies it and quantizes for that linear (the quantization pass
-  is needed anyway, and being memory-bound it hides the activation's math).
+  linear becomes a FusedAct: one row kernel applies it and writes only the INT8 form for that linear (the
+  quantization pass is needed anyway).
 - gated MLP -> token-wise INT8: in down(act(gate(x)) * up(x)) (Llama family) with an INT8-activation down
   projection, the activation, the product and its quantization run as one kernel that writes only the
   INT8 copy (GatedMLP).
@@ -59,17 +61,18 @@ class FusedNorm(nn.Module):
         # A tuple, not a ModuleList: the consumers belong to (and are saved with) their own parents.
         self.consumers = tuple(consumers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """norm(x), or norm(x + residual) with the add inside the same kernel (ResidualNorm)."""
         if not (torch.is_grad_enabled() and x.requires_grad):
             takers = [c for c in self.consumers if c.takes_prequant(x)]
             if takers:
                 from .kernels import rowwise
 
-                y, q, s = rowwise.norm_quant(x, self.weight, self.bias, self.eps, self.kind)
+                y, q, s = rowwise.norm_quant(x, self.weight, self.bias, self.eps, self.kind, residual=residual)
                 for c in takers:
                     c.give_prequant(y, q, s)
                 return y
-        return reference.norm(x, self.weight, self.bias, self.eps, self.kind)
+        return reference.norm(x if residual is None else x + residual, self.weight, self.bias, self.eps, self.kind)
 
     def extra_repr(self) -> str:
         return f"{self.kind}, eps={self.eps}, feeds {len(self.consumers)} quantized linear(s)"
@@ -81,10 +84,14 @@ def _inference(x: torch.Tensor) -> bool:
 
 class FusedAct(nn.Module):
     """An MLP activation whose output feeds one INT8-activation linear: on CUDA, one row kernel reads the
-    first linear's output, applies the activation, writes the result and its token-wise INT8 form, and
-    hands the INT8 copy to the second linear. The activation's math hides under that memory-bound pass,
-    where in the first GEMM's epilogue it would stall the tensor cores (erf GELU: +70% on BERT-large's
-    FFN1 on H100). Elsewhere it computes the same activation in float32, as an epilogue would."""
+    first linear's output, applies the activation, writes only its token-wise INT8 form, and hands that to
+    the second linear. In the first GEMM's epilogue erf GELU stalled the tensor cores (+70% on BERT-large's
+    FFN1 on H100); here it shares a pass the quantization needs anyway.
+
+    The float activation is never written: the adapter's mlp_act entry says the consumer is its only
+    reader, so forward returns its own input as a token that the consumer recognises, and the consumer
+    raises if it is handed anything else. Elsewhere (CPU, training) it computes the same activation in
+    float32, as an epilogue would."""
 
     def __init__(self, name: str, consumer: QuantLinear) -> None:
         super().__init__()
@@ -96,9 +103,9 @@ class FusedAct(nn.Module):
         if _inference(x) and c.takes_prequant(x):
             from .kernels import rowwise
 
-            y, q, s = rowwise.act_quant(x, self.name, write_y=True)
-            c.give_prequant(y, q, s)
-            return y
+            q, s = rowwise.act_quant(x, self.name)
+            c.give_prequant(x, q, s, required=True)
+            return x
         # In float32 like the kernel (and like an epilogue activation): GPT-2's own gelu_new rounds to fp16
         # after every op, which the reference path must not add on top of quantization error.
         return reference.apply_act(x.float(), self.name).to(x.dtype)
@@ -135,6 +142,33 @@ class GatedMLP(nn.Module):
 
     def extra_repr(self) -> str:
         return f"act={self.act}, quantized with the product for {self.names[2]}"
+
+
+class ResidualNorm(nn.Module):
+    """A post-LN sublayer, norm(dropout(linear(h)) + residual) (BERT's BertSelfOutput and BertOutput),
+    whose residual add runs in its FusedNorm's kernel: one pass over the tensor instead of an add kernel
+    (read two, write one) before the norm. Holds the sublayer's own modules under their own names."""
+
+    def __init__(self, sub: nn.Module, linear: str, dropout: str, norm: str) -> None:
+        super().__init__()
+        self.names = (linear, dropout, norm)
+        for n, m in sub.named_children():
+            self.add_module(n, m)
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        linear, dropout, norm = (getattr(self, n) for n in self.names)
+        return norm(dropout(linear(hidden_states)), residual=input_tensor)
+
+    def extra_repr(self) -> str:
+        return f"{self.names[2]}({self.names[1]}({self.names[0]}(h)) + residual), add fused into the norm"
+
+
+def _fuse_residual(block: nn.Module, sub: str, linear: str, dropout: str, norm: str) -> bool:
+    module = block.get_submodule(sub)
+    if isinstance(module, ResidualNorm) or not isinstance(module.get_submodule(norm), FusedNorm):
+        return False  # only a FusedNorm takes the residual (the last block's output norm stays as it is)
+    block.set_submodule(sub, ResidualNorm(module, linear, dropout, norm))
+    return True
 
 
 def _fuse_gated_mlp(block: nn.Module, path: str, gate: str, up: str, down: str) -> bool:
@@ -189,7 +223,7 @@ def fuse(model: nn.Module) -> dict[str, int]:
     Idempotent. Models without an adapter (the generic fallback) are left as they are.
     """
     arch = get_arch(model, allow_generic=True)
-    done = {"norm->quant": 0, "act->epilogue": 0, "act->quant": 0, "gate*up->quant": 0}
+    done = {"norm->quant": 0, "residual->norm": 0, "act->epilogue": 0, "act->quant": 0, "gate*up->quant": 0}
     if arch is None:
         return done
     blocks = get_blocks(model)
@@ -203,6 +237,8 @@ def fuse(model: nn.Module) -> dict[str, int]:
                 for name, linears in arch.norm_feeds_next.items():
                     consumers = [blocks[i + 1].get_submodule(n) for n in linears]
                     done["norm->quant"] += _fuse_norm(block, name, arch.norm, consumers)
+            for entry in arch.residual_norm:
+                done["residual->norm"] += _fuse_residual(block, *entry)
         # Gated MLPs first: when `down` takes INT8 the activation belongs to their kernel, not an epilogue.
         if arch.gated_mlp is not None:
             done["gate*up->quant"] += _fuse_gated_mlp(block, *arch.gated_mlp)

@@ -209,6 +209,10 @@ class QuantLinear(nn.Module):
         pre = self.__dict__.pop("_prequant", None)
         if pre is not None and pre[0] is x and pre[1] == x._version:
             q, s = pre[2], pre[3]  # quantized by the norm that produced x (zeroquant.fusion)
+        elif pre is not None and pre[4]:
+            raise ZeroQuantError(
+                "a fused activation handed this linear its INT8 input but the linear got another tensor: the "
+                "model's code does not match its adapter's mlp_act entry (zeroquant.adapters)")
         else:
             q, s = rowwise.quantize_per_token(x)
         return self.forward_quantized(q, s, x.dtype)
@@ -224,9 +228,11 @@ class QuantLinear(nn.Module):
         """Whether forward(x) would use a token-wise INT8 copy of x handed over by the op that made x."""
         return self.aq is not None and self.uses_kernels(x)
 
-    def give_prequant(self, x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> None:
-        """Hand over x's token-wise INT8 form (q, s); the next forward uses it if its input is still x."""
-        self.__dict__["_prequant"] = (x, x._version, q, s)
+    def give_prequant(self, x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, required: bool = False) -> None:
+        """Hand over x's token-wise INT8 form (q, s); the next forward uses it if its input is still x.
+        required: x does not hold the values that (q, s) quantize (the giver skipped writing them), so any
+        other input to the next forward is an error rather than something to quantize afresh."""
+        self.__dict__["_prequant"] = (x, x._version, q, s, required)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.uses_kernels(x):

@@ -47,9 +47,10 @@ def norm_quant(
     bias: torch.Tensor | None,
     eps: float,
     kind: str = "layernorm",
+    residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """LayerNorm or RMSNorm in x's dtype, then token-wise INT8 -> (y, q, scale)."""
-    y = norm(x, weight, bias, eps, kind)
+    """LayerNorm or RMSNorm of x (+ residual, added first) in x's dtype, then token-wise INT8 -> (y, q, scale)."""
+    y = norm(x if residual is None else x + residual, weight, bias, eps, kind)
     q, s = quantize_per_token(y)
     return y, q, s
 
