@@ -47,7 +47,7 @@ def test_reference_norm_quant_is_norm_then_token_quant():
 
 def test_reference_norm_quant_adds_the_residual_first():
     x, r, w, b = torch.randn(3, 64).half(), torch.randn(3, 64).half(), torch.rand(64).half(), torch.randn(64).half()
-    for got, want in zip(R.norm_quant(x, w, b, 1e-5, residual=r), R.norm_quant(x + r, w, b, 1e-5)):
+    for got, want in zip(R.norm_quant(x, w, b, 1e-5, residual=r), R.norm_quant(x + r, w, b, 1e-5), strict=True):
         assert torch.equal(got, want)
 
 
