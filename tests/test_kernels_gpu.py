@@ -139,6 +139,27 @@ def test_w8a8_tma_kernel_matches_pointer_kernel(k, n, monkeypatch):
     assert want.abs().max().item() > 0 and rel_err(got, want) < 1e-5
 
 
+@pytest.mark.parametrize("cfg", range(9))
+def test_every_tma_config_matches_pointer_kernel(cfg, monkeypatch):
+    """The autotuner may pick any TMA configuration on another GPU: each one (persistent or not, out-of-range
+    rows clipped by the TMA store) gives the pointer-based kernel's numbers."""
+    from zeroquant.kernels import rowwise
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs Hopper")
+    assert len(gemm._TMA_CONFIGS) == 9
+    ql = quant_linear(1024, 1280, 8, -1, True, True, "cuda").half()
+    x = torch.randn(700, 1024, device="cuda", dtype=torch.float16)
+    q, s = rowwise.quantize_per_token(x)
+    kw = ql.kernel_weight()
+    poison_cuda_cache()
+    got = torch.empty(700, 1280, device="cuda", dtype=torch.float16)
+    gemm._w8a8_tma(q, s.reshape(-1), kw, ql.bias, "relu", got, gemm._TMA_CONFIGS[cfg])
+    monkeypatch.setattr(gemm, "_tma_ok", lambda a, w: False)
+    want = gemm.quant_linear(q, s, kw, ql.bias, "relu")
+    assert want.abs().max().item() > 0 and rel_err(got, want) < 1e-5
+
+
 def test_quant_linear_matches_quantlinear_reference_path():
     """The kernel GEMM equals QuantLinear's own integer path (forward_int), not just the twin."""
     ql = quant_linear(4096, 1024, 8, 128, True, True, "cuda").half()

@@ -321,6 +321,30 @@ def _tma_ok(a: torch.Tensor, w: KernelWeight) -> bool:
             and torch.cuda.get_device_capability(a.device)[0] >= 9)
 
 
+def _w8a8_tma(a, xs, w: KernelWeight, bias, act, c, config: triton.Config | None = None) -> None:
+    """Launch _w8a8_tma_kernel (autotuned, or one given configuration: the tests run each of them)."""
+    m, k = a.shape
+    n = w.out_features
+    sms = _num_sms(a.device.index if a.device.index is not None else torch.cuda.current_device())
+
+    def grid(meta):
+        tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
+        return (min(tiles, sms) if meta["PERSIST"] else tiles,)
+
+    # Placeholder boxes: the autotune pre-hook sets each config's own before it launches.
+    descs = {name: TensorDescriptor(t, list(t.shape), list(t.stride()), [16, 16])
+             for name, t in (("a_desc", a), ("w_desc", w.qweight), ("c_desc", c))}
+    m_bucket = min(triton.next_power_of_2(m), 16384)
+    args = (*descs.values(), xs, w.scale, bias if bias is not None else c, m, n, k, m_bucket)
+    flags = {"HAS_BIAS": bias is not None, "ACT": act_code(act)}
+    if config is None:
+        _w8a8_tma_kernel[grid](*args, **flags)
+        return
+    config.pre_hook({**descs, **config.kwargs})
+    _w8a8_tma_kernel.fn[grid](*args, **flags, **config.kwargs, num_warps=config.num_warps,
+                              num_stages=config.num_stages)
+
+
 _GEMV_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
     for bn, bk, w in [(16, 256, 4), (32, 256, 4), (16, 512, 4), (32, 512, 4), (16, 1024, 4), (32, 1024, 8),
@@ -442,20 +466,7 @@ def quant_linear(
         return c.reshape(*lead, n)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
     if a_int8 and _tma_ok(a, w):
-        # Placeholder boxes: the autotune pre-hook sets each config's own before it launches.
-        a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), [16, 16])
-        w_desc = TensorDescriptor(w.qweight, list(w.qweight.shape), list(w.qweight.stride()), [16, 16])
-        sms = _num_sms(a.device.index if a.device.index is not None else torch.cuda.current_device())
-
-        def tma_grid(meta):
-            tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
-            return (min(tiles, sms) if meta["PERSIST"] else tiles,)
-
-        c_desc = TensorDescriptor(c, list(c.shape), list(c.stride()), [16, 16])
-        _w8a8_tma_kernel[tma_grid](
-            a_desc, w_desc, c_desc, xs, w.scale, bias if bias is not None else c, m, n, k,
-            min(triton.next_power_of_2(m), 16384), HAS_BIAS=bias is not None, ACT=act_code(act),
-        )
+        _w8a8_tma(a, xs, w, bias, act, c)
         return c.reshape(*lead, n)
     _qlinear_kernel[grid](
         a, xs, w.qweight, w.scale, w.zero if w.zero is not None else w.scale, bias if bias is not None else c, c,
