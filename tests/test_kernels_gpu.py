@@ -139,7 +139,7 @@ def test_w8a8_tma_kernel_matches_pointer_kernel(k, n, monkeypatch):
     assert want.abs().max().item() > 0 and rel_err(got, want) < 1e-5
 
 
-@pytest.mark.parametrize("cfg", range(9))
+@pytest.mark.parametrize("cfg", range(8))
 def test_every_tma_config_matches_pointer_kernel(cfg, monkeypatch):
     """The autotuner may pick any TMA configuration on another GPU: each one (persistent or not, out-of-range
     rows clipped by the TMA store) gives the pointer-based kernel's numbers."""
@@ -147,7 +147,7 @@ def test_every_tma_config_matches_pointer_kernel(cfg, monkeypatch):
 
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs Hopper")
-    assert len(gemm._TMA_CONFIGS) == 9
+    assert len(gemm._TMA_CONFIGS) == 8
     ql = quant_linear(1024, 1280, 8, -1, True, True, "cuda").half()
     x = torch.randn(700, 1024, device="cuda", dtype=torch.float16)
     q, s = rowwise.quantize_per_token(x)
