@@ -4,7 +4,7 @@ Random weights of a named shape (zeroquant.benchmark.RANDOM_CONFIGS), one forwar
 (causal LMs: the prompt pass, no cache). Prints, per variant, the summed GPU time of each kernel family
 per forward and the total; the total is what a CUDA graph leaves once host launch cost is gone.
 
-    python bench/gpu_profile.py --config bert-large --batch 32 --seq 128 --presets w8a8,w8a8-ch [--json F]
+    python bench/gpu_profile.py --config bert-large --batch 32 --seq 128 --presets w8a8,w8a8-g128 [--json F]
 """
 
 import argparse
@@ -62,7 +62,7 @@ def main() -> None:
     p.add_argument("--layers", type=int)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--presets", default="w8a8,w8a8-ch")
+    p.add_argument("--presets", default="w8a8,w8a8-g128")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--graph", action="store_true", help="profile a CUDA-graph replay of the forward")

@@ -56,15 +56,13 @@ def norm_quant(
 
 
 def act_quant(
-    x: torch.Tensor, act: str | None, gate: torch.Tensor | None = None, write_y: bool = False
-) -> tuple[torch.Tensor, ...]:
-    """act(x) (times `gate`'s partner for gated MLPs: act(x) * gate) then token-wise INT8 -> (q, scale), or
-    (y, q, scale) with write_y."""
+    x: torch.Tensor, act: str | None, gate: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """act(x) (times `gate`'s partner for gated MLPs: act(x) * gate) then token-wise INT8 -> (q, scale)."""
     y = apply_act(x, act)
     if gate is not None:
         y = y * gate
-    y = y.to(x.dtype)
-    return (y, *quantize_per_token(y)) if write_y else quantize_per_token(y)
+    return quantize_per_token(y.to(x.dtype))
 
 
 def int_weight(qweight: torch.Tensor, w_zero: torch.Tensor | None, bits: int) -> torch.Tensor:

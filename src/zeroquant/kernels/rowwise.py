@@ -98,9 +98,9 @@ def _launch(x, *, norm=NORM_NONE, weight=None, bias=None, eps=0.0, act=None, gat
     g2 = _rows(gate, k) if gate is not None else x2
     r2 = _rows(residual, k) if residual is not None else x2
     block = triton.next_power_of_2(k)
-    # Rows of 4096 with an activation and no y store: 4 warps beat 8 (32 vs 39 us on H100, GELU 4096 x 4096);
-    # stores of y (and norms' two reductions) want more warps in flight.
-    warps = max(1, min(16, block // (1024 if act and not write_y else 512)))
+    # Activation rows of 4096 (no y store): 4 warps beat 8 (32 vs 39 us on H100, GELU 4096 x 4096); norms'
+    # y stores and two reductions want more warps in flight.
+    warps = max(1, min(16, block // (1024 if act else 512)))
     if m:
         _row_quant_kernel[(m,)](
             x2, r2, g2, weight if weight is not None else x2, bias if bias is not None else x2, y, q, s,
@@ -135,8 +135,7 @@ def norm_quant_only(
 
 
 def act_quant(
-    x: torch.Tensor, act: str | None, gate: torch.Tensor | None = None, write_y: bool = False
-) -> tuple[torch.Tensor, ...]:
-    """act(x) [* gate] + token-wise INT8 in one pass -> (q, scale), or (y, q, scale) with write_y;
-    twin: reference.act_quant."""
-    return _launch(x, act=act, gate=gate, write_y=write_y)
+    x: torch.Tensor, act: str | None, gate: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """act(x) [* gate] + token-wise INT8 in one pass -> (q, scale); twin: reference.act_quant."""
+    return _launch(x, act=act, gate=gate)
