@@ -16,15 +16,18 @@ from zeroquant.fusion import FusedAct, FusedNorm, GatedMLP, ResidualNorm, fuse
 from zeroquant.qlinear import QuantLinear
 
 # per 2-block model under w4/8-a8 (INT8 activations everywhere): fused norms, activations moved into the next
-# linear's quantization, fused gated MLPs, epilogue activations, residual adds moved into fused norms
+# linear's quantization, fused gated MLPs, epilogue activations, residual adds moved into fused norms,
+# self-attentions on the attention kernel (BERT: the embeddings' LayerNorm is the fourth fused norm)
 EXPECTED = {"llama": (4, 0, 2), "qwen2": (4, 0, 2), "opt": (4, 2, 0), "gpt2": (4, 2, 0), "gpt_neox": (4, 2, 0),
-            "gptj": (2, 2, 0), "bert": (3, 2, 0, 0, 3), "roberta": (3, 2, 0, 0, 3)}
-NONE = {"norm->quant": 0, "residual->norm": 0, "act->epilogue": 0, "act->quant": 0, "gate*up->quant": 0}
+            "gptj": (2, 2, 0), "bert": (4, 2, 0, 0, 3, 2), "roberta": (4, 2, 0, 0, 3, 2)}
+NONE = {"norm->quant": 0, "residual->norm": 0, "act->epilogue": 0, "act->quant": 0, "gate*up->quant": 0,
+        "attention->kernel": 0}
 
 
-def counts(norms: int, act_quant: int, gated: int, epilogue: int = 0, residual: int = 0) -> dict[str, int]:
+def counts(norms: int, act_quant: int, gated: int, epilogue: int = 0, residual: int = 0,
+           attention: int = 0) -> dict[str, int]:
     return {"norm->quant": norms, "residual->norm": residual, "act->epilogue": epilogue, "act->quant": act_quant,
-            "gate*up->quant": gated}
+            "gate*up->quant": gated, "attention->kernel": attention}
 
 
 @pytest.mark.parametrize("arch", list(EXPECTED))

@@ -61,3 +61,24 @@ def test_reference_act_quant_gated():
 def test_unknown_activation_is_rejected():
     with pytest.raises(ValueError, match="unsupported"):
         act_code("swish2")
+
+
+@pytest.mark.parametrize("masked", ["none", "bool", "additive"])
+def test_reference_attention_matches_sdpa(masked):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 16, generator=g) for n in (5, 7, 7))
+    keep = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+    keep[0, ..., 4:] = False
+    mask = {"none": None, "bool": keep,
+            "additive": torch.zeros(2, 1, 1, 7).masked_fill(~keep, torch.finfo(torch.float32).min)}[masked]
+    got = R.attention(q, k, v, mask, 0.3)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
+    assert (got - want).abs().max() < 1e-5
+
+
+def test_reference_attention_fully_masked_row_is_zero():
+    q, k, v = (torch.randn(1, 2, 4, 8) for _ in range(3))
+    keep = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+    keep[..., 2, :] = False  # query 2 may attend to nothing
+    out = R.attention(q, k, v, keep, 0.5)
+    assert torch.equal(out[:, :, 2], torch.zeros(1, 2, 8)) and torch.isfinite(out).all()

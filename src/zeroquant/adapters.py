@@ -32,6 +32,13 @@ class Arch:
     # (MLP module, gate, up, down) for gated MLPs computing down(act(gate(x)) * up(x)): the product and the
     # down projection's token-wise quantization can run as one kernel
     gated_mlp: tuple[str, str, str, str] | None = None
+    # (norm relative to model.base_model, linears of the first block) for a norm before the first block whose
+    # output is exactly those linears' input (BERT's embedding LayerNorm feeds block 0's q/k/v)
+    norm_feeds_first: tuple[str, tuple[str, ...]] | None = None
+    # (self-attention module, query, key, value) of a bidirectional encoder block in BERT's convention
+    # (num_attention_heads, attention_head_size, forward(hidden_states, attention_mask, ...) -> (out, weights)):
+    # it can run on zeroquant's attention kernel (not for configs with is_decoder set)
+    self_attention: tuple[str, str, str, str] | None = None
     # a boolean config attribute that must be true for norm_feeds to hold (OPT-350m is post-LN)
     norm_feeds_when: str | None = None
     # what the norms compute: "layernorm" (torch's) or "rmsnorm" (weight * x * rsqrt(mean(x^2) + eps))
@@ -43,9 +50,11 @@ _BERT = Arch(
     attention=("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"),
     mlp=("intermediate.dense", "output.dense"),
     # Post-LN: the attention output's LayerNorm is the FFN input, and the block's output LayerNorm is the
-    # next block's QKV input (block 0 takes the embeddings' LayerNorm, which stays unfused).
+    # next block's QKV input; block 0's QKV input is the embeddings' LayerNorm (dropout is the identity at inference).
     norm_feeds={"attention.output.LayerNorm": ("intermediate.dense",)},
     norm_feeds_next={"output.LayerNorm": ("attention.self.query", "attention.self.key", "attention.self.value")},
+    norm_feeds_first=("embeddings.LayerNorm", ("attention.self.query", "attention.self.key", "attention.self.value")),
+    self_attention=("attention.self", "query", "key", "value"),
     residual_norm=(("attention.output", "dense", "dropout", "LayerNorm"), ("output", "dense", "dropout", "LayerNorm")),
     mlp_act=("intermediate.intermediate_act_fn", "intermediate.dense", "output.dense"),
 )

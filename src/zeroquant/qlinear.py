@@ -74,6 +74,14 @@ class QuantLinear(nn.Module):
 
     SCALE_BUFFERS = ("w_scale", "w_zero", "a_scale", "a_zero")
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """A buffer that is a view into an allocation shared with other linears (zeroquant.packing) is saved
+        as its own copy: checkpoints hold each linear's tensors alone, as before packing."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name, t in self._buffers.items():
+            if t is not None and t.untyped_storage().nbytes() > t.numel() * t.element_size():
+                destination[prefix + name] = t.detach().clone()
+
     def _apply(self, fn, recurse=True):
         """Follow device moves but keep scales and zero points float32 through model.half()/.to(dtype):
         rounding them to 16 bits would change every output."""
@@ -202,20 +210,25 @@ class QuantLinear(nn.Module):
 
     def forward_kernel(self, x: torch.Tensor) -> torch.Tensor:
         """The Triton path; only where uses_kernels(x)."""
-        from .kernels import gemm, rowwise
+        from .kernels import gemm
 
         if self.aq is None:
             return gemm.quant_linear(x, None, self.kernel_weight(), self.bias, act=self.act)
+        return self.forward_quantized(*self.kernel_input(x), x.dtype)
+
+    def kernel_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x in token-wise INT8 form (q, scale): the copy the op that produced x handed over, else quantized
+        now. Only where takes_prequant(x)."""
+        from .kernels import rowwise
+
         pre = self.__dict__.pop("_prequant", None)
         if pre is not None and pre[0] is x and pre[1] == x._version:
-            q, s = pre[2], pre[3]  # quantized by the norm that produced x (zeroquant.fusion)
-        elif pre is not None and pre[4]:
+            return pre[2], pre[3]  # quantized by the norm that produced x (zeroquant.fusion)
+        if pre is not None and pre[4]:
             raise ZeroQuantError(
                 "a fused activation handed this linear its INT8 input but the linear got another tensor: the "
                 "model's code does not match its adapter's mlp_act entry (zeroquant.adapters)")
-        else:
-            q, s = rowwise.quantize_per_token(x)
-        return self.forward_quantized(q, s, x.dtype)
+        return rowwise.quantize_per_token(x)
 
     def forward_quantized(self, q: torch.Tensor, s: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         """The kernel GEMM on an input already in token-wise INT8 form (q [..., K], s [..., 1]), made by a

@@ -122,3 +122,15 @@ def quant_linear(
     if bias is not None:
         y = y + bias.float()
     return apply_act(y, act).to(out_dtype)
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v in float32, returned in q's dtype; mask None, bool (True = attend) or
+    additive float, broadcastable to [B, H, Sq, Sk]. Rows with every key masked give zeros."""
+    s = (q.float() @ k.float().transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.float()
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    return (p @ v.float()).to(q.dtype)

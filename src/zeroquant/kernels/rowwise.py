@@ -20,9 +20,21 @@ NORMS = {"layernorm": 1, "rmsnorm": 2}
 
 
 @triton.jit
+def erf(x):
+    """erf to 6e-7 absolute (Abramowitz & Stegun 7.1.26): one reciprocal, one exp2 and five FMAs, against
+    libdevice's two polynomials and their selects. GELU + token quant on 4096 x 4096 (H100): 26.8 vs 31.9 us,
+    the same int8 values as the reference in all but 3e-6 of elements (by 1), as with libdevice."""
+    a = tl.abs(x)
+    t = 1.0 / (1.0 + 0.3275911 * a)
+    p = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+    r = 1.0 - p * tl.exp2(-a * a * 1.4426950408889634)
+    return tl.where(x < 0, -r, r)
+
+
+@triton.jit
 def apply_act(y, ACT: tl.constexpr):
     if ACT == 1:  # gelu (erf)
-        y = 0.5 * y * (1.0 + tl.erf(y * 0.7071067811865476))
+        y = 0.5 * y * (1.0 + erf(y * 0.7071067811865476))
     elif ACT == 2:  # gelu, tanh approximation (GPT-2's gelu_new)
         u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
         y = 0.5 * y * (1.0 + (2.0 * tl.sigmoid(2.0 * u) - 1.0))  # tanh(u)

@@ -1,0 +1,108 @@
+"""Bidirectional (encoder) attention in one Triton kernel that reads the model's mask as it is.
+
+torch's SDPA turns a boolean mask into a float one on every call (a fill kernel per layer) and its
+fused kernels take no stride-0 masks; this kernel reads Hugging Face's expanded [B, 1, Sq, Sk] mask (bool
+keep-mask or additive float) through its strides, so a key-padding mask costs one cached row per program.
+Flash-style: one program per (query block, batch x head), online softmax over key blocks, P rounded to
+the input dtype for the second dot as FlashAttention does. Twin: reference.attention.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+MASK_NONE, MASK_KEEP, MASK_ADD = 0, 1, 2
+
+
+@triton.jit
+def _attn_kernel(
+    q_ptr, k_ptr, v_ptr, m_ptr, o_ptr,
+    sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, smb, smh, smq, smk, sob, soh, sos,
+    H, SQ, SK, D, qk_scale,
+    MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = offs_m < SQ
+    dmask = offs_d < D
+    q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :],
+                mask=rows[:, None] & dmask[None, :], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start in range(0, SK, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        cols = offs_n < SK
+        k = tl.load(k_ptr + b * skb + h * skh + offs_n[None, :] * sks + offs_d[:, None],
+                    mask=cols[None, :] & dmask[:, None], other=0.0)
+        s = tl.dot(q, k) * qk_scale  # log2 domain: exp2 below
+        if MASK != 0:
+            mv = tl.load(m_ptr + b * smb + h * smh + offs_m[:, None] * smq + offs_n[None, :] * smk,
+                         mask=rows[:, None] & cols[None, :], other=0)
+            if MASK == 1:
+                s = tl.where(mv != 0, s, float("-inf"))
+            else:
+                s += mv.to(tl.float32) * 1.4426950408889634
+        s = tl.where(cols[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # Rows with every key masked so far keep m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptr + b * svb + h * svh + offs_n[:, None] * svs + offs_d[None, :],
+                    mask=cols[:, None] & dmask[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    # A fully masked row has l = 0: it outputs zeros (torch's math path would give NaN).
+    o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(o_ptr + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :], o.to(o_ptr.dtype.element_ty),
+             mask=rows[:, None] & dmask[None, :])
+
+
+def _mask_4d(mask: torch.Tensor | None, b: int, h: int, sq: int, sk: int) -> tuple[int, torch.Tensor | None]:
+    if mask is None:
+        return MASK_NONE, None
+    if mask.dim() != 4:
+        raise ValueError(f"attention mask must be 4-D [B, 1 or H, Sq, Sk], got shape {tuple(mask.shape)}")
+    m = mask.expand(b, h, sq, sk)  # broadcast dims get stride 0: nothing is materialised
+    return (MASK_KEEP, m.view(torch.uint8)) if m.dtype == torch.bool else (MASK_ADD, m)
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v for q [B, H, Sq, D], k/v [B, H, Sk, D] (any strides, last dim dense).
+
+    mask: None, bool (True = attend) or additive float, broadcastable to [B, H, Sq, Sk]. Returns [B, H, Sq, D]
+    as a transposed view of a [B, Sq, H, D] tensor, the layout the output projection reads.
+    """
+    b, h, sq, d = q.shape
+    sk = k.shape[2]
+    if any(t.stride(-1) != 1 for t in (q, k, v)):
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    kind, m = _mask_4d(mask, b, h, sq, sk)
+    o = torch.empty(b, sq, h, d, dtype=q.dtype, device=q.device)
+    ms = m.stride() if m is not None else (0, 0, 0, 0)
+    block_d = max(16, triton.next_power_of_2(d))
+    # 128 x 64 tiles, 8 warps, 2 stages: 16.5 us on H100 for BERT-large's 32 x 16 heads x 128 x 64, against
+    # 21-30 us for 128 x 128 or 64 x 128 tiles and 28.6 us for SDPA with the expanded boolean mask.
+    block_m = 64 if sq <= 64 else 128
+    grid = (triton.cdiv(sq, block_m), b * h)
+    if o.numel():
+        _attn_kernel[grid](
+            q, k, v, m if m is not None else q, o,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), *ms, o.stride(0), o.stride(2), o.stride(1),
+            h, sq, sk, d, scale * _LOG2E,
+            MASK=kind, BLOCK_M=block_m, BLOCK_N=64, BLOCK_D=block_d, num_warps=4 if block_m == 64 else 8,
+            num_stages=2,
+        )
+    return o.transpose(1, 2)

@@ -1,0 +1,78 @@
+"""One GEMM for linears that read the same input (an encoder's q, k, v projections).
+
+pack() moves each buffer of the QuantLinears (qweight, scales, zero points, bias) into one allocation and
+leaves each linear a view of its part, so nothing is stored twice: the kernels read the [N1 + N2 + ..., K]
+weight, while every other path, the state dict and the parameter names see the three linears as before.
+A device move gives each view its own copy again; packed_weight() then returns None and the caller packs
+anew. QuantLinear's state dict copies views out of a packed allocation, so checkpoints do not change.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .qlinear import QuantLinear
+
+# buffer, the dimension that holds the output channels in its storage, whether the buffer is a transposed
+# view of that storage (scales and zero points are [N, G] views of [G, N] rows)
+_LAYOUT = (("qweight", 0, False), ("w_scale", 1, True), ("w_zero", 1, True), ("bias", 0, False))
+
+
+def packable(linears: list[QuantLinear]) -> bool:
+    """Same weight and activation formats, input size and bias presence, and no epilogue activation."""
+    first = linears[0]
+    return all(
+        isinstance(m, QuantLinear) and m.wq == first.wq and m.aq == first.aq and m.act is None
+        and m.in_features == first.in_features and (m.bias is None) == (first.bias is None)
+        and (m.w_zero is None) == (first.w_zero is None) for m in linears)
+
+
+def _stored(t: torch.Tensor, flip: bool) -> torch.Tensor:
+    return t.t() if flip else t
+
+
+@torch.no_grad()
+def pack(linears: list[QuantLinear]) -> None:
+    """Give the linears' buffers one allocation each (in place of their own)."""
+    for name, dim, flip in _LAYOUT:
+        bufs = [m._buffers[name] for m in linears]
+        if bufs[0] is None:
+            continue
+        base = torch.cat([_stored(b, flip) for b in bufs], dim)
+        off = 0
+        for m, b in zip(linears, bufs, strict=True):
+            n = b.shape[0]
+            m._buffers[name] = _stored(base.narrow(dim, off, n), flip)
+            off += n
+    for m in linears:
+        m.__dict__.pop("_kernel_cache", None)
+
+
+def _base(bufs: list[torch.Tensor], dim: int, flip: bool) -> torch.Tensor | None:
+    """The whole allocation the buffers are consecutive views of, or None if they are not (any more)."""
+    parts = [_stored(b, flip) for b in bufs]
+    shape = list(parts[0].shape)
+    shape[dim] = sum(p.shape[dim] for p in parts)
+    storage = parts[0].untyped_storage()
+    base = parts[0].new_empty(0).set_(storage, 0, shape)
+    if storage.nbytes() != base.numel() * base.element_size():
+        return None
+    off = 0
+    for p in parts:
+        want = base.narrow(dim, off, p.shape[dim])
+        if (p.data_ptr(), p.shape, p.stride()) != (want.data_ptr(), want.shape, want.stride()):
+            return None
+        off += p.shape[dim]
+    return base
+
+
+def packed_buffers(linears: list[QuantLinear]) -> dict[str, torch.Tensor | None] | None:
+    """Each buffer's whole packed allocation in storage layout (qweight [N, K'], w_scale / w_zero [G, N],
+    bias [N], N summed over the linears), or None if the linears are not packed."""
+    bases = {}
+    for name, dim, flip in _LAYOUT:
+        bufs = [m._buffers[name] for m in linears]
+        bases[name] = None if bufs[0] is None else _base(bufs, dim, flip)
+        if bufs[0] is not None and bases[name] is None:
+            return None
+    return bases

@@ -1,0 +1,66 @@
+"""CPU: q/k/v packing keeps every linear's numbers, state dict and checkpoint, and notices when it is undone."""
+
+import pytest
+import torch
+from kernel_cases import VARIANTS, quant_linear
+from safetensors.torch import load_model, save_model
+from tiny_models import model_output, tiny_input, tiny_model
+
+import zeroquant as zq
+from zeroquant import packing
+from zeroquant.fusion import EncoderAttention
+
+
+def three(bits, group, sym, a8):
+    torch.manual_seed(0)
+    return [quant_linear(256, n, bits, group, sym, a8, "cpu") for n in (96, 96, 64)]
+
+
+@pytest.mark.parametrize("name,bits,group,sym,a8", VARIANTS)
+def test_pack_keeps_outputs_and_state_dict(name, bits, group, sym, a8):
+    lins = three(bits, group, sym, a8)
+    x = torch.randn(5, 256)
+    before = [m(x) for m in lins]
+    states = [{k: v.clone() for k, v in m.state_dict().items()} for m in lins]
+    assert packing.packable(lins) and packing.packed_buffers(lins) is None
+    packing.pack(lins)
+    bases = packing.packed_buffers(lins)
+    assert bases["qweight"].shape[0] == 256 and bases["w_scale"].shape[1] == 256
+    assert torch.equal(bases["qweight"], torch.cat([m.qweight for m in lins]))
+    assert torch.equal(bases["w_scale"], torch.cat([m.w_scale for m in lins]).t())
+    assert torch.equal(bases["bias"], torch.cat([m.bias for m in lins]))
+    for m, want, st in zip(lins, before, states, strict=True):
+        assert torch.equal(m(x), want)
+        sd = m.state_dict()
+        assert sd.keys() == st.keys() and all(torch.equal(sd[k], st[k]) for k in st)
+        # saved as the linear's own tensors, not views into the shared allocation
+        assert all(v.untyped_storage().nbytes() == v.numel() * v.element_size() for v in sd.values())
+
+
+def test_packing_is_undone_by_a_copy_and_follows_in_place_updates():
+    lins = three(8, -1, True, True)
+    packing.pack(lins)
+    lins[1].load_state_dict(three(8, 64, True, True)[0].state_dict() | {"w_scale": torch.ones(96, 1)},
+                            strict=False)
+    assert torch.equal(packing.packed_buffers(lins)["w_scale"][0, 96:192], torch.ones(96))
+    lins[2]._apply(lambda t: t.clone())  # what a device move does to each view
+    assert packing.packed_buffers(lins) is None
+
+
+def test_not_packable_across_formats():
+    lins = three(8, -1, True, True)
+    assert not packing.packable([*lins[:2], quant_linear(256, 96, 4, 128, False, True, "cpu")])
+    assert not packing.packable([*lins[:2], quant_linear(256, 96, 8, -1, True, True, "cpu", bias=False)])
+
+
+def test_packed_bert_saves_and_loads(tmp_path):
+    q = zq.quantize(tiny_model("bert"), "w8a8", progress=False)
+    ids = tiny_input()
+    want = model_output(q, ids)
+    for attn in (m for m in q.modules() if isinstance(m, EncoderAttention)):
+        packing.pack([getattr(attn, n) for n in attn.names])
+    assert torch.equal(model_output(q, ids), want)
+    save_model(q, str(tmp_path / "m.safetensors"))
+    fresh = zq.quantize(tiny_model("bert", seed=3), "w8a8", progress=False)
+    load_model(fresh, str(tmp_path / "m.safetensors"))
+    assert torch.equal(model_output(fresh, ids), want)
