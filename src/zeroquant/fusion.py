@@ -169,6 +169,12 @@ class ResidualNorm(nn.Module):
         return f"{self.names[2]}({self.names[1]}({self.names[0]}(h)) + residual), add fused into the norm"
 
 
+def _buffers_key(linears: list[QuantLinear]) -> tuple:
+    """Where the linears' buffers live and how often they were written: a packed weight built from them is
+    stale once this changes (a device move, packing, an in-place update)."""
+    return tuple((b.data_ptr(), b._version) for m in linears for b in m._buffers.values() if b is not None)
+
+
 class EncoderAttention(nn.Module):
     """A bidirectional self-attention whose softmax(q k^T * scale + mask) v runs on zeroquant's attention
     kernel (kernels.attention) on CUDA at inference. Holds the original module's children under their own
@@ -228,7 +234,7 @@ class EncoderAttention(nn.Module):
         lins = [getattr(self, n) for n in self.names]
         if not (packing.packable(lins) and all(m.uses_kernels(x) for m in lins)):
             return None
-        key = tuple((b.data_ptr(), b._version) for m in lins for b in m._buffers.values() if b is not None)
+        key = _buffers_key(lins)
         cached = self.__dict__.get("_packed")
         if cached is None or cached[0] != key:
             packed = packing.packed_buffers(lins)
@@ -240,7 +246,7 @@ class EncoderAttention(nn.Module):
                     return None
                 packing.pack(lins)
                 packed = packing.packed_buffers(lins)
-                key = tuple((b.data_ptr(), b._version) for m in lins for b in m._buffers.values() if b is not None)
+                key = _buffers_key(lins)
             from .kernels.gemm import KernelWeight
 
             first = lins[0]
@@ -337,7 +343,7 @@ def fuse(model: nn.Module) -> dict[str, int]:
         return done
     blocks = get_blocks(model)
     norms = _norms_apply(model, arch)
-    if norms and arch.norm_feeds_first is not None:
+    if norms and arch.norm_feeds_first is not None and len(blocks):
         name, linears = arch.norm_feeds_first
         consumers = [blocks[0].get_submodule(n) for n in linears]
         done["norm->quant"] += _fuse_norm(base_model(model), name, arch.norm, consumers)
