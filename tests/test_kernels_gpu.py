@@ -82,6 +82,45 @@ def test_act_quant(m, act, gated):
     assert_quant_close(q, s, *R.act_quant(x, act, gate=g))
 
 
+def test_quantize_per_token_edge_rows():
+    """Rows whose every element is the absmax (each divides to exactly +-127), all-zero rows (the scale floor)
+    and rows far below it: no clamp is applied in the kernel, so +-127 must come out of the rounding itself."""
+    from zeroquant.kernels import rowwise
+
+    x = torch.randn(6, 4096, device="cuda", dtype=torch.float16)
+    x[0] = 3.0
+    x[1] = -0.007
+    x[2, ::2], x[2, 1::2] = 65504.0, -65504.0
+    x[3] = 0.0
+    x[4] *= 1e-7
+    poison_cuda_cache()
+    q, s = rowwise.quantize_per_token(x)
+    q_ref, s_ref = R.quantize_per_token(x)
+    # torch on CUDA divides by a scalar as a multiply by its reciprocal: the scales may differ by an ulp.
+    assert torch.equal(q, q_ref) and rel_err(s, s_ref) < 1e-6
+    assert q[0].eq(127).all() and q[1].eq(-127).all() and q[3].eq(0).all()
+
+
+def test_gelu_erf_accuracy():
+    """The kernels' GELU (A&S 7.1.26 on the normal CDF) against float64 erf GELU over [-12, 12]."""
+    import triton
+    import triton.language as tl
+
+    from zeroquant.kernels.rowwise import gelu_erf
+
+    @triton.jit
+    def gelu_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(y_ptr + offs, gelu_erf(tl.load(x_ptr + offs, mask=offs < n)), mask=offs < n)
+
+    x = torch.linspace(-12, 12, 1_000_001, device="cuda")
+    y = torch.empty_like(x)
+    gelu_kernel[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), BLOCK=1024)
+    want = torch.nn.functional.gelu(x.double())
+    # |y| * (error in Phi), Phi to ~3e-7 absolute; float32 rounding of 1 - h adds 6e-8.
+    assert ((y.double() - want).abs() / x.double().abs().clamp(min=1)).max() < 5e-7
+
+
 def _run_gemm(ql, x, bits, a8, act=None):
     from zeroquant.kernels import gemm, rowwise
 

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import pdl_flags, wait_for_producer
+
 _LOG2E = 1.4426950408889634
 MASK_NONE, MASK_KEEP, MASK_ADD = 0, 1, 2
 
@@ -22,8 +24,9 @@ def _attn_kernel(
     q_ptr, k_ptr, v_ptr, m_ptr, o_ptr,
     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, smb, smh, smq, smk, sob, soh, sos,
     H, SQ, SK, D, qk_scale,
-    MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_producer(PDL)
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -103,6 +106,6 @@ def attention(
             v.stride(0), v.stride(1), v.stride(2), *ms, o.stride(0), o.stride(2), o.stride(1),
             h, sq, sk, d, scale * _LOG2E,
             MASK=kind, BLOCK_M=block_m, BLOCK_N=64, BLOCK_D=block_d, num_warps=4 if block_m == 64 else 8,
-            num_stages=2,
+            num_stages=2, **pdl_flags(q),
         )
     return o.transpose(1, 2)

@@ -14,27 +14,36 @@ import triton.language as tl
 
 from ..quant import EPS
 from . import act_code
+from .launch import pdl_flags, wait_for_producer
 
 NORM_NONE = 0
 NORMS = {"layernorm": 1, "rmsnorm": 2}
 
 
 @triton.jit
-def erf(x):
-    """erf to 6e-7 absolute (Abramowitz & Stegun 7.1.26): one reciprocal, one exp2 and five FMAs, against
-    libdevice's two polynomials and their selects. GELU + token quant on 4096 x 4096 (H100): 26.8 vs 31.9 us,
-    the same int8 values as the reference in all but 3e-6 of elements (by 1), as with libdevice."""
-    a = tl.abs(x)
-    t = 1.0 / (1.0 + 0.3275911 * a)
-    p = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
-    r = 1.0 - p * tl.exp2(-a * a * 1.4426950408889634)
-    return tl.where(x < 0, -r, r)
+def _rcp(x):
+    # One MUFU.RCP. Triton's fp32 '/' is div.full, which adds range checks and rescaling (~8 instructions).
+    return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                     pack=1)
+
+
+@triton.jit
+def gelu_erf(y):
+    """y * Phi(y), Phi the normal CDF, to ~3e-7 absolute in Phi: Phi(y) = 1 - h for y >= 0 and h for y < 0,
+    h = erfc(|y| / sqrt 2) / 2 by Abramowitz & Stegun 7.1.26 (one reciprocal, one exp2, five FMAs; its
+    coefficients halved and the 1/sqrt 2 folded in). Token quantization after it is bound by instruction
+    issue, not memory: against 0.5 y (1 + erf(y / sqrt 2)) this drops the sign select, the cancellation
+    1 - (1 - h) for negative y, and div.full's range checks."""
+    t = _rcp(1.0 + 0.23164189972 * tl.abs(y))  # 0.3275911 / sqrt 2
+    h = t * (0.127414796 + t * (-0.142248368 + t * (0.7107068705 + t * (-0.7265760135 + t * 0.5307027145))))
+    h = h * tl.exp2(y * y * -0.7213475204444817)  # exp(-y^2 / 2)
+    return y * tl.where(y < 0, h, 1.0 - h)
 
 
 @triton.jit
 def apply_act(y, ACT: tl.constexpr):
     if ACT == 1:  # gelu (erf)
-        y = 0.5 * y * (1.0 + erf(y * 0.7071067811865476))
+        y = gelu_erf(y)
     elif ACT == 2:  # gelu, tanh approximation (GPT-2's gelu_new)
         u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
         y = 0.5 * y * (1.0 + (2.0 * tl.sigmoid(2.0 * u) - 1.0))  # tanh(u)
@@ -46,38 +55,59 @@ def apply_act(y, ACT: tl.constexpr):
 
 
 @triton.jit
+def _load(ptr, cols, K, EVEN: tl.constexpr):
+    if EVEN:  # the row fills the block: no mask compares and selects (the GELU pass is issue-bound)
+        v = tl.load(ptr + cols)
+    else:
+        v = tl.load(ptr + cols, mask=cols < K, other=0.0)
+    return v
+
+
+@triton.jit
+def _store(ptr, cols, v, K, EVEN: tl.constexpr):
+    if EVEN:
+        tl.store(ptr + cols, v)
+    else:
+        tl.store(ptr + cols, v, mask=cols < K)
+
+
+@triton.jit
 def _row_quant_kernel(
     x_ptr, r_ptr, g_ptr, w_ptr, b_ptr, y_ptr, q_ptr, s_ptr,
     K, stride_x, stride_r, stride_g, stride_y, stride_q, eps, qeps,
     NORM: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr,
-    HAS_BIAS: tl.constexpr, WRITE_Y: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WRITE_Y: tl.constexpr, BLOCK: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_producer(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
-    mask = cols < K
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    x = _load(x_ptr + row * stride_x, cols, K, EVEN)
     out_ty = x.dtype
     y = x.to(tl.float32)
     if HAS_RES:  # the residual add before a post-LN norm, rounded to the model dtype as torch's add is
-        y = (y + tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)).to(out_ty).to(tl.float32)
+        y = (y + _load(r_ptr + row * stride_r, cols, K, EVEN).to(tl.float32)).to(out_ty).to(tl.float32)
     if NORM == 1:
         mean = tl.sum(y, 0) / K
-        d = tl.where(mask, y - mean, 0.0)
+        d = y - mean
+        if not EVEN:
+            d = tl.where(cols < K, d, 0.0)
         rstd = tl.rsqrt(tl.sum(d * d, 0) / K + eps)
-        y = d * rstd * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        y = d * rstd * _load(w_ptr, cols, K, EVEN).to(tl.float32)
         if HAS_BIAS:
-            y += tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            y += _load(b_ptr, cols, K, EVEN).to(tl.float32)
     elif NORM == 2:
         rstd = tl.rsqrt(tl.sum(y * y, 0) / K + eps)
         # HF's RMSNorm rounds x * rstd to the model dtype before the weight multiply; so do we.
-        y = (y * rstd).to(out_ty).to(tl.float32) * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        y = (y * rstd).to(out_ty).to(tl.float32) * _load(w_ptr, cols, K, EVEN).to(tl.float32)
     y = apply_act(y, ACT)
     if HAS_GATE:
-        y = y.to(out_ty).to(tl.float32) * tl.load(g_ptr + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+        y = y.to(out_ty).to(tl.float32) * _load(g_ptr + row * stride_g, cols, K, EVEN).to(tl.float32)
     y = y.to(out_ty)
     if WRITE_Y:
-        tl.store(y_ptr + row * stride_y + cols, y, mask=mask)
-    y = tl.where(mask, y.to(tl.float32), 0.0)
+        _store(y_ptr + row * stride_y, cols, y, K, EVEN)
+    y = y.to(tl.float32)
+    if not EVEN:
+        y = tl.where(cols < K, y, 0.0)
     # IEEE division (div_rn) for the scale, as torch does: Triton's default '/' is approximate and would
     # move ties. Per element, y / scale is y * (1 / scale) plus one FMA correction from the exact residual,
     # the correctly rounded quotient in all but rare last-ulp cases; div_rn per element made GELU + quant
@@ -87,10 +117,11 @@ def _row_quant_kernel(
     t = y * inv
     t = tl.fma(tl.fma(-t, scale, y), inv, t)
     # Round half to even like torch.round: adding 1.5 * 2^23 leaves no fraction bits, so the float add
-    # rounds; exact for |y / scale| <= 127.
-    q = (t + 12582912.0) - 12582912.0
-    q = tl.minimum(tl.maximum(q, -127.0), 127.0)
-    tl.store(q_ptr + row * stride_q + cols, q.to(tl.int8), mask=mask)
+    # rounds, and the sum's low mantissa bits are the integer itself (two's complement): its low byte is
+    # the int8, with no float -> int conversion. No clamp to [-127, 127] is needed: |y| <= absmax and scale
+    # = RN(absmax / 127), so |t| <= 127 (1 + 2^-23) and rounds to at most 127.
+    q = (t + 12582912.0).to(tl.int32, bitcast=True).to(tl.int8)
+    _store(q_ptr + row * stride_q, cols, q, K, EVEN)
     tl.store(s_ptr + row, scale)
 
 
@@ -118,7 +149,8 @@ def _launch(x, *, norm=NORM_NONE, weight=None, bias=None, eps=0.0, act=None, gat
             x2, r2, g2, weight if weight is not None else x2, bias if bias is not None else x2, y, q, s,
             k, x2.stride(0), r2.stride(0), g2.stride(0), y.stride(0), q.stride(0), eps, EPS,
             NORM=norm, ACT=act_code(act), HAS_RES=residual is not None, HAS_GATE=gate is not None,
-            HAS_BIAS=bias is not None, WRITE_Y=write_y, BLOCK=block, num_warps=warps,
+            HAS_BIAS=bias is not None, WRITE_Y=write_y, BLOCK=block, EVEN=block == k, num_warps=warps,
+            **pdl_flags(x2),
         )
     lead = x.shape[:-1]
     out = (q.reshape(*lead, k), s.reshape(*lead, 1))
