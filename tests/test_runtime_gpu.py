@@ -35,15 +35,16 @@ def test_graph_decoder_matches_generate(preset, batch):
     assert torch.equal(dec.generate(ids, 32), want)  # replays after a fresh prefill
 
 
-def test_graphed_encoder_matches_eager():
+@pytest.mark.parametrize("seq", [32, 80])  # 128 tokens: the tile GEMM; 320: the TMA GEMM, with PDL in the graph
+def test_graphed_encoder_matches_eager(seq):
     torch.manual_seed(0)
     m = T.BertModel(T.BertConfig(intermediate_size=512, **DIMS)).eval()
     q = zq.quantize(m, "w8a8", progress=False).half().cuda()
-    ids = torch.randint(0, 1000, (4, 32), device="cuda")
+    ids = torch.randint(0, 1000, (4, seq), device="cuda")
     with torch.no_grad():
         want = q(input_ids=ids).last_hidden_state.clone()
     g = GraphedForward(q, input_ids=ids)
-    ids2 = torch.randint(0, 1000, (4, 32), device="cuda")
+    ids2 = torch.randint(0, 1000, (4, seq), device="cuda")
     with torch.no_grad():
         want2 = q(input_ids=ids2).last_hidden_state.clone()
     # Under capture Hugging Face builds an explicit attention mask instead of skipping it: same math, another
@@ -51,6 +52,21 @@ def test_graphed_encoder_matches_eager():
     for x, w in ((ids, want), (ids2, want2)):
         got = g(input_ids=x).last_hidden_state.float()
         assert ((got - w.float()).norm() / w.float().norm()).item() < 2e-3
+
+
+def test_gemms_ask_for_pdl_only_while_a_graph_is_captured():
+    from zeroquant.kernels import launch
+
+    x = torch.zeros(1, device="cuda")
+    hopper = torch.cuda.get_device_capability()[0] >= 9 and launch.gdc_wait is not None
+    assert launch.pdl_flags(x, graph_only=True) == {"PDL": False}
+    assert launch.pdl_flags(x)["PDL"] == hopper
+    seen = []
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        seen.append(launch.pdl_flags(x, graph_only=True))
+        x.add_(1)
+    assert seen == [{"PDL": True, "launch_pdl": True} if hopper else {"PDL": False}]
 
 
 def test_fused_norm_quantizes_once_for_its_linears(monkeypatch):

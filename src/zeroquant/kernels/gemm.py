@@ -23,7 +23,7 @@ import triton.language as tl
 
 from .. import quant as Q
 from . import act_code
-from .launch import device_index, device_info
+from .launch import device_index, device_info, pdl_flags, wait_for_producer
 from .rowwise import apply_act
 
 try:  # host-side TMA descriptors (Triton >= 3.4)
@@ -289,13 +289,14 @@ _TMA_CONFIGS = [_tma_cfg(*c) for c in [
 def _w8a8_tma_kernel(
     a_desc, w_desc, c_desc, as_ptr, s_ptr, b_ptr, M, N, K, M_BUCKET,
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PERSIST: tl.constexpr,
+    PERSIST: tl.constexpr, PDL: tl.constexpr,
 ):
     """Prefill W8A8 with per-channel weights: the int8 x int8 tiles arrive by TMA (Hopper's bulk copy
     engine, out-of-range parts zero-filled), which frees the warps' load instructions and registers for the
     MMAs; 3-12% faster than the pointer-based _qlinear_kernel at M = 4096 on H100. One int32 accumulator,
     the same epilogue, stored by TMA. Each program takes tiles pid, pid + programs, ... (one tile unless
     PERSIST)."""
+    wait_for_producer(PDL)
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     for t in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=PERSIST):
         pid_m, pid_n = _tile(t, M, N, BLOCK_M, BLOCK_N)
@@ -340,7 +341,7 @@ def _w8a8_tma(a, xs, w: KernelWeight, bias, act, c, config: triton.Config | None
              for name, t in (("a_desc", a), ("w_desc", w.qweight), ("c_desc", c))}
     m_bucket = min(triton.next_power_of_2(m), 16384)
     args = (*descs.values(), xs, w.scale, bias if bias is not None else c, m, n, k, m_bucket)
-    flags = {"HAS_BIAS": bias is not None, "ACT": act_code(act)}
+    flags = {"HAS_BIAS": bias is not None, "ACT": act_code(act), **pdl_flags(a, graph_only=True)}
     if config is None:
         _w8a8_tma_kernel[grid](*args, **flags)
         return
@@ -375,6 +376,7 @@ def _gemv_kernel(
     a_ptr, as_ptr, w_ptr, s_ptr, z_ptr, b_ptr, c_ptr, N, K, stride_wn,
     A_INT8: tl.constexpr, W_BITS: tl.constexpr, HAS_ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, CH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One token (M = 1): y = x @ W^T on CUDA cores, weights streamed in wide K-contiguous rows.
 
@@ -382,6 +384,7 @@ def _gemv_kernel(
     a [BLOCK_N, BLOCK_K] slab, multiplies by x in float32 (exact for int8 x), reduces each chunk, and
     applies the chunk's group scale to the chunk's sum rather than to every weight.
     """
+    wait_for_producer(PDL)
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rn = offs_n % N
@@ -465,7 +468,7 @@ def quant_linear(
         _gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
             a, xs, w.qweight, w.scale, w.zero if w.zero is not None else w.scale, bias if bias is not None else c, c,
             n, k, w.qweight.stride(0), A_INT8=a_int8, W_BITS=w.bits, HAS_ZERO=w.zero is not None,
-            GROUP_SIZE=group, HAS_BIAS=bias is not None, ACT=act_code(act),
+            GROUP_SIZE=group, HAS_BIAS=bias is not None, ACT=act_code(act), **pdl_flags(a, graph_only=True),
         )
         return c.reshape(*lead, n)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)

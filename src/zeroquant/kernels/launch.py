@@ -4,9 +4,13 @@ Programmatic dependent launch (PDL, Hopper+): a kernel launched with it may star
 it in the stream is still finishing; it blocks in `wait_for_producer` until that kernel has completed and
 its writes are visible. What it saves is the launch and ramp-up gap between dependent kernels. The row and
 attention kernels use it, each calling `wait_for_producer` before its first global load or store, so
-nothing reads an input early or overwrites a buffer still being read. The GEMMs do not: on H100, with PDL
-on them too, BERT-large's w8a8 graph gained ~0.1 ms (4.33 against 4.43 ms) while Llama-7B 8 x 512 prefill
-was slower in most processes (8 layers: 23.4-30.9 ms against 22.5-26.7, the same autotuned configs).
+nothing reads an input early or overwrites a buffer still being read.
+
+The GEMMs are pickier (H100 measurements). Eager Llama-7B 8 x 512 prefill was slower with PDL on them in
+most processes (8 layers: 23.4-30.9 ms against 22.5-26.7, the same autotuned configs), so the TMA GEMM and
+the GEMV take it only while a CUDA graph is captured: BERT-large's w8a8 graph 4.37-4.39 -> 4.28 ms, Llama
+(8 layers) batch-1 decode 645 -> 660 tok/s. The tile GEMM (decode at batch 16) never does: w4/8-a8 went
+7660 -> 6950 tok/s with it.
 """
 
 from __future__ import annotations
@@ -40,9 +44,12 @@ def _pdl_ok(device: int) -> bool:
     return gdc_wait is not None and device_info(device)[0] >= 9
 
 
-def pdl_flags(t: torch.Tensor) -> dict:
-    """Launch kwargs for a kernel taking a `PDL: tl.constexpr`, on t's device."""
-    return {"PDL": True, "launch_pdl": True} if _pdl_ok(device_index(t)) else {"PDL": False}
+def pdl_flags(t: torch.Tensor, graph_only: bool = False) -> dict:
+    """Launch kwargs for a kernel taking a `PDL: tl.constexpr`, on t's device. graph_only: only while a CUDA
+    graph is being captured (the GEMMs; see the module docstring)."""
+    if not _pdl_ok(device_index(t)) or (graph_only and not torch.cuda.is_current_stream_capturing()):
+        return {"PDL": False}
+    return {"PDL": True, "launch_pdl": True}
 
 
 @triton.jit

@@ -72,6 +72,27 @@ def _store(ptr, cols, v, K, EVEN: tl.constexpr):
 
 
 @triton.jit
+def token_scale(absmax, qeps):
+    """A token's INT8 scale from its absmax, as torch computes it: IEEE division (div_rn), not Triton's
+    approximate '/', which would move ties."""
+    return tl.math.div_rn(tl.maximum(absmax, qeps), 127.0)
+
+
+@triton.jit
+def to_int8(y, scale, inv):
+    """round_half_even(y / scale) as int8, inv = div_rn(1, scale). Per element, y / scale is y * inv plus one
+    FMA correction from the exact residual, the correctly rounded quotient in all but rare last-ulp cases
+    (div_rn per element made GELU + quant on 4096 x 4096 compute-bound on H100: 39 vs 34 us). Rounding:
+    adding 1.5 * 2^23 leaves no fraction bits, so the float add rounds half to even like torch.round, and
+    the sum's low mantissa bits are the integer itself (two's complement): its low byte is the int8, with
+    no float -> int conversion. No clamp to [-127, 127] is needed: |y| <= absmax and scale = RN(absmax /
+    127), so |y * inv| <= 127 (1 + 2^-23) and rounds to at most 127."""
+    t = y * inv
+    t = tl.fma(tl.fma(-t, scale, y), inv, t)
+    return (t + 12582912.0).to(tl.int32, bitcast=True).to(tl.int8)
+
+
+@triton.jit
 def _row_quant_kernel(
     x_ptr, r_ptr, g_ptr, w_ptr, b_ptr, y_ptr, q_ptr, s_ptr,
     K, stride_x, stride_r, stride_g, stride_y, stride_q, eps, qeps,
@@ -108,19 +129,8 @@ def _row_quant_kernel(
     y = y.to(tl.float32)
     if not EVEN:
         y = tl.where(cols < K, y, 0.0)
-    # IEEE division (div_rn) for the scale, as torch does: Triton's default '/' is approximate and would
-    # move ties. Per element, y / scale is y * (1 / scale) plus one FMA correction from the exact residual,
-    # the correctly rounded quotient in all but rare last-ulp cases; div_rn per element made GELU + quant
-    # on a 4096 x 4096 tile compute-bound (39 vs 34 us on H100).
-    scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(y), 0), qeps), 127.0)
-    inv = tl.math.div_rn(1.0, scale)
-    t = y * inv
-    t = tl.fma(tl.fma(-t, scale, y), inv, t)
-    # Round half to even like torch.round: adding 1.5 * 2^23 leaves no fraction bits, so the float add
-    # rounds, and the sum's low mantissa bits are the integer itself (two's complement): its low byte is
-    # the int8, with no float -> int conversion. No clamp to [-127, 127] is needed: |y| <= absmax and scale
-    # = RN(absmax / 127), so |t| <= 127 (1 + 2^-23) and rounds to at most 127.
-    q = (t + 12582912.0).to(tl.int32, bitcast=True).to(tl.int8)
+    scale = token_scale(tl.max(tl.abs(y), 0), qeps)
+    q = to_int8(y, scale, tl.math.div_rn(1.0, scale))
     _store(q_ptr + row * stride_q, cols, q, K, EVEN)
     tl.store(s_ptr + row, scale)
 
