@@ -9,6 +9,10 @@ One kernel body, specialised by constexprs, covers the four weight/activation co
   tensor-core dot with float32 accumulation.
 INT4 weights are packed two per byte and unpacked in registers, so only K/2 bytes per row leave memory.
 
+Three more kernels take the shapes where that one is not the fastest: _w8a8_tma_kernel (prefill W8A8 on
+Hopper, operands by TMA), _w4a16_skinny_kernel (W4A16 decode at 1..16 tokens on Hopper: the weights as the
+MMA's M side, split-K) and _gemv_kernel (the other formats at one token, on CUDA cores).
+
 Scales and zero points are stored transposed, [G, N], so one program's loads of a group's scales are
 contiguous; `KernelWeight.from_quant` makes that layout once per layer.
 """
@@ -35,6 +39,7 @@ except ImportError:  # older Triton: the pointer-based kernel takes every shape
 # channel j | channel j + PACK/2 << 4), read as stored. Unpacking is two nibble masks with no register
 # shuffle, and each half feeds its own dot against a contiguous slice of the activations.
 PACK = Q.INT4_CHUNK
+PACK_C = tl.constexpr(PACK)  # the same, readable inside kernels
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,14 @@ class KernelWeight:
     bits: int
     in_features: int
     out_features: int
+    # Split-K arrival counters of the small-M INT4 kernel, one per tile of output channels; zero between
+    # launches (each tile's last program resets its own). Owned by the weight so no two layers share them.
+    counters: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.counters is None and self.bits == 4:
+            tiles = triton.cdiv(self.out_features, SKINNY_BLOCK_N)
+            object.__setattr__(self, "counters", torch.zeros(tiles, dtype=torch.int32, device=self.qweight.device))
 
     @property
     def group_size(self) -> int:
@@ -259,6 +272,147 @@ def _qlinear_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
+# The small-M INT4 kernel's tile of output channels: the M side of one Hopper warpgroup MMA (64 x 16 x 16).
+SKINNY_BLOCK_N = 64
+
+
+def _skinny_cfg(bk, stages):
+    return triton.Config({"BLOCK_K": bk}, num_warps=4, num_stages=stages)
+
+
+_SKINNY_CONFIGS = [_skinny_cfg(128, 3), _skinny_cfg(128, 4), _skinny_cfg(64, 4)]
+
+
+def _prune_skinny(configs, named_args, **kwargs):
+    k = {**named_args, **kwargs}["K"]
+    return [c for c in configs if k % c.kwargs["BLOCK_K"] == 0]
+
+
+@triton.autotune(
+    configs=_SKINNY_CONFIGS,
+    key=["N", "K", "HAS_ZERO", "GROUP_SIZE", "SPLIT"],
+    prune_configs_by={"early_config_prune": _prune_skinny},
+    do_bench=_gpu_time,
+)
+@triton.jit
+def _w4a16_skinny_kernel(
+    a_ptr, w_ptr, s_ptr, z_ptr, b_ptr, c_ptr, ws_ptr, cnt_ptr, M, N, K, stride_am, stride_wn, stride_cm,
+    HAS_ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """W4A16 for M <= 16 (batched decode): C^T = W x^T, so the weights are the MMA's M side.
+
+    Why not _qlinear_kernel: with the tokens as M, Hopper's warpgroup MMA (M = 64) cannot be used, and every
+    weight was scaled in float32 before the dot; at M = 16 that kernel ran no faster than cuBLAS on FP16
+    weights (4096 x 11008 on H100: 33.7 against 35.0 us). Here a weight tile dequantizes in registers
+    straight into the MMA's register operand: nibble | 0x6400 is the fp16 1024 + q (0x4300: bf16 128 + q),
+    minus (1024 + zero) gives q - zero exactly, two weights per packed half-precision add. The group's
+    scale multiplies the group's float32 dot instead of each weight. Program (n, s) covers 64 channels and
+    the s-th of SPLIT slices of K, so enough programs stream weights at once; the last of a tile's SPLIT
+    programs to finish (an arrival counter) sums the float32 partials in slice order, so results do not
+    depend on timing, and resets the counter.
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = offs_n % N
+    offs_m = tl.arange(0, 16)
+    rm = offs_m % M
+    # A sub-step never straddles a weight group. Its bytes hold whole half-split chunks (quant.pack_int4):
+    # the low nibbles of bytes 0..31 of a chunk are its channels 0..31, the high nibbles 32..63, so the
+    # activations are gathered to match each nibble plane and one dot covers each plane.
+    SUB: tl.constexpr = BLOCK_K if GROUP_SIZE == 0 or GROUP_SIZE >= BLOCK_K else GROUP_SIZE
+    HALF: tl.constexpr = PACK_C // 2
+    byte = tl.arange(0, SUB // 2)
+    w_rows = w_ptr + rn[:, None].to(tl.int64) * stride_wn + byte[None, :]
+    a_lo = a_ptr + rm[None, :] * stride_am + ((byte // HALF) * PACK_C + byte % HALF)[:, None]
+    ety = a_ptr.dtype.element_ty
+    MAGIC: tl.constexpr = 0x4300 if ety == tl.bfloat16 else 0x6400
+    BASE: tl.constexpr = 128.0 if ety == tl.bfloat16 else 1024.0
+    steps = tl.cdiv(K // BLOCK_K, SPLIT)  # per slice; the last slice may have fewer (or none)
+    k_beg = pid_k * steps * BLOCK_K
+    k_end = tl.minimum(K, k_beg + steps * BLOCK_K)
+
+    acc = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
+    if GROUP_SIZE == 0:
+        s = tl.load(s_ptr + rn)
+        zo = (tl.load(z_ptr + rn) + BASE).to(ety) if HAS_ZERO else tl.full((BLOCK_N,), BASE + 8.0, ety)
+    for k0 in range(k_beg, k_end, BLOCK_K):
+        for j in tl.static_range(BLOCK_K // SUB):
+            kj = k0 + j * SUB
+            wb = tl.load(w_rows + tl.multiple_of(kj // 2, 16))  # [BLOCK_N, SUB / 2] bytes
+            x_lo = tl.load(a_lo + kj)  # [SUB / 2, 16]: the low nibbles' channels
+            x_hi = tl.load(a_lo + kj + HALF)
+            if GROUP_SIZE > 0:
+                g = kj // GROUP_SIZE
+                s = tl.load(s_ptr + g * N + rn)
+                if HAS_ZERO:
+                    zo = (tl.load(z_ptr + g * N + rn) + BASE).to(ety)
+                else:
+                    zo = tl.full((BLOCK_N,), BASE + 8.0, ety)
+            lo = ((wb & 0xF).to(tl.int16) | MAGIC).to(ety, bitcast=True) - zo[:, None]
+            hi = ((wb >> 4).to(tl.int16) | MAGIC).to(ety, bitcast=True) - zo[:, None]
+            if GROUP_SIZE > 0:
+                part = tl.dot(hi, x_hi, tl.dot(lo, x_lo))
+                acc = tl.fma(part, s[:, None], acc)
+            else:
+                acc = tl.dot(hi, x_hi, tl.dot(lo, x_lo, acc))
+    if GROUP_SIZE == 0:
+        acc = acc * s[:, None]
+
+    c_ptrs = c_ptr + offs_m[None, :].to(tl.int64) * stride_cm + offs_n[:, None]
+    c_mask = (offs_m[None, :] < M) & (offs_n[:, None] < N)
+    last = True
+    if SPLIT > 1:
+        tile = offs_n[:, None] * 16 + offs_m[None, :]
+        slice_size = tl.num_programs(0) * BLOCK_N * 16
+        tl.store(ws_ptr + pid_k * slice_size + tile, acc)
+        tl.debug_barrier()  # every thread's partial is written before the arrival is released
+        last = tl.atomic_add(cnt_ptr + pid_n, 1) == SPLIT - 1
+        if last:
+            # .cg: read the other programs' partials from L2, never from this SM's L1.
+            acc = tl.load(ws_ptr + tile, cache_modifier=".cg")
+            for i in tl.static_range(1, SPLIT):
+                acc += tl.load(ws_ptr + i * slice_size + tile, cache_modifier=".cg")
+            tl.store(cnt_ptr + pid_n, 0)
+    if last:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn).to(tl.float32)[:, None]
+        acc = apply_act(acc, ACT)
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+def _skinny_ok(a: torch.Tensor, w: KernelWeight) -> bool:
+    """INT4 weights, fp16/bf16 activations, 1..16 tokens, on Hopper+ (the warpgroup MMA's register operand).
+    One token too: on H100 it beats the GEMV at Llama-7B's MLP shapes (4096 x 11008: 17.9 against 19.1 us;
+    11008 x 4096: 19.2 against 37.3), and loses only where the weight is small (4096^2: 9.6 against 8.0)."""
+    return (w.bits == 4 and a.dtype != torch.int8 and a.shape[0] <= 16 and w.counters is not None
+            and a.is_cuda and device_info(device_index(a))[0] >= 9)
+
+
+def _skinny_split(w: KernelWeight, sms: int) -> int:
+    """K slices per output tile: about five programs per SM, so all of them are resident at once (80
+    registers a thread) and keep enough weight loads in flight; at least 256 channels a slice. On H100 at
+    M = 16 anything from 4 to 10 programs per SM is within 10% of the best; 1 per SM (no split) is 2-2.7x
+    slower at 4096 x 4096 and 11008 x 4096."""
+    tiles = triton.cdiv(w.out_features, SKINNY_BLOCK_N)
+    return max(1, min(round(5 * sms / tiles), w.in_features // 256, 16))
+
+
+def _w4a16_skinny(a, w: KernelWeight, bias, act, c, split: int | None = None) -> None:
+    m, k = a.shape
+    n = w.out_features
+    tiles = triton.cdiv(n, SKINNY_BLOCK_N)
+    split = split or _skinny_split(w, device_info(device_index(a))[1])
+    ws = torch.empty(split * tiles * SKINNY_BLOCK_N * 16, dtype=torch.float32, device=a.device) if split > 1 else c
+    _w4a16_skinny_kernel[(tiles, split)](
+        a, w.qweight, w.scale, w.zero if w.zero is not None else w.scale, bias if bias is not None else c, c, ws,
+        w.counters, m, n, k, a.stride(0), w.qweight.stride(0), c.stride(0), HAS_ZERO=w.zero is not None,
+        GROUP_SIZE=w.group_size if w.scale.shape[0] > 1 else 0, HAS_BIAS=bias is not None, ACT=act_code(act),
+        SPLIT=split, BLOCK_N=SKINNY_BLOCK_N,
+    )
+
+
 def _tma_block_shapes(nargs):
     """Autotune pre-hook: a TMA descriptor's box is the tile each config loads."""
     nargs["a_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
@@ -464,6 +618,9 @@ def quant_linear(
     xs = x_scale.reshape(-1).float().contiguous() if a_int8 else c
     grouped = w.scale.shape[0] > 1
     group = w.group_size if grouped else 0
+    if _skinny_ok(a, w):
+        _w4a16_skinny(a, w, bias, act, c)
+        return c.reshape(*lead, n)
     if m == 1 and k % 64 == 0:
         _gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
             a, xs, w.qweight, w.scale, w.zero if w.zero is not None else w.scale, bias if bias is not None else c, c,
