@@ -158,13 +158,16 @@ def test_float32_model_runs_int8_kernels(preset, monkeypatch):
 
 
 def test_quantized_weights_on_gpu_are_not_duplicated():
-    """The kernels read QuantLinear's buffers in place: building their view allocates nothing."""
+    """The kernels read QuantLinear's buffers in place: building their view allocates nothing but each INT4
+    weight's split-K counters (4 bytes per 64 output channels, one 512-byte allocator block)."""
     q = llama("w4/8-a8")
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
-    for m in zq.quantized_modules(q).values():
-        assert m.kernel_weight() is not None
-    assert torch.cuda.memory_allocated() == before
+    kws = [m.kernel_weight() for m in zq.quantized_modules(q).values()]
+    assert all(kw is not None for kw in kws)
+    counters = [kw.counters for kw in kws if kw.counters is not None]
+    assert len(counters) == 2 * 3 and all(c.numel() * 4 <= 512 for c in counters)  # the MLP's INT4 linears
+    assert torch.cuda.memory_allocated() - before == 512 * len(counters)
 
 
 @pytest.mark.parametrize("preset", ["w8a8", "w4/8-a8", "w4a16"])
