@@ -162,56 +162,64 @@ def test_quant_linear_fused_bias_act(act, name, bits, group, sym, a8):
 
 
 def _skinny_case(k, n, group, sym, m, dtype):
-    ql = quant_linear(k, n, 4, group, sym, False, "cuda").to(dtype)
-    x = torch.randn(m, k, device="cuda", dtype=dtype)
-    # Exact dequantized weights in float32: the kernel's dot is exact up to float32 accumulation (the
-    # reference path rounds the dequantized weight to x's dtype first).
+    """A QuantLinear and its input for the small-M INT4 kernel, with the exact result: int8 tokens against the
+    reference's exact integer path; fp16/bf16 tokens against exact dequantized weights in float32 (the
+    kernel's dot is exact up to float32 accumulation; the reference path rounds the dequantized weight to
+    the tokens' dtype first)."""
+    a8 = dtype == torch.int8
+    ql = quant_linear(k, n, 4, group, sym, a8, "cuda").to(torch.float16 if a8 else dtype)
+    x = torch.randn(m, k, device="cuda", dtype=ql.bias.dtype)
+    if a8:
+        q, s = R.quantize_per_token(x)
+        return ql, (q, s), R.quant_linear(q, s, ql.qweight, ql.w_scale, ql.w_zero, 4, ql.bias, "silu")
     w = R.dequantize_weight(ql.qweight, ql.w_scale, ql.w_zero, 4)
-    want = R.apply_act(x.float() @ w.t() + ql.bias.float(), "silu")
-    return ql, x, want
+    return ql, (x, None), R.apply_act(x.float() @ w.t() + ql.bias.float(), "silu")
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("split", [1, 2, 3, 5])
 @pytest.mark.parametrize("cfg", range(3))
-def test_w4a16_skinny_every_config_and_split(cfg, split, dtype):
-    """Batched-decode INT4 (M <= 16, Hopper): each configuration the autotuner may pick and each split of K
-    (uneven ones too: 1536 / 128 = 12 steps in 5 slices) against exact dequantized weights; the split-K
-    counters are back to zero afterwards."""
+def test_w4_skinny_every_config_and_split(cfg, split, dtype):
+    """Batched-decode INT4 (M <= 16, Hopper), W4A16 and W4A8: each configuration the autotuner may pick and
+    each split of K (uneven ones too: 1536 / 128 = 12 steps in 5 slices) against the exact result; the
+    split-K counters are back to zero afterwards."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the warpgroup MMA needs Hopper")
     assert len(gemm._SKINNY_CONFIGS) == 3
     c = gemm._SKINNY_CONFIGS[cfg]
+    tol = {torch.float16: 1e-3, torch.bfloat16: 3e-3, torch.int8: 1e-4}[dtype]
     for group, sym, m in [(128, False, 16), (64, True, 5), (-1, True, 2)]:
-        ql, x, want = _skinny_case(1536, 1000, group, sym, m, dtype)
+        ql, (x, xs), want = _skinny_case(1536, 1000, group, sym, m, dtype)
         kw = ql.kernel_weight()
         poison_cuda_cache()
-        got = torch.empty(m, 1000, device="cuda", dtype=dtype)
+        got = torch.empty(m, 1000, device="cuda", dtype=ql.bias.dtype)
         tiles = -(-1000 // gemm.SKINNY_BLOCK_N)
         ws = torch.empty(split * tiles * gemm.SKINNY_BLOCK_N * 16, device="cuda")
-        gemm._w4a16_skinny_kernel.fn[(tiles, split)](
-            x, kw.qweight, kw.scale, kw.zero if kw.zero is not None else kw.scale, ql.bias, got, ws, kw.counters,
-            m, 1000, 1536, x.stride(0), kw.qweight.stride(0), got.stride(0), HAS_ZERO=kw.zero is not None,
+        gemm._w4_skinny_kernel.fn[(tiles, split)](
+            x, got if xs is None else xs.reshape(-1), kw.qweight, kw.scale,
+            kw.zero if kw.zero is not None else kw.scale, ql.bias, got, ws, kw.counters, m, 1000, 1536, x.stride(0),
+            kw.qweight.stride(0), got.stride(0), A_INT8=xs is not None, HAS_ZERO=kw.zero is not None,
             GROUP_SIZE=kw.group_size if kw.scale.shape[0] > 1 else 0, HAS_BIAS=True, ACT=gemm.act_code("silu"),
             SPLIT=split, BLOCK_N=gemm.SKINNY_BLOCK_N, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
-        assert rel_err(got, want) < (3e-3 if dtype == torch.bfloat16 else 1e-3), (group, m)
+        assert rel_err(got, want) < tol, (group, m)
         assert kw.counters.eq(0).all()
 
 
-def test_w4a16_skinny_is_taken_and_repeats_bitwise():
-    """quant_linear sends 1..16 fp16 tokens with INT4 weights to the split-K kernel on Hopper (4096 x 4096
+@pytest.mark.parametrize("dtype", [torch.float16, torch.int8])
+def test_w4_skinny_is_taken_and_repeats_bitwise(dtype):
+    """quant_linear sends 1..16 tokens with INT4 weights to the split-K kernel on Hopper (4096 x 4096
     splits K), and its ordered sum of partials gives the same bits on every launch."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the warpgroup MMA needs Hopper")
-    ql, x, want = _skinny_case(4096, 4096, 128, False, 16, torch.float16)
+    ql, (x, xs), want = _skinny_case(4096, 4096, 128, False, 16, dtype)
     kw = ql.kernel_weight()
     assert gemm._skinny_ok(x, kw) and gemm._skinny_ok(x[:1], kw)
     assert not gemm._skinny_ok(torch.cat([x, x[:1]]), kw)
     assert gemm._skinny_split(kw, torch.cuda.get_device_properties(0).multi_processor_count) > 1
-    first = gemm.quant_linear(x, None, kw, ql.bias, "silu")
-    assert rel_err(first, want) < 1e-3
+    first = gemm.quant_linear(x, xs, kw, ql.bias, "silu")
+    assert rel_err(first, want) < (1e-4 if xs is not None else 1e-3)
     for _ in range(50):
-        assert torch.equal(gemm.quant_linear(x, None, kw, ql.bias, "silu"), first)
+        assert torch.equal(gemm.quant_linear(x, xs, kw, ql.bias, "silu"), first)
     assert kw.counters.eq(0).all()
 
 

@@ -10,8 +10,8 @@ One kernel body, specialised by constexprs, covers the four weight/activation co
 INT4 weights are packed two per byte and unpacked in registers, so only K/2 bytes per row leave memory.
 
 Three more kernels take the shapes where that one is not the fastest: _w8a8_tma_kernel (prefill W8A8 on
-Hopper, operands by TMA), _w4a16_skinny_kernel (W4A16 decode at 1..16 tokens on Hopper: the weights as the
-MMA's M side, split-K) and _gemv_kernel (the other formats at one token, on CUDA cores).
+Hopper, operands by TMA), _w4_skinny_kernel (INT4 weights at 1..16 tokens on Hopper, decode: the weights as
+the MMA's M side, split-K) and _gemv_kernel (the other formats at one token, on CUDA cores).
 
 Scales and zero points are stored transposed, [G, N], so one program's loads of a group's scales are
 contiguous; `KernelWeight.from_quant` makes that layout once per layer.
@@ -288,25 +288,44 @@ def _prune_skinny(configs, named_args, **kwargs):
     return [c for c in configs if k % c.kwargs["BLOCK_K"] == 0]
 
 
+@triton.jit
+def _w4_zero(z_ptr, idx, HAS_ZERO: tl.constexpr, A_INT8: tl.constexpr, ety: tl.constexpr, BASE: tl.constexpr,
+             BLOCK_N: tl.constexpr):
+    """What _w4_skinny_kernel subtracts from a weight tile's nibbles: the zero point (8 when symmetric) as
+    int8 for the int8 MMA, or as BASE + zero in the activation dtype (the nibbles carry the BASE)."""
+    if A_INT8:
+        z = tl.load(z_ptr + idx).to(tl.int8) if HAS_ZERO else tl.full((BLOCK_N,), 8, tl.int8)
+    else:
+        z = (tl.load(z_ptr + idx) + BASE).to(ety) if HAS_ZERO else tl.full((BLOCK_N,), BASE + 8.0, ety)
+    return z
+
+
+@triton.jit
+def _w4_int8_planes(wb, z):
+    """Bytes [BLOCK_N, B] -> the low and high nibble planes minus each row's zero point, as int8."""
+    return (wb & 0xF).to(tl.int8) - z[:, None], (wb >> 4).to(tl.int8) - z[:, None]
+
+
 @triton.autotune(
     configs=_SKINNY_CONFIGS,
-    key=["N", "K", "HAS_ZERO", "GROUP_SIZE", "SPLIT"],
+    key=["N", "K", "A_INT8", "HAS_ZERO", "GROUP_SIZE", "SPLIT"],
     prune_configs_by={"early_config_prune": _prune_skinny},
     do_bench=_gpu_time,
 )
 @triton.jit
-def _w4a16_skinny_kernel(
-    a_ptr, w_ptr, s_ptr, z_ptr, b_ptr, c_ptr, ws_ptr, cnt_ptr, M, N, K, stride_am, stride_wn, stride_cm,
-    HAS_ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-    SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def _w4_skinny_kernel(
+    a_ptr, as_ptr, w_ptr, s_ptr, z_ptr, b_ptr, c_ptr, ws_ptr, cnt_ptr, M, N, K, stride_am, stride_wn, stride_cm,
+    A_INT8: tl.constexpr, HAS_ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """W4A16 for M <= 16 (batched decode): C^T = W x^T, so the weights are the MMA's M side.
+    """INT4 weights for M <= 16 (batched decode): C^T = W x^T, so the weights are the MMA's M side.
 
     Why not _qlinear_kernel: with the tokens as M, Hopper's warpgroup MMA (M = 64) cannot be used, and every
     weight was scaled in float32 before the dot; at M = 16 that kernel ran no faster than cuBLAS on FP16
     weights (4096 x 11008 on H100: 33.7 against 35.0 us). Here a weight tile dequantizes in registers
-    straight into the MMA's register operand: nibble | 0x6400 is the fp16 1024 + q (0x4300: bf16 128 + q),
-    minus (1024 + zero) gives q - zero exactly, two weights per packed half-precision add. The group's
+    straight into the MMA's register operand. A16: nibble | 0x6400 is the fp16 1024 + q (0x4300: bf16
+    128 + q), minus (1024 + zero) gives q - zero exactly, two weights per packed half-precision add. A8
+    (INT8 tokens): q - zero as int8 into an int8 MMA, each group's int32 dot exact. Either way the group's
     scale multiplies the group's float32 dot instead of each weight. Program (n, s) covers 64 channels and
     the s-th of SPLIT slices of K, so enough programs stream weights at once; the last of a tile's SPLIT
     programs to finish (an arrival counter) sums the float32 partials in slice order, so results do not
@@ -336,7 +355,7 @@ def _w4a16_skinny_kernel(
     acc = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
     if GROUP_SIZE == 0:
         s = tl.load(s_ptr + rn)
-        zo = (tl.load(z_ptr + rn) + BASE).to(ety) if HAS_ZERO else tl.full((BLOCK_N,), BASE + 8.0, ety)
+        zo = _w4_zero(z_ptr, rn, HAS_ZERO, A_INT8, ety, BASE, BLOCK_N)
     for k0 in range(k_beg, k_end, BLOCK_K):
         for j in tl.static_range(BLOCK_K // SUB):
             kj = k0 + j * SUB
@@ -346,17 +365,22 @@ def _w4a16_skinny_kernel(
             if GROUP_SIZE > 0:
                 g = kj // GROUP_SIZE
                 s = tl.load(s_ptr + g * N + rn)
-                if HAS_ZERO:
-                    zo = (tl.load(z_ptr + g * N + rn) + BASE).to(ety)
+                zo = _w4_zero(z_ptr, g * N + rn, HAS_ZERO, A_INT8, ety, BASE, BLOCK_N)
+            if A_INT8:
+                lo, hi = _w4_int8_planes(wb, zo)
+                # |dot| <= SUB * 127 * 15 < 2^22: exact through _exact_float
+                part = tl.dot(hi, x_hi, tl.dot(lo, x_lo, out_dtype=tl.int32), out_dtype=tl.int32)
+                if GROUP_SIZE > 0:
+                    acc = tl.fma(_exact_float(part), s[:, None], acc)
                 else:
-                    zo = tl.full((BLOCK_N,), BASE + 8.0, ety)
-            lo = ((wb & 0xF).to(tl.int16) | MAGIC).to(ety, bitcast=True) - zo[:, None]
-            hi = ((wb >> 4).to(tl.int16) | MAGIC).to(ety, bitcast=True) - zo[:, None]
-            if GROUP_SIZE > 0:
-                part = tl.dot(hi, x_hi, tl.dot(lo, x_lo))
-                acc = tl.fma(part, s[:, None], acc)
+                    acc += _exact_float(part)
             else:
-                acc = tl.dot(hi, x_hi, tl.dot(lo, x_lo, acc))
+                lo = ((wb & 0xF).to(tl.int16) | MAGIC).to(ety, bitcast=True) - zo[:, None]
+                hi = ((wb >> 4).to(tl.int16) | MAGIC).to(ety, bitcast=True) - zo[:, None]
+                if GROUP_SIZE > 0:
+                    acc = tl.fma(tl.dot(hi, x_hi, tl.dot(lo, x_lo)), s[:, None], acc)
+                else:
+                    acc = tl.dot(hi, x_hi, tl.dot(lo, x_lo, acc))
     if GROUP_SIZE == 0:
         acc = acc * s[:, None]
 
@@ -376,6 +400,8 @@ def _w4a16_skinny_kernel(
                 acc += tl.load(ws_ptr + i * slice_size + tile, cache_modifier=".cg")
             tl.store(cnt_ptr + pid_n, 0)
     if last:
+        if A_INT8:
+            acc = acc * tl.load(as_ptr + rm)[None, :]
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn).to(tl.float32)[:, None]
         acc = apply_act(acc, ACT)
@@ -383,11 +409,11 @@ def _w4a16_skinny_kernel(
 
 
 def _skinny_ok(a: torch.Tensor, w: KernelWeight) -> bool:
-    """INT4 weights, fp16/bf16 activations, 1..16 tokens, on Hopper+ (the warpgroup MMA's register operand).
-    One token too: on H100 it beats the GEMV at Llama-7B's MLP shapes (4096 x 11008: 17.9 against 19.1 us;
-    11008 x 4096: 19.2 against 37.3), and loses only where the weight is small (4096^2: 9.6 against 8.0)."""
-    return (w.bits == 4 and a.dtype != torch.int8 and a.shape[0] <= 16 and w.counters is not None
-            and a.is_cuda and device_info(device_index(a))[0] >= 9)
+    """INT4 weights, 1..16 tokens, on Hopper+ (the warpgroup MMA's register operand). One token too: on H100
+    W4A16 beats the GEMV at Llama-7B's MLP shapes (4096 x 11008: 17.9 against 19.1 us; 11008 x 4096: 19.2
+    against 37.3), and loses only where the weight is small (4096^2: 9.6 against 8.0)."""
+    return (w.bits == 4 and a.shape[0] <= 16 and w.counters is not None and a.is_cuda
+            and device_info(device_index(a))[0] >= 9)
 
 
 def _skinny_split(w: KernelWeight, sms: int) -> int:
@@ -399,17 +425,18 @@ def _skinny_split(w: KernelWeight, sms: int) -> int:
     return max(1, min(round(5 * sms / tiles), w.in_features // 256, 16))
 
 
-def _w4a16_skinny(a, w: KernelWeight, bias, act, c, split: int | None = None) -> None:
+def _w4_skinny(a, xs, w: KernelWeight, bias, act, c, split: int | None = None) -> None:
+    """Launch _w4_skinny_kernel; xs: float32 per-token scales of int8 a, or None for fp16/bf16 a."""
     m, k = a.shape
     n = w.out_features
     tiles = triton.cdiv(n, SKINNY_BLOCK_N)
     split = split or _skinny_split(w, device_info(device_index(a))[1])
     ws = torch.empty(split * tiles * SKINNY_BLOCK_N * 16, dtype=torch.float32, device=a.device) if split > 1 else c
-    _w4a16_skinny_kernel[(tiles, split)](
-        a, w.qweight, w.scale, w.zero if w.zero is not None else w.scale, bias if bias is not None else c, c, ws,
-        w.counters, m, n, k, a.stride(0), w.qweight.stride(0), c.stride(0), HAS_ZERO=w.zero is not None,
-        GROUP_SIZE=w.group_size if w.scale.shape[0] > 1 else 0, HAS_BIAS=bias is not None, ACT=act_code(act),
-        SPLIT=split, BLOCK_N=SKINNY_BLOCK_N,
+    _w4_skinny_kernel[(tiles, split)](
+        a, xs if xs is not None else c, w.qweight, w.scale, w.zero if w.zero is not None else w.scale,
+        bias if bias is not None else c, c, ws, w.counters, m, n, k, a.stride(0), w.qweight.stride(0), c.stride(0),
+        A_INT8=xs is not None, HAS_ZERO=w.zero is not None, GROUP_SIZE=w.group_size if w.scale.shape[0] > 1 else 0,
+        HAS_BIAS=bias is not None, ACT=act_code(act), SPLIT=split, BLOCK_N=SKINNY_BLOCK_N,
     )
 
 
@@ -619,7 +646,7 @@ def quant_linear(
     grouped = w.scale.shape[0] > 1
     group = w.group_size if grouped else 0
     if _skinny_ok(a, w):
-        _w4a16_skinny(a, w, bias, act, c)
+        _w4_skinny(a, xs if a_int8 else None, w, bias, act, c)
         return c.reshape(*lead, n)
     if m == 1 and k % 64 == 0:
         _gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
