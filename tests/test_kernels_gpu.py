@@ -199,7 +199,7 @@ def test_w4_skinny_every_config_and_split(cfg, split, dtype):
             x, got if xs is None else xs.reshape(-1), kw.qweight, kw.scale,
             kw.zero if kw.zero is not None else kw.scale, ql.bias, got, ws, kw.counters, m, 1000, 1536, x.stride(0),
             kw.qweight.stride(0), got.stride(0), A_INT8=xs is not None, HAS_ZERO=kw.zero is not None,
-            GROUP_SIZE=kw.group_size if kw.scale.shape[0] > 1 else 0, HAS_BIAS=True, ACT=gemm.act_code("silu"),
+            GROUP_SIZE=kw.kernel_group, HAS_BIAS=True, ACT=gemm.act_code("silu"),
             SPLIT=split, BLOCK_N=gemm.SKINNY_BLOCK_N, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
         assert rel_err(got, want) < tol, (group, m)
         assert kw.counters.eq(0).all()

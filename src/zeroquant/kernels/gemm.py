@@ -65,6 +65,11 @@ class KernelWeight:
     def group_size(self) -> int:
         return self.in_features // self.scale.shape[0]
 
+    @property
+    def kernel_group(self) -> int:
+        """The kernels' GROUP_SIZE: the group size, or 0 for one scale per output channel."""
+        return self.group_size if self.scale.shape[0] > 1 else 0
+
     @staticmethod
     def unsupported(k: int, bits: int, symmetric: bool, groups: int) -> str | None:
         """Why the kernels cannot take this weight format (None: they can)."""
@@ -412,8 +417,7 @@ def _skinny_ok(a: torch.Tensor, w: KernelWeight) -> bool:
     """INT4 weights, 1..16 tokens, on Hopper+ (the warpgroup MMA's register operand). One token too: on H100
     W4A16 beats the GEMV at Llama-7B's MLP shapes (4096 x 11008: 17.9 against 19.1 us; 11008 x 4096: 19.2
     against 37.3), and loses only where the weight is small (4096^2: 9.6 against 8.0)."""
-    return (w.bits == 4 and a.shape[0] <= 16 and w.counters is not None and a.is_cuda
-            and device_info(device_index(a))[0] >= 9)
+    return w.bits == 4 and a.shape[0] <= 16 and a.is_cuda and device_info(device_index(a))[0] >= 9
 
 
 def _skinny_split(w: KernelWeight, sms: int) -> int:
@@ -435,7 +439,7 @@ def _w4_skinny(a, xs, w: KernelWeight, bias, act, c, split: int | None = None) -
     _w4_skinny_kernel[(tiles, split)](
         a, xs if xs is not None else c, w.qweight, w.scale, w.zero if w.zero is not None else w.scale,
         bias if bias is not None else c, c, ws, w.counters, m, n, k, a.stride(0), w.qweight.stride(0), c.stride(0),
-        A_INT8=xs is not None, HAS_ZERO=w.zero is not None, GROUP_SIZE=w.group_size if w.scale.shape[0] > 1 else 0,
+        A_INT8=xs is not None, HAS_ZERO=w.zero is not None, GROUP_SIZE=w.kernel_group,
         HAS_BIAS=bias is not None, ACT=act_code(act), SPLIT=split, BLOCK_N=SKINNY_BLOCK_N,
     )
 
@@ -643,8 +647,7 @@ def quant_linear(
     if m == 0:
         return c.reshape(*lead, n)
     xs = x_scale.reshape(-1).float().contiguous() if a_int8 else c
-    grouped = w.scale.shape[0] > 1
-    group = w.group_size if grouped else 0
+    group = w.kernel_group
     if _skinny_ok(a, w):
         _w4_skinny(a, xs if a_int8 else None, w, bias, act, c)
         return c.reshape(*lead, n)
