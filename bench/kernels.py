@@ -73,10 +73,10 @@ def weights(k, n, bits, group, dev):
     scale = torch.rand(n, g, device=dev) * 1e-2 + 1e-3
     if bits == 8:
         q = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=dev)
-        return gemm.KernelWeight.from_quant(q, scale, None, 8)
+        return gemm.KernelWeight.from_quant(q, scale, None, 8, group if group > 0 else k)
     q = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=dev)
     zero = torch.randint(0, 16, (n, g), device=dev).float()
-    return gemm.KernelWeight.from_quant(q, scale, zero, 4)
+    return gemm.KernelWeight.from_quant(q, scale, zero, 4, group if group > 0 else k)
 
 
 def gemm_rows(dev):

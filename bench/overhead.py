@@ -48,9 +48,9 @@ def main() -> None:
     x = torch.randn(1, k, device="cuda", dtype=torch.float16)
     w = torch.randn(n, k, device="cuda", dtype=torch.float16)
     q8, s8, _ = Q.quantize_weight(w.float(), 8, -1, True)
-    w8 = gemm.KernelWeight.from_quant(q8.to(torch.int8), s8, None, 8)
+    w8 = gemm.KernelWeight.from_quant(q8.to(torch.int8), s8, None, 8, k)
     q4, s4, z4 = Q.quantize_weight(w.float(), 4, 128, False)
-    w4 = gemm.KernelWeight.from_quant(Q.pack_int4(q4, False), s4, z4, 4)
+    w4 = gemm.KernelWeight.from_quant(Q.pack_int4(q4, False), s4, z4, 4, 128)
     xq, xs = rowwise.quantize_per_token(x)
     ops = {
         "torch.matmul fp16": lambda: torch.matmul(x, w.t()),

@@ -5,7 +5,7 @@ from tiny_models import CONFIGS, LINEARS_PER_BLOCK, model_output, tiny_input, ti
 
 import zeroquant as zq
 from zeroquant.adapters import ARCHITECTURES, get_blocks
-from zeroquant.config import QuantConfig, with_group_size
+from zeroquant.config import QuantConfig
 
 
 def _rel(a, b):
@@ -59,11 +59,11 @@ def test_preset_name_and_config_object_agree():
         zq.quantize(model, "w9a9")
 
 
-def test_group_size_that_does_not_divide_fails_before_mutation():
+def test_odd_input_size_for_int4_fails_before_mutation():
     model = tiny_model("gpt2")
-    cfg = with_group_size(zq.PRESETS["w8a8"], 48)
-    with pytest.raises(zq.ZeroQuantError, match="does not divide the input size 64"):
-        zq.quantize(model, cfg, inplace=True)
+    model.transformer.h[0].mlp.c_proj = type(model.transformer.h[0].mlp.c_proj)(64, 127)  # Conv1D(nf, nx)
+    with pytest.raises(zq.ZeroQuantError, match="INT4 packing needs an even input size, got 127"):
+        zq.quantize(model, "w4a16", inplace=True)
     assert not zq.quantized_modules(model)
 
 

@@ -124,15 +124,15 @@ def test_gelu_erf_accuracy():
 def _run_gemm(ql, x, bits, a8, act=None):
     from zeroquant.kernels import gemm, rowwise
 
-    kw = gemm.KernelWeight.from_quant(ql.qweight, ql.w_scale, ql.w_zero, bits)
+    kw = gemm.KernelWeight.from_quant(ql.qweight, ql.w_scale, ql.w_zero, bits, ql.group_size)
     if a8:
         q, s = rowwise.quantize_per_token(x)
-        args = (q, s, ql.qweight, ql.w_scale, ql.w_zero, bits, ql.bias, act)
+        args = (q, s, ql.qweight, ql.w_scale, ql.w_zero, bits, ql.group_size, ql.bias, act)
         poison_cuda_cache()
         return gemm.quant_linear(q, s, kw, ql.bias, act), R.quant_linear(*args)
     poison_cuda_cache()
     return gemm.quant_linear(x, None, kw, ql.bias, act), R.quant_linear(x, None, ql.qweight, ql.w_scale, ql.w_zero,
-                                                                        bits, ql.bias, act)
+                                                                        bits, ql.group_size, ql.bias, act)
 
 
 @pytest.mark.parametrize("name,bits,group,sym,a8", VARIANTS)
@@ -143,9 +143,9 @@ def test_quant_linear(m, k, n, name, bits, group, sym, a8):
         group = -1  # per-channel where the group does not divide K (200)
     ql = quant_linear(k, n, bits, group, sym, a8, "cuda").half()
     x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-    if gemm.KernelWeight.unsupported(k, bits, sym, ql.w_scale.shape[1]):
+    if gemm.KernelWeight.unsupported(k, bits, sym, ql.group_size):
         with pytest.raises(ValueError):
-            gemm.KernelWeight.from_quant(ql.qweight, ql.w_scale, ql.w_zero, bits)
+            gemm.KernelWeight.from_quant(ql.qweight, ql.w_scale, ql.w_zero, bits, ql.group_size)
         return
     got, want = _run_gemm(ql, x, bits, a8)
     assert got.shape == (m, n) and got.dtype == torch.float16
@@ -171,8 +171,8 @@ def _skinny_case(k, n, group, sym, m, dtype):
     x = torch.randn(m, k, device="cuda", dtype=ql.bias.dtype)
     if a8:
         q, s = R.quantize_per_token(x)
-        return ql, (q, s), R.quant_linear(q, s, ql.qweight, ql.w_scale, ql.w_zero, 4, ql.bias, "silu")
-    w = R.dequantize_weight(ql.qweight, ql.w_scale, ql.w_zero, 4)
+        return ql, (q, s), R.quant_linear(q, s, ql.qweight, ql.w_scale, ql.w_zero, 4, ql.group_size, ql.bias, "silu")
+    w = R.dequantize_weight(ql.qweight, ql.w_scale, ql.w_zero, 4, ql.group_size)
     return ql, (x, None), R.apply_act(x.float() @ w.t() + ql.bias.float(), "silu")
 
 

@@ -16,10 +16,10 @@ def test_reference_quant_linear_matches_quantlinear(name, bits, group, sym, a8):
     x = torch.randn(9, 256)
     want = ql(x)
     if a8:
-        q, s = R.quantize_per_token(x)
-        got = R.quant_linear(q, s, ql.qweight, ql.w_scale, ql.w_zero, bits, ql.bias, out_dtype=torch.float32)
+        x, s = R.quantize_per_token(x)
     else:
-        got = R.quant_linear(x, None, ql.qweight, ql.w_scale, ql.w_zero, bits, ql.bias, out_dtype=torch.float32)
+        s = None
+    got = R.quant_linear(x, s, ql.qweight, ql.w_scale, ql.w_zero, bits, ql.group_size, ql.bias, out_dtype=torch.float32)
     assert (got - want).norm() / want.norm() < 1e-6
 
 
@@ -27,7 +27,8 @@ def test_reference_quant_linear_fuses_activation_and_dtype():
     ql = quant_linear(128, 64, 8, 32, True, True, "cpu")
     x = torch.randn(4, 128)
     q, s = R.quantize_per_token(x)
-    got = R.quant_linear(q, s, ql.qweight, ql.w_scale, None, 8, ql.bias, act="gelu_tanh", out_dtype=torch.float16)
+    got = R.quant_linear(q, s, ql.qweight, ql.w_scale, None, 8, ql.group_size, ql.bias, act="gelu_tanh",
+                         out_dtype=torch.float16)
     want = F.gelu(ql(x), approximate="tanh").half()
     assert got.dtype == torch.float16
     assert (got.float() - want.float()).abs().max() < 2e-3

@@ -12,8 +12,8 @@ def test_roundtrip_error_within_half_step(bits, symmetric):
     qmin, qmax = Q.qrange(bits, symmetric)
     assert q.shape == w.shape and s.shape == (64, 4) and z.shape == (64, 4)
     assert int(q.min()) >= qmin and int(q.max()) <= qmax
-    err = (Q.dequantize_weight(q, s, z) - w).abs()
-    bound = Q.expand_groups(s, 256) / 2 + 1e-6
+    err = (Q.dequantize_weight(q, s, z, 64) - w).abs()
+    bound = Q.expand_groups(s, 256, 64) / 2 + 1e-6
     assert bool((err <= bound).all())
 
 
@@ -22,7 +22,7 @@ def test_error_shrinks_with_bits():
     errs = []
     for bits in range(2, 9):
         q, s, z = Q.quantize_weight(w, bits, 128, True)
-        errs.append(((Q.dequantize_weight(q, s, z) - w).norm() / w.norm()).item())
+        errs.append(((Q.dequantize_weight(q, s, z, 128) - w).norm() / w.norm()).item())
     assert all(a > b for a, b in zip(errs, errs[1:], strict=False))
     assert errs[-1] < 0.01  # INT8 group-wise on Gaussian weights: well under 1%
     assert errs[2] < 0.12  # INT4
@@ -36,16 +36,31 @@ def test_per_row_and_per_tensor_shapes():
     assert s.shape == (16, 1) and torch.equal(s, s[:1].expand(16, 1))
 
 
-def test_group_size_must_divide():
-    with pytest.raises(ValueError, match="does not divide"):
-        Q.quantize_weight(torch.randn(4, 96), 8, 64, True)
+@pytest.mark.parametrize("k,group", [(576, 128), (172, 64), (96, 64), (1536, 128)])
+def test_short_last_group_is_its_own_group(k, group):
+    """A group size that does not divide K gives full groups and one shorter last group, each with the range
+    of exactly its own channels."""
+    w = torch.randn(6, k)
+    w[:, -1] = 50.0  # an outlier in the last channel must only widen the last group's scale
+    q, s, z = Q.quantize_weight(w, 4, group, False)
+    groups = -(-k // group)
+    assert s.shape == (6, groups) and z.shape == (6, groups)
+    last = slice((groups - 1) * group, k)
+    _, s_last, _ = Q.quantize_weight(w[:, last], 4, -1, False)
+    assert torch.equal(s[:, -1:], s_last)
+    _, s_first, _ = Q.quantize_weight(w[:, :group], 4, -1, False)
+    assert torch.equal(s[:, :1], s_first) and bool((s[:, :1] < s[:, -1:]).all())
+    err = (Q.dequantize_weight(q, s, z, group) - w).abs()
+    assert bool((err <= Q.expand_groups(s, k, group) / 2 + 1e-5).all())
+    sizes = [sl.stop - sl.start for sl in Q.group_slices(k, group, groups)]
+    assert sizes == [group] * (groups - 1) + [k - (groups - 1) * group]
 
 
 def test_asymmetric_keeps_zero_exact():
     w = torch.rand(8, 32) + 0.5  # all positive: the range is extended to contain 0
     w[:, 0] = 0
     q, s, z = Q.quantize_weight(w, 4, 32, False)
-    assert torch.equal(Q.dequantize_weight(q, s, z)[:, 0], torch.zeros(8))
+    assert torch.equal(Q.dequantize_weight(q, s, z, 32)[:, 0], torch.zeros(8))
 
 
 @pytest.mark.parametrize("symmetric", [True, False])

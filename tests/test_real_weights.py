@@ -17,7 +17,7 @@ def test_groupwise_int4_beats_per_row_on_real_weight(minilm):
     errs = {}
     for name, g in (("per-row", -1), ("g128", 128), ("g64", 64), ("g32", 32)):
         q, s, z = Q.quantize_weight(w, 4, g, symmetric=True)
-        errs[name] = _rel(Q.dequantize_weight(q, s, z), w)
+        errs[name] = _rel(Q.dequantize_weight(q, s, z, g), w)
     print("INT4 weight rel. error on layer0 intermediate.dense:", errs)
     assert errs["g128"] < errs["per-row"]
     assert errs["g32"] < errs["g64"] < errs["g128"]

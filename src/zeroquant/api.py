@@ -9,7 +9,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import quant as Q
 from .adapters import block_linears, get_arch, get_blocks
 from .calib import Batch, model_device, move, to_batches
 from .config import LinearRule, QuantConfig, resolve_config
@@ -51,11 +50,6 @@ def validate_targets(targets: list[Target]) -> None:
     for t in targets:
         w = t.rule.weight
         k = linear_weight(t.module).shape[1]
-        if not w.per_tensor:
-            try:
-                Q.num_groups(k, w.group_size)
-            except ValueError as e:
-                raise ZeroQuantError(f"{t.name}: {e}") from None
         if w.bits <= 4 and k % 2:
             raise ZeroQuantError(f"{t.name}: INT4 packing needs an even input size, got {k}")
 

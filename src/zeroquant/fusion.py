@@ -251,7 +251,7 @@ class EncoderAttention(nn.Module):
 
             first = lins[0]
             kw = KernelWeight(packed["qweight"], packed["w_scale"], packed["w_zero"], first.wq.bits,
-                              first.in_features, sum(m.out_features for m in lins))
+                              first.in_features, sum(m.out_features for m in lins), first.group_size)
             cached = self.__dict__["_packed"] = (key, (kw, packed["bias"]))  # derived, never saved
         from .kernels import gemm
 

@@ -60,7 +60,8 @@ class FakeQuantLinear(nn.Module):
         wq = self.rule.weight
         k = self.in_features
         scale = self.w_scale.abs().clamp_min(Q.EPS)
-        w = Q.fake_quantize(self.weight, Q.expand_groups(scale, k), Q.expand_groups(self.w_zero, k), wq.bits,
+        gs = self.quant.group_size
+        w = Q.fake_quantize(self.weight, Q.expand_groups(scale, k, gs), Q.expand_groups(self.w_zero, k, gs), wq.bits,
                             wq.symmetric)
         x = self.quant.fake_quant_input(x)
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))

@@ -128,14 +128,20 @@ class QuantLinear(nn.Module):
             s0, z0 = Q.weight_scale_zero(w, wq.bits, wq.group_size, wq.symmetric, wq.per_tensor)
             s = s0 if s is None else s.float()
             z = z0 if z is None else z
-        q = Q.quantize(w, Q.expand_groups(s, self.in_features), Q.expand_groups(z, self.in_features),
-                       wq.bits, wq.symmetric)
+        k, gs = self.in_features, self.group_size
+        q = Q.quantize(w, Q.expand_groups(s, k, gs), Q.expand_groups(z, k, gs), wq.bits, wq.symmetric)
         self.qweight.copy_(Q.pack_int4(q, wq.symmetric) if self.packed else q)
         self.w_scale.copy_(s)
         if self.w_zero is not None:
             self.w_zero.copy_(z)
 
     # ---------------------------------------------------------------------------------------- weights
+
+    @property
+    def group_size(self) -> int:
+        """Input channels per weight group (the whole row for per-row and per-tensor scales); when it does
+        not divide in_features the last group is shorter."""
+        return self.in_features if self.wq.per_tensor else Q.group_len(self.in_features, self.wq.group_size)
 
     def int_weight(self) -> torch.Tensor:
         """Unpacked integer weight [N, K]."""
@@ -145,7 +151,7 @@ class QuantLinear(nn.Module):
         return self.w_zero if self.w_zero is not None else torch.zeros_like(self.w_scale)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return Q.dequantize_weight(self.int_weight(), self.w_scale, self._zero()).to(dtype)
+        return Q.dequantize_weight(self.int_weight(), self.w_scale, self._zero(), self.group_size).to(dtype)
 
     def weight_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.w_scale, self.w_zero) if t is not None)
@@ -180,7 +186,7 @@ class QuantLinear(nn.Module):
             return q, None
         z = self.w_zero.to(torch.int16)
         if self.wq.bits <= 7:  # q - z fits int8 exactly
-            return (q.to(torch.int16) - Q.expand_groups(z, self.in_features)).to(torch.int8), None
+            return (q.to(torch.int16) - Q.expand_groups(z, self.in_features, self.group_size)).to(torch.int8), None
         return (q.to(torch.int16) - 128).to(torch.int8), (128 - z).to(torch.int32)
 
     def kernel_weight(self):
@@ -194,8 +200,8 @@ class QuantLinear(nn.Module):
 
         w, a = self.wq, self.aq
         ok = (not w.per_tensor and (a is None or (a.dynamic and a.bits == 8))
-              and KernelWeight.unsupported(self.in_features, w.bits, w.symmetric, self.w_scale.shape[1]) is None)
-        kw = KernelWeight.from_quant(self.qweight, self.w_scale, self.w_zero, w.bits) if ok else None
+              and KernelWeight.unsupported(self.in_features, w.bits, w.symmetric, self.group_size) is None)
+        kw = KernelWeight.from_quant(self.qweight, self.w_scale, self.w_zero, w.bits, self.group_size) if ok else None
         self.__dict__["_kernel_cache"] = (key, kw)  # not a buffer: derived, never saved
         return kw
 
@@ -264,11 +270,8 @@ class QuantLinear(nn.Module):
         shape = x.shape
         x8, sx, cx = self.quantize_input(x.reshape(-1, self.in_features))
         w8, cw = self.int8_weight()
-        groups = self.w_scale.shape[1]
-        gsize = self.in_features // groups
         y = None
-        for g in range(groups):
-            sl = slice(g * gsize, (g + 1) * gsize)
+        for g, sl in enumerate(Q.group_slices(self.in_features, self.group_size, self.w_scale.shape[1])):
             # sum_k (x8 + cx)(w8 + cw) = x8.w8 + cw * sum x8 + cx * sum w8 + K * cx * cw, all exact in int32
             acc = Q.int_matmul(x8[:, sl], w8[:, sl])
             if cw is not None:
@@ -276,7 +279,7 @@ class QuantLinear(nn.Module):
             if cx:
                 acc += cx * w8[:, sl].sum(1, dtype=torch.int32)
                 if cw is not None:
-                    acc += gsize * cx * cw[:, g]
+                    acc += (sl.stop - sl.start) * cx * cw[:, g]
             part = acc.float() * self.w_scale[:, g]
             y = part if y is None else y + part
         y = y * sx

@@ -4,8 +4,8 @@ Conventions used everywhere in the package:
 - symmetric: q in [-(2^(b-1) - 1), 2^(b-1) - 1] (the "restricted" range, so -q is representable), zero = 0.
 - asymmetric: q in [0, 2^b - 1] with an integer zero point z; x ~= (q - z) * scale.
 - weights are [N, K] (out, in); scales and zero points are [N, n_groups] float32, where a group is
-  `group_size` consecutive input channels of one row (per-row = one group, per-tensor = one group with
-  every row holding the same value).
+  `group_size` consecutive input channels of one row, the last one shorter when group_size does not divide
+  K (per-row = one group, per-tensor = one group with every row holding the same value).
 - activations are quantized per token (last dim) at run time, or per tensor with static calibration.
 """
 
@@ -82,16 +82,15 @@ def fake_quantize(
 # ---------------------------------------------------------------------------------------------- weights
 
 
+def group_len(in_features: int, group_size: int) -> int:
+    """Input channels per group: `group_size`, or the whole row when it is <= 0 or >= in_features."""
+    return in_features if group_size <= 0 or group_size >= in_features else group_size
+
+
 def num_groups(in_features: int, group_size: int) -> int:
-    """Number of groups per row; group_size <= 0 or >= in_features means one group (per row)."""
-    if group_size <= 0 or group_size >= in_features:
-        return 1
-    if in_features % group_size:
-        raise ValueError(
-            f"group_size {group_size} does not divide the input size {in_features}; "
-            "pick a divisor or -1 (per row)"
-        )
-    return in_features // group_size
+    """Groups per row. When group_size does not divide in_features the last group is shorter (576 channels
+    in groups of 128: four of 128 and one of 64), as GPTQ implementations do, so every real size quantizes."""
+    return -(-in_features // group_len(in_features, group_size))
 
 
 def weight_scale_zero(
@@ -102,14 +101,26 @@ def weight_scale_zero(
     if per_tensor:
         s, z = scale_zero_from_range(w.min(), w.max(), bits, symmetric)
         return s.expand(n, 1).contiguous(), z.expand(n, 1).contiguous()
-    g = num_groups(k, group_size)
-    wg = w.float().reshape(n, g, k // g)
+    gs = group_len(k, group_size)
+    g = num_groups(k, gs)
+    wf = w.float()
+    if g * gs > k:  # a short last group: pad it with copies of its own last column (same min and max)
+        wf = torch.cat([wf, wf[:, -1:].expand(n, g * gs - k)], dim=1)
+    wg = wf.reshape(n, g, gs)
     return scale_zero_from_range(wg.amin(-1), wg.amax(-1), bits, symmetric)
 
 
-def expand_groups(t: torch.Tensor, in_features: int) -> torch.Tensor:
-    """[N, n_groups] -> [N, K] by repeating each group's value over its channels."""
-    return t.repeat_interleave(in_features // t.shape[1], dim=1)
+def expand_groups(t: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
+    """[N, n_groups] -> [N, K] by repeating each group's value over its channels (the last group may be
+    shorter). One column means one group for the whole row, whatever group_size says."""
+    gs = in_features if t.shape[1] == 1 else group_len(in_features, group_size)
+    return t.repeat_interleave(gs, dim=1)[:, :in_features]
+
+
+def group_slices(in_features: int, group_size: int, n_groups: int) -> list[slice]:
+    """The input-channel slice of each of a row's n_groups groups."""
+    gs = in_features if n_groups == 1 else group_len(in_features, group_size)
+    return [slice(i * gs, min((i + 1) * gs, in_features)) for i in range(n_groups)]
 
 
 def quantize_weight(
@@ -118,13 +129,13 @@ def quantize_weight(
     """Group-wise RTN quantization of an [N, K] weight -> (q [N, K], scale [N, G], zero [N, G])."""
     scale, zero = weight_scale_zero(w, bits, group_size, symmetric, per_tensor)
     k = w.shape[1]
-    q = quantize(w, expand_groups(scale, k), expand_groups(zero, k), bits, symmetric)
+    q = quantize(w, expand_groups(scale, k, group_size), expand_groups(zero, k, group_size), bits, symmetric)
     return q, scale, zero
 
 
-def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
     k = q.shape[1]
-    return dequantize(q, expand_groups(scale, k), expand_groups(zero, k))
+    return dequantize(q, expand_groups(scale, k, group_size), expand_groups(zero, k, group_size))
 
 
 # ------------------------------------------------------------------------------------------ activations

@@ -52,6 +52,7 @@ class KernelWeight:
     bits: int
     in_features: int
     out_features: int
+    group_size: int  # input channels per scale (in_features for one scale per row); the last group may be shorter
     # Split-K arrival counters of the small-M INT4 kernel, one per tile of output channels; zero between
     # launches (each tile's last program resets its own). Owned by the weight so no two layers share them.
     counters: torch.Tensor | None = None
@@ -62,43 +63,45 @@ class KernelWeight:
             object.__setattr__(self, "counters", torch.zeros(tiles, dtype=torch.int32, device=self.qweight.device))
 
     @property
-    def group_size(self) -> int:
-        return self.in_features // self.scale.shape[0]
-
-    @property
     def kernel_group(self) -> int:
         """The kernels' GROUP_SIZE: the group size, or 0 for one scale per output channel."""
         return self.group_size if self.scale.shape[0] > 1 else 0
 
     @staticmethod
-    def unsupported(k: int, bits: int, symmetric: bool, groups: int) -> str | None:
-        """Why the kernels cannot take this weight format (None: they can)."""
+    def unsupported(k: int, bits: int, symmetric: bool, group_size: int) -> str | None:
+        """Why the kernels cannot take this weight format (None: they can). group_size >= k: one per row.
+
+        A short last group costs nothing: every kernel looks a chunk's group up as k // GROUP_SIZE, and its
+        chunks never straddle a group, so K only has to be a whole number of chunks (64 channels)."""
         if bits == 8 and not symmetric:
             return "8-bit kernel weights must be symmetric"
         if bits not in (4, 8):
             return f"kernels take 4- or 8-bit weights, got {bits}"
-        gs = k // groups
-        if groups > 1 and not (gs % 16 == 0 and (gs % 128 == 0 or 128 % gs == 0)):
+        gs = min(group_size, k)
+        if gs < k and not (gs % 16 == 0 and (gs % 128 == 0 or 128 % gs == 0)):
             return f"group size {gs} must be a multiple of 128 or a power of two between 16 and 128"
         if bits == 4 and gs % PACK:
             return f"INT4 kernels need groups (or K) that are multiples of {PACK}, got {gs}"
+        if gs < k and k % gs and k % PACK:
+            return f"a short last group needs K to be a multiple of {PACK}, got {k}"
         return None
 
     @classmethod
     def from_quant(
-        cls, qweight: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None, bits: int
+        cls, qweight: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None, bits: int, group_size: int
     ) -> KernelWeight:
-        """From QuantLinear storage: qweight as stored, w_scale / w_zero [N, G]."""
+        """From QuantLinear storage: qweight as stored, w_scale / w_zero [N, G]; group_size as QuantLinear's."""
         n = qweight.shape[0]
         k = qweight.shape[1] * (2 if bits == 4 else 1)
-        why = cls.unsupported(k, bits, w_zero is None, w_scale.shape[1])
+        group_size = k if w_scale.shape[1] == 1 else group_size
+        why = cls.unsupported(k, bits, w_zero is None, group_size)
         if bits == 8 and qweight.dtype != torch.int8:
             why = "8-bit kernel weights must be int8"
         if why:
             raise ValueError(why)
         # No copies when QuantLinear's buffers are in place: its scales are stored [G, N]-major already.
         zero = None if w_zero is None else w_zero.float().t().contiguous()
-        return cls(qweight.contiguous(), w_scale.float().t().contiguous(), zero, bits, k, n)
+        return cls(qweight.contiguous(), w_scale.float().t().contiguous(), zero, bits, k, n, group_size)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.scale, self.zero) if t is not None)

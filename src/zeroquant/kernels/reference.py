@@ -65,11 +65,12 @@ def act_quant(
     return quantize_per_token(y.to(x.dtype))
 
 
-def int_weight(qweight: torch.Tensor, w_zero: torch.Tensor | None, bits: int) -> torch.Tensor:
+def int_weight(qweight: torch.Tensor, w_zero: torch.Tensor | None, bits: int, group_size: int) -> torch.Tensor:
     """Zero-shifted integer weight [N, K] (float64, exact) from kernel-format storage.
 
-    bits=8: int8 [N, K], symmetric (w_zero None).  bits=4: uint8 [N, K/2], two nibbles per byte (low =
-    even channel); values are q - w_zero when w_zero is given, else q - 8 (the symmetric offset).
+    bits=8: int8 [N, K], symmetric (w_zero None).  bits=4: uint8 [N, K/2] packed by quant.pack_int4; values
+    are q - w_zero when w_zero is given, else q - 8 (the symmetric offset). group_size: input channels per
+    zero point (the last group may be shorter).
     """
     if bits == 4:
         q = Q.unpack_int4(qweight, symmetric=False).double()  # raw nibbles 0..15
@@ -77,16 +78,16 @@ def int_weight(qweight: torch.Tensor, w_zero: torch.Tensor | None, bits: int) ->
         q = qweight.double()
     k = q.shape[1]
     if w_zero is not None:
-        return q - Q.expand_groups(w_zero, k).double()
+        return q - Q.expand_groups(w_zero, k, group_size).double()
     return q - 8.0 if bits == 4 else q
 
 
 def dequantize_weight(
-    qweight: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None, bits: int
+    qweight: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None, bits: int, group_size: int
 ) -> torch.Tensor:
     """Float32 [N, K] weight: int_weight times the group scales."""
-    q = int_weight(qweight, w_zero, bits)
-    return q.float() * Q.expand_groups(w_scale, q.shape[1])
+    q = int_weight(qweight, w_zero, bits, group_size)
+    return q.float() * Q.expand_groups(w_scale, q.shape[1], group_size)
 
 
 def quant_linear(
@@ -96,27 +97,28 @@ def quant_linear(
     w_scale: torch.Tensor,
     w_zero: torch.Tensor | None,
     bits: int,
+    group_size: int,
     bias: torch.Tensor | None = None,
     act: str | None = None,
     out_dtype: torch.dtype = torch.float16,
 ) -> torch.Tensor:
     """y = act((x [* x_scale]) @ dequant(W)^T + bias).
 
-    x int8 with per-token x_scale [M, 1] (W8A8 / W4A8), or fp16/bf16 with x_scale None (W8A16 / W4A16).
+    x int8 with per-token x_scale [M, 1] (W8A8 / W4A8), or fp16/bf16 with x_scale None (W8A16 / W4A16);
+    group_size: input channels per weight scale (KernelWeight.group_size).
     Integer inputs are multiplied exactly per weight group (float64 holds every int32 sum), then scaled,
     which is what the kernels do in int32 on tensor cores.
     """
     n, g = w_scale.shape
     k = x.shape[1]
     if x_scale is None:
-        y = x.float() @ dequantize_weight(qweight, w_scale, w_zero, bits).to(x.dtype).float().t()
+        y = x.float() @ dequantize_weight(qweight, w_scale, w_zero, bits, group_size).to(x.dtype).float().t()
     else:
-        q = int_weight(qweight, w_zero, bits)
-        gs = k // g
+        q = int_weight(qweight, w_zero, bits, group_size)
         xd = x.double()
         y = torch.zeros(x.shape[0], n, dtype=torch.float32, device=x.device)
-        for i in range(g):  # exact integer sums per group, then the group's scale
-            part = xd[:, i * gs:(i + 1) * gs] @ q[:, i * gs:(i + 1) * gs].t()
+        for i, sl in enumerate(Q.group_slices(k, group_size, g)):  # exact integer sums per group, then its scale
+            part = xd[:, sl] @ q[:, sl].t()
             y += part.float() * w_scale[:, i]
         y = y * x_scale
     if bias is not None:
