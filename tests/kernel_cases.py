@@ -17,9 +17,10 @@ VARIANTS = [
     ("w8a16-g128", 8, 128, True, False),
 ]
 
-# BERT-base, GPT-2, Llama-7B linears, and sizes that are not multiples of any block.
+# BERT-base, GPT-2, Llama-7B linears, SmolLM2's (576 = 4.5 groups of 128: a short last group), and sizes
+# that are not multiples of any block (200: group-wise formats are refused, per-channel ones run).
 SHAPES = [(768, 768), (768, 3072), (3072, 768), (768, 2304), (4096, 4096), (4096, 11008), (11008, 4096),
-          (384, 1000), (200, 300)]
+          (576, 1536), (1536, 576), (384, 1000), (200, 300)]
 
 
 def quant_linear(k: int, n: int, bits: int, group: int, sym: bool, a8: bool, device, bias=True) -> QuantLinear:

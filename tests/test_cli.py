@@ -57,7 +57,7 @@ def test_quantize_info_eval_happy_path(model_dir, text_file, tmp_path, capsys):
         ("group_size", "group_size must be positive or -1"),
         ("empty_text", "text file is empty"),
         ("unknown_preset", "unknown preset 'w5a5'"),
-        ("static_no_calib", "needs --calib"),
+        ("static_no_calib", "need --calib FILE"),
         ("info_not_ckpt", "not a zeroquant checkpoint"),
     ],
 )

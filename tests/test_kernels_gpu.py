@@ -139,8 +139,6 @@ def _run_gemm(ql, x, bits, a8, act=None):
 @pytest.mark.parametrize("k,n", SHAPES)
 @pytest.mark.parametrize("m", MS)
 def test_quant_linear(m, k, n, name, bits, group, sym, a8):
-    if group > 0 and k % group:
-        group = -1  # per-channel where the group does not divide K (200)
     ql = quant_linear(k, n, bits, group, sym, a8, "cuda").half()
     x = torch.randn(m, k, device="cuda", dtype=torch.float16)
     if gemm.KernelWeight.unsupported(k, bits, sym, ql.group_size):
@@ -181,15 +179,18 @@ def _skinny_case(k, n, group, sym, m, dtype):
 @pytest.mark.parametrize("cfg", range(3))
 def test_w4_skinny_every_config_and_split(cfg, split, dtype):
     """Batched-decode INT4 (M <= 16, Hopper), W4A16 and W4A8: each configuration the autotuner may pick and
-    each split of K (uneven ones too: 1536 / 128 = 12 steps in 5 slices) against the exact result; the
-    split-K counters are back to zero afterwards."""
+    each split of K (uneven ones too: 1536 / 128 = 12 steps in 5 slices) against the exact result, and a short
+    last group (576 = 4.5 groups of 128) where the configuration's steps divide K; the split-K counters are
+    back to zero afterwards."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the warpgroup MMA needs Hopper")
     assert len(gemm._SKINNY_CONFIGS) == 3
     c = gemm._SKINNY_CONFIGS[cfg]
     tol = {torch.float16: 1e-3, torch.bfloat16: 3e-3, torch.int8: 1e-4}[dtype]
-    for group, sym, m in [(128, False, 16), (64, True, 5), (-1, True, 2)]:
-        ql, (x, xs), want = _skinny_case(1536, 1000, group, sym, m, dtype)
+    cases = [(1536, 128, False, 16), (1536, 64, True, 5), (1536, -1, True, 2)]
+    cases += [(576, 128, False, 7)] if 576 % c.kwargs["BLOCK_K"] == 0 else []
+    for k, group, sym, m in cases:
+        ql, (x, xs), want = _skinny_case(k, 1000, group, sym, m, dtype)
         kw = ql.kernel_weight()
         poison_cuda_cache()
         got = torch.empty(m, 1000, device="cuda", dtype=ql.bias.dtype)
@@ -197,7 +198,7 @@ def test_w4_skinny_every_config_and_split(cfg, split, dtype):
         ws = torch.empty(split * tiles * gemm.SKINNY_BLOCK_N * 16, device="cuda")
         gemm._w4_skinny_kernel.fn[(tiles, split)](
             x, got if xs is None else xs.reshape(-1), kw.qweight, kw.scale,
-            kw.zero if kw.zero is not None else kw.scale, ql.bias, got, ws, kw.counters, m, 1000, 1536, x.stride(0),
+            kw.zero if kw.zero is not None else kw.scale, ql.bias, got, ws, kw.counters, m, 1000, k, x.stride(0),
             kw.qweight.stride(0), got.stride(0), A_INT8=xs is not None, HAS_ZERO=kw.zero is not None,
             GROUP_SIZE=kw.kernel_group, HAS_BIAS=True, ACT=gemm.act_code("silu"),
             SPLIT=split, BLOCK_N=gemm.SKINNY_BLOCK_N, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)

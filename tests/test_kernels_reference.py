@@ -10,10 +10,11 @@ from zeroquant.kernels import act_code
 from zeroquant.kernels import reference as R
 
 
+@pytest.mark.parametrize("k", [256, 576])  # 576 in groups of 128: a short last group
 @pytest.mark.parametrize("name,bits,group,sym,a8", VARIANTS)
-def test_reference_quant_linear_matches_quantlinear(name, bits, group, sym, a8):
-    ql = quant_linear(256, 96, bits, group if group < 0 else 64, sym, a8, "cpu")
-    x = torch.randn(9, 256)
+def test_reference_quant_linear_matches_quantlinear(name, bits, group, sym, a8, k):
+    ql = quant_linear(k, 96, bits, group if group < 0 or k != 256 else 64, sym, a8, "cpu")
+    x = torch.randn(9, k)
     want = ql(x)
     if a8:
         x, s = R.quantize_per_token(x)

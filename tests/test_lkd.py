@@ -51,8 +51,9 @@ def test_one_block_matches_hand_written_loop():
     torch.manual_seed(0)
     model = T.LlamaForCausalLM(T.LlamaConfig(**{**CONFIGS["llama"]().to_dict(), "num_hidden_layers": 1})).eval()
     batches = [{"input_ids": tiny_input(4, 16, seed=s)} for s in (1, 2)]
-    cfg = zq.LKDConfig(steps=10, lr=1e-4, train_scales=True, scale_lr_mult=1.0)
+    cfg = zq.LKDConfig(steps=10, lr=3e-5, train_scales=True, scale_lr_mult=1.0)
     ours = zq.quantize(model, "w4/8-a8", calib_data=batches, lkd=cfg, progress=False)
+    assert not ours.zeroquant_lkd[0]["kept_start"]  # training lowered the loss: its result is kept
 
     # hand-written: capture block inputs, fake-quant copy, Adam on MSE, then freeze to integers
     block = model.model.layers[0]
@@ -72,7 +73,7 @@ def test_one_block_matches_hand_written_loop():
         student.set_submodule(t.local, fqs[t.local])
     params = [p for m in fqs.values() for p in (m.weight, m.bias) if p is not None]
     scales = [m.w_scale for m in fqs.values()]
-    opt = torch.optim.Adam([{"params": params, "lr": 1e-4}, {"params": scales, "lr": 1e-4}])
+    opt = torch.optim.Adam([{"params": params, "lr": 3e-5}, {"params": scales, "lr": 3e-5}])
     with torch.no_grad():
         teacher = [block(a[0], *a[1:], **{k: v for k, v in kw.items() if k != "past_key_values"})
                    for a, kw in inputs]
@@ -91,6 +92,20 @@ def test_one_block_matches_hand_written_loop():
     for name, ql in mine.items():
         assert torch.equal(ql.qweight, theirs[name].qweight), name
         assert torch.allclose(ql.w_scale, theirs[name].w_scale), name
+
+
+def test_block_that_training_worsens_keeps_its_start():
+    """A learning rate far too high makes the block worse on its own data: LKD then keeps the integers it
+    started from (round-to-nearest here) rather than the damaged ones."""
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(T.LlamaConfig(**{**CONFIGS["llama"]().to_dict(), "num_hidden_layers": 1})).eval()
+    batches = [{"input_ids": tiny_input(4, 16, seed=s)} for s in (1, 2)]
+    ours = zq.quantize(model, "w4/8-a8", calib_data=batches, lkd=zq.LKDConfig(steps=10, lr=3e-3), progress=False)
+    row = ours.zeroquant_lkd[0]
+    assert row["kept_start"] and row["mse_after"] == row["mse_before"]
+    rtn = zq.quantized_modules(zq.quantize(model, "w4/8-a8", progress=False))
+    for name, ql in zq.quantized_modules(ours).items():
+        assert torch.equal(ql.qweight, rtn[name].qweight), name
 
 
 def test_only_one_block_trains_at_a_time(monkeypatch):

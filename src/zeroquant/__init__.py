@@ -5,6 +5,7 @@ from .checkpoint import load_quantized, save_quantized
 from .config import PRESETS, ActQuant, LinearRule, QuantConfig, WeightQuant
 from .errors import ZeroQuantError
 from .fusion import fuse
+from .hf import load_fp_model
 from .lkd import LKDConfig
 from .lkd_data import lkd_batches
 from .qlinear import QuantLinear
@@ -20,6 +21,7 @@ __all__ = [
     "ZeroQuantError",
     "fuse",
     "lkd_batches",
+    "load_fp_model",
     "load_quantized",
     "quantize",
     "quantized_modules",

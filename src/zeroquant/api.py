@@ -45,6 +45,14 @@ def find_targets(model: nn.Module, config: QuantConfig, allow_generic: bool = Fa
     return targets
 
 
+def check_config(model: nn.Module, config: QuantConfig | str, allow_generic: bool = False) -> QuantConfig:
+    """The resolved config, after checking that it can quantize `model` (nothing is changed); raises
+    ZeroQuantError naming the first layer it cannot."""
+    cfg = resolve_config(config)
+    validate_targets(find_targets(model, cfg, allow_generic))
+    return cfg
+
+
 def validate_targets(targets: list[Target]) -> None:
     """Fail before touching the model on shapes the config cannot quantize."""
     for t in targets:
@@ -100,21 +108,21 @@ def quantize(
 
     config: a QuantConfig or a preset name ("w8a8", "w4/8-a8", ...; see zeroquant.PRESETS).
     calib_data: list of strings, tensor of token ids, or list of tokenized batches. Needed by static
-        activation baselines and by distillation (`lkd`); token-wise dynamic presets need none.
-    lkd: an LKDConfig to run layer-by-layer distillation of each quantized block from its FP self.
+        activation baselines, GPTQ rounding and distillation (`lkd`); other presets need none.
+    lkd: an LKDConfig to run layer-by-layer distillation of each quantized block from its FP self; rules
+        with GPTQ rounding start each block's distillation from GPTQ's integers.
     inplace: modify and return `model` itself; by default a copy is quantized and `model` is untouched.
     allow_generic: quantize every linear inside the blocks of an architecture without an adapter.
     fuse: fold norms into token-wise quantization and MLP activations into GEMM epilogues
         (zeroquant.fusion); same numbers on the reference path, fewer kernels on CUDA.
     """
-    cfg = resolve_config(config)
-    targets = find_targets(model, cfg, allow_generic)
-    validate_targets(targets)
-    needs_data = cfg.needs_calibration or lkd is not None
+    cfg = check_config(model, config, allow_generic)
+    needs_data = cfg.needs_calibration or cfg.uses_gptq or lkd is not None
     batches = None
     if needs_data:
         if calib_data is None:
-            what = "distillation (lkd)" if lkd is not None else f"preset {cfg.name!r} (static activations)"
+            what = ("distillation (lkd)" if lkd is not None else "GPTQ rounding" if cfg.uses_gptq
+                    else f"preset {cfg.name!r} (static activations)")
             raise ZeroQuantError(f"{what} needs calib_data")
         batches = to_batches(calib_data, tokenizer, model, calib_seq_len, calib_batch_size)
 
@@ -128,6 +136,11 @@ def quantize(
         from .lkd import distill
 
         distill(model, targets, batches, lkd, ranges, allow_generic=allow_generic, progress=progress)
+    elif cfg.uses_gptq:
+        from .gptq import gptq_quantize
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        gptq_quantize(model, targets, batches, ranges, device, allow_generic, progress)
     else:
         for t in tqdm(targets, desc=f"quantizing ({cfg.name})", disable=not progress, leave=False):
             ql = QuantLinear.from_float(t.module, t.rule, ranges.get(t.name))

@@ -90,7 +90,7 @@ def build_model(s: BenchSettings) -> nn.Module:
 
     dtype = torch.float16 if s.device.startswith("cuda") else torch.float32
     if s.model_dir is not None:
-        from .cli import load_fp_model
+        from .hf import load_fp_model
 
         return load_fp_model(s.model_dir, s.device, tokenizer=False)[0].to(dtype)
     cfg = random_config(s.config, s.layers)

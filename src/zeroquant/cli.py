@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-from .adapters import arch_for
 from .errors import ZeroQuantError
+from .hf import load_fp_model
 
 EPILOG = """presets:
   w8a8         INT8 per-channel weights, INT8 token-wise dynamic activations (ZeroQuant)
@@ -21,37 +20,9 @@ EPILOG = """presets:
   w8a8-static  baseline: per-tensor INT8 weights, static per-tensor INT8 activations (needs --calib)
   rtn-w4       baseline: per-row round-to-nearest INT4 weights
 Any preset takes a group-size suffix for its group-wise weights: -g64, -g128 (w8a8-g128: group-wise
-INT8), -ch (one scale per output channel).
+INT8), -ch (one scale per output channel); a group size that does not divide a layer's input size leaves
+a shorter last group. "+gptq" after a preset (w4a16+gptq) rounds its weights with GPTQ (needs --calib).
 Embeddings, norms and the LM head stay in floating point."""
-
-
-def load_fp_model(model_dir: str, device: str = "cpu", allow_generic: bool = False, tokenizer: bool = True):
-    """Load a local Hugging Face checkpoint (config.json + weights) and its tokenizer (None when
-    tokenizer=False), offline."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    p = Path(model_dir)
-    if not p.is_dir():
-        raise ZeroQuantError(f"model directory not found: {model_dir}")
-    if not (p / "config.json").exists():
-        raise ZeroQuantError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
-    import torch
-    import transformers
-    from transformers import AutoConfig, AutoTokenizer
-
-    try:
-        config = AutoConfig.from_pretrained(p)
-    except (OSError, ValueError) as e:
-        raise ZeroQuantError(f"cannot read {p / 'config.json'}: {e}") from None
-    arch_for(config.model_type, allow_generic)  # fail on an unsupported architecture before loading weights
-    archs = getattr(config, "architectures", None) or []
-    cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), transformers.AutoModel)
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    try:
-        model = cls.from_pretrained(p, dtype=dtype)
-        tok = AutoTokenizer.from_pretrained(p) if tokenizer else None
-    except (OSError, ValueError) as e:
-        raise ZeroQuantError(f"cannot load the model in {model_dir}: {e}") from None
-    return model.to(device).eval(), tok
 
 
 def _default_device(arg: str | None) -> str:
@@ -76,11 +47,14 @@ def _calib_texts(path: str | None, n: int) -> list[str] | None:
 def cmd_quantize(args) -> None:
     from .api import quantize
     from .checkpoint import save_quantized
-    from .config import resolve_config, with_group_size
+    from .config import resolve_config, with_group_size, with_rounding
+    from .lkd_data import lkd_batches
 
     cfg = resolve_config(args.preset)
     if args.group_size is not None:
         cfg = with_group_size(cfg, args.group_size)
+    if args.gptq:
+        cfg = with_rounding(cfg, "gptq")
     device = _default_device(args.device)
     model, tok = load_fp_model(args.model_dir, device, args.generic)
     calib = _calib_texts(args.calib, args.calib_samples)
@@ -88,11 +62,12 @@ def cmd_quantize(args) -> None:
     if args.lkd:
         from .evaluate import format_table
         from .lkd import LKDConfig
-        from .lkd_data import lkd_batches
 
         lkd = LKDConfig(steps=args.lkd_steps, lr=args.lkd_lr, train_scales=not args.lkd_freeze_scales,
                         seed=args.seed)
         calib = lkd_batches(args.lkd_data, model, tok, args.lkd_samples, args.lkd_seq_len, seed=args.seed)
+    elif cfg.uses_gptq and calib is None:  # data-free GPTQ: text the model writes itself
+        calib = lkd_batches("self", model, tok, args.lkd_samples, args.lkd_seq_len, seed=args.seed)
     elif cfg.needs_calibration and calib is None:
         raise ZeroQuantError(f"preset {cfg.name!r} uses static activation scales: pass --calib FILE")
     qmodel = quantize(model, cfg, calib_data=calib, tokenizer=tok, inplace=True, allow_generic=args.generic,
@@ -113,8 +88,8 @@ def cmd_eval(args) -> None:
     configs = [resolve_config(p) for p in presets]
     text = read_text(args.text)
     calib = _calib_texts(args.calib, args.calib_samples)
-    if calib is None and any(c.needs_calibration for c in configs):
-        raise ZeroQuantError("a static preset needs --calib FILE (never calibrate on the evaluation text)")
+    if calib is None and any(c.needs_calibration or c.uses_gptq for c in configs):
+        raise ZeroQuantError("static and +gptq presets need --calib FILE (never calibrate on the evaluation text)")
     model, tok = load_fp_model(args.model_dir, _default_device(args.device), args.generic)
     settings = EvalSettings(max_sentences=args.max_sentences, max_tokens=args.max_tokens,
                             seq_len=args.seq_len, batch_size=args.batch_size)
@@ -200,11 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model and save it", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    q.add_argument("model_dir", help="local Hugging Face model directory")
+    q.add_argument("model_dir", help="local Hugging Face model directory or .gguf file")
     q.add_argument("--preset", default="w8a8", help="quantization preset (default w8a8; see below)")
     q.add_argument("-o", "--output", required=True, help="directory to write the quantized model to")
     q.add_argument("--group-size", type=int, default=None,
                    help="override the preset's weight group size (input channels per scale; -1 = per row)")
+    q.add_argument("--gptq", action="store_true",
+                   help="GPTQ rounding of every quantized weight (Hessian-weighted error compensation) from "
+                   "--calib FILE, the --lkd-data with --lkd, else text the model writes itself; with --lkd, "
+                   "distillation starts from GPTQ's weights")
     q.add_argument("--lkd", action="store_true", help="layer-by-layer distillation of each quantized block")
     q.add_argument("--lkd-data", default="self", metavar="FILE|self|random",
                    help="distillation data: a text/jsonl file, text the model generates itself (default), "
@@ -220,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="FP vs presets on a text file: perplexity (LMs) or fidelity (encoders)",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    e.add_argument("model_dir", help="local Hugging Face model directory (floating point)")
+    e.add_argument("model_dir", help="local Hugging Face model directory or .gguf file (floating point)")
     e.add_argument("--text", required=True, help="evaluation text file (e.g. wikitext-2 test.txt)")
     e.add_argument("--presets", default="w8a8,w8a8-static,w4/8-a16,rtn-w4",
                    help="comma-separated presets (default: w8a8,w8a8-static,w4/8-a16,rtn-w4)")
@@ -234,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="FP16 eager vs quantized: prefill latency, decode tokens/s, memory",
                        epilog=BENCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    b.add_argument("model_dir", nargs="?", help="local Hugging Face model directory (floating point)")
+    b.add_argument("model_dir", nargs="?", help="local Hugging Face model directory or .gguf file (floating point)")
     b.add_argument("--random-weights", action="store_true", help="build --config's shape with random weights")
     b.add_argument("--config", help="model shape for --random-weights: llama-7b, gpt-neox-20b, opt-1.3b, bert-large")
     b.add_argument("--layers", type=int, help="override the number of blocks (quick looks only)")

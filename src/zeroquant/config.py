@@ -32,12 +32,24 @@ class ActQuant:
             raise ZeroQuantError(f"activation bits must be in 2..8, got {self.bits}")
 
 
+ROUNDINGS = ("rtn", "gptq")
+
+
 @dataclass(frozen=True)
 class LinearRule:
-    """How one kind of linear is quantized; None keeps that side in floating point."""
+    """How one kind of linear is quantized; None keeps that side in floating point.
+
+    rounding: "rtn" rounds each weight to its nearest level; "gptq" rounds column by column and spreads each
+    column's error over the columns not yet rounded, weighted by the calibration inputs' Hessian
+    (zeroquant.gptq; needs calibration data)."""
 
     weight: WeightQuant | None = None
     act: ActQuant | None = None
+    rounding: str = "rtn"
+
+    def __post_init__(self) -> None:
+        if self.rounding not in ROUNDINGS:
+            raise ZeroQuantError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
 
 
 KINDS = ("attention", "mlp")
@@ -56,7 +68,13 @@ class QuantConfig:
 
     @property
     def needs_calibration(self) -> bool:
+        """Static activation scales are calibrated: the config cannot quantize without data."""
         return any(r.act is not None and not r.act.dynamic for r in (self.attention, self.mlp))
+
+    @property
+    def uses_gptq(self) -> bool:
+        """GPTQ rounding reads calibration inputs: the config cannot quantize without data."""
+        return any(r.weight is not None and r.rounding == "gptq" for r in (self.attention, self.mlp))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,6 +85,7 @@ class QuantConfig:
             return LinearRule(
                 weight=WeightQuant(**r["weight"]) if r.get("weight") else None,
                 act=ActQuant(**r["act"]) if r.get("act") else None,
+                rounding=r.get("rounding", "rtn"),
             )
 
         return cls(attention=rule(d["attention"]), mlp=rule(d["mlp"]), name=d.get("name", "custom"))
@@ -125,16 +144,29 @@ def with_group_size(config: QuantConfig, group_size: int) -> QuantConfig:
     return replace(config, attention=rule(config.attention), mlp=rule(config.mlp), name=f"{config.name}-{suffix}")
 
 
+def with_rounding(config: QuantConfig, rounding: str) -> QuantConfig:
+    """The same config with every weight rule rounded by `rounding` ("rtn" or "gptq")."""
+
+    def rule(r: LinearRule) -> LinearRule:
+        return r if r.weight is None else replace(r, rounding=rounding)
+
+    name = config.name if rounding == "rtn" else f"{config.name}+{rounding}"
+    return replace(config, attention=rule(config.attention), mlp=rule(config.mlp), name=name)
+
+
 def resolve_config(config: QuantConfig | str) -> QuantConfig:
     """A QuantConfig, a preset name, or a preset name with a group-size suffix: "-gN" (N input channels
-    per scale) or "-ch" (one scale per output channel), e.g. "w8a8-ch", "w4a16-g64"."""
+    per scale) or "-ch" (one scale per output channel), e.g. "w8a8-ch", "w4a16-g64"; and "+gptq" for GPTQ
+    rounding of every weight rule, e.g. "w4a16-g64+gptq"."""
     if isinstance(config, QuantConfig):
         return config
     key = str(config).lower()
+    if key.endswith("+gptq"):
+        return with_rounding(resolve_config(key.removesuffix("+gptq")), "gptq")
     if key in PRESETS:
         return PRESETS[key]
     base, _, suffix = key.rpartition("-")
     if base in PRESETS and (suffix == "ch" or (suffix[:1] == "g" and suffix[1:].isdigit() and int(suffix[1:]) > 0)):
         return with_group_size(PRESETS[base], -1 if suffix == "ch" else int(suffix[1:]))
     raise ZeroQuantError(f"unknown preset {config!r}; choose one of: {', '.join(PRESETS)} "
-                         "(optionally with a group-size suffix: -g64, -ch for per channel)")
+                         "(optionally with a group-size suffix: -g64, -ch for per channel; and +gptq)")

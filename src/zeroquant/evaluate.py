@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from .calib import model_device, move, tokenize_texts
 from .errors import ZeroQuantError
+from .hf import has_mlm_head, is_causal_lm
 
 
 def read_text(path: str | os.PathLike) -> str:
@@ -39,18 +40,6 @@ def sentences(text: str, limit: int | None = None, min_words: int = 4) -> list[s
                 if limit is not None and len(out) >= limit:
                     return out
     return out
-
-
-def is_causal_lm(model: nn.Module) -> bool:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    return type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-
-
-def has_mlm_head(model: nn.Module) -> bool:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
-
-    return type(model).__name__ in set(MODEL_FOR_MASKED_LM_MAPPING_NAMES.values())
 
 
 def max_positions(model: nn.Module, default: int = 1024) -> int:

@@ -9,7 +9,6 @@ Only the current block (teacher + student) and the cached hidden states live on 
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 from dataclasses import dataclass
 
@@ -20,9 +19,11 @@ from tqdm.auto import tqdm
 
 from . import quant as Q
 from .adapters import get_blocks
-from .calib import Batch, model_device, move
+from .blockwise import call_block, capture_block_inputs, to_device
+from .calib import Batch
 from .config import LinearRule
 from .errors import ZeroQuantError
+from .gptq import InputHessians, gptq_round
 from .qlinear import QuantLinear, linear_weight
 
 
@@ -30,7 +31,7 @@ from .qlinear import QuantLinear, linear_weight
 class LKDConfig:
     steps: int = 400  # optimizer steps per block
     lr: float = 3e-5  # weights and biases; scales use lr * scale_lr_mult
-    train_scales: bool = True
+    train_scales: bool = True  # not for weights that start from GPTQ's integers: their grid stays
     scale_lr_mult: float = 1.0
     optimizer: str = "adam"  # adam | sgd
     device: str | None = None  # None: cuda when available, else cpu
@@ -40,17 +41,25 @@ class LKDConfig:
 class FakeQuantLinear(nn.Module):
     """Trainable stand-in for a linear during distillation: float master weight, STE-quantized forward."""
 
-    def __init__(self, module: nn.Module, rule: LinearRule, act_range=None, train_scales: bool = True) -> None:
+    def __init__(self, module: nn.Module, rule: LinearRule, act_range=None, train_scales: bool = True,
+                 init: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
+        """init: integer weights, scales and zero points to start from (GPTQ's); default round-to-nearest."""
         super().__init__()
         wq = rule.weight
         self.rule = rule
         w = linear_weight(module).detach().float().clone()
         self.in_features = w.shape[1]
+        if init is None:
+            s, z = Q.weight_scale_zero(w, wq.bits, wq.group_size, wq.symmetric, wq.per_tensor)
+        else:  # the master weight sits on the given grid points, so the first forward rounds to exactly them
+            q, s, z = (t.to(w.device) for t in init)
+            gs = w.shape[1] if wq.per_tensor else Q.group_len(w.shape[1], wq.group_size)
+            w = Q.dequantize_weight(q, s, z, gs)
         self.weight = nn.Parameter(w)
         self.bias = None if module.bias is None else nn.Parameter(module.bias.detach().float().clone())
-        s, z = Q.weight_scale_zero(w, wq.bits, wq.group_size, wq.symmetric, wq.per_tensor)
-        # A per-tensor baseline keeps one shared scale: training it per row would change the scheme.
-        self.w_scale = nn.Parameter(s, requires_grad=train_scales and not wq.per_tensor)
+        # A per-tensor baseline keeps one shared scale: training it per row would change the scheme. GPTQ's
+        # integers compensate each other's rounding on its grid, and moving the grid undoes that (bench/NOTES.md).
+        self.w_scale = nn.Parameter(s, requires_grad=train_scales and not wq.per_tensor and init is None)
         self.register_buffer("w_zero", z)
         # The final QuantLinear, built now: the student quantizes activations exactly as it will, and
         # freezing fills its integer weights in place.
@@ -76,64 +85,11 @@ class FakeQuantLinear(nn.Module):
         return ql
 
 
-class _Stop(Exception):
-    pass
-
-
-def _to(obj, device, dtype: torch.dtype | None = None):
-    """Move tensors in nested args to `device`; floating ones also cast to `dtype` when given."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, dtype=dtype if dtype is not None and obj.is_floating_point() else None)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device, dtype) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to(v, device, dtype) for k, v in obj.items()}
-    return obj
-
-
-@torch.no_grad()
-def capture_block_inputs(model: nn.Module, block: nn.Module, batches: list[Batch]) -> list[tuple[tuple, dict]]:
-    """The exact (args, kwargs) the model passes to its first block, per batch.
-
-    Hooking the real call keeps attention masks, position ids and rotary embeddings exactly as the
-    model's own forward builds them; the forward stops at the first block.
-    """
-    captured = []
-
-    def hook(_m, args, kwargs):
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values", "layer_past")}
-        captured.append((args, kwargs))
-        raise _Stop
-
-    h = block.register_forward_pre_hook(hook, with_kwargs=True)
-    device = model_device(model)
-    extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
-    try:
-        for b in batches:
-            try:
-                model(**move(b, device), **extra)
-            except _Stop:
-                pass
-    finally:
-        h.remove()
-    if len(captured) != len(batches):
-        raise ZeroQuantError("could not capture the first block's inputs")
-    return captured
-
-
-def _hidden(out) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def _call(block: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-    return _hidden(block(hidden, *args[1:], **kwargs))
-
-
 def _block_mse(block, inputs, targets, ctx) -> float:
     total, n = 0.0, 0
     with torch.no_grad():
         for (args, kwargs), h, y in zip(ctx, inputs, targets, strict=True):
-            out = _call(block, h, args, kwargs).float()
+            out = call_block(block, h, args, kwargs).float()
             total += F.mse_loss(out, y.float(), reduction="sum").item()
             n += y.numel()
     return total / n
@@ -170,27 +126,31 @@ def distill(model: nn.Module, targets, batches: list[Batch], cfg: LKDConfig, ran
         by_block.setdefault(t.block, []).append(t)
 
     captured = capture_block_inputs(model, blocks[0], batches)
-    ctx = [(_to(a, device), _to(k, device)) for a, k in captured]
+    ctx = [(to_device(a, device), to_device(k, device)) for a, k in captured]
     del captured
     hidden = [a[0] for a, _ in ctx]
     dtype = hidden[0].dtype
-    ctx32 = ctx if dtype == torch.float32 else [_to(c, device, torch.float32) for c in ctx]
+    ctx32 = ctx if dtype == torch.float32 else [to_device(c, device, torch.float32) for c in ctx]
 
     table = []
     for k, teacher in enumerate(blocks):
         home = next(teacher.parameters()).device
         teacher.to(device)
-        with torch.no_grad():
-            outs = [_call(teacher, h, a, kw) for (a, kw), h in zip(ctx, hidden, strict=True)]
+        gptq_mods = {t.local: teacher.get_submodule(t.local) for t in by_block.get(k, []) if t.rule.rounding == "gptq"}
+        with torch.no_grad(), InputHessians(gptq_mods) as hs:
+            outs = [call_block(teacher, h, a, kw) for (a, kw), h in zip(ctx, hidden, strict=True)]
+        hessians = hs.hessians
         student = copy.deepcopy(teacher).float()
         teacher.to(home)
         fq = {}
         for t in by_block.get(k, []):
-            fq[t.local] = FakeQuantLinear(student.get_submodule(t.local), t.rule, ranges.get(t.name),
-                                          cfg.train_scales).to(device)
+            mod = student.get_submodule(t.local)
+            init = gptq_round(linear_weight(mod), hessians[t.local], t.rule.weight) if t.local in hessians else None
+            fq[t.local] = FakeQuantLinear(mod, t.rule, ranges.get(t.name), cfg.train_scales, init).to(device)
             student.set_submodule(t.local, fq[t.local])
         h32 = hidden if dtype == torch.float32 else [h.float() for h in hidden]
         before = _block_mse(student, h32, outs, ctx32)
+        start = {name: {n: t.detach().clone() for n, t in m.state_dict().items()} for name, m in fq.items()}
         opt = _optimizer(fq, cfg)
         student.train(False)  # no dropout: the target is the deterministic FP block
         bar = tqdm(range(cfg.steps if fq else 0), desc=f"LKD block {k + 1}/{len(blocks)}", disable=not progress,
@@ -199,21 +159,26 @@ def distill(model: nn.Module, targets, batches: list[Batch], cfg: LKDConfig, ran
             i = step % len(hidden)
             a, kw = ctx32[i]
             with torch.enable_grad():  # callers may hold no_grad; training needs autograd
-                loss = F.mse_loss(_call(student, h32[i], a, kw), outs[i].float())
+                loss = F.mse_loss(call_block(student, h32[i], a, kw), outs[i].float())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
             opt.step()
             if step % 10 == 0:  # .item() syncs the GPU: not every step
                 bar.set_postfix(loss=f"{loss.item():.3e}")
         after = _block_mse(student, h32, outs, ctx32) if fq else before
+        kept_start = after > before  # training made this block worse on its own data: keep where it started
+        if kept_start:
+            for name, m in fq.items():
+                m.load_state_dict(start[name])
+            after = before
         for name, m in fq.items():
             student.set_submodule(name, m.to_quant_linear())
         student.to(dtype).requires_grad_(False)  # QuantLinear keeps its scales float32 through the cast
         blocks[k] = student.to(home)
-        del teacher, fq, opt, h32
+        del teacher, fq, opt, h32, start
         hidden = outs  # the teacher's output feeds the next block
         table.append({"block": k, "mse_before": before, "mse_after": after,
-                      "recovered": 0.0 if before == 0 else 1 - after / before})
+                      "recovered": 0.0 if before == 0 else 1 - after / before, "kept_start": kept_start})
         if device.type == "cuda":
             torch.cuda.empty_cache()
     model.zeroquant_lkd = table
@@ -232,7 +197,7 @@ def blockwise_mse(fp_model: nn.Module, q_model: nn.Module, batches: list[Batch],
     hidden = [a[0] for a, _ in ctx]
     out = []
     for fb, qb in zip(fp_blocks, q_blocks, strict=True):
-        targets = [_call(fb, h, a, kw) for (a, kw), h in zip(ctx, hidden, strict=True)]
+        targets = [call_block(fb, h, a, kw) for (a, kw), h in zip(ctx, hidden, strict=True)]
         out.append(_block_mse(qb, hidden, targets, ctx))
         hidden = targets
     return out

@@ -12,7 +12,8 @@ from torch import nn
 
 from .calib import Batch, model_device, tokenize_texts
 from .errors import ZeroQuantError
-from .evaluate import is_causal_lm, read_text, sentences
+from .evaluate import read_text, sentences
+from .hf import is_causal_lm
 
 
 def _file_texts(path: str) -> list[str]:

@@ -129,11 +129,17 @@ class QuantLinear(nn.Module):
             s = s0 if s is None else s.float()
             z = z0 if z is None else z
         k, gs = self.in_features, self.group_size
-        q = Q.quantize(w, Q.expand_groups(s, k, gs), Q.expand_groups(z, k, gs), wq.bits, wq.symmetric)
-        self.qweight.copy_(Q.pack_int4(q, wq.symmetric) if self.packed else q)
-        self.w_scale.copy_(s)
+        self.set_int_weight(Q.quantize(w, Q.expand_groups(s, k, gs), Q.expand_groups(z, k, gs), wq.bits, wq.symmetric),
+                            s, z)
+
+    @torch.no_grad()
+    def set_int_weight(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
+        """Store integer weights q [N, K] (quant.storage_dtype) with their scales and zero points [N, G], as
+        a rounding method other than round-to-nearest (zeroquant.gptq) produced them."""
+        self.qweight.copy_(Q.pack_int4(q, self.wq.symmetric) if self.packed else q)
+        self.w_scale.copy_(scale)
         if self.w_zero is not None:
-            self.w_zero.copy_(z)
+            self.w_zero.copy_(zero)
 
     # ---------------------------------------------------------------------------------------- weights
 

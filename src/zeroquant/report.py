@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 from torch import nn
 
-from .api import quantize
-from .config import resolve_config
-from .evaluate import EvalSettings, evaluate_model, format_table, is_causal_lm
+from .api import check_config, quantize
+from .errors import ZeroQuantError
+from .evaluate import EvalSettings, evaluate_model, format_table
+from .hf import is_causal_lm
 
 
 def report(
@@ -18,21 +21,35 @@ def report(
     settings: EvalSettings | None = None,
     allow_generic: bool = False,
 ) -> list[dict]:
-    """Evaluate the FP model and each preset; returns rows (print them with format_table)."""
+    """Evaluate the FP model and each preset; returns rows (print them with format_table).
+
+    Every preset is checked against the model before any work, so a bad name or an unquantizable layer fails
+    at once; a preset that fails later keeps its error in its row ("error") and the other rows complete.
+    """
     settings = settings or EvalSettings()
-    configs = [resolve_config(p) for p in presets]  # fail on a bad name before any work
+    configs = [check_config(model, p, allow_generic) for p in presets]
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    t0 = time.perf_counter()
     ref = {"scheme": dtype, **evaluate_model(model, tokenizer, text, settings)}
+    ref["eval_min"] = (time.perf_counter() - t0) / 60
     rows = [ref]
     for cfg in configs:
-        needs = cfg.needs_calibration
-        q = quantize(model, cfg, calib_data=calib_texts if needs else None, tokenizer=tokenizer,
-                     allow_generic=allow_generic, progress=settings.progress)
-        rows.append({"scheme": cfg.name, **evaluate_model(q, tokenizer, text, settings, reference=ref)})
-        del q
+        needs = cfg.needs_calibration or cfg.uses_gptq
+        t0 = time.perf_counter()
+        try:
+            q = quantize(model, cfg, calib_data=calib_texts if needs else None, tokenizer=tokenizer,
+                         allow_generic=allow_generic, progress=settings.progress)
+            t1 = time.perf_counter()
+            row = {"scheme": cfg.name, **evaluate_model(q, tokenizer, text, settings, reference=ref)}
+            row.update(quant_min=(t1 - t0) / 60, eval_min=(time.perf_counter() - t1) / 60)
+            del q
+        except (ZeroQuantError, RuntimeError, ValueError) as e:
+            row = {"scheme": cfg.name, "error": f"{type(e).__name__}: {e}".splitlines()[0]}
+        rows.append(row)
     if is_causal_lm(model):
         for r in rows:
-            r["ppl_vs_fp"] = r["ppl"] / ref["ppl"]
+            if "ppl" in r:
+                r["ppl_vs_fp"] = r["ppl"] / ref["ppl"]
     return rows
 
 

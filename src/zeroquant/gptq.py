@@ -1,0 +1,156 @@
+"""GPTQ weight rounding (Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers", 2023), written from the paper's algorithm.
+
+A linear's output error over calibration inputs X is ||W X - Q X||^2, whose Hessian in W's rows is
+H = 2 X X^T (the same for every row). Columns are rounded left to right; each column's rounding error,
+divided by the matching diagonal entry of the upper Cholesky factor U of H^-1, is subtracted from the
+columns not yet rounded along that row of U (the optimal-brain-surgeon update). Updates are applied
+lazily: within a block of columns at once, to the rest of the matrix once per block. Group scales (and
+zero points) are taken from the updated weights when rounding reaches a group's first column, as the
+paper's group-wise variant does; one scale per row (or per tensor) is taken from the original weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import quant as Q
+from .config import WeightQuant
+
+DAMP = 0.01  # fraction of H's mean diagonal added to it, so the inverse exists and is well conditioned
+BLOCK = 128  # columns per lazy update
+
+
+class InputHessians:
+    """Accumulates H = 2 X^T X / n of each named module's input through forward pre-hooks, in float32.
+
+    with InputHessians(modules) as hs: run the model; then hs.hessians[name] is [K, K]."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.modules = modules
+        self.sums: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, int] = {}
+        self.handles: list = []
+
+    def _hook(self, name: str):
+        def fn(_m, args):
+            x = args[0].detach()
+            x = x.reshape(-1, x.shape[-1]).float()
+            prev = self.sums.get(name)
+            self.sums[name] = x.t() @ x if prev is None else prev.addmm_(x.t(), x)
+            self.rows[name] = self.rows.get(name, 0) + x.shape[0]
+
+        return fn
+
+    def __enter__(self) -> InputHessians:
+        self.handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.modules.items()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+
+    @property
+    def hessians(self) -> dict[str, torch.Tensor]:
+        return {n: 2 * s / self.rows[n] for n, s in self.sums.items()}
+
+
+def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1; more damping if H is too ill-conditioned."""
+    eye = torch.eye(h.shape[0], device=h.device, dtype=h.dtype)
+    mean = h.diagonal().mean().clamp_min(1e-12)
+    for _ in range(5):
+        chol, info = torch.linalg.cholesky_ex(h + damp * mean * eye)
+        if int(info) == 0:
+            inv = torch.cholesky_inverse(chol)
+            u, info = torch.linalg.cholesky_ex(inv, upper=True)
+            if int(info) == 0:
+                return u
+        damp *= 10
+    raise RuntimeError("GPTQ: the calibration Hessian is not positive definite even with heavy damping")
+
+
+@torch.no_grad()
+def gptq_round(
+    w: torch.Tensor, hessian: torch.Tensor, wq: WeightQuant, damp: float = DAMP, block: int = BLOCK
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ-rounded [N, K] weight -> (q [N, K] storage dtype, scale [N, G], zero [N, G]), the same layout as
+    quant.quantize_weight, so the result goes wherever round-to-nearest results go."""
+    n, k = w.shape
+    W = w.detach().float().clone()
+    H = hessian.detach().float().clone().to(W.device)
+    dead = H.diagonal() == 0  # channels the calibration data never excites: their weights cannot matter
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    U = _inverse_cholesky(H, damp)
+    del H
+
+    qmin, qmax = Q.qrange(wq.bits, wq.symmetric)
+    gs = k if wq.per_tensor else Q.group_len(k, wq.group_size)
+    groups = 1 if wq.per_tensor else Q.num_groups(k, wq.group_size)
+    scale = torch.empty(n, groups, device=W.device)
+    zero = torch.empty(n, groups, device=W.device)
+    if groups == 1:  # one scale per row (or tensor): from the original weights, before any update
+        s, z = Q.weight_scale_zero(W, wq.bits, -1, wq.symmetric, wq.per_tensor)
+        scale.copy_(s)
+        zero.copy_(z)
+    else:  # blocks hold whole groups, so a group's columns are all current when its scale is taken
+        block = gs * max(1, block // gs)
+    q = torch.empty(n, k, device=W.device)
+    for b0 in range(0, k, block):
+        b1 = min(b0 + block, k)
+        W1 = W[:, b0:b1].clone()
+        err = torch.empty_like(W1)
+        for i in range(b1 - b0):
+            c = b0 + i
+            g = c // gs
+            if groups > 1 and c % gs == 0:
+                end = min(i + gs, b1 - b0)
+                s, z = Q.scale_zero_from_range(W1[:, i:end].amin(1), W1[:, i:end].amax(1), wq.bits, wq.symmetric)
+                scale[:, g], zero[:, g] = s, z
+            s, z = scale[:, g], zero[:, g]
+            col = W1[:, i]
+            qc = (torch.round(col / s) + z).clamp(qmin, qmax)
+            q[:, c] = qc
+            e = (col - (qc - z) * s) / U[c, c]
+            W1[:, i:] -= e[:, None] * U[c, c:b1][None, :]
+            err[:, i] = e
+        W[:, b1:] -= err @ U[b0:b1, b1:]
+    return q.to(Q.storage_dtype(wq.bits, wq.symmetric)), scale, zero
+
+
+@torch.no_grad()
+def gptq_quantize(model: nn.Module, targets, batches, ranges: dict, device: torch.device,
+                  allow_generic: bool = False, progress: bool = True) -> None:
+    """Replace `targets` (api.Target) in `model` with QuantLinear, block by block: each block's GPTQ linears
+    are rounded with the Hessian of their inputs on `batches`, the others round to nearest, and the
+    quantized block's outputs are the next block's inputs (so later blocks correct what earlier ones lost).
+    Only the current block and the cached hidden states are on `device`."""
+    from tqdm.auto import tqdm
+
+    from .adapters import get_blocks
+    from .blockwise import call_block, capture_block_inputs, to_device
+    from .qlinear import QuantLinear, linear_weight
+
+    blocks = get_blocks(model, allow_generic)
+    by_block: dict[int, list] = {}
+    for t in targets:
+        by_block.setdefault(t.block, []).append(t)
+    ctx = [to_device(c, device) for c in capture_block_inputs(model, blocks[0], batches)]
+    hidden = [a[0] for a, _ in ctx]
+    for k, block in enumerate(tqdm(blocks, desc="GPTQ", disable=not progress, leave=False)):
+        home = next(block.parameters()).device
+        block.to(device)
+        ts = by_block.get(k, [])
+        with InputHessians({t.local: t.module for t in ts if t.rule.rounding == "gptq"}) as hs:
+            for (a, kw), h in zip(ctx, hidden, strict=True):
+                call_block(block, h, a, kw)
+        hessians = hs.hessians
+        for t in ts:
+            ql = QuantLinear.from_float(t.module, t.rule, ranges.get(t.name))
+            if t.local in hessians:
+                ql.set_int_weight(*gptq_round(linear_weight(t.module), hessians[t.local], t.rule.weight))
+            block.set_submodule(t.local, ql)
+        hidden = [call_block(block, h, a, kw) for (a, kw), h in zip(ctx, hidden, strict=True)]
+        block.to(home)

@@ -1,0 +1,98 @@
+"""GPTQ rounding: exact where it must reduce to round-to-nearest, better where inputs are correlated, and
+composable with LKD and checkpoints."""
+
+import pytest
+import torch
+from tiny_models import model_output, tiny_input, tiny_model
+
+import zeroquant as zq
+from zeroquant import quant as Q
+from zeroquant.config import resolve_config
+from zeroquant.gptq import InputHessians, gptq_round
+from zeroquant.lkd import FakeQuantLinear
+
+RULES = [zq.WeightQuant(4, 64, False), zq.WeightQuant(4, 128, True), zq.WeightQuant(4, -1, False),
+         zq.WeightQuant(8, -1, True), zq.WeightQuant(3, 48, False)]
+
+
+def _correlated_inputs(k: int, n: int = 2048, seed: int = 0) -> torch.Tensor:
+    """Inputs whose channels are strongly correlated and unevenly scaled, as real activations are."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(k, k, generator=g) / k**0.5 + torch.eye(k)
+    return (torch.randn(n, k, generator=g) @ mix) * torch.linspace(0.2, 3.0, k)
+
+
+@pytest.mark.parametrize("wq", RULES)
+def test_identity_hessian_is_round_to_nearest(wq):
+    """With uncorrelated unit inputs nothing is worth compensating: GPTQ's integers are RTN's."""
+    w = torch.randn(32, 200)
+    q, s, z = gptq_round(w, torch.eye(200), wq)
+    q0, s0, z0 = Q.quantize_weight(w, wq.bits, wq.group_size, wq.symmetric)
+    assert torch.equal(q, q0) and torch.allclose(s, s0) and torch.equal(z, z0)
+
+
+@pytest.mark.parametrize("wq", RULES)
+def test_gptq_beats_round_to_nearest_on_correlated_inputs(wq):
+    k = 200  # 3 groups of 64 and a short one of 8; 48 does not divide it either
+    x = _correlated_inputs(k)
+    w = torch.randn(48, k) / k**0.5
+    h = 2 * x.t() @ x / x.shape[0]
+    gs = Q.group_len(k, wq.group_size)
+    err = {}
+    for name, (q, s, z) in {"gptq": gptq_round(w, h, wq),
+                            "rtn": Q.quantize_weight(w, wq.bits, wq.group_size, wq.symmetric)}.items():
+        qmin, qmax = Q.qrange(wq.bits, wq.symmetric)
+        assert int(q.min()) >= qmin and int(q.max()) <= qmax
+        err[name] = ((x @ (Q.dequantize_weight(q, s, z, gs) - w).t()) ** 2).mean().item()
+    assert err["gptq"] < 0.8 * err["rtn"], err
+
+
+def test_input_hessians_match_explicit_sum():
+    lin = torch.nn.Linear(16, 4)
+    xs = [torch.randn(3, 5, 16), torch.randn(7, 16)]
+    with InputHessians({"l": lin}) as hs:
+        for x in xs:
+            lin(x)
+    flat = torch.cat([x.reshape(-1, 16) for x in xs])
+    assert torch.allclose(hs.hessians["l"], 2 * flat.t() @ flat / 22, atol=1e-5)
+    lin(torch.randn(2, 16))  # hooks are gone after the block
+    assert hs.rows["l"] == 22
+
+
+def test_fake_quant_linear_starts_from_given_integers():
+    lin = torch.nn.Linear(96, 8)
+    rule = zq.LinearRule(zq.WeightQuant(4, 64, False), None, rounding="gptq")
+    x = _correlated_inputs(96, 256)
+    init = gptq_round(lin.weight, 2 * x.t() @ x / 256, rule.weight)
+    ql = FakeQuantLinear(lin, rule, init=init).to_quant_linear()
+    assert torch.equal(ql.int_weight(), init[0]) and torch.allclose(ql.w_scale, init[1])
+
+
+def test_quantize_with_gptq_needs_data_and_beats_rtn_on_a_model(tmp_path):
+    model = tiny_model("llama")
+    calib = tiny_input(8, 32, seed=3)
+    with pytest.raises(zq.ZeroQuantError, match="GPTQ rounding needs calib_data"):
+        zq.quantize(model, "w4a16+gptq")
+    cfg = resolve_config("w4a16-g64+gptq")
+    assert cfg.name == "w4a16-g64+gptq" and cfg.mlp.rounding == "gptq" and cfg.uses_gptq
+    ids = tiny_input(4, 32, seed=4)
+    ref = model_output(model, ids)
+    errs = {}
+    for preset in ("w4a16-g64", "w4a16-g64+gptq"):
+        q = zq.quantize(model, preset, calib_data=calib, progress=False)
+        errs[preset] = ((model_output(q, ids) - ref) ** 2).mean().item()
+    assert errs["w4a16-g64+gptq"] < errs["w4a16-g64"], errs
+    loaded = zq.load_quantized(zq.save_quantized(q, tmp_path / "g"))
+    assert loaded.zeroquant_config == cfg
+    assert torch.equal(model_output(loaded, ids), model_output(q, ids))
+
+
+def test_gptq_then_lkd_is_seeded_and_no_worse_than_gptq():
+    model = tiny_model("opt")
+    calib = tiny_input(8, 32, seed=3)
+    lkd = zq.LKDConfig(steps=30, lr=1e-3, device="cpu")
+    a = zq.quantize(model, "w4a8+gptq", calib_data=calib, lkd=lkd, progress=False)
+    b = zq.quantize(model, "w4a8+gptq", calib_data=calib, lkd=lkd, progress=False)
+    ids = tiny_input(2, 32, seed=9)
+    assert torch.equal(model_output(a, ids), model_output(b, ids))
+    assert all(r["mse_after"] <= r["mse_before"] for r in a.zeroquant_lkd)
