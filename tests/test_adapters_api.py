@@ -29,13 +29,28 @@ def test_every_adapter_quantizes_all_block_linears(arch):
     assert torch.equal(model_output(model, ids), ref)
 
 
-def test_adapters_name_real_modules():
-    for arch in CONFIGS:
-        model = tiny_model(arch)
-        spec = ARCHITECTURES[model.config.model_type]
-        block = get_blocks(model)[0]
-        for norm in spec.norm_feeds:
-            assert isinstance(block.get_submodule(norm), torch.nn.Module)
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_adapter_norms_feed_the_linears_they_name(arch):
+    """What fusion relies on: each norm_feeds entry's norm output is exactly what its linears receive."""
+    model = tiny_model(arch)
+    spec = ARCHITECTURES[model.config.model_type]
+    if spec.norm_feeds_when and not getattr(model.config, spec.norm_feeds_when, True):
+        pytest.skip("this configuration's norms feed no linear")
+    block = get_blocks(model)[0]
+    seen, handles = {}, []
+    for norm, linears in spec.norm_feeds.items():
+        handles.append(block.get_submodule(norm).register_forward_hook(
+            lambda _m, _a, out, n=norm: seen.__setitem__(n, out)))
+        for lin in linears:
+            handles.append(block.get_submodule(lin).register_forward_pre_hook(
+                lambda _m, a, n=lin: seen.__setitem__(n, a[0])))
+    model_output(model, tiny_input())
+    for h in handles:
+        h.remove()
+    assert spec.norm_feeds
+    for norm, linears in spec.norm_feeds.items():
+        for lin in linears:
+            assert torch.equal(seen[lin], seen[norm]), (norm, lin)
 
 
 def test_unknown_architecture_error_and_generic_fallback():

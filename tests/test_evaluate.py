@@ -6,7 +6,7 @@ import transformers as T
 from tiny_models import CONFIGS, tiny_model
 
 import zeroquant as zq
-from zeroquant.evaluate import EvalSettings, cosine_stats, mlm_loss, perplexity, sentences
+from zeroquant.evaluate import EvalSettings, cosine_stats, format_table, mlm_loss, perplexity, sentences
 from zeroquant.report import report
 
 TEXT = " ".join(f"the quick brown fox number {i} jumps over the lazy dog ." for i in range(200))
@@ -33,9 +33,39 @@ def test_report_causal_lm(minilm):
     model = tiny_model("llama")
     rows = report(model, tok, TEXT, ["w8a8", "rtn-w4"], settings=EvalSettings(seq_len=64, progress=False))
     assert [r["scheme"] for r in rows] == ["float32", "w8a8", "rtn-w4"]
-    assert rows[0]["ppl_vs_fp"] == 1.0
-    assert abs(rows[1]["ppl_vs_fp"] - 1) < 0.01
+    assert rows[0]["ppl"] == perplexity(model, tok, TEXT, seq_len=64, progress=False)["ppl"]  # the FP model's own
+    assert rows[1]["ppl"] != rows[0]["ppl"] and abs(rows[1]["ppl_vs_fp"] - 1) < 0.01  # quantized, and close
+    assert rows[2]["ppl_vs_fp"] == rows[2]["ppl"] / rows[0]["ppl"]
     assert rows[1]["weights_mb"] < rows[0]["weights_mb"]
+
+
+def test_report_checks_every_preset_first(minilm, monkeypatch):
+    """A preset that cannot quantize the model fails before the FP row is evaluated."""
+    _, tok = minilm
+    model = tiny_model("gpt2")
+    model.transformer.h[0].mlp.c_proj = type(model.transformer.h[0].mlp.c_proj)(64, 127)  # odd input size
+    evaluated = []
+    monkeypatch.setattr("zeroquant.report.evaluate_model", lambda *a, **k: evaluated.append(1) or {})
+    with pytest.raises(zq.ZeroQuantError, match="INT4 packing needs an even input size"):
+        report(model, tok, TEXT, ["w8a8", "w4a16"], settings=EvalSettings(seq_len=64, progress=False))
+    assert not evaluated
+
+
+def test_report_keeps_a_failed_rows_error(minilm, monkeypatch):
+    _, tok = minilm
+    real = zq.api.quantize
+
+    def flaky(model, cfg, **kw):
+        if cfg.name == "w4a16":
+            raise RuntimeError("CUDA out of memory\nmore detail")
+        return real(model, cfg, **kw)
+
+    monkeypatch.setattr("zeroquant.report.quantize", flaky)
+    rows = report(tiny_model("llama"), tok, TEXT, ["w4a16", "w8a8"], settings=EvalSettings(seq_len=64, progress=False))
+    assert [r["scheme"] for r in rows] == ["float32", "w4a16", "w8a8"]
+    assert rows[1]["error"] == "RuntimeError: CUDA out of memory" and "ppl" not in rows[1]
+    assert "ppl" in rows[2] and "error" not in rows[2]
+    assert "CUDA out of memory" in format_table(rows)
 
 
 def test_mlm_loss_on_tiny_masked_lm(minilm):

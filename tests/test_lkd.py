@@ -166,7 +166,13 @@ def test_cli_lkd_writes_report(tmp_path, minilm):
     assert rc == 0
     rep = json.loads((tmp_path / "q" / "lkd_report.json").read_text())
     assert rep["data"] == "random" and len(rep["blocks"]) == 2 and rep["config"]["steps"] == 5
-    assert zq.load_quantized(tmp_path / "q") is not None
+    # the saved model holds the distilled scales, not round-to-nearest's, in every block that kept them
+    saved = zq.quantized_modules(zq.load_quantized(tmp_path / "q"))
+    rtn = zq.quantized_modules(zq.quantize(tiny_model("gpt2"), "w4/8-a8", progress=False))
+    assert sorted(saved) == sorted(rtn)
+    for b, row in enumerate(rep["blocks"]):
+        moved = [not torch.equal(saved[n].w_scale, rtn[n].w_scale) for n in saved if f".h.{b}." in n]
+        assert len(moved) == 4 and all(moved) != row["kept_start"]
 
 
 def test_lkd_on_half_precision_model_keeps_dtypes_and_reloads(tmp_path):
