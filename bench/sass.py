@@ -1,6 +1,6 @@
 """Which instructions did Triton emit? Walks a Triton cache and reports, per compiled GEMM variant, the
 tensor-core instructions (HGMMA = wgmma, IMMA/HMMA = mma.sync), local-memory traffic (spills) and
-registers, from the SASS (cuobjdump ships with Triton). Run after bench/kernels.py or any GEMM use:
+registers, from the SASS (cuobjdump ships with Triton). Run after bench/kernel_table.py or any GEMM use:
 
     TRITON_CACHE_DIR=.triton-cache python bench/sass.py [--json FILE]
 """

@@ -26,7 +26,7 @@ def _correlated_inputs(k: int, n: int = 2048, seed: int = 0) -> torch.Tensor:
 def test_identity_hessian_is_round_to_nearest(wq):
     """With uncorrelated unit inputs nothing is worth compensating: GPTQ's integers are RTN's."""
     w = torch.randn(32, 200)
-    q, s, z = gptq_round(w, torch.eye(200), wq)
+    q, s, z, _ = gptq_round(w, torch.eye(200), wq)
     q0, s0, z0 = Q.quantize_weight(w, wq.bits, wq.group_size, wq.symmetric)
     assert torch.equal(q, q0) and torch.allclose(s, s0) and torch.equal(z, z0)
 
@@ -39,7 +39,7 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs(wq):
     h = 2 * x.t() @ x / x.shape[0]
     gs = Q.group_len(k, wq.group_size)
     err = {}
-    for name, (q, s, z) in {"gptq": gptq_round(w, h, wq),
+    for name, (q, s, z) in {"gptq": gptq_round(w, h, wq)[:3],
                             "rtn": Q.quantize_weight(w, wq.bits, wq.group_size, wq.symmetric)}.items():
         qmin, qmax = Q.qrange(wq.bits, wq.symmetric)
         assert int(q.min()) >= qmin and int(q.max()) <= qmax
@@ -59,13 +59,16 @@ def test_input_hessians_match_explicit_sum():
     assert hs.rows["l"] == 22
 
 
-def test_fake_quant_linear_starts_from_given_integers():
+def test_fake_quant_linear_starts_from_gptqs_integers():
+    """Distillation's master weights start as GPTQ's compensated weights, which round to GPTQ's integers."""
     lin = torch.nn.Linear(96, 8)
     rule = zq.LinearRule(zq.WeightQuant(4, 64, False), None, rounding="gptq")
     x = _correlated_inputs(96, 256)
     init = gptq_round(lin.weight, 2 * x.t() @ x / 256, rule.weight)
-    ql = FakeQuantLinear(lin, rule, init=init).to_quant_linear()
-    assert torch.equal(ql.int_weight(), init[0]) and torch.allclose(ql.w_scale, init[1])
+    fq = FakeQuantLinear(lin, rule, init=init)
+    assert torch.equal(fq.weight.detach(), init.weight) and not torch.equal(init.weight, lin.weight.detach())
+    ql = fq.to_quant_linear()
+    assert torch.equal(ql.int_weight(), init.q) and torch.allclose(ql.w_scale, init.scale)
 
 
 def test_quantize_with_gptq_needs_data_and_beats_rtn_on_a_model(tmp_path):

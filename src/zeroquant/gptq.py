@@ -12,6 +12,8 @@ paper's group-wise variant does; one scale per row (or per tensor) is taken from
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -71,12 +73,20 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     raise RuntimeError("GPTQ: the calibration Hessian is not positive definite even with heavy damping")
 
 
+class GPTQResult(NamedTuple):
+    q: torch.Tensor  # [N, K] integers, quant.storage_dtype: the layout of quant.quantize_weight
+    scale: torch.Tensor  # [N, G]
+    zero: torch.Tensor  # [N, G]
+    # [N, K] float: each column as it stood when rounded (the original plus the compensation it received),
+    # so round-to-nearest on (scale, zero) gives q; distillation starts from it, not from q's grid points.
+    weight: torch.Tensor
+
+
 @torch.no_grad()
 def gptq_round(
     w: torch.Tensor, hessian: torch.Tensor, wq: WeightQuant, damp: float = DAMP, block: int = BLOCK
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """GPTQ-rounded [N, K] weight -> (q [N, K] storage dtype, scale [N, G], zero [N, G]), the same layout as
-    quant.quantize_weight, so the result goes wherever round-to-nearest results go."""
+) -> GPTQResult:
+    """GPTQ rounding of an [N, K] weight with the Hessian [K, K] of its inputs."""
     n, k = w.shape
     W = w.detach().float().clone()
     H = hessian.detach().float().clone().to(W.device)
@@ -98,6 +108,7 @@ def gptq_round(
     else:  # blocks hold whole groups, so a group's columns are all current when its scale is taken
         block = gs * max(1, block // gs)
     q = torch.empty(n, k, device=W.device)
+    before = torch.empty(n, k, device=W.device)
     for b0 in range(0, k, block):
         b1 = min(b0 + block, k)
         W1 = W[:, b0:b1].clone()
@@ -111,13 +122,14 @@ def gptq_round(
                 scale[:, g], zero[:, g] = s, z
             s, z = scale[:, g], zero[:, g]
             col = W1[:, i]
+            before[:, c] = col
             qc = (torch.round(col / s) + z).clamp(qmin, qmax)
             q[:, c] = qc
             e = (col - (qc - z) * s) / U[c, c]
             W1[:, i:] -= e[:, None] * U[c, c:b1][None, :]
             err[:, i] = e
         W[:, b1:] -= err @ U[b0:b1, b1:]
-    return q.to(Q.storage_dtype(wq.bits, wq.symmetric)), scale, zero
+    return GPTQResult(q.to(Q.storage_dtype(wq.bits, wq.symmetric)), scale, zero, before)
 
 
 @torch.no_grad()
@@ -150,7 +162,7 @@ def gptq_quantize(model: nn.Module, targets, batches, ranges: dict, device: torc
         for t in ts:
             ql = QuantLinear.from_float(t.module, t.rule, ranges.get(t.name))
             if t.local in hessians:
-                ql.set_int_weight(*gptq_round(linear_weight(t.module), hessians[t.local], t.rule.weight))
+                ql.set_int_weight(*gptq_round(linear_weight(t.module), hessians[t.local], t.rule.weight)[:3])
             block.set_submodule(t.local, ql)
         hidden = [call_block(block, h, a, kw) for (a, kw), h in zip(ctx, hidden, strict=True)]
         block.to(home)

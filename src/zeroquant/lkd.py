@@ -23,7 +23,7 @@ from .blockwise import call_block, capture_block_inputs, to_device
 from .calib import Batch
 from .config import LinearRule
 from .errors import ZeroQuantError
-from .gptq import InputHessians, gptq_round
+from .gptq import GPTQResult, InputHessians, gptq_round
 from .qlinear import QuantLinear, linear_weight
 
 
@@ -31,7 +31,7 @@ from .qlinear import QuantLinear, linear_weight
 class LKDConfig:
     steps: int = 400  # optimizer steps per block
     lr: float = 3e-5  # weights and biases; scales use lr * scale_lr_mult
-    train_scales: bool = True  # not for weights that start from GPTQ's integers: their grid stays
+    train_scales: bool = True
     scale_lr_mult: float = 1.0
     optimizer: str = "adam"  # adam | sgd
     device: str | None = None  # None: cuda when available, else cpu
@@ -42,8 +42,9 @@ class FakeQuantLinear(nn.Module):
     """Trainable stand-in for a linear during distillation: float master weight, STE-quantized forward."""
 
     def __init__(self, module: nn.Module, rule: LinearRule, act_range=None, train_scales: bool = True,
-                 init: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
-        """init: integer weights, scales and zero points to start from (GPTQ's); default round-to-nearest."""
+                 init: GPTQResult | None = None) -> None:
+        """init: GPTQ's rounding to start from (its grid and its compensated weights); default: round-to-nearest
+        of the module's own weights."""
         super().__init__()
         wq = rule.weight
         self.rule = rule
@@ -51,15 +52,13 @@ class FakeQuantLinear(nn.Module):
         self.in_features = w.shape[1]
         if init is None:
             s, z = Q.weight_scale_zero(w, wq.bits, wq.group_size, wq.symmetric, wq.per_tensor)
-        else:  # the master weight sits on the given grid points, so the first forward rounds to exactly them
-            q, s, z = (t.to(w.device) for t in init)
-            gs = w.shape[1] if wq.per_tensor else Q.group_len(w.shape[1], wq.group_size)
-            w = Q.dequantize_weight(q, s, z, gs)
+        else:  # compensated weights: the first forward rounds them to GPTQ's integers, and each keeps its
+            # distance to a rounding boundary, which distillation moves it across
+            s, z, w = (t.to(w.device).float() for t in init[1:])
         self.weight = nn.Parameter(w)
         self.bias = None if module.bias is None else nn.Parameter(module.bias.detach().float().clone())
-        # A per-tensor baseline keeps one shared scale: training it per row would change the scheme. GPTQ's
-        # integers compensate each other's rounding on its grid, and moving the grid undoes that (bench/NOTES.md).
-        self.w_scale = nn.Parameter(s, requires_grad=train_scales and not wq.per_tensor and init is None)
+        # A per-tensor baseline keeps one shared scale: training it per row would change the scheme.
+        self.w_scale = nn.Parameter(s, requires_grad=train_scales and not wq.per_tensor)
         self.register_buffer("w_zero", z)
         # The final QuantLinear, built now: the student quantizes activations exactly as it will, and
         # freezing fills its integer weights in place.

@@ -4,7 +4,7 @@ Per (M, K, N): torch.matmul FP16 (cuBLAS), plain PyTorch W8A8 (token-wise quant 
 dequant, per-channel scales: its best case), torch._int_mm alone, and our fused kernels. Row kernels
 (token-wise quant, norm->quant) are reported as bandwidth against a device-to-device copy.
 
-    python bench/kernels.py [--out DIR] [--quick]
+    python bench/kernel_table.py [--out DIR] [--quick]
 
 Prints a table last; writes kernels.json and kernels.md to --out (default bench/results).
 """

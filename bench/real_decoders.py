@@ -1,0 +1,148 @@
+"""Paper-style accuracy table on a real decoder: perplexity of the FP model and of every scheme, each INT4
+preset with round-to-nearest, + LKD (text / self-generated / random data), + GPTQ and + GPTQ + LKD.
+
+    # SmolLM2-135M on the GPU, full wikitext-2 test set, calibration and LKD text from valid.txt
+    python bench/real_decoders.py --model SMOL.gguf --text ../shared/assets/wikitext-2/test.txt \
+        --calib ../shared/assets/wikitext-2/valid.txt --out bench/results/smollm2_wikitext2
+    # stories260K on the CPU, on text it wrote itself (its tokenizer does not cover wikitext)
+    python bench/real_decoders.py --model ../shared/assets/stories260K --self-text 64 \
+        --out bench/results/stories260k_self --seq-len 256
+
+Writes OUT.json after every row (with --resume FILE, rows already in FILE are kept, not re-run) and OUT.md
+at the end. Gap recovered = (ppl_rtn - ppl) / (ppl_rtn - ppl_fp) against the same preset's RTN row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import zeroquant as zq
+from zeroquant.evaluate import perplexity, read_text
+from zeroquant.lkd_data import lkd_batches
+
+INT4 = ["w4a16", "w4/8-a16", "w4/8-a8"]
+METHODS = ["rtn", "lkd-text", "lkd-self", "lkd-random", "gptq", "gptq+lkd-text"]
+ROWS = ([("fp", "-"), ("w8a8-static", "rtn"), ("w8a8", "rtn")] + [(p, m) for p in INT4 for m in METHODS]
+        + [("rtn-w4", "rtn")])
+
+
+def row_key(preset: str, method: str) -> str:
+    return f"{preset} {method}"
+
+
+def self_text(model, tok, n: int, seq_len: int, seed: int) -> str:
+    """Text the FP model writes itself, decoded: evaluation text for a model whose tokenizer does not cover
+    wikitext (a seed apart from the LKD data's)."""
+    ids = torch.cat([b["input_ids"] for b in lkd_batches("self", model, tok, n, seq_len, seed=seed)])
+    return "\n".join(tok.decode(r, skip_special_tokens=True) for r in ids)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model directory or .gguf file")
+    p.add_argument("--text", help="evaluation text file")
+    p.add_argument("--self-text", type=int, metavar="N", help="evaluate on N sequences the model writes itself")
+    p.add_argument("--calib", help="text file for calibration, GPTQ and LKD 'text' (default: self-written text)")
+    p.add_argument("--seq-len", type=int, default=2048, help="perplexity window (default 2048)")
+    p.add_argument("--max-tokens", type=int, help="cap on evaluated tokens (default: the whole text)")
+    p.add_argument("--batch", type=int, default=4, help="perplexity windows per forward")
+    p.add_argument("--samples", type=int, default=128, help="calibration / LKD sequences (default 128)")
+    p.add_argument("--data-len", type=int, default=128, help="calibration / LKD sequence length (default 128)")
+    p.add_argument("--lkd-steps", type=int, default=400)
+    p.add_argument("--lkd-lr", type=float, default=3e-5)
+    p.add_argument("--rows", help="comma-separated 'preset method' keys to run (default: all)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--resume", help="JSON of an earlier run: its rows are kept and not re-run")
+    p.add_argument("--out", required=True, help="output prefix: OUT.json, OUT.md")
+    args = p.parse_args()
+    if (args.text is None) == (args.self_text is None):
+        p.error("give exactly one of --text and --self-text")
+
+    t0 = time.perf_counter()
+    model, tok = zq.load_fp_model(args.model, args.device)
+    load_s = time.perf_counter() - t0
+    text = read_text(args.text) if args.text else self_text(model, tok, args.self_text, args.seq_len, seed=1234)
+    data_t0 = time.perf_counter()
+    sources = {"text": args.calib or "self", "self": "self", "random": "random"}
+    data = {k: lkd_batches(v, model, tok, args.samples, args.data_len, seed=0) for k, v in sources.items()}
+    data_min = (time.perf_counter() - data_t0) / 60
+    lkd = zq.LKDConfig(steps=args.lkd_steps, lr=args.lkd_lr)
+
+    meta = {"model": str(args.model), "text": args.text or f"self-written, {args.self_text} sequences",
+            "calib": args.calib or "self-written", "seq_len": args.seq_len, "samples": args.samples,
+            "data_len": args.data_len, "lkd": vars(lkd), "device": args.device,
+            "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
+            "torch": torch.__version__, "load_s": load_s, "data_min": data_min}
+    rows: dict[str, dict] = {}
+    if args.resume and Path(args.resume).exists():
+        rows = {r["key"]: r for r in json.loads(Path(args.resume).read_text())["rows"]}
+    wanted = set(args.rows.split(",")) if args.rows else None
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": list(rows.values())}, indent=2))
+
+    for preset, method in ROWS:
+        key = row_key(preset, method)
+        if key in rows or (wanted is not None and key not in wanted):
+            continue
+        t0 = time.perf_counter()
+        row = {"key": key, "preset": preset, "method": method}
+        try:
+            if preset == "fp":
+                q = model
+            else:
+                name = preset + ("+gptq" if method.startswith("gptq") else "")
+                use_lkd = "lkd" in method
+                calib = data[method.rsplit("-", 1)[1]] if use_lkd else data["text"]
+                q = zq.quantize(model, name, calib_data=calib, tokenizer=tok, lkd=lkd if use_lkd else None,
+                                progress=False)
+            t1 = time.perf_counter()
+            r = perplexity(q, tok, text, args.seq_len, args.max_tokens, args.batch, progress=False)
+            row.update(ppl=r["ppl"], tokens=r["tokens"], quant_min=(t1 - t0) / 60,
+                       eval_min=(time.perf_counter() - t1) / 60)
+            if q is not model:
+                del q
+        except Exception as e:  # noqa: BLE001 - a failed row keeps its error; the others still run
+            row["error"] = f"{type(e).__name__}: {e}".splitlines()[0]
+        rows[key] = row
+        print(json.dumps(row), flush=True)
+        save()
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    save()
+    out.with_suffix(".md").write_text(markdown(meta, list(rows.values())) + "\n")
+    print(markdown(meta, list(rows.values())))
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    by = {r["key"]: r for r in rows}
+    fp = by.get(row_key("fp", "-"), {}).get("ppl")
+    lines = [f"model {meta['model']}, text {meta['text']}, {meta['device_name']} ({meta['device']}), torch "
+             f"{meta['torch']}; calibration / LKD data: {meta['samples']} x {meta['data_len']} tokens "
+             f"(text = {meta['calib']}); LKD {meta['lkd']['steps']} steps/block, lr {meta['lkd']['lr']}",
+             "", "| scheme | rounding / LKD data | perplexity | vs FP | gap recovered | tokens | quantize min | "
+             "eval min |", "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: ROWS.index((r["preset"], r["method"]))):
+        if "error" in r:
+            lines.append(f"| {r['preset']} | {r['method']} | {r['error']} | | | | | |")
+            continue
+        rtn = by.get(row_key(r["preset"], "rtn"), {}).get("ppl")
+        gap = ""
+        if r["method"] != "rtn" and rtn is not None and fp is not None and rtn > fp:
+            gap = f"{(rtn - r['ppl']) / (rtn - fp) * 100:.0f}%"
+        vs = f"{r['ppl'] / fp:.3f}x" if fp else ""
+        lines.append(f"| {r['preset']} | {r['method']} | {r['ppl']:.3f} | {vs} | {gap} | {r['tokens']} | "
+                     f"{r['quant_min']:.2f} | {r['eval_min']:.2f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
