@@ -70,7 +70,13 @@ def main() -> None:
     text = read_text(args.text) if args.text else self_text(model, tok, args.self_text, args.seq_len, seed=1234)
     data_t0 = time.perf_counter()
     sources = {"text": args.calib or "self", "self": "self", "random": "random"}
-    data = {k: lkd_batches(v, model, tok, args.samples, args.data_len, seed=0) for k, v in sources.items()}
+    made: dict[str, list] = {}
+
+    def data(kind: str) -> list:  # made on first use: self-written text takes a while
+        if kind not in made:
+            made[kind] = lkd_batches(sources[kind], model, tok, args.samples, args.data_len, seed=0)
+        return made[kind]
+
     data_min = (time.perf_counter() - data_t0) / 60
     lkd = zq.LKDConfig(steps=args.lkd_steps, lr=args.lkd_lr)
 
@@ -101,7 +107,7 @@ def main() -> None:
             else:
                 name = preset + ("+gptq" if method.startswith("gptq") else "")
                 use_lkd = "lkd" in method
-                calib = data[method.rsplit("-", 1)[1]] if use_lkd else data["text"]
+                calib = data(method.rsplit("-", 1)[1] if use_lkd else "text")
                 q = zq.quantize(model, name, calib_data=calib, tokenizer=tok, lkd=lkd if use_lkd else None,
                                 progress=False)
             t1 = time.perf_counter()

@@ -18,6 +18,10 @@ MODELS = {
     "opt": lambda: T.OPTForCausalLM(T.OPTConfig(ffn_dim=512, word_embed_proj_dim=256, **DIMS)),
     "gpt2": lambda: T.GPT2LMHeadModel(T.GPT2Config(vocab_size=1000, n_embd=256, n_layer=2, n_head=4)),
     "bert": lambda: T.BertForMaskedLM(T.BertConfig(intermediate_size=512, **DIMS)),
+    # SmolLM2's widths: 576 = 4.5 groups of 128 (a short last group), MLP 1536
+    "llama-576": lambda: T.LlamaForCausalLM(T.LlamaConfig(
+        vocab_size=1000, hidden_size=576, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=9,
+        num_key_value_heads=3)),
 }
 
 
