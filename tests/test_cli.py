@@ -58,6 +58,9 @@ def test_quantize_info_eval_happy_path(model_dir, text_file, tmp_path, capsys):
         ("empty_text", "text file is empty"),
         ("unknown_preset", "unknown preset 'w5a5'"),
         ("static_no_calib", "need --calib FILE"),
+        ("gptq_no_calib", "need --calib FILE"),
+        ("not_a_model_file", "neither a Hugging Face model directory nor a .gguf file"),
+        ("bad_gguf", "cannot read the model config"),
         ("info_not_ckpt", "not a zeroquant checkpoint"),
     ],
 )
@@ -67,6 +70,8 @@ def test_errors_are_one_line_and_nonzero(case, expect, model_dir, text_file, tmp
     empty.write_text("  \n\n")
     plain = tmp_path / "plain"
     plain.mkdir()
+    bad_gguf = tmp_path / "model.gguf"
+    bad_gguf.write_bytes(b"GGUF but not really")
     bloom = tmp_path / "bloom"
     T.BloomForCausalLM(T.BloomConfig(vocab_size=1000, hidden_size=64, n_layer=1, n_head=4)).save_pretrained(bloom)
     args = {
@@ -77,6 +82,9 @@ def test_errors_are_one_line_and_nonzero(case, expect, model_dir, text_file, tmp
         "empty_text": ["eval", model_dir, "--text", empty],
         "unknown_preset": ["eval", model_dir, "--text", text_file, "--presets", "w8a8,w5a5"],
         "static_no_calib": ["eval", model_dir, "--text", text_file, "--presets", "w8a8-static"],
+        "gptq_no_calib": ["eval", model_dir, "--text", text_file, "--presets", "w8a8,w4a16+gptq"],
+        "not_a_model_file": ["quantize", text_file, "-o", out],
+        "bad_gguf": ["quantize", bad_gguf, "-o", out],
         "info_not_ckpt": ["info", plain],
     }[case]
     rc, _, err = run(args, capsys)
@@ -85,6 +93,17 @@ def test_errors_are_one_line_and_nonzero(case, expect, model_dir, text_file, tmp
     assert err.splitlines()[-1].startswith("zeroquant: error: ") and err.count("zeroquant: error") == 1
     assert "Traceback" not in err
     assert not out.exists()
+
+
+def test_quantize_gptq_saves_gptq_config(model_dir, text_file, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "g"
+    rc, so, _ = run(["quantize", model_dir, "--preset", "w4a16", "--gptq", "--calib", text_file, "--calib-samples",
+                     "32", "-o", out, "--device", "cpu"], capsys)
+    assert rc == 0 and "saved w4a16+gptq" in so
+    cfg = json.loads((out / "quantization.json").read_text())["config"]
+    assert cfg["mlp"]["rounding"] == "gptq" and cfg["attention"]["rounding"] == "gptq"
 
 
 def test_console_entry_point_help():

@@ -5,6 +5,7 @@ here."""
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
 
 from torch import nn
@@ -52,7 +53,7 @@ def load_fp_model(path: str | os.PathLike, device: str = "cpu", allow_generic: b
 
     try:
         config = AutoConfig.from_pretrained(d, **extra)
-    except (OSError, ValueError, ImportError) as e:
+    except (OSError, ValueError, ImportError, KeyError, struct.error) as e:  # struct: a truncated GGUF header
         raise ZeroQuantError(f"cannot read the model config of {path}: {e}") from None
     arch_for(config.model_type, allow_generic)  # fail on an unsupported architecture before loading weights
     archs = getattr(config, "architectures", None) or []
@@ -63,6 +64,11 @@ def load_fp_model(path: str | os.PathLike, device: str = "cpu", allow_generic: b
     try:
         model = cls.from_pretrained(d, dtype=dtype, **extra)
         tok = AutoTokenizer.from_pretrained(d, **extra) if tokenizer else None
-    except (OSError, ValueError, ImportError) as e:
+    except (OSError, ValueError, ImportError, KeyError, struct.error) as e:
         raise ZeroQuantError(f"cannot load the model in {path}: {e}") from None
+    if extra:  # transformers dequantized the GGUF tensors: from here on it is a float model like any other
+        model.config.__dict__.pop("quantization_config", None)
+        for attr in ("hf_quantizer", "quantization_method"):
+            if getattr(model, attr, None) is not None:
+                setattr(model, attr, None)
     return model.to(device).eval(), tok

