@@ -29,7 +29,8 @@ from zeroquant.evaluate import perplexity, read_text
 from zeroquant.lkd_data import lkd_batches
 
 
-def llmcompressor_gptq(model, tok, windows: torch.Tensor, scheme: str) -> torch.nn.Module:
+def llmcompressor_gptq(model, tok, windows: torch.Tensor, scheme: str | int, bypass: bool = False) -> torch.nn.Module:
+    """scheme: a preset name ("W4A16": symmetric INT4 in groups of 128) or a group size for symmetric INT4."""
     from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier
@@ -41,7 +42,11 @@ def llmcompressor_gptq(model, tok, windows: torch.Tensor, scheme: str) -> torch.
     tok.save_pretrained(d)
     model.config._name_or_path = model.name_or_path = d
     ds = Dataset.from_dict({"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()})
-    recipe = GPTQModifier(targets="Linear", scheme=scheme, ignore=["lm_head"])
+    if isinstance(scheme, int):
+        weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": scheme}
+        recipe = GPTQModifier(config_groups={"g": {"targets": ["Linear"], "weights": weights}}, ignore=["lm_head"])
+    else:
+        recipe = GPTQModifier(targets="Linear", scheme=scheme, ignore=["lm_head"], bypass_divisibility_checks=bypass)
     return oneshot(model=model, processor=tok, dataset=ds, recipe=recipe, max_seq_length=windows.shape[1],
                    num_calibration_samples=windows.shape[0])
 
@@ -96,7 +101,18 @@ def main() -> None:
     for cfg in ("w4a16", "w4a16+gptq", w4sym, gptq_sym):
         record(cfg if isinstance(cfg, str) else cfg.name,
                lambda cfg=cfg: zq.quantize(model, cfg, calib_data=batches, tokenizer=tok, progress=False))
-    record("llm-compressor GPTQ W4A16", lambda: llmcompressor_gptq(copy.deepcopy(model), tok, windows, "W4A16"))
+    # By default llm-compressor refuses layers whose input size its group size does not divide (SmolLM2's 576);
+    # its own escape hatch runs them anyway
+    record("llm-compressor GPTQ W4A16", lambda: llmcompressor_gptq(copy.deepcopy(model), tok, windows, "W4A16", False))
+    record("llm-compressor GPTQ W4A16, bypass_divisibility_checks",
+           lambda: llmcompressor_gptq(copy.deepcopy(model), tok, windows, "W4A16", True))
+    # groups of 64 divide every SmolLM2 layer: the peer's GPTQ runs, beside ours at the same format
+    for sym in (True, False):
+        cfg = zq.QuantConfig(attention=zq.LinearRule(zq.WeightQuant(4, 64, sym), rounding="gptq"),
+                             mlp=zq.LinearRule(zq.WeightQuant(4, 64, sym), rounding="gptq"),
+                             name=f"w4a16-g64{'-sym' if sym else ''}+gptq")
+        record(cfg.name, lambda cfg=cfg: zq.quantize(model, cfg, calib_data=batches, tokenizer=tok, progress=False))
+    record("llm-compressor GPTQ W4A16 g64 (sym)", lambda: llmcompressor_gptq(copy.deepcopy(model), tok, windows, 64))
     fp = rows["fp32"]["ppl"]
     lines = [f"{meta['model']} on {meta['text']} (first {args.max_tokens} tokens, {args.seq_len}-token windows), CPU, "
              f"torch {meta['torch']}, transformers {meta['transformers']}, llm-compressor {meta['llmcompressor']}",

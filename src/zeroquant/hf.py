@@ -66,9 +66,7 @@ def load_fp_model(path: str | os.PathLike, device: str = "cpu", allow_generic: b
         tok = AutoTokenizer.from_pretrained(d, **extra) if tokenizer else None
     except (OSError, ValueError, ImportError, KeyError, struct.error) as e:
         raise ZeroQuantError(f"cannot load the model in {path}: {e}") from None
-    if extra:  # transformers dequantized the GGUF tensors: from here on it is a float model like any other
-        model.config.__dict__.pop("quantization_config", None)
-        for attr in ("hf_quantizer", "quantization_method"):
-            if getattr(model, attr, None) is not None:
-                setattr(model, attr, None)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if extra and quantizer is not None:  # the GGUF tensors were dequantized: from here on a plain float model
+        quantizer.remove_quantization_config(model)
     return model.to(device).eval(), tok
