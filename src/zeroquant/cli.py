@@ -44,6 +44,17 @@ def _calib_texts(path: str | None, n: int) -> list[str] | None:
     return texts
 
 
+def _calib_data(path: str | None, texts: list[str] | None, n: int, model, tok):
+    """Calibration data from --calib: for causal LMs, n windows of 128 tokens of the file's token stream (GPTQ's
+    Hessians need thousands of tokens, and windows have no padding); for encoders, its first n sentences."""
+    from .hf import is_causal_lm
+    from .lkd_data import lkd_batches
+
+    if path is None or not is_causal_lm(model):
+        return texts
+    return lkd_batches(path, model, tok, n, 128)
+
+
 def cmd_quantize(args) -> None:
     from .api import quantize
     from .checkpoint import save_quantized
@@ -57,7 +68,7 @@ def cmd_quantize(args) -> None:
         cfg = with_rounding(cfg, "gptq")
     device = _default_device(args.device)
     model, tok = load_fp_model(args.model_dir, device, args.generic)
-    calib = _calib_texts(args.calib, args.calib_samples)
+    calib = _calib_data(args.calib, _calib_texts(args.calib, args.calib_samples), args.calib_samples, model, tok)
     lkd, extra = None, {}
     if args.lkd:
         from .evaluate import format_table
@@ -93,6 +104,7 @@ def cmd_eval(args) -> None:
     model, tok = load_fp_model(args.model_dir, _default_device(args.device), args.generic)
     settings = EvalSettings(max_sentences=args.max_sentences, max_tokens=args.max_tokens,
                             seq_len=args.seq_len, batch_size=args.batch_size)
+    calib = _calib_data(args.calib, calib, args.calib_samples, model, tok)
     rows = report(model, tok, text, presets, calib, settings, allow_generic=args.generic)
     print(f"\nmodel: {args.model_dir}  text: {args.text}  device: {next(model.parameters()).device}")
     print_report(rows)
@@ -170,8 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--device", help="cpu or cuda (default: cuda when available)")
         sp.add_argument("--generic", action="store_true",
                         help="quantize every linear in the blocks of an architecture without an adapter")
-        sp.add_argument("--calib", metavar="FILE", help="text file for calibration (static presets)")
-        sp.add_argument("--calib-samples", type=int, default=256, help="calibration sentences (default 256)")
+        sp.add_argument("--calib", metavar="FILE",
+                        help="text file for calibration (static and GPTQ presets); never the evaluation text")
+        sp.add_argument("--calib-samples", type=int, default=256,
+                        help="calibration sentences (encoders) or 128-token windows (causal LMs); default 256")
 
     q = sub.add_parser("quantize", help="quantize a model and save it", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -27,18 +27,27 @@ BLOCK = 128  # columns per lazy update
 class InputHessians:
     """Accumulates H = 2 X^T X / n of each named module's input through forward pre-hooks, in float32.
 
-    with InputHessians(modules) as hs: run the model; then hs.hessians[name] is [K, K]."""
+    with InputHessians(modules) as hs: run the model (calling hs.only(mask) before each batch that has padding);
+    then hs.hessians[name] is [K, K]."""
 
     def __init__(self, modules: dict[str, nn.Module]) -> None:
         self.modules = modules
         self.sums: dict[str, torch.Tensor] = {}
         self.rows: dict[str, int] = {}
         self.handles: list = []
+        self.keep: torch.Tensor | None = None
+
+    def only(self, mask: torch.Tensor | None) -> None:
+        """Count only the tokens where `mask` ([batch, seq], the batch's attention mask) is set in the next
+        forward: padding is not data, and its hidden states would bend the Hessian toward them."""
+        self.keep = None if mask is None else mask.reshape(-1).bool()
 
     def _hook(self, name: str):
         def fn(_m, args):
             x = args[0].detach()
             x = x.reshape(-1, x.shape[-1]).float()
+            if self.keep is not None and self.keep.numel() == x.shape[0]:
+                x = x[self.keep.to(x.device)]
             prev = self.sums.get(name)
             self.sums[name] = x.t() @ x if prev is None else prev.addmm_(x.t(), x)
             self.rows[name] = self.rows.get(name, 0) + x.shape[0]
@@ -132,6 +141,11 @@ def gptq_round(
     return GPTQResult(q.to(Q.storage_dtype(wq.bits, wq.symmetric)), scale, zero, before)
 
 
+def batch_masks(batches) -> list[torch.Tensor | None]:
+    """Each calibration batch's attention mask (None where it has none: every token counts)."""
+    return [b.get("attention_mask") if isinstance(b, dict) else None for b in batches]
+
+
 @torch.no_grad()
 def gptq_quantize(model: nn.Module, targets, batches, ranges: dict, device: torch.device,
                   allow_generic: bool = False, progress: bool = True) -> None:
@@ -156,7 +170,8 @@ def gptq_quantize(model: nn.Module, targets, batches, ranges: dict, device: torc
         block.to(device)
         ts = by_block.get(k, [])
         with InputHessians({t.local: t.module for t in ts if t.rule.rounding == "gptq"}) as hs:
-            for (a, kw), h in zip(ctx, hidden, strict=True):
+            for (a, kw), h, mask in zip(ctx, hidden, batch_masks(batches), strict=True):
+                hs.only(mask)
                 call_block(block, h, a, kw)
         hessians = hs.hessians
         for t in ts:

@@ -23,7 +23,7 @@ from .blockwise import call_block, capture_block_inputs, to_device
 from .calib import Batch
 from .config import LinearRule
 from .errors import ZeroQuantError
-from .gptq import GPTQResult, InputHessians, gptq_round
+from .gptq import GPTQResult, InputHessians, batch_masks, gptq_round
 from .qlinear import QuantLinear, linear_weight
 
 
@@ -125,6 +125,7 @@ def distill(model: nn.Module, targets, batches: list[Batch], cfg: LKDConfig, ran
         by_block.setdefault(t.block, []).append(t)
 
     captured = capture_block_inputs(model, blocks[0], batches)
+    masks = batch_masks(batches)
     ctx = [(to_device(a, device), to_device(k, device)) for a, k in captured]
     del captured
     hidden = [a[0] for a, _ in ctx]
@@ -136,8 +137,11 @@ def distill(model: nn.Module, targets, batches: list[Batch], cfg: LKDConfig, ran
         home = next(teacher.parameters()).device
         teacher.to(device)
         gptq_mods = {t.local: teacher.get_submodule(t.local) for t in by_block.get(k, []) if t.rule.rounding == "gptq"}
+        outs = []
         with torch.no_grad(), InputHessians(gptq_mods) as hs:
-            outs = [call_block(teacher, h, a, kw) for (a, kw), h in zip(ctx, hidden, strict=True)]
+            for (a, kw), h, mask in zip(ctx, hidden, masks, strict=True):
+                hs.only(mask)
+                outs.append(call_block(teacher, h, a, kw))
         hessians = hs.hessians
         student = copy.deepcopy(teacher).float()
         teacher.to(home)

@@ -17,7 +17,7 @@ def report(
     tokenizer,
     text: str,
     presets: list[str],
-    calib_texts: list[str] | None = None,
+    calib_data=None,
     settings: EvalSettings | None = None,
     allow_generic: bool = False,
 ) -> list[dict]:
@@ -37,7 +37,7 @@ def report(
         needs = cfg.needs_calibration or cfg.uses_gptq
         t0 = time.perf_counter()
         try:
-            q = quantize(model, cfg, calib_data=calib_texts if needs else None, tokenizer=tokenizer,
+            q = quantize(model, cfg, calib_data=calib_data if needs else None, tokenizer=tokenizer,
                          allow_generic=allow_generic, progress=settings.progress)
             t1 = time.perf_counter()
             row = {"scheme": cfg.name, **evaluate_model(q, tokenizer, text, settings, reference=ref)}
