@@ -71,3 +71,67 @@ def test_save_unquantized_model_is_an_error(tmp_path):
     with pytest.raises(zq.ZeroQuantError, match="not quantized"):
         zq.save_quantized(tiny_model("gpt2"), tmp_path / "q")
     assert not (tmp_path / "q").exists()
+
+
+def _damaged(tmp_path, case):
+    """A saved w4/8-a8 tiny Llama, then one thing wrong with it."""
+    from safetensors.torch import load_file, save_file
+
+    out = zq.save_quantized(zq.quantize(tiny_model("llama"), "w4/8-a8", progress=False), tmp_path / "q")
+    weights, manifest = out / "model.safetensors", out / "quantization.json"
+    if case == "truncated":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif case == "garbage":
+        weights.write_bytes(b"\x00" * 64)
+    elif case in ("missing", "shape", "dtype", "nan_scale"):
+        t = load_file(str(weights))
+        name = "model.layers.0.mlp.down_proj." + ("w_scale" if case == "nan_scale" else "qweight")
+        if case == "missing":
+            del t[name]
+        elif case == "shape":
+            t[name] = t[name][:, :-1].contiguous()
+        elif case == "dtype":
+            t[name] = t[name].to(torch.int16)
+        else:
+            t[name][0, 0] = float("nan")
+        save_file(t, str(weights), metadata={"format": "pt"})
+    elif case == "not_json":
+        manifest.write_text("{ not json")
+    elif case == "version":
+        m = json.loads(manifest.read_text())
+        m["version"] = 99
+        manifest.write_text(json.dumps(m))
+    elif case == "bad_module":
+        m = json.loads(manifest.read_text())
+        m["modules"]["model.layers.0.mlp.down_proj"]["weight"]["bits"] = 12
+        manifest.write_text(json.dumps(m))
+    return out
+
+
+@pytest.mark.parametrize("case,expect", [
+    ("truncated", "model.safetensors: not a readable safetensors file"),
+    ("garbage", "model.safetensors: not a readable safetensors file"),
+    ("missing", "does not match the model: missing ['model.layers.0.mlp.down_proj.qweight']"),
+    ("shape", "down_proj.qweight is torch.uint8 [64, 63], the model expects torch.uint8 [64, 64]"),
+    ("dtype", "down_proj.qweight is torch.int16 [64, 64], the model expects torch.uint8"),
+    ("nan_scale", "down_proj.w_scale holds NaN or infinite values"),
+    ("not_json", "quantization.json: not valid JSON"),
+    ("version", "quantization.json: format version 99; this zeroquant reads versions 1 to 2"),
+    ("bad_module", "quantization.json: module model.layers.0.mlp.down_proj: ZeroQuantError: weight bits"),
+])
+def test_damaged_checkpoint_is_one_clear_error(tmp_path, case, expect):
+    out = _damaged(tmp_path, case)
+    with pytest.raises(zq.ZeroQuantError) as e:
+        zq.load_quantized(out)
+    assert expect in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("case", ["not_json", "version"])
+def test_cli_info_on_damaged_manifest_exits_2(tmp_path, case, capsys):
+    from zeroquant.cli import main
+
+    out = _damaged(tmp_path, case)
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("zeroquant: error: ") and "quantization.json" in err and "Traceback" not in err

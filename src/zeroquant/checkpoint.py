@@ -97,6 +97,9 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None,
     return out
 
 
+MANIFEST_KEYS = ("preset", "config", "model_class", "dtype", "modules")
+
+
 def read_manifest(path: str | os.PathLike) -> dict:
     p = Path(path)
     f = p / QUANT_FILE
@@ -104,10 +107,41 @@ def read_manifest(path: str | os.PathLike) -> dict:
         raise ZeroQuantError(f"{p} is not a directory")
     if not f.exists():
         raise ZeroQuantError(f"{p} is not a zeroquant checkpoint (no {QUANT_FILE})")
-    manifest = json.loads(f.read_text())
-    if manifest.get("format") != "zeroquant" or manifest.get("version", 0) > FORMAT_VERSION:
-        raise ZeroQuantError(f"{f}: unsupported checkpoint format/version")
+    try:
+        manifest = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ZeroQuantError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != "zeroquant":
+        raise ZeroQuantError(f"{f}: not a zeroquant manifest (no \"format\": \"zeroquant\")")
+    version = manifest.get("version", 1)
+    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        raise ZeroQuantError(f"{f}: format version {version!r}; this zeroquant reads versions 1 to {FORMAT_VERSION}")
+    missing = [k for k in MANIFEST_KEYS if k not in manifest]
+    if missing:
+        raise ZeroQuantError(f"{f}: missing {', '.join(missing)}")
     return manifest
+
+
+def _check_tensors(model: nn.Module, file: Path) -> None:
+    """Fail with one line naming `file` and the tensor when the weights file is unreadable, or a tensor has
+    another shape or dtype than the model expects, or a scale is not finite (before anything is loaded)."""
+    from safetensors import SafetensorError, safe_open
+
+    expected = model.state_dict()
+    try:
+        with safe_open(str(file), "pt") as f:
+            for name in f.keys():
+                want = expected.get(name)
+                if want is None:
+                    continue  # unexpected names are reported with the missing ones
+                t = f.get_tensor(name)
+                if t.shape != want.shape or t.dtype != want.dtype:
+                    raise ZeroQuantError(f"{file}: {name} is {t.dtype} {list(t.shape)}, the model expects "
+                                         f"{want.dtype} {list(want.shape)}")
+                if name.rsplit(".", 1)[-1] in QuantLinear.SCALE_BUFFERS and not torch.isfinite(t).all():
+                    raise ZeroQuantError(f"{file}: {name} holds NaN or infinite values")
+    except (SafetensorError, OSError) as e:
+        raise ZeroQuantError(f"{file}: not a readable safetensors file ({e})") from None
 
 
 @torch.no_grad()
@@ -129,19 +163,32 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
     from .config import ActQuant, WeightQuant
 
     manifest = read_manifest(path)
-    hf_config = AutoConfig.from_pretrained(path)
+    try:
+        hf_config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ZeroQuantError(f"cannot read {Path(path) / 'config.json'}: {e}") from None
     cls = getattr(transformers, manifest["model_class"], None)
     if cls is None:
         raise ZeroQuantError(f"transformers has no class {manifest['model_class']}; upgrade transformers")
-    dtype = getattr(torch, manifest["dtype"])
+    dtype = getattr(torch, str(manifest["dtype"]), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ZeroQuantError(f"{Path(path) / QUANT_FILE}: unknown dtype {manifest['dtype']!r}")
     model = cls(hf_config).to(dtype)
     for name, spec in manifest["modules"].items():
-        act = None if spec["act"] is None else ActQuant(**spec["act"])
-        ql = QuantLinear(spec["in"], spec["out"], spec["bias"], WeightQuant(**spec["weight"]), act, dtype)
-        model.set_submodule(name, ql)
-    missing, unexpected = load_model(model, str(Path(path) / WEIGHTS_FILE), strict=False)
+        try:
+            act = None if spec["act"] is None else ActQuant(**spec["act"])
+            ql = QuantLinear(spec["in"], spec["out"], spec["bias"], WeightQuant(**spec["weight"]), act, dtype)
+            model.set_submodule(name, ql)
+        except (KeyError, TypeError, AttributeError, ZeroQuantError) as e:
+            raise ZeroQuantError(f"{Path(path) / QUANT_FILE}: module {name}: {type(e).__name__}: {e}") from None
+    file = Path(path) / WEIGHTS_FILE
+    if not file.exists():
+        raise ZeroQuantError(f"{path} has no {WEIGHTS_FILE}")
+    _check_tensors(model, file)
+    missing, unexpected = load_model(model, str(file), strict=False)
     if missing or unexpected:
-        raise ZeroQuantError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ZeroQuantError(f"{file} does not match the model: missing {sorted(missing)[:5]}, "
+                             f"unexpected {sorted(unexpected)[:5]}")
     if manifest.get("version", 1) < 2:
         _repack_v1_int4(model)
     if fuse:
