@@ -135,3 +135,23 @@ def test_cli_info_on_damaged_manifest_exits_2(tmp_path, case, capsys):
     assert main(["info", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("zeroquant: error: ") and "quantization.json" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt", "bert"])
+def test_load_builds_no_float_linears_and_keeps_ties(tmp_path, arch):
+    """The skeleton is built on the meta device and filled from the file: every tensor ends up real, a tied
+    LM head is the embedding again, and the quantized linears hold exactly the file's integers."""
+    from safetensors.torch import load_file
+
+    q = zq.quantize(tiny_model(arch), "w4/8-a8", progress=False)
+    out = zq.save_quantized(q, tmp_path / "q")
+    loaded = zq.load_quantized(out)
+    assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
+    if loaded.config.tie_word_embeddings and hasattr(loaded, "get_output_embeddings"):
+        head = loaded.get_output_embeddings()
+        if head is not None:
+            assert head.weight is loaded.get_input_embeddings().weight
+    stored = load_file(str(out / "model.safetensors"))
+    for name, m in zq.quantized_modules(loaded).items():
+        assert torch.equal(m.qweight, stored[f"{name}.qweight"])
+        assert m.w_scale.stride(0) == 1  # G-major, as the kernels read it in place

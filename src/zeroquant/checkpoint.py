@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_model
 from torch import nn
 
 from . import quant as Q
@@ -152,6 +152,19 @@ def _repack_v1_int4(model: nn.Module) -> None:
             m.qweight.copy_(Q.pack_int4(Q.unpack_int4_pairs(m.qweight), symmetric=False))
 
 
+def _retie(model: nn.Module) -> None:
+    """A tied LM head and its embedding are stored once (under either name): loading by assignment filled
+    only that one, so both names take it (transformers' own map of ties), then the model ties them again."""
+    for target, source in getattr(model, "all_tied_weights_keys", {}).items():
+        names = [target, source]
+        loaded = [model.get_parameter(n) for n in names if not model.get_parameter(n).is_meta]
+        if loaded:
+            for n in names:
+                mod, _, attr = n.rpartition(".")
+                setattr(model.get_submodule(mod), attr, loaded[0])
+    model.tie_weights()
+
+
 def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", fuse: bool = True) -> nn.Module:
     """Rebuild a model saved by save_quantized; its forward matches the model that was saved.
 
@@ -173,11 +186,18 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
     dtype = getattr(torch, str(manifest["dtype"]), None)
     if not isinstance(dtype, torch.dtype):
         raise ZeroQuantError(f"{Path(path) / QUANT_FILE}: unknown dtype {manifest['dtype']!r}")
-    model = cls(hf_config).to(dtype)
+    # The skeleton holds no weights: parameters and QuantLinear buffers stay on the meta device until the file's
+    # tensors take their place, so loading never allocates a random FP copy (buffers that no file holds, such
+    # as rotary tables, are built for real: they are small).
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        model = cls(hf_config).to(dtype)
     for name, spec in manifest["modules"].items():
         try:
             act = None if spec["act"] is None else ActQuant(**spec["act"])
-            ql = QuantLinear(spec["in"], spec["out"], spec["bias"], WeightQuant(**spec["weight"]), act, dtype)
+            with torch.device("meta"):
+                ql = QuantLinear(spec["in"], spec["out"], spec["bias"], WeightQuant(**spec["weight"]), act, dtype)
             model.set_submodule(name, ql)
         except (KeyError, TypeError, AttributeError, ZeroQuantError) as e:
             raise ZeroQuantError(f"{Path(path) / QUANT_FILE}: module {name}: {type(e).__name__}: {e}") from None
@@ -185,10 +205,14 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
     if not file.exists():
         raise ZeroQuantError(f"{path} has no {WEIGHTS_FILE}")
     _check_tensors(model, file)
-    missing, unexpected = load_model(model, str(file), strict=False)
+    _, unexpected = model.load_state_dict(load_file(str(file)), strict=False, assign=True)
+    _retie(model)
+    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if missing or unexpected:
         raise ZeroQuantError(f"{file} does not match the model: missing {sorted(missing)[:5]}, "
                              f"unexpected {sorted(unexpected)[:5]}")
+    for m in quantized_modules(model).values():
+        m.scales_group_major()
     if manifest.get("version", 1) < 2:
         _repack_v1_int4(model)
     if fuse:

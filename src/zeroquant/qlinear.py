@@ -74,6 +74,13 @@ class QuantLinear(nn.Module):
 
     SCALE_BUFFERS = ("w_scale", "w_zero", "a_scale", "a_zero")
 
+    def scales_group_major(self) -> None:
+        """Store w_scale / w_zero G-major again (as built) after a loader assigned the file's [N, G] tensors."""
+        for name in ("w_scale", "w_zero"):
+            t = self._buffers.get(name)
+            if t is not None and t.stride(0) != 1:
+                self._buffers[name] = t.t().contiguous().t()
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         """A buffer that is a view into an allocation shared with other linears (zeroquant.packing) is saved
         as its own copy: checkpoints hold each linear's tensors alone, as before packing."""
