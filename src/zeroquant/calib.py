@@ -2,28 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from .errors import ZeroQuantError
+from .hf import model_tokenizer
 
 Batch = dict[str, torch.Tensor]
-
-
-def model_tokenizer(model: nn.Module):
-    """The tokenizer saved beside the model's weights, when the model was loaded from a local dir."""
-    path = getattr(getattr(model, "config", None), "_name_or_path", "") or getattr(model, "name_or_path", "")
-    if path and os.path.isdir(path):
-        from transformers import AutoTokenizer
-
-        try:
-            return AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError):
-            return None
-    return None
 
 
 def tokenize_texts(texts: Sequence[str], tokenizer, seq_len: int, batch_size: int) -> list[Batch]:

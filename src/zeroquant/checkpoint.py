@@ -21,10 +21,10 @@ from torch import nn
 
 from . import quant as Q
 from .api import quantized_modules
-from .calib import model_tokenizer
 from .config import QuantConfig
 from .errors import ZeroQuantError
 from .fusion import fuse as fuse_ops
+from .hf import model_tokenizer
 from .qlinear import QuantLinear
 
 QUANT_FILE = "quantization.json"

@@ -26,6 +26,19 @@ def has_mlm_head(model: nn.Module) -> bool:
     return type(model).__name__ in set(MODEL_FOR_MASKED_LM_MAPPING_NAMES.values())
 
 
+def model_tokenizer(model: nn.Module):
+    """The tokenizer saved beside the model's weights, when the model was loaded from a local dir."""
+    path = getattr(getattr(model, "config", None), "_name_or_path", "") or getattr(model, "name_or_path", "")
+    if path and os.path.isdir(path):
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError):
+            return None
+    return None
+
+
 def _source(path: str) -> tuple[Path, dict]:
     """(directory, extra from_pretrained kwargs) of a model directory or a .gguf file; fails on anything else."""
     p = Path(path)
