@@ -122,26 +122,27 @@ def read_manifest(path: str | os.PathLike) -> dict:
     return manifest
 
 
-def _check_tensors(model: nn.Module, file: Path) -> None:
-    """Fail with one line naming `file` and the tensor when the weights file is unreadable, or a tensor has
-    another shape or dtype than the model expects, or a scale is not finite (before anything is loaded)."""
-    from safetensors import SafetensorError, safe_open
+def _read_checked(model: nn.Module, file: Path) -> dict[str, torch.Tensor]:
+    """The file's tensors (read once), after checking them against the model: one line naming `file` and the
+    tensor when the file is unreadable, a tensor has another shape or dtype than the model expects, or a
+    scale is not finite. Nothing is loaded into the model here."""
+    from safetensors import SafetensorError
 
-    expected = model.state_dict()
     try:
-        with safe_open(str(file), "pt") as f:
-            for name in f.keys():
-                want = expected.get(name)
-                if want is None:
-                    continue  # unexpected names are reported with the missing ones
-                t = f.get_tensor(name)
-                if t.shape != want.shape or t.dtype != want.dtype:
-                    raise ZeroQuantError(f"{file}: {name} is {t.dtype} {list(t.shape)}, the model expects "
-                                         f"{want.dtype} {list(want.shape)}")
-                if name.rsplit(".", 1)[-1] in QuantLinear.SCALE_BUFFERS and not torch.isfinite(t).all():
-                    raise ZeroQuantError(f"{file}: {name} holds NaN or infinite values")
+        tensors = load_file(str(file))
     except (SafetensorError, OSError) as e:
         raise ZeroQuantError(f"{file}: not a readable safetensors file ({e})") from None
+    expected = model.state_dict()
+    for name, t in tensors.items():
+        want = expected.get(name)
+        if want is None:
+            continue  # unexpected names are reported with the missing ones
+        if t.shape != want.shape or t.dtype != want.dtype:
+            raise ZeroQuantError(f"{file}: {name} is {t.dtype} {list(t.shape)}, the model expects "
+                                 f"{want.dtype} {list(want.shape)}")
+        if name.rsplit(".", 1)[-1] in QuantLinear.SCALE_BUFFERS and not torch.isfinite(t).all():
+            raise ZeroQuantError(f"{file}: {name} holds NaN or infinite values")
+    return tensors
 
 
 @torch.no_grad()
@@ -204,8 +205,7 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
     file = Path(path) / WEIGHTS_FILE
     if not file.exists():
         raise ZeroQuantError(f"{path} has no {WEIGHTS_FILE}")
-    _check_tensors(model, file)
-    _, unexpected = model.load_state_dict(load_file(str(file)), strict=False, assign=True)
+    _, unexpected = model.load_state_dict(_read_checked(model, file), strict=False, assign=True)
     _retie(model)
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if missing or unexpected:

@@ -68,19 +68,21 @@ def cmd_quantize(args) -> None:
         cfg = with_rounding(cfg, "gptq")
     device = _default_device(args.device)
     model, tok = load_fp_model(args.model_dir, device, args.generic)
-    calib = _calib_data(args.calib, _calib_texts(args.calib, args.calib_samples), args.calib_samples, model, tok)
+    texts = _calib_texts(args.calib, args.calib_samples)
     lkd, extra = None, {}
-    if args.lkd:
+    if args.lkd:  # the distillation data calibrates too
         from .evaluate import format_table
         from .lkd import LKDConfig
 
         lkd = LKDConfig(steps=args.lkd_steps, lr=args.lkd_lr, train_scales=not args.lkd_freeze_scales,
                         seed=args.seed)
         calib = lkd_batches(args.lkd_data, model, tok, args.lkd_samples, args.lkd_seq_len, seed=args.seed)
-    elif cfg.uses_gptq and calib is None:  # data-free GPTQ: text the model writes itself
-        calib = lkd_batches("self", model, tok, args.lkd_samples, args.lkd_seq_len, seed=args.seed)
-    elif cfg.needs_calibration and calib is None:
-        raise ZeroQuantError(f"preset {cfg.name!r} uses static activation scales: pass --calib FILE")
+    else:
+        calib = _calib_data(args.calib, texts, args.calib_samples, model, tok)
+        if cfg.uses_gptq and calib is None:  # data-free GPTQ: text the model writes itself
+            calib = lkd_batches("self", model, tok, args.lkd_samples, args.lkd_seq_len, seed=args.seed)
+        elif cfg.needs_calibration and calib is None:
+            raise ZeroQuantError(f"preset {cfg.name!r} uses static activation scales: pass --calib FILE")
     qmodel = quantize(model, cfg, calib_data=calib, tokenizer=tok, inplace=True, allow_generic=args.generic,
                       lkd=lkd)
     if lkd is not None:
