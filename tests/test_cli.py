@@ -62,6 +62,8 @@ def test_quantize_info_eval_happy_path(model_dir, text_file, tmp_path, capsys):
         ("not_a_model_file", "neither a Hugging Face model directory nor a .gguf file"),
         ("bad_gguf", "cannot read the model config"),
         ("info_not_ckpt", "not a zeroquant checkpoint"),
+        ("export_conv1d", "Conv1D layer: compressed-tensors and vLLM quantize nn.Linear layers only"),
+        ("export_not_ckpt", "not a zeroquant checkpoint"),
     ],
 )
 def test_errors_are_one_line_and_nonzero(case, expect, model_dir, text_file, tmp_path, capsys):
@@ -86,6 +88,8 @@ def test_errors_are_one_line_and_nonzero(case, expect, model_dir, text_file, tmp
         "not_a_model_file": ["quantize", text_file, "-o", out],
         "bad_gguf": ["quantize", bad_gguf, "-o", out],
         "info_not_ckpt": ["info", plain],
+        "export_conv1d": ["quantize", model_dir, "-o", out, "--device", "cpu", "--format", "compressed-tensors"],
+        "export_not_ckpt": ["export", plain, "-o", out],
     }[case]
     rc, _, err = run(args, capsys)
     assert rc == 2
@@ -104,6 +108,34 @@ def test_quantize_gptq_saves_gptq_config(model_dir, text_file, tmp_path, capsys)
     assert rc == 0 and "saved w4a16+gptq" in so
     cfg = json.loads((out / "quantization.json").read_text())["config"]
     assert cfg["mlp"]["rounding"] == "gptq" and cfg["attention"]["rounding"] == "gptq"
+
+
+def test_export_writes_what_quantize_format_writes(minilm, tmp_path, capsys):
+    """`quantize --format compressed-tensors` and `quantize` + `export` give the same files; both load back
+    onto zeroquant with the logits of the zeroquant checkpoint."""
+    import torch
+    from safetensors.torch import load_file
+    from tiny_models import model_output, tiny_input
+
+    import zeroquant as zq
+
+    _, tok = minilm
+    src = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(src)
+    tok.save_pretrained(src)
+    common = [src, "--preset", "w4/8-a8-g32", "--device", "cpu"]
+    assert run(["quantize", *common, "-o", tmp_path / "zq"], capsys)[0] == 0
+    rc, so, _ = run(["export", tmp_path / "zq", "-o", tmp_path / "ct"], capsys)
+    assert rc == 0 and "as compressed-tensors" in so
+    assert run(["quantize", *common, "-o", tmp_path / "direct", "--format", "compressed-tensors"], capsys)[0] == 0
+    a, b = load_file(tmp_path / "ct" / "model.safetensors"), load_file(tmp_path / "direct" / "model.safetensors")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "ct" / "tokenizer.json").exists()
+    ids = tiny_input()
+    assert torch.equal(model_output(zq.load_quantized(tmp_path / "ct"), ids),
+                       model_output(zq.load_quantized(tmp_path / "zq"), ids))
+    rc, so, _ = run(["info", tmp_path / "ct"], capsys)
+    assert rc == 0 and "W4 group 32 asym / A8 token dynamic (int-quantized)" in so
 
 
 def test_console_entry_point_help():

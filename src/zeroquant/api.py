@@ -29,17 +29,25 @@ class Target:
     module: nn.Module
 
 
-def find_targets(model: nn.Module, config: QuantConfig, allow_generic: bool = False) -> list[Target]:
+def block_linears_of(model: nn.Module, allow_generic: bool = False):
+    """(full name, block index, name in the block, kind, module) of every quantizable linear of the blocks."""
     arch = get_arch(model, allow_generic)
     blocks = get_blocks(model, allow_generic)
     prefix = {id(m): n for n, m in model.named_modules()}[id(blocks)]
-    targets = []
     for i, block in enumerate(blocks):
         for local, kind, module in block_linears(block, arch):
-            rule = config.rule(kind)
-            if rule.weight is None:
-                continue
-            targets.append(Target(f"{prefix}.{i}.{local}", i, local, kind, rule, module))
+            yield f"{prefix}.{i}.{local}", i, local, kind, module
+
+
+def linear_kinds(model: nn.Module, allow_generic: bool = False) -> dict[str, str]:
+    """Full name -> module kind ("attention" or "mlp") of every quantizable linear of the blocks."""
+    return {name: kind for name, _, _, kind, _ in block_linears_of(model, allow_generic)}
+
+
+def find_targets(model: nn.Module, config: QuantConfig, allow_generic: bool = False) -> list[Target]:
+    targets = [Target(name, i, local, kind, config.rule(kind), module)
+               for name, i, local, kind, module in block_linears_of(model, allow_generic)
+               if config.rule(kind).weight is not None]
     if not targets:
         raise ZeroQuantError("the config quantizes no linear layer of this model")
     return targets

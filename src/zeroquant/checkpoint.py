@@ -60,30 +60,22 @@ def quant_manifest(model: nn.Module) -> dict:
     }
 
 
-def save_quantized(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, extra: dict | None = None) -> Path:
-    """Write the quantized model to `out_dir` atomically (temp dir + rename): a failure leaves nothing.
+FORMATS = ("zeroquant", "compressed-tensors")
 
-    An existing `out_dir` is replaced only if it is empty or a previous zeroquant checkpoint.
-    `extra` files (name -> JSON-able object) are written beside the model, e.g. a distillation report.
-    """
-    out = Path(out_dir).resolve()
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / QUANT_FILE).exists())):
-        raise ZeroQuantError(f"{out} exists and is not a zeroquant checkpoint; refusing to overwrite it")
-    manifest = quant_manifest(model)
+
+def _replaceable(out: Path) -> bool:
+    """An existing directory a save may replace: empty, or a checkpoint of either format."""
+    from .compressed_format import is_compressed_dir
+
+    return out.is_dir() and (not any(out.iterdir()) or (out / QUANT_FILE).exists() or is_compressed_dir(out))
+
+
+def _write_atomically(out: Path, fill) -> Path:
+    """Let fill(tmp) write a directory beside `out`, then rename it to `out`: a failure leaves nothing."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        model.config.save_pretrained(tmp)
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            gen.save_pretrained(tmp)
-        tok = tokenizer if tokenizer is not None else model_tokenizer(model)
-        if tok is not None:
-            tok.save_pretrained(tmp)
-        save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "zeroquant": str(FORMAT_VERSION)})
-        (tmp / QUANT_FILE).write_text(json.dumps(manifest, indent=2))
-        for name, obj in (extra or {}).items():
-            (tmp / name).write_text(json.dumps(obj, indent=2))
+        fill(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)
@@ -95,6 +87,78 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _write_hf_files(model: nn.Module, tmp: Path, tokenizer) -> None:
+    """config.json, generation_config.json and the tokenizer, as the source model had them."""
+    model.config.save_pretrained(tmp)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen.save_pretrained(tmp)
+    tok = tokenizer if tokenizer is not None else model_tokenizer(model)
+    if tok is not None:
+        tok.save_pretrained(tmp)
+
+
+def _skeleton(cls: type, hf_config, dtype: torch.dtype) -> nn.Module:
+    """The architecture without weights: parameters on the meta device until a file's tensors take their
+    place, so no random FP copy is ever allocated (buffers no file holds, such as rotary tables, are built
+    for real: they are small)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        return cls(hf_config).to(dtype)
+
+
+def save_quantized(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, extra: dict | None = None,
+                   format: str = "zeroquant") -> Path:
+    """Write the quantized model to `out_dir` atomically (temp dir + rename): a failure leaves nothing.
+
+    format: "zeroquant" (quantization.json + model.safetensors, read by zq.load_quantized) or
+        "compressed-tensors" (what llm-compressor writes and vLLM, SGLang and transformers load; the same
+        integers; refused, with nothing written, for schemes that format cannot spell).
+    An existing `out_dir` is replaced only if it is empty or a previous checkpoint of either format.
+    `extra` files (name -> JSON-able object) are written beside the model, e.g. a distillation report.
+    """
+    if format not in FORMATS:
+        raise ZeroQuantError(f"unknown checkpoint format {format!r}; choose one of {', '.join(FORMATS)}")
+    out = Path(out_dir).resolve()
+    if out.exists() and not _replaceable(out):
+        raise ZeroQuantError(f"{out} exists and is not a zeroquant checkpoint; refusing to overwrite it")
+    manifest = quant_manifest(model)
+    if format == "compressed-tensors":
+        fill = _compressed_writer(model)
+    else:
+        def fill(tmp: Path) -> None:
+            save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "zeroquant": str(FORMAT_VERSION)})
+            (tmp / QUANT_FILE).write_text(json.dumps(manifest, indent=2))
+
+    def write(tmp: Path) -> None:
+        _write_hf_files(model, tmp, tokenizer)
+        fill(tmp)
+        for name, obj in (extra or {}).items():
+            (tmp / name).write_text(json.dumps(obj, indent=2))
+
+    return _write_atomically(out, write)
+
+
+def _compressed_writer(model: nn.Module):
+    """fill(tmp) for a compressed-tensors export; every check runs now, before a directory exists."""
+    from compressed_tensors.compressors import ModelCompressor
+    from safetensors.torch import save_file
+
+    from .compressed_format import export_compressed
+
+    qconfig, tensors = export_compressed(model, _skeleton(type(model), model.config, torch.float32))
+
+    def fill(tmp: Path) -> None:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        cfg = json.loads((tmp / "config.json").read_text())
+        cfg["architectures"] = [type(model).__name__]
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        ModelCompressor(quantization_config=qconfig).update_config(str(tmp))
+
+    return fill
 
 
 MANIFEST_KEYS = ("preset", "config", "model_class", "dtype", "modules")
@@ -126,12 +190,7 @@ def _read_checked(model: nn.Module, file: Path) -> dict[str, torch.Tensor]:
     """The file's tensors (read once), after checking them against the model: one line naming `file` and the
     tensor when the file is unreadable, a tensor has another shape or dtype than the model expects, or a
     scale is not finite. Nothing is loaded into the model here."""
-    from safetensors import SafetensorError
-
-    try:
-        tensors = load_file(str(file))
-    except (SafetensorError, OSError) as e:
-        raise ZeroQuantError(f"{file}: not a readable safetensors file ({e})") from None
+    tensors = _read_file(file)
     expected = model.state_dict()
     for name, t in tensors.items():
         want = expected.get(name)
@@ -166,34 +225,53 @@ def _retie(model: nn.Module) -> None:
     model.tie_weights()
 
 
-def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", fuse: bool = True) -> nn.Module:
-    """Rebuild a model saved by save_quantized; its forward matches the model that was saved.
+def _read_file(file: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
 
-    fuse: apply zeroquant.fusion (norm -> quant, activation -> epilogue), as quantize() does.
-    """
-    import transformers
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError) as e:
+        raise ZeroQuantError(f"{file}: not a readable safetensors file ({e})") from None
+
+
+def _hf_config(path: Path):
     from transformers import AutoConfig
 
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ZeroQuantError(f"cannot read {path / 'config.json'}: {e}") from None
+
+
+def _model_class(name: str) -> type:
+    import transformers
+
+    cls = getattr(transformers, name, None)
+    if cls is None:
+        raise ZeroQuantError(f"transformers has no class {name}; upgrade transformers")
+    return cls
+
+
+def _assign(model: nn.Module, tensors: dict[str, torch.Tensor], file: Path) -> None:
+    """Put the file's tensors in place of the skeleton's meta tensors; fail naming what does not match."""
+    _, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    _retie(model)
+    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if missing or unexpected:
+        raise ZeroQuantError(f"{file} does not match the model: missing {sorted(missing)[:5]}, "
+                             f"unexpected {sorted(unexpected)[:5]}")
+
+
+def _load_zeroquant(path: Path) -> tuple[nn.Module, QuantConfig]:
     from .config import ActQuant, WeightQuant
 
     manifest = read_manifest(path)
-    try:
-        hf_config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise ZeroQuantError(f"cannot read {Path(path) / 'config.json'}: {e}") from None
-    cls = getattr(transformers, manifest["model_class"], None)
-    if cls is None:
-        raise ZeroQuantError(f"transformers has no class {manifest['model_class']}; upgrade transformers")
+    hf_config = _hf_config(path)
+    cls = _model_class(manifest["model_class"])
     dtype = getattr(torch, str(manifest["dtype"]), None)
     if not isinstance(dtype, torch.dtype):
-        raise ZeroQuantError(f"{Path(path) / QUANT_FILE}: unknown dtype {manifest['dtype']!r}")
-    # The skeleton holds no weights: parameters and QuantLinear buffers stay on the meta device until the file's
-    # tensors take their place, so loading never allocates a random FP copy (buffers that no file holds, such
-    # as rotary tables, are built for real: they are small).
-    from accelerate import init_empty_weights
-
-    with init_empty_weights():
-        model = cls(hf_config).to(dtype)
+        raise ZeroQuantError(f"{path / QUANT_FILE}: unknown dtype {manifest['dtype']!r}")
+    model = _skeleton(cls, hf_config, dtype)
     for name, spec in manifest["modules"].items():
         try:
             act = None if spec["act"] is None else ActQuant(**spec["act"])
@@ -201,23 +279,87 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
                 ql = QuantLinear(spec["in"], spec["out"], spec["bias"], WeightQuant(**spec["weight"]), act, dtype)
             model.set_submodule(name, ql)
         except (KeyError, TypeError, AttributeError, ZeroQuantError) as e:
-            raise ZeroQuantError(f"{Path(path) / QUANT_FILE}: module {name}: {type(e).__name__}: {e}") from None
-    file = Path(path) / WEIGHTS_FILE
+            raise ZeroQuantError(f"{path / QUANT_FILE}: module {name}: {type(e).__name__}: {e}") from None
+    file = path / WEIGHTS_FILE
     if not file.exists():
         raise ZeroQuantError(f"{path} has no {WEIGHTS_FILE}")
-    _, unexpected = model.load_state_dict(_read_checked(model, file), strict=False, assign=True)
-    _retie(model)
-    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if missing or unexpected:
-        raise ZeroQuantError(f"{file} does not match the model: missing {sorted(missing)[:5]}, "
-                             f"unexpected {sorted(unexpected)[:5]}")
-    for m in quantized_modules(model).values():
-        m.scales_group_major()
+    _assign(model, _read_checked(model, file), file)
     if manifest.get("version", 1) < 2:
         _repack_v1_int4(model)
+    return model, QuantConfig.from_dict(manifest["config"])
+
+
+def _load_compressed(path: Path) -> tuple[nn.Module, QuantConfig]:
+    """A compressed-tensors checkpoint (llm-compressor's, or our export) on QuantLinear: the same integers."""
+    from compressed_tensors.quantization import QuantizationConfig
+    from compressed_tensors.utils.match import match_named_modules
+    from pydantic import ValidationError
+
+    from . import compressed_format as CT
+    from .api import linear_kinds
+
+    cfg_file = path / "config.json"
+    try:
+        qc = QuantizationConfig.model_validate(CT.read_config(path))
+    except ValidationError as e:
+        raise ZeroQuantError(f"{cfg_file}: not a valid compressed-tensors config "
+                             f"({e.errors()[0]['loc']}: {e.errors()[0]['msg']})") from None
+    hf_config = _hf_config(path)
+    cls = _model_class((getattr(hf_config, "architectures", None) or ["AutoModel"])[0])
+    dtype = getattr(hf_config, "dtype", None) or torch.float32
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    model = _skeleton(cls, hf_config, dtype)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ZeroQuantError(f"{path} has no .safetensors file")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        tensors.update(_read_file(f))
+    where = str(files[0] if len(files) == 1 else path)
+    matched: dict[str, tuple] = {}
+    for group, scheme in qc.config_groups.items():
+        rule, fmt = CT.scheme_rule(scheme, f"{cfg_file}: {group}")
+        for name, module in match_named_modules(model, scheme.targets, qc.ignore or []):
+            if not isinstance(module, nn.Linear) or name in matched:
+                raise ZeroQuantError(f"{cfg_file}: {group} targets {name}, "
+                                     + ("which is no nn.Linear" if name not in matched else "matched twice"))
+            matched[name] = (module, rule, fmt)
+    assigned: dict[str, torch.Tensor] = {}
+    for name, (module, rule, fmt) in matched.items():
+        with torch.device("meta"):
+            ql = QuantLinear(module.in_features, module.out_features, module.bias is not None, rule.weight,
+                             rule.act, dtype)
+        model.set_submodule(name, ql)
+        assigned.update(CT.import_buffers(name, ql, fmt, tensors, where))
+    owned = tuple(f"{n}." for n in matched)
+    for name, t in tensors.items():
+        if not name.startswith(owned):
+            assigned[name] = t.to(dtype) if t.is_floating_point() else t
+    _assign(model, assigned, Path(where))
+    rules = {n: r for n, (_, r, _) in matched.items()}
+    return model, CT.imported_config(rules, linear_kinds(model, allow_generic=True))
+
+
+def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", fuse: bool = True) -> nn.Module:
+    """Rebuild a model saved by save_quantized (either format), or load a compressed-tensors checkpoint that
+    another tool (llm-compressor) wrote, where its scheme is one zeroquant runs: INT8 or INT4 weights per
+    channel or group, symmetric or with zero points, and dynamic token-wise or static INT8 activations. Its
+    forward matches the model that was saved.
+
+    fuse: apply zeroquant.fusion (norm -> quant, activation -> epilogue), as quantize() does.
+    """
+    from .compressed_format import is_compressed_dir
+
+    p = Path(path)
+    if not (p / QUANT_FILE).exists() and is_compressed_dir(p):
+        model, cfg = _load_compressed(p)
+    else:
+        model, cfg = _load_zeroquant(p)
+    for m in quantized_modules(model).values():
+        m.scales_group_major()
     if fuse:
         fuse_ops(model)
-    model.zeroquant_config = QuantConfig.from_dict(manifest["config"])
+    model.zeroquant_config = cfg
     model.zeroquant_generic = False
     model.config._name_or_path = str(path)
     return model.to(device).eval()

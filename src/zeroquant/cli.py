@@ -1,4 +1,4 @@
-"""Command-line interface: zeroquant quantize | eval | info | bench."""
+"""Command-line interface: zeroquant quantize | export | eval | info | bench."""
 
 from __future__ import annotations
 
@@ -68,6 +68,10 @@ def cmd_quantize(args) -> None:
         cfg = with_rounding(cfg, "gptq")
     device = _default_device(args.device)
     model, tok = load_fp_model(args.model_dir, device, args.generic)
+    if args.format == "compressed-tensors":  # refuse an unexportable scheme before the quantization work
+        from .compressed_format import check_exportable
+
+        check_exportable(model, cfg, args.generic)
     texts = _calib_texts(args.calib, args.calib_samples)
     lkd, extra = None, {}
     if args.lkd:  # the distillation data calibrates too
@@ -88,8 +92,16 @@ def cmd_quantize(args) -> None:
     if lkd is not None:
         extra["lkd_report.json"] = {"data": args.lkd_data, "config": vars(lkd), "blocks": qmodel.zeroquant_lkd}
         print(format_table(qmodel.zeroquant_lkd))
-    out = save_quantized(qmodel, args.output, tokenizer=tok, extra=extra)
-    print(f"saved {cfg.name} model to {out}")
+    out = save_quantized(qmodel, args.output, tokenizer=tok, extra=extra, format=args.format)
+    print(f"saved {cfg.name} model to {out} ({args.format})")
+
+
+def cmd_export(args) -> None:
+    from .checkpoint import load_quantized, save_quantized
+
+    model = load_quantized(args.quant_dir, fuse=False)
+    out = save_quantized(model, args.output, format="compressed-tensors")
+    print(f"wrote {model.zeroquant_config.name} from {args.quant_dir} as compressed-tensors to {out}")
 
 
 def cmd_eval(args) -> None:
@@ -115,9 +127,29 @@ def cmd_eval(args) -> None:
                                                for r in rows], indent=2))
 
 
-def cmd_info(args) -> None:
-    from .checkpoint import WEIGHTS_FILE, read_manifest
+def _info_compressed(path: Path) -> None:
+    from .compressed_format import read_config
 
+    qc = read_config(path)
+    print(f"format:        compressed-tensors ({qc.get('format')}), written by compressed-tensors {qc.get('version')}")
+    for name, g in qc.get("config_groups", {}).items():
+        w, a = g.get("weights") or {}, g.get("input_activations")
+        wdesc = f"W{w.get('num_bits')} {w.get('strategy')}" + (f" {w['group_size']}" if w.get("group_size") else "")
+        adesc = "A16" if not a else f"A{a.get('num_bits')} {a.get('strategy')}" + (
+            " dynamic" if a.get("dynamic") else " static")
+        wdesc += "" if w.get("symmetric", True) else " asym"
+        print(f"  {name}: {wdesc} / {adesc} ({g.get('format')}), targets {', '.join(g.get('targets', []))}")
+    print(f"ignored:       {', '.join(qc.get('ignore') or []) or '-'}")
+    size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    print(f"weights file:  {size / 1e6:.2f} MB")
+
+
+def cmd_info(args) -> None:
+    from .checkpoint import QUANT_FILE, WEIGHTS_FILE, read_manifest
+    from .compressed_format import is_compressed_dir
+
+    if not (Path(args.out_dir) / QUANT_FILE).exists() and is_compressed_dir(args.out_dir):
+        return _info_compressed(Path(args.out_dir))
     m = read_manifest(args.out_dir)
     mods = m["modules"]
     by_kind: dict[str, int] = {}
@@ -210,8 +242,21 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--lkd-seq-len", type=int, default=128, help="distillation sequence length (default 128)")
     q.add_argument("--lkd-freeze-scales", action="store_true", help="train weights only, not their scales")
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--format", choices=("zeroquant", "compressed-tensors"), default="zeroquant",
+                   help="checkpoint format: zeroquant's own (default), or compressed-tensors for vLLM, SGLang and "
+                   "transformers (see `zeroquant export`)")
     common(q)
     q.set_defaults(func=cmd_quantize)
+
+    x = sub.add_parser("export", help="rewrite a zeroquant checkpoint in the compressed-tensors format",
+                       description="Write a quantized checkpoint as compressed-tensors (the format llm-compressor "
+                       "writes; vLLM, SGLang and transformers load it): the same integers and scales, no "
+                       "re-quantization. Schemes that format cannot spell (a group size that leaves a short last "
+                       "group, GPT-2's Conv1D layers) are refused and nothing is written. `zeroquant.load_quantized` "
+                       "reads the result back onto zeroquant's kernels.")
+    x.add_argument("quant_dir", help="a directory written by `zeroquant quantize`")
+    x.add_argument("-o", "--output", required=True, help="directory to write the compressed-tensors model to")
+    x.set_defaults(func=cmd_export)
 
     e = sub.add_parser("eval", help="FP vs presets on a text file: perplexity (LMs) or fidelity (encoders)",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -247,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--md", metavar="FILE", help="also write the printed table as markdown")
     b.set_defaults(func=cmd_bench)
 
-    i = sub.add_parser("info", help="describe a saved quantized model")
+    i = sub.add_parser("info", help="describe a saved quantized model (either format)")
     i.add_argument("out_dir")
     i.set_defaults(func=cmd_info)
     return p
