@@ -97,7 +97,7 @@ def test_compressed_tensors_decompresses_w4_8_a16(tmp_path, name):
     qc = QuantizationConfig.model_validate(json.loads((out / "config.json").read_text())["quantization_config"])
     assert {g.format for g in qc.config_groups.values()} == {"pack-quantized"} and len(qc.config_groups) == 2
     file = tensors(out)
-    dense = {k: v for k, v in file.items() if not k.rsplit(".", 1)[0] in zq.quantized_modules(q)}
+    dense = {k: v for k, v in file.items() if k.rsplit(".", 1)[0] not in zq.quantized_modules(q)}
     for name_, m in zq.quantized_modules(q).items():
         scheme = next(g for g in qc.config_groups.values() if g.weights.num_bits == m.wq.bits)
         sd = {k.removeprefix(name_ + "."): v for k, v in file.items() if k.startswith(name_ + ".")}

@@ -170,13 +170,17 @@ def test_quantized_weights_on_gpu_are_not_duplicated():
     assert torch.cuda.memory_allocated() - before == 512 * len(counters)
 
 
+@pytest.mark.parametrize("fmt", ["zeroquant", "compressed-tensors"])
 @pytest.mark.parametrize("preset", ["w8a8", "w4/8-a8", "w4a16"])
-def test_loaded_checkpoint_runs_on_kernels(tmp_path, preset):
-    """A saved model loaded back onto the GPU is fused, runs the kernels and decodes as the in-memory one."""
+def test_loaded_checkpoint_runs_on_kernels(tmp_path, preset, fmt):
+    """A saved model (either format) loaded back onto the GPU is fused, runs the kernels and decodes as the
+    in-memory one."""
+    if fmt == "compressed-tensors":
+        pytest.importorskip("compressed_tensors")
     torch.manual_seed(0)
     m = T.LlamaForCausalLM(T.LlamaConfig(intermediate_size=512, num_key_value_heads=2, **DIMS)).eval()
     q = zq.quantize(m, preset, progress=False).half()
-    zq.save_quantized(q, tmp_path / "q")
+    zq.save_quantized(q, tmp_path / "q", format=fmt)
     loaded = zq.load_quantized(tmp_path / "q", device="cuda")
     q = q.cuda()
     mlp = loaded.model.layers[0].mlp

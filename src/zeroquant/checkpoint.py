@@ -186,11 +186,11 @@ def read_manifest(path: str | os.PathLike) -> dict:
     return manifest
 
 
-def _read_checked(model: nn.Module, file: Path) -> dict[str, torch.Tensor]:
+def _read_checked(model: nn.Module, file: Path, device: torch.device) -> dict[str, torch.Tensor]:
     """The file's tensors (read once), after checking them against the model: one line naming `file` and the
     tensor when the file is unreadable, a tensor has another shape or dtype than the model expects, or a
     scale is not finite. Nothing is loaded into the model here."""
-    tensors = _read_file(file)
+    tensors = _read_file(file, device)
     expected = model.state_dict()
     for name, t in tensors.items():
         want = expected.get(name)
@@ -225,11 +225,12 @@ def _retie(model: nn.Module) -> None:
     model.tie_weights()
 
 
-def _read_file(file: Path) -> dict[str, torch.Tensor]:
+def _read_file(file: Path, device: torch.device) -> dict[str, torch.Tensor]:
+    """The file's tensors, created on `device` directly (a CUDA load never holds the model in host memory)."""
     from safetensors import SafetensorError
 
     try:
-        return load_file(str(file))
+        return load_file(str(file), device=str(device))
     except (SafetensorError, OSError) as e:
         raise ZeroQuantError(f"{file}: not a readable safetensors file ({e})") from None
 
@@ -262,7 +263,7 @@ def _assign(model: nn.Module, tensors: dict[str, torch.Tensor], file: Path) -> N
                              f"unexpected {sorted(unexpected)[:5]}")
 
 
-def _load_zeroquant(path: Path) -> tuple[nn.Module, QuantConfig]:
+def _load_zeroquant(path: Path, device: torch.device) -> tuple[nn.Module, QuantConfig]:
     from .config import ActQuant, WeightQuant
 
     manifest = read_manifest(path)
@@ -283,13 +284,13 @@ def _load_zeroquant(path: Path) -> tuple[nn.Module, QuantConfig]:
     file = path / WEIGHTS_FILE
     if not file.exists():
         raise ZeroQuantError(f"{path} has no {WEIGHTS_FILE}")
-    _assign(model, _read_checked(model, file), file)
+    _assign(model, _read_checked(model, file, device), file)
     if manifest.get("version", 1) < 2:
         _repack_v1_int4(model)
     return model, QuantConfig.from_dict(manifest["config"])
 
 
-def _load_compressed(path: Path) -> tuple[nn.Module, QuantConfig]:
+def _load_compressed(path: Path, device: torch.device) -> tuple[nn.Module, QuantConfig]:
     """A compressed-tensors checkpoint (llm-compressor's, or our export) on QuantLinear: the same integers."""
     from compressed_tensors.quantization import QuantizationConfig
     from compressed_tensors.utils.match import match_named_modules
@@ -314,7 +315,7 @@ def _load_compressed(path: Path) -> tuple[nn.Module, QuantConfig]:
         raise ZeroQuantError(f"{path} has no .safetensors file")
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
-        tensors.update(_read_file(f))
+        tensors.update(_read_file(f, device))
     where = str(files[0] if len(files) == 1 else path)
     matched: dict[str, tuple] = {}
     for group, scheme in qc.config_groups.items():
@@ -350,11 +351,12 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
     """
     from .compressed_format import is_compressed_dir
 
-    p = Path(path)
+    p, dev = Path(path), torch.device(device)
     if not (p / QUANT_FILE).exists() and is_compressed_dir(p):
-        model, cfg = _load_compressed(p)
+        model, cfg = _load_compressed(p, dev)
     else:
-        model, cfg = _load_zeroquant(p)
+        model, cfg = _load_zeroquant(p, dev)
+    model.to(dev)  # what no file holds (rotary tables) was built on the host
     for m in quantized_modules(model).values():
         m.scales_group_major()
     if fuse:
@@ -362,4 +364,4 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
     model.zeroquant_config = cfg
     model.zeroquant_generic = False
     model.config._name_or_path = str(path)
-    return model.to(device).eval()
+    return model.eval()
