@@ -42,6 +42,23 @@ def wiki_valid() -> str:
     return WIKI_VALID.read_text(encoding="utf-8")
 
 
+@pytest.fixture(scope="session")
+def stories():
+    """stories260K with text it wrote itself (its tokenizer does not cover wikitext) and its own calibration
+    windows, written from another seed."""
+    import zeroquant as zq
+    from zeroquant.lkd_data import lkd_batches
+
+    path = ASSETS / "stories260K"
+    if not path.exists():
+        pytest.skip("../shared/assets/stories260K not found")
+    model, tok = zq.load_fp_model(path)
+    ids = torch.cat([b["input_ids"] for b in lkd_batches("self", model, tok, 32, 256, seed=1234)])
+    text = "\n".join(tok.decode(r, skip_special_tokens=True) for r in ids)
+    calib = lkd_batches("self", model, tok, 32, 128, seed=0)
+    return model, tok, text, calib
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -6,26 +6,11 @@ import importlib.util
 import os
 
 import pytest
-import torch
-from conftest import ASSETS, WIKI_TEST
+from conftest import WIKI_TEST
 
 import zeroquant as zq
 from zeroquant.evaluate import perplexity
 from zeroquant.lkd_data import lkd_batches
-
-
-@pytest.fixture(scope="module")
-def stories():
-    """stories260K with text it wrote itself (its tokenizer does not cover wikitext) and its own calibration
-    windows, written from another seed."""
-    path = ASSETS / "stories260K"
-    if not path.exists():
-        pytest.skip("../shared/assets/stories260K not found")
-    model, tok = zq.load_fp_model(path)
-    ids = torch.cat([b["input_ids"] for b in lkd_batches("self", model, tok, 32, 256, seed=1234)])
-    text = "\n".join(tok.decode(r, skip_special_tokens=True) for r in ids)
-    calib = lkd_batches("self", model, tok, 32, 128, seed=0)
-    return model, tok, text, calib
 
 
 def _ppl(model, tok, text, seq_len=256):

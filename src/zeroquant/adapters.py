@@ -43,6 +43,13 @@ class Arch:
     norm_feeds_when: str | None = None
     # what the norms compute: "layernorm" (torch's) or "rmsnorm" (weight * x * rsqrt(mean(x^2) + eps))
     norm: str = "layernorm"
+    # whether norm_feeds' norms are pre-LN, their output reaching those linears and nothing else (not the
+    # residual stream): then a per-channel scale folds exactly from the norm into the linears (zeroquant.smooth)
+    norm_feeds_only: bool = True
+    # (linear, consumers): linears whose output channels reach the consumers' input channels one to one through
+    # steps that commute with a positive per-channel scale (the attention-weighted sum of V, the gate product),
+    # so the same fold is exact (not v -> o under grouped-query attention, where V channels are shared)
+    smooth_linears: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 _BERT = Arch(
@@ -57,6 +64,8 @@ _BERT = Arch(
     self_attention=("attention.self", "query", "key", "value"),
     residual_norm=(("attention.output", "dense", "dropout", "LayerNorm"), ("output", "dense", "dropout", "LayerNorm")),
     mlp_act=("intermediate.intermediate_act_fn", "intermediate.dense", "output.dense"),
+    norm_feeds_only=False,
+    smooth_linears=(("attention.self.value", ("attention.output.dense",)),),
 )
 _LLAMA = Arch(
     blocks="layers",
@@ -70,6 +79,7 @@ _LLAMA = Arch(
     mlp_act=("mlp.act_fn", "mlp.gate_proj", None),
     gated_mlp=("mlp", "gate_proj", "up_proj", "down_proj"),
     norm="rmsnorm",
+    smooth_linears=(("mlp.up_proj", ("mlp.down_proj",)),),
 )
 
 ARCHITECTURES: dict[str, Arch] = {
@@ -95,6 +105,7 @@ ARCHITECTURES: dict[str, Arch] = {
         },
         mlp_act=("activation_fn", "fc1", "fc2"),
         norm_feeds_when="do_layer_norm_before",
+        smooth_linears=(("self_attn.v_proj", ("self_attn.out_proj",)),),
     ),
     "gpt_neox": Arch(
         blocks="layers",
@@ -111,6 +122,7 @@ ARCHITECTURES: dict[str, Arch] = {
         # Parallel attention + MLP: one LayerNorm feeds both.
         norm_feeds={"ln_1": ("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.fc_in")},
         mlp_act=("mlp.act", "mlp.fc_in", "mlp.fc_out"),
+        smooth_linears=(("attn.v_proj", ("attn.out_proj",)),),
     ),
     "llama": _LLAMA,
     "mistral": _LLAMA,
@@ -136,6 +148,19 @@ def arch_for(model_type: str | None, allow_generic: bool = False) -> Arch | None
 
 def get_arch(model: nn.Module, allow_generic: bool = False) -> Arch | None:
     return arch_for(getattr(getattr(model, "config", None), "model_type", None), allow_generic)
+
+
+def norms_apply(model: nn.Module, arch: Arch) -> bool:
+    """Whether norm_feeds holds for this model (its norm_feeds_when config flag, where it has one)."""
+    return arch.norm_feeds_when is None or bool(getattr(model.config, arch.norm_feeds_when, True))
+
+
+def smoothing_pairs(model: nn.Module, arch: Arch | None) -> list[tuple[str, tuple[str, ...]]]:
+    """(source, consumers) of each block where a per-channel scale folds exactly (zeroquant.smooth)."""
+    if arch is None:
+        return []
+    norms = list(arch.norm_feeds.items()) if arch.norm_feeds_only and norms_apply(model, arch) else []
+    return norms + list(arch.smooth_linears)
 
 
 def base_model(model: nn.Module) -> nn.Module:

@@ -116,7 +116,7 @@ def quantize(
 
     config: a QuantConfig or a preset name ("w8a8", "w4/8-a8", ...; see zeroquant.PRESETS).
     calib_data: list of strings, tensor of token ids, or list of tokenized batches. Needed by static
-        activation baselines, GPTQ rounding and distillation (`lkd`); other presets need none.
+        activation baselines, GPTQ rounding, smoothing and distillation (`lkd`); other presets need none.
     lkd: an LKDConfig to run layer-by-layer distillation of each quantized block from its FP self; rules
         with GPTQ rounding start each block's distillation from GPTQ's integers.
     inplace: modify and return `model` itself; by default a copy is quantized and `model` is untouched.
@@ -125,18 +125,24 @@ def quantize(
         (zeroquant.fusion); same numbers on the reference path, fewer kernels on CUDA.
     """
     cfg = check_config(model, config, allow_generic)
-    needs_data = cfg.needs_calibration or cfg.uses_gptq or lkd is not None
+    needs_data = cfg.needs_data or lkd is not None
     batches = None
     if needs_data:
         if calib_data is None:
             what = ("distillation (lkd)" if lkd is not None else "GPTQ rounding" if cfg.uses_gptq
-                    else f"preset {cfg.name!r} (static activations)")
+                    else "smoothing" if cfg.uses_smoothing else f"preset {cfg.name!r} (static activations)")
             raise ZeroQuantError(f"{what} needs calib_data")
         batches = to_batches(calib_data, tokenizer, model, calib_seq_len, calib_batch_size)
 
     model = model if inplace else copy.deepcopy(model)
     model.eval()
     targets = find_targets(model, cfg, allow_generic)  # the copy's modules
+    if cfg.uses_smoothing:  # changes float weights only: everything after sees an equivalent FP model
+        from .smooth import smooth_model
+
+        alpha = None if cfg.smooth == "auto" else float(cfg.smooth)
+        model.zeroquant_smooth = smooth_model(model, {t.name: t.rule for t in targets}, batches, alpha,
+                                              allow_generic, progress)
 
     static = {t.name: t.module for t in targets if t.rule.act is not None and not t.rule.act.dynamic}
     ranges = collect_input_ranges(model, static, batches, progress) if static else {}

@@ -21,7 +21,9 @@ EPILOG = """presets:
   rtn-w4       baseline: per-row round-to-nearest INT4 weights
 Any preset takes a group-size suffix for its group-wise weights: -g64, -g128 (w8a8-g128: group-wise
 INT8), -ch (one scale per output channel); a group size that does not divide a layer's input size leaves
-a shorter last group. "+gptq" after a preset (w4a16+gptq) rounds its weights with GPTQ (needs --calib).
+a shorter last group. "+gptq" after a preset (w4a16+gptq) rounds its weights with GPTQ (needs --calib);
+"+smooth" (w8a8+smooth) first folds SmoothQuant scales into the model where activations are INT8, alpha
+searched per site ("+smooth0.5" fixes it; needs --calib).
 Embeddings, norms and the LM head stay in floating point."""
 
 
@@ -55,10 +57,17 @@ def _calib_data(path: str | None, texts: list[str] | None, n: int, model, tok):
     return lkd_batches(path, model, tok, n, 128)
 
 
+def _alpha(v: str) -> float | str:
+    try:
+        return float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"alpha must be a number in [0, 1], got {v!r}") from None
+
+
 def cmd_quantize(args) -> None:
     from .api import quantize
     from .checkpoint import save_quantized
-    from .config import resolve_config, with_group_size, with_rounding
+    from .config import resolve_config, with_group_size, with_rounding, with_smoothing
     from .lkd_data import lkd_batches
 
     cfg = resolve_config(args.preset)
@@ -66,6 +75,8 @@ def cmd_quantize(args) -> None:
         cfg = with_group_size(cfg, args.group_size)
     if args.gptq:
         cfg = with_rounding(cfg, "gptq")
+    if args.smooth is not None:
+        cfg = with_smoothing(cfg, args.smooth)
     device = _default_device(args.device)
     model, tok = load_fp_model(args.model_dir, device, args.generic)
     if args.format == "compressed-tensors":  # refuse an unexportable scheme before the quantization work
@@ -83,7 +94,7 @@ def cmd_quantize(args) -> None:
         calib = lkd_batches(args.lkd_data, model, tok, args.lkd_samples, args.lkd_seq_len, seed=args.seed)
     else:
         calib = _calib_data(args.calib, texts, args.calib_samples, model, tok)
-        if cfg.uses_gptq and calib is None:  # data-free GPTQ: text the model writes itself
+        if (cfg.uses_gptq or cfg.uses_smoothing) and calib is None:  # data-free: text the model writes itself
             calib = lkd_batches("self", model, tok, args.lkd_samples, args.lkd_seq_len, seed=args.seed)
         elif cfg.needs_calibration and calib is None:
             raise ZeroQuantError(f"preset {cfg.name!r} uses static activation scales: pass --calib FILE")
@@ -113,8 +124,9 @@ def cmd_eval(args) -> None:
     configs = [resolve_config(p) for p in presets]
     text = read_text(args.text)
     calib = _calib_texts(args.calib, args.calib_samples)
-    if calib is None and any(c.needs_calibration or c.uses_gptq for c in configs):
-        raise ZeroQuantError("static and +gptq presets need --calib FILE (never calibrate on the evaluation text)")
+    if calib is None and any(c.needs_data for c in configs):
+        raise ZeroQuantError("static, +gptq and +smooth presets need --calib FILE (never calibrate on the evaluation "
+                             "text)")
     model, tok = load_fp_model(args.model_dir, _default_device(args.device), args.generic)
     settings = EvalSettings(max_sentences=args.max_sentences, max_tokens=args.max_tokens,
                             seq_len=args.seq_len, batch_size=args.batch_size)
@@ -232,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPTQ rounding of every quantized weight (Hessian-weighted error compensation) from "
                    "--calib FILE, the --lkd-data with --lkd, else text the model writes itself; with --lkd, "
                    "distillation starts from GPTQ's weights")
+    q.add_argument("--smooth", nargs="?", const="auto", default=None, type=_alpha, metavar="ALPHA",
+                   help="SmoothQuant: fold per-channel scales from the activation maxima into the norms (and v->o, "
+                   "up->down) before quantizing, for presets with INT8 activations; alpha in [0, 1], searched per "
+                   "site when not given; data as for --gptq")
     q.add_argument("--lkd", action="store_true", help="layer-by-layer distillation of each quantized block")
     q.add_argument("--lkd-data", default="self", metavar="FILE|self|random",
                    help="distillation data: a text/jsonl file, text the model generates itself (default), "

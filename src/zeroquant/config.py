@@ -57,9 +57,21 @@ KINDS = ("attention", "mlp")
 
 @dataclass(frozen=True)
 class QuantConfig:
+    """Per module kind, how its linears are quantized.
+
+    smooth: fold SmoothQuant scales into the model before quantizing (zeroquant.smooth) where the consumers
+    quantize their activations: "auto" searches alpha per site on calibration data, a float in [0, 1] fixes
+    it, None (default) does not smooth. Needs calibration data."""
+
     attention: LinearRule = field(default_factory=LinearRule)
     mlp: LinearRule = field(default_factory=LinearRule)
     name: str = "custom"
+    smooth: float | str | None = None
+
+    def __post_init__(self) -> None:
+        ok = self.smooth in (None, "auto") or (isinstance(self.smooth, (int, float)) and 0 <= self.smooth <= 1)
+        if not ok:
+            raise ZeroQuantError(f"smooth must be None, 'auto' or an alpha in [0, 1], got {self.smooth!r}")
 
     def rule(self, kind: str) -> LinearRule:
         if kind not in KINDS:
@@ -70,6 +82,16 @@ class QuantConfig:
     def needs_calibration(self) -> bool:
         """Static activation scales are calibrated: the config cannot quantize without data."""
         return any(r.act is not None and not r.act.dynamic for r in (self.attention, self.mlp))
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether quantizing with this config reads calibration data (static scales, GPTQ, smoothing)."""
+        return self.needs_calibration or self.uses_gptq or self.uses_smoothing
+
+    @property
+    def uses_smoothing(self) -> bool:
+        """Smoothing reads calibration activations, and only applies where activations are quantized."""
+        return self.smooth is not None and any(r.act is not None for r in (self.attention, self.mlp))
 
     @property
     def uses_gptq(self) -> bool:
@@ -88,7 +110,8 @@ class QuantConfig:
                 rounding=r.get("rounding", "rtn"),
             )
 
-        return cls(attention=rule(d["attention"]), mlp=rule(d["mlp"]), name=d.get("name", "custom"))
+        return cls(attention=rule(d["attention"]), mlp=rule(d["mlp"]), name=d.get("name", "custom"),
+                   smooth=d.get("smooth"))
 
 
 # INT8 weights: one scale per output channel. With 256 levels, groups buy almost nothing (MiniLM w8a8 mean
@@ -154,19 +177,33 @@ def with_rounding(config: QuantConfig, rounding: str) -> QuantConfig:
     return replace(config, attention=rule(config.attention), mlp=rule(config.mlp), name=name)
 
 
+def with_smoothing(config: QuantConfig, smooth: float | str = "auto") -> QuantConfig:
+    """The same config with SmoothQuant smoothing ("auto": alpha searched per site; or a fixed alpha)."""
+    tag = "+smooth" if smooth == "auto" else f"+smooth{smooth:g}"
+    return replace(config, smooth=smooth, name=config.name + tag)
+
+
 def resolve_config(config: QuantConfig | str) -> QuantConfig:
     """A QuantConfig, a preset name, or a preset name with a group-size suffix: "-gN" (N input channels
-    per scale) or "-ch" (one scale per output channel), e.g. "w8a8-ch", "w4a16-g64"; and "+gptq" for GPTQ
-    rounding of every weight rule, e.g. "w4a16-g64+gptq"."""
+    per scale) or "-ch" (one scale per output channel), e.g. "w8a8-ch", "w4a16-g64"; then "+gptq" for GPTQ
+    rounding of every weight rule and "+smooth" for SmoothQuant smoothing with alpha searched ("+smooth0.5"
+    fixes it), in any order, e.g. "w4a16-g64+gptq", "w8a8+smooth"."""
     if isinstance(config, QuantConfig):
         return config
     key = str(config).lower()
-    if key.endswith("+gptq"):
-        return with_rounding(resolve_config(key.removesuffix("+gptq")), "gptq")
+    base, plus, last = key.rpartition("+")
+    if plus and last == "gptq":
+        return with_rounding(resolve_config(base), "gptq")
+    if plus and last.startswith("smooth"):
+        alpha = last.removeprefix("smooth")
+        try:
+            return with_smoothing(resolve_config(base), float(alpha) if alpha else "auto")
+        except ValueError:
+            pass
     if key in PRESETS:
         return PRESETS[key]
     base, _, suffix = key.rpartition("-")
     if base in PRESETS and (suffix == "ch" or (suffix[:1] == "g" and suffix[1:].isdigit() and int(suffix[1:]) > 0)):
         return with_group_size(PRESETS[base], -1 if suffix == "ch" else int(suffix[1:]))
     raise ZeroQuantError(f"unknown preset {config!r}; choose one of: {', '.join(PRESETS)} "
-                         "(optionally with a group-size suffix: -g64, -ch for per channel; and +gptq)")
+                         "(optionally with a group-size suffix: -g64, -ch for per channel; then +gptq, +smooth)")

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from . import packing
-from .adapters import Arch, base_model, get_arch, get_blocks
+from .adapters import base_model, get_arch, get_blocks, norms_apply
 from .kernels import available as kernels_available
 from .kernels import reference
 from .qlinear import QuantLinear
@@ -327,10 +327,6 @@ def _fuse_act(block: nn.Module, act_name: str, linear_name: str, consumer_name: 
     return "act->epilogue"
 
 
-def _norms_apply(model: nn.Module, arch: Arch) -> bool:
-    return arch.norm_feeds_when is None or bool(getattr(model.config, arch.norm_feeds_when, True))
-
-
 def fuse(model: nn.Module) -> dict[str, int]:
     """Apply the rewrites in place wherever the adapter allows them; returns how many of each were made.
 
@@ -342,7 +338,7 @@ def fuse(model: nn.Module) -> dict[str, int]:
     if arch is None:
         return done
     blocks = get_blocks(model)
-    norms = _norms_apply(model, arch)
+    norms = norms_apply(model, arch)
     if norms and arch.norm_feeds_first is not None and len(blocks):
         name, linears = arch.norm_feeds_first
         consumers = [blocks[0].get_submodule(n) for n in linears]

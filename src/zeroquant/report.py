@@ -34,10 +34,9 @@ def report(
     ref["eval_min"] = (time.perf_counter() - t0) / 60
     rows = [ref]
     for cfg in configs:
-        needs = cfg.needs_calibration or cfg.uses_gptq
         t0 = time.perf_counter()
         try:
-            q = quantize(model, cfg, calib_data=calib_data if needs else None, tokenizer=tokenizer,
+            q = quantize(model, cfg, calib_data=calib_data if cfg.needs_data else None, tokenizer=tokenizer,
                          allow_generic=allow_generic, progress=settings.progress)
             t1 = time.perf_counter()
             row = {"scheme": cfg.name, **evaluate_model(q, tokenizer, text, settings, reference=ref)}
