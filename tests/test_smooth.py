@@ -133,7 +133,7 @@ def test_cli_smooth_flag(tmp_path, minilm):
     with_outliers(tiny_model("llama")).save_pretrained(src)
     tok.save_pretrained(src)
     assert main(["quantize", str(src), "--preset", "w8a8", "--smooth", "-o", str(tmp_path / "q"),
-                 "--device", "cpu"]) == 0
+                 "--device", "cpu", "--lkd-samples", "8", "--lkd-seq-len", "32"]) == 0  # data: self-written
     cfg = json.loads((tmp_path / "q" / "quantization.json").read_text())["config"]
     assert cfg["smooth"] == "auto" and cfg["name"] == "w8a8+smooth"
     with pytest.raises(SystemExit):  # argparse: usage and exit status 2

@@ -58,6 +58,8 @@ def _calib_data(path: str | None, texts: list[str] | None, n: int, model, tok):
 
 
 def _alpha(v: str) -> float | str:
+    if v == "auto":  # the flag without a value: argparse passes its const through here too
+        return v
     try:
         return float(v)
     except ValueError:
