@@ -252,3 +252,15 @@ def test_import_names_the_tensor_it_cannot_take(tmp_path, edit, match):
     save_file(t, str(out / "model.safetensors"))
     with pytest.raises(zq.ZeroQuantError, match=match):
         zq.load_quantized(out)
+
+
+def test_half_model_round_trips_in_half(tmp_path):
+    """The importer takes the float weights' dtype from the file (config.json's may predate a .half())."""
+    q = zq.quantize(tiny_model("llama"), "w4/8-a8", progress=False).half()
+    zq.save_quantized(q, tmp_path / "ct", format="compressed-tensors")
+    assert json.loads((tmp_path / "ct" / "config.json").read_text())["dtype"] == "float16"
+    back = zq.load_quantized(tmp_path / "ct")
+    assert back.model.embed_tokens.weight.dtype == torch.float16
+    assert back.model.layers[0].mlp.down_proj.w_scale.dtype == torch.float32
+    ids = tiny_input()
+    assert torch.equal(model_output(back, ids), model_output(q, ids))

@@ -155,6 +155,7 @@ def _compressed_writer(model: nn.Module):
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         cfg = json.loads((tmp / "config.json").read_text())
         cfg["architectures"] = [type(model).__name__]
+        cfg["dtype"] = str(_float_dtype(model)).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         ModelCompressor(quantization_config=qconfig).update_config(str(tmp))
 
@@ -307,9 +308,6 @@ def _load_compressed(path: Path, device: torch.device) -> tuple[nn.Module, Quant
                              f"({e.errors()[0]['loc']}: {e.errors()[0]['msg']})") from None
     hf_config = _hf_config(path)
     cls = _model_class((getattr(hf_config, "architectures", None) or ["AutoModel"])[0])
-    dtype = getattr(hf_config, "dtype", None) or torch.float32
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    model = _skeleton(cls, hf_config, dtype)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ZeroQuantError(f"{path} has no .safetensors file")
@@ -317,6 +315,11 @@ def _load_compressed(path: Path, device: torch.device) -> tuple[nn.Module, Quant
     for f in files:
         tensors.update(_read_file(f, device))
     where = str(files[0] if len(files) == 1 else path)
+    # the float weights' own dtype (config.json's may predate a .half()); scales are float32 whatever it is
+    floats = {t.dtype for k, t in tensors.items() if t.is_floating_point() and not k.endswith(CT.SCALE_NAMES)}
+    dtype = floats.pop() if len(floats) == 1 else getattr(hf_config, "dtype", None) or torch.float32
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    model = _skeleton(cls, hf_config, dtype)
     matched: dict[str, tuple] = {}
     for group, scheme in qc.config_groups.items():
         rule, fmt = CT.scheme_rule(scheme, f"{cfg_file}: {group}")

@@ -25,6 +25,7 @@ from .errors import ZeroQuantError
 from .qlinear import QuantLinear, is_linear
 
 METHOD = "compressed-tensors"
+SCALE_NAMES = ("weight_scale", "input_scale", "weight_global_scale", "input_global_scale")
 
 
 def _offset(bits: int, symmetric: bool) -> int:
