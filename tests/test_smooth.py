@@ -138,3 +138,22 @@ def test_cli_smooth_flag(tmp_path, minilm):
     assert cfg["smooth"] == "auto" and cfg["name"] == "w8a8+smooth"
     with pytest.raises(SystemExit):  # argparse: usage and exit status 2
         main(["quantize", str(src), "--smooth", "two", "-o", str(tmp_path / "r")])
+
+
+def test_smoothing_builds_no_autograd_graph(monkeypatch):
+    """The block outputs carried to the next block hold no graph (a graph kept per block grows memory with depth)."""
+    import zeroquant.smooth as S
+
+    seen = []
+    real = S.call_block
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        seen.append(out.requires_grad)
+        return out
+
+    monkeypatch.setattr(S, "call_block", spy)
+    model = tiny_model("llama")  # its parameters require grad, as a loaded model's do
+    rules = {t.name: t.rule for t in find_targets(model, resolve_config("w8a8"))}
+    smooth_model(model, rules, calib(), progress=False)
+    assert seen and not any(seen)

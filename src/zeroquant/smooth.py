@@ -146,6 +146,7 @@ class _Inputs:
             h.remove()
 
 
+@torch.no_grad()
 def smooth_model(model: nn.Module, rules: dict[str, LinearRule], batches: list[Batch], alpha: float | None = None,
                  allow_generic: bool = False, progress: bool = True) -> list[dict]:
     """Fold smoothing scales into `model` in place, block by block (one block on the compute device at a time);
@@ -184,7 +185,6 @@ def smooth_model(model: nn.Module, rules: dict[str, LinearRule], batches: list[B
                     wmax = torch.stack([w.abs().amax(0) for w in weights]).amax(0)
                     fold(block, p, smooth_scales(amax, wmax, a))
                 report.append({"block": i, "source": p.source, "alpha": a})
-        with torch.no_grad():
-            hidden = [call_block(block, h, a, kw) for (a, kw), h in zip(ctx, hidden, strict=True)]
+        hidden = [call_block(block, h, a, kw) for (a, kw), h in zip(ctx, hidden, strict=True)]
         block.to(home)
     return report
