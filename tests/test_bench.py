@@ -84,3 +84,28 @@ def test_preset_group_size_suffix():
     for bad in ("w8a8-g0", "w8a8-gx", "nope-ch"):
         with pytest.raises(zq.ZeroQuantError):
             resolve_config(bad)
+
+
+def test_bench_peer_needs_it_installed(llama_dir, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "torchao" else real(n, *a))
+    assert main(["bench", str(llama_dir), "--device", "cpu", "--peer", "torchao"]) == 2
+    assert "torchao is not installed" in capsys.readouterr().err
+    assert main(["bench", str(llama_dir), "--device", "cpu", "--peer", "bitsandbytes"]) == 2
+    assert "unknown --peer 'bitsandbytes'" in capsys.readouterr().err
+
+
+def test_bench_torchao_rows(llama_dir, tmp_path):
+    """torchao's rows come after ours, compiled, on a bfloat16 copy (runs where torchao is installed)."""
+    pytest.importorskip("torchao")
+    out = tmp_path / "b.json"
+    rc = main(["bench", str(llama_dir), "--device", "cpu", "--prompt-len", "8", "--gen-len", "3", "--reps", "1",
+               "--preset", "w8a8", "--peer", "torchao", "--no-save", "--json", str(out)])
+    assert rc == 0
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows)[-3:] == ["torchao-int8wo compile", "torchao-int4wo compile", "torchao-int8dq compile"]
+    assert rows["torchao-int8wo compile"]["decode_tok_s"] > 0 and not rows["torchao-int8wo compile"]["note"]
+    # tinygemm is a CUDA kernel: on CPU that row keeps its error and the next row still runs
+    assert rows["torchao-int4wo compile"]["note"].startswith("failed") and rows["torchao-int8dq compile"]["prefill_ms"]

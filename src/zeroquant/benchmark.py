@@ -7,7 +7,10 @@ shape with random weights), so rows do not share caches or memory. Rows:
 - fp16 graph: the same weights on zeroquant.runtime (static KV cache, one CUDA-graph replay per token),
   which separates what the graph buys from what quantization buys;
 - fp16 compile (--compile): torch.compile(mode="reduce-overhead") on the same static-cache loop;
-- each preset, eager (model.generate on the kernels) and graph.
+- each preset, eager (model.generate on the kernels) and graph;
+- peers (--peer torchao): torchao's int8 weight-only, int4 weight-only (tinygemm, g128) and int8 dynamic-
+  activation x int8-weight on the same block linears of a bfloat16 copy (torchao's INT4 kernel takes bfloat16
+  only), compiled on the same loop, as torchao's users run them.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ class BenchSettings:
     seed: int = 0
     device: str = "cuda"
     save_files: bool = True  # save each quantized model to a temp dir and report the file size
+    peers: list[str] = field(default_factory=list)  # "torchao": its rows (zeroquant.peers) beside ours
 
 
 @dataclass
@@ -209,6 +213,25 @@ def _file_gib(model: nn.Module) -> float:
         return _gib((out / WEIGHTS_FILE).stat().st_size)
 
 
+PEERS = {"torchao": ["torchao-int8wo", "torchao-int4wo", "torchao-int8dq"]}
+# tile_packed_to_4d: torchao's tinygemm INT4 kernel (its default "plain" format needs the separate mslk package)
+PEER_CONFIGS = {"torchao-int4wo": {"group_size": 128, "int4_packing_format": "tile_packed_to_4d"}}
+
+
+def _peer_rows(peers: list[str]) -> list[str]:
+    """The rows of the named peers; fails at once on an unknown peer or one that is not installed."""
+    import importlib.util
+
+    rows = []
+    for p in peers:
+        if p not in PEERS:
+            raise ZeroQuantError(f"unknown --peer {p!r}; choose from {', '.join(PEERS)}")
+        if importlib.util.find_spec(p) is None:
+            raise ZeroQuantError(f"--peer {p}: {p} is not installed (pip install {p})")
+        rows += PEERS[p]
+    return rows
+
+
 def run(s: BenchSettings, progress: Callable[[str], None] = print) -> list[Row]:
     """Every row for these settings; rows that fail keep their error in `note`."""
     from .api import quantize
@@ -225,23 +248,30 @@ def run(s: BenchSettings, progress: Callable[[str], None] = print) -> list[Row]:
     cuda = s.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
         raise ZeroQuantError("--device cuda but CUDA is not available")
+    peer_rows = _peer_rows(s.peers)
     modes = ["eager"] + (["graph"] if s.graph and cuda else [])
     fp_modes = modes + (["compile"] if s.compile else [])
-    plan = [(None, m) for m in fp_modes] + [(c, m) for c in configs for m in modes]
+    plan = ([(None, m) for m in fp_modes] + [(c, m) for c in configs for m in modes]
+            + [(p, "compile") for p in peer_rows])
     rows = []
     for cfg, mode in plan:
-        label = f"{'fp16' if cuda else 'fp32'} {mode}" if cfg is None else f"{cfg.name} {mode}"
+        name = cfg if isinstance(cfg, str) else None if cfg is None else cfg.name
+        label = f"{'fp16' if cuda else 'fp32'} {mode}" if cfg is None else f"{name} {mode}"
         progress(f"[bench] {label} ...")
         model = build_model(s)
         file_gib = None
         try:
-            if cfg is not None:
+            if isinstance(cfg, str):
+                from .peers import torchao_quantize
+
+                model = torchao_quantize(model, cfg, dtype=torch.bfloat16, **PEER_CONFIGS.get(cfg, {}))
+            elif cfg is not None:
                 model = quantize(model, cfg, inplace=True, progress=False)
                 if s.save_files and mode == "eager":
                     file_gib = _file_gib(model)
             row = measure(model, s, mode)
             row.file_gib = file_gib
-        except (RuntimeError, torch.cuda.OutOfMemoryError) as e:  # a failing row must not hide the others
+        except Exception as e:  # noqa: BLE001 - a failing row (ours or a peer library's) hides no other
             row = Row(mode, note=f"failed: {str(e).splitlines()[0][:120]}")
         row.variant = label
         rows.append(row)

@@ -198,7 +198,8 @@ def cmd_bench(args) -> None:
                       presets=[p.strip() for p in args.preset.split(",") if p.strip()], batch=args.batch,
                       prompt_len=args.prompt_len, gen_len=args.gen_len, compile=args.compile,
                       graph=not args.no_graph, reps=args.reps, seed=args.seed,
-                      device=_default_device(args.device), save_files=not args.no_save)
+                      device=_default_device(args.device), save_files=not args.no_save,
+                      peers=[p.strip() for p in (args.peer or "").split(",") if p.strip()])
     rows = run(s, progress=lambda m: print(m, file=sys.stderr, flush=True))
     md = f"{describe(s, rows)}\n\n{table(rows)}"
     print(md)
@@ -209,10 +210,10 @@ def cmd_bench(args) -> None:
 
 
 BENCH_EPILOG = """rows: FP16 Hugging Face eager (decode = model.generate), FP16 on zeroquant's static-cache CUDA-graph
-loop, FP16 torch.compile (--compile), then each preset eager and on the graph loop. Prefill = one forward
-over the prompt; decode tok/s = batch x new tokens / time. 'x fp eager' divides by the first row, 'x best fp'
-by the fastest FP row. Memory: resident = CUDA memory once the model is ready; weights = its parameters and
-buffers; file = the saved quantized checkpoint.
+loop, FP16 torch.compile (--compile), then each preset eager and on the graph loop, then --peer rows.
+Prefill = one forward over the prompt; decode tok/s = batch x new tokens / time. 'x fp eager' divides by
+the first row, 'x best fp' by the fastest FP row. Memory: resident = CUDA memory once the model is ready;
+weights = its parameters and buffers; file = the saved quantized checkpoint.
 
 random shapes (--random-weights --config): """ + ", ".join(
     ["llama-7b", "gpt-neox-20b", "opt-1.3b", "bert-large"]) + """
@@ -302,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--gen-len", type=int, default=64, help="new tokens to decode; 0 = prefill only")
     b.add_argument("--compile", action="store_true", help="add a torch.compile FP16 row (slow to compile)")
     b.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph rows")
+    b.add_argument("--peer", metavar="NAME", help="add a peer's rows in the same run: torchao (int8 and int4 "
+                   "weight-only, int8 dynamic activations; bfloat16, compiled); needs it installed")
     b.add_argument("--no-save", action="store_true", help="do not save each quantized model to measure its file")
     b.add_argument("--reps", type=int, default=3, help="timed repetitions, median reported (default 3)")
     b.add_argument("--seed", type=int, default=0)
