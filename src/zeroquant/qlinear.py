@@ -178,19 +178,21 @@ class QuantLinear(nn.Module):
             return Q.fake_quantize_per_token(x, self.aq.bits)
         return Q.fake_quantize(x, self.a_scale.to(x.dtype), self.a_zero.to(x.dtype), self.aq.bits, self.aq.symmetric)
 
-    def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """int8 activation x8, its scale ([M, 1] or []) and an integer offset c with x ~= (x8 + c) * scale.
+    def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """int8 activation x8, its scale ([M, 1] or []) and an integer offset c (an int32 scalar tensor, None
+        for 0) with x ~= (x8 + c) * scale.
 
         Asymmetric (uint8, zero point z) values are stored shifted to int8, q - 128, with c = 128 - z, so the
-        GEMM stays int8 x int8 and the offset becomes a cheap rank-1 correction, as in integer kernels.
+        GEMM stays int8 x int8 and the offset becomes a cheap rank-1 correction, as in integer kernels. c stays
+        a tensor, never a Python int, so that torch.compile traces this without a graph break.
         """
         if self.aq.dynamic:
             q, s = Q.quantize_per_token(x, self.aq.bits)
-            return q, s, 0
+            return q, s, None
         q = Q.quantize(x, self.a_scale, self.a_zero, self.aq.bits, self.aq.symmetric)
         if self.aq.symmetric:
-            return q, self.a_scale, 0
-        return (q.to(torch.int16) - 128).to(torch.int8), self.a_scale, 128 - int(self.a_zero)
+            return q, self.a_scale, None
+        return (q.to(torch.int16) - 128).to(torch.int8), self.a_scale, (128 - self.a_zero).to(torch.int32)
 
     def int8_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """int8 weight w8 [N, K] and per-group integer offsets c [N, G] (None if 0) with w ~= (w8 + c) * s."""
@@ -289,7 +291,7 @@ class QuantLinear(nn.Module):
             acc = Q.int_matmul(x8[:, sl], w8[:, sl])
             if cw is not None:
                 acc += x8[:, sl].sum(1, keepdim=True, dtype=torch.int32) * cw[:, g]
-            if cx:
+            if cx is not None:
                 acc += cx * w8[:, sl].sum(1, dtype=torch.int32)
                 if cw is not None:
                     acc += (sl.stop - sl.start) * cx * cw[:, g]
