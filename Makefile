@@ -18,7 +18,7 @@ WIKI = $(ASSETS)/wikitext-2
 # encoder (all-MiniLM-L6-v2, 300 sentences). FULL=1: MiniLM on 2,000 sentences and the stories260K table.
 demo: install
 	HF_HUB_OFFLINE=1 zeroquant eval $(SMOL) --text $(WIKI)/test.txt --max-tokens 4096 --seq-len 512 \
-		--calib $(WIKI)/valid.txt --calib-samples 64 --presets w8a8,w8a8-static,w4/8-a8,w4/8-a8+gptq
+		--calib $(WIKI)/valid.txt --calib-samples 64 --presets w8a8,w8a8+smooth,w8a8-static,w4/8-a8,w4/8-a8+gptq
 	HF_HUB_OFFLINE=1 zeroquant eval $(MINILM) --text $(WIKI)/test.txt --calib $(WIKI)/valid.txt \
 		--max-sentences $(if $(FULL),2000,300) --presets w8a8,w8a8-static,w4/8-a16,rtn-w4
 	$(if $(FULL),HF_HUB_OFFLINE=1 $(PY) bench/real_decoders.py --model $(ASSETS)/stories260K --self-text 64 \
