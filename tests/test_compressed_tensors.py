@@ -264,3 +264,53 @@ def test_half_model_round_trips_in_half(tmp_path):
     assert back.model.layers[0].mlp.down_proj.w_scale.dtype == torch.float32
     ids = tiny_input()
     assert torch.equal(model_output(back, ids), model_output(q, ids))
+
+
+def _shrink_norm(t):
+    t["model.norm.weight"] = t["model.norm.weight"][:-1].clone()
+
+
+def _bad_zero_point(t):
+    t["model.layers.0.mlp.up_proj.weight_zero_point"] = torch.zeros(3, 2, dtype=torch.int32)
+
+
+def _nan_scale(t):
+    t["model.layers.0.mlp.up_proj.weight_scale"][0, 0] = float("nan")
+
+
+@pytest.mark.parametrize("edit,match", [
+    (_shrink_norm, r"model.norm.weight is torch.float32 \[63\], the model expects torch.float32 \[64\]"),
+    (_bad_zero_point, r"up_proj.weight_zero_point"),
+    (_nan_scale, r"up_proj.weight_scale holds NaN or infinite values"),
+])
+def test_import_damaged_tensors_fail_in_one_line(tmp_path, edit, match):
+    from safetensors.torch import save_file
+
+    q = zq.quantize(tiny_model("llama"), "w4a16-g32", progress=False)
+    out = zq.save_quantized(q, tmp_path / "ct", format="compressed-tensors")
+    t = tensors(out)
+    edit(t)
+    save_file(t, str(out / "model.safetensors"))
+    with pytest.raises(zq.ZeroQuantError, match=match) as e:
+        zq.load_quantized(out)
+    assert "\n" not in str(e.value)
+
+
+def test_imports_sharded_checkpoint(tmp_path):
+    """llm-compressor saves large models in shards (model-0000k-of-0000n.safetensors + an index)."""
+    weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}
+    ref = _ct_written(tiny_model("llama"), tmp_path / "ct", weights)
+    # re-save the same compressed files in shards, as save_pretrained does for large models
+    t = tensors(tmp_path / "ct")
+    from safetensors.torch import save_file
+
+    names = sorted(t)
+    half = len(names) // 2
+    (tmp_path / "ct" / "model.safetensors").unlink()
+    for i, part in enumerate([names[:half], names[half:]]):
+        save_file({k: t[k] for k in part}, str(tmp_path / "ct" / f"model-0000{i + 1}-of-00002.safetensors"),
+                  metadata={"format": "pt"})
+    loaded = zq.load_quantized(tmp_path / "ct")
+    ids = tiny_input()
+    torch.testing.assert_close(model_output(zq.set_mode(loaded, "fake"), ids), model_output(ref, ids),
+                               rtol=1e-5, atol=1e-5)

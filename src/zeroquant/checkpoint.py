@@ -187,21 +187,25 @@ def read_manifest(path: str | os.PathLike) -> dict:
     return manifest
 
 
-def _read_checked(model: nn.Module, file: Path, device: torch.device) -> dict[str, torch.Tensor]:
-    """The file's tensors (read once), after checking them against the model: one line naming `file` and the
-    tensor when the file is unreadable, a tensor has another shape or dtype than the model expects, or a
-    scale is not finite. Nothing is loaded into the model here."""
-    tensors = _read_file(file, device)
+def _check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], where: str | Path) -> None:
+    """One line naming `where` and the tensor when a tensor has another shape or dtype than the model expects,
+    or a scale is not finite (unexpected names are reported with the missing ones, by _assign)."""
     expected = model.state_dict()
     for name, t in tensors.items():
         want = expected.get(name)
         if want is None:
-            continue  # unexpected names are reported with the missing ones
+            continue
         if t.shape != want.shape or t.dtype != want.dtype:
-            raise ZeroQuantError(f"{file}: {name} is {t.dtype} {list(t.shape)}, the model expects "
+            raise ZeroQuantError(f"{where}: {name} is {t.dtype} {list(t.shape)}, the model expects "
                                  f"{want.dtype} {list(want.shape)}")
         if name.rsplit(".", 1)[-1] in QuantLinear.SCALE_BUFFERS and not torch.isfinite(t).all():
-            raise ZeroQuantError(f"{file}: {name} holds NaN or infinite values")
+            raise ZeroQuantError(f"{where}: {name} holds NaN or infinite values")
+
+
+def _read_checked(model: nn.Module, file: Path, device: torch.device) -> dict[str, torch.Tensor]:
+    """The file's tensors (read once), checked against the model (_check_tensors); nothing is loaded yet."""
+    tensors = _read_file(file, device)
+    _check_tensors(model, tensors, file)
     return tensors
 
 
@@ -339,6 +343,7 @@ def _load_compressed(path: Path, device: torch.device) -> tuple[nn.Module, Quant
     for name, t in tensors.items():
         if not name.startswith(owned):
             assigned[name] = t.to(dtype) if t.is_floating_point() else t
+    _check_tensors(model, assigned, where)
     _assign(model, assigned, Path(where))
     rules = {n: r for n, (_, r, _) in matched.items()}
     return model, CT.imported_config(rules, linear_kinds(model, allow_generic=True))

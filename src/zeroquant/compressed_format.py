@@ -269,24 +269,33 @@ def import_buffers(prefix: str, ql: QuantLinear, fmt: str, file: dict[str, torch
     groups = 1 if w.per_tensor else Q.num_groups(k, w.group_size)
     if f"{prefix}.weight_g_idx" in file:
         raise ZeroQuantError(f"{where}: {prefix}.weight_g_idx: activation-ordered groups have no zeroquant kernel")
+    def unpack(name: str, shape: list[int], dim: int) -> torch.Tensor:
+        try:
+            return unpack_from_int32(get(name), w.bits, torch.Size(shape), packed_dim=dim)
+        except (RuntimeError, ValueError) as e:
+            raise ZeroQuantError(f"{where}: {prefix}.{name} does not unpack to {shape}: {e}") from None
+
     packed = f"{prefix}.weight_packed" in file
-    q = unpack_from_int32(get("weight_packed"), w.bits, torch.Size([n, k])) if packed else get("weight")
+    q = unpack("weight_packed", [n, k], 1) if packed else get("weight")
     if q.shape != (n, k) or q.dtype != torch.int8:
         raise ZeroQuantError(f"{where}: {prefix} weight is {q.dtype} {list(q.shape)}, expected int8 [{n}, {k}]")
     scale = get("weight_scale").float()
     scale = scale.reshape(1, 1).expand(n, 1) if w.per_tensor else scale
-    if scale.shape != (n, groups) or not torch.isfinite(scale).all():
-        raise ZeroQuantError(f"{where}: {prefix}.weight_scale is {list(scale.shape)} or not finite, expected "
-                             f"[{n}, {groups}]")
+    if scale.shape != (n, groups):
+        raise ZeroQuantError(f"{where}: {prefix}.weight_scale is {list(scale.shape)}, expected [{n}, {groups}]")
+    if not torch.isfinite(scale).all():
+        raise ZeroQuantError(f"{where}: {prefix}.weight_scale holds NaN or infinite values")
     q = q.to(torch.int16) + off
     out = {"qweight": Q.pack_int4(q, w.symmetric) if ql.packed else q.to(Q.storage_dtype(w.bits, w.symmetric)),
            "w_scale": scale.contiguous()}
     if not w.symmetric:
         z = get("weight_zero_point")
         if z.dtype == torch.int32 and not w.per_tensor:
-            z = unpack_from_int32(z, w.bits, torch.Size([n, groups]), packed_dim=0)
+            z = unpack("weight_zero_point", [n, groups], 0)
         z = z.reshape(1, 1).expand(n, 1) if w.per_tensor else z
-        out["w_zero"] = (z.float() + off).reshape(n, groups).contiguous()
+        if z.shape != (n, groups):
+            raise ZeroQuantError(f"{where}: {prefix}.weight_zero_point is {list(z.shape)}, expected [{n}, {groups}]")
+        out["w_zero"] = (z.float() + off).contiguous()
     if ql.bias is not None:
         out["bias"] = get("bias")
     if ql.a_scale is not None:
