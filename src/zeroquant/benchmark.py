@@ -255,8 +255,11 @@ def run(s: BenchSettings, progress: Callable[[str], None] = print) -> list[Row]:
             + [(p, "compile") for p in peer_rows])
     rows = []
     for cfg, mode in plan:
-        name = cfg if isinstance(cfg, str) else None if cfg is None else cfg.name
-        label = f"{'fp16' if cuda else 'fp32'} {mode}" if cfg is None else f"{name} {mode}"
+        if cfg is None:
+            name = "fp16" if cuda else "fp32"
+        else:
+            name = cfg if isinstance(cfg, str) else cfg.name
+        label = f"{name} {mode}"
         progress(f"[bench] {label} ...")
         model = build_model(s)
         file_gib = None

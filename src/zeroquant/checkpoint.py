@@ -349,6 +349,15 @@ def _load_compressed(path: Path, device: torch.device) -> tuple[nn.Module, Quant
     return model, CT.imported_config(rules, linear_kinds(model, allow_generic=True))
 
 
+def checkpoint_format(path: str | os.PathLike) -> str:
+    """"compressed-tensors" for a directory in that format without our quantization.json, else "zeroquant"
+    (whose reader says what is wrong with anything else)."""
+    from .compressed_format import is_compressed_dir
+
+    p = Path(path)
+    return "compressed-tensors" if not (p / QUANT_FILE).exists() and is_compressed_dir(p) else "zeroquant"
+
+
 def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", fuse: bool = True) -> nn.Module:
     """Rebuild a model saved by save_quantized (either format), or load a compressed-tensors checkpoint that
     another tool (llm-compressor) wrote, where its scheme is one zeroquant runs: INT8 or INT4 weights per
@@ -357,10 +366,8 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
 
     fuse: apply zeroquant.fusion (norm -> quant, activation -> epilogue), as quantize() does.
     """
-    from .compressed_format import is_compressed_dir
-
     p, dev = Path(path), torch.device(device)
-    if not (p / QUANT_FILE).exists() and is_compressed_dir(p):
+    if checkpoint_format(p) == "compressed-tensors":
         model, cfg = _load_compressed(p, dev)
     else:
         model, cfg = _load_zeroquant(p, dev)

@@ -159,10 +159,9 @@ def _info_compressed(path: Path) -> None:
 
 
 def cmd_info(args) -> None:
-    from .checkpoint import QUANT_FILE, WEIGHTS_FILE, read_manifest
-    from .compressed_format import is_compressed_dir
+    from .checkpoint import WEIGHTS_FILE, checkpoint_format, read_manifest
 
-    if not (Path(args.out_dir) / QUANT_FILE).exists() and is_compressed_dir(args.out_dir):
+    if checkpoint_format(args.out_dir) == "compressed-tensors":
         return _info_compressed(Path(args.out_dir))
     m = read_manifest(args.out_dir)
     mods = m["modules"]
@@ -232,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--generic", action="store_true",
                         help="quantize every linear in the blocks of an architecture without an adapter")
         sp.add_argument("--calib", metavar="FILE",
-                        help="text file for calibration (static and GPTQ presets); never the evaluation text")
+                        help="text file for calibration (static, GPTQ and smoothed presets); never the evaluation text")
         sp.add_argument("--calib-samples", type=int, default=256,
                         help="calibration sentences (encoders) or 128-token windows (causal LMs); default 256")
 

@@ -37,18 +37,13 @@ def _offset(bits: int, symmetric: bool) -> int:
 
 
 def weight_args(m: QuantLinear) -> dict:
-    """compressed-tensors QuantizationArgs fields of a QuantLinear's weight; raises where the format has no
-    spelling for it."""
+    """compressed-tensors QuantizationArgs fields of a QuantLinear's weight (one that _check_groups passed)."""
     w = m.wq
     args = {"num_bits": w.bits, "type": "int", "symmetric": w.symmetric, "dynamic": False}
     if w.per_tensor:
         return {**args, "strategy": "tensor"}
     if m.group_size == m.in_features:
         return {**args, "strategy": "channel"}
-    if m.in_features % m.group_size:
-        raise ZeroQuantError(
-            f"groups of {m.group_size} do not divide {m.in_features} input channels, and compressed-tensors has "
-            "no short last group")
     return {**args, "strategy": "group", "group_size": m.group_size}
 
 
@@ -132,15 +127,14 @@ def export_compressed(model: nn.Module, skeleton: nn.Module):
     conv = [n for n in quantized if not isinstance(skeleton.get_submodule(n), nn.Linear)]
     if conv:
         raise ZeroQuantError(_conv1d_error(conv[0]))
+    sizes = [m.in_features for m in quantized.values()]
+    for name, m in quantized.items():
+        _check_groups(name, m.wq, m.in_features, sizes)
     groups: dict[str, list[str]] = {}
     schemes: dict[str, dict] = {}
     tensors: dict[str, torch.Tensor] = {}
     for name, m in quantized.items():
-        try:
-            weights = weight_args(m)
-        except ZeroQuantError as e:
-            sizes = [q.in_features for q in quantized.values()]
-            raise ZeroQuantError(f"{name}: {e}; {_divisor_hint(sizes)}") from None
+        weights = weight_args(m)
         acts = act_args(m)
         key = json.dumps([weights, acts], sort_keys=True)
         if key not in schemes:
@@ -153,11 +147,11 @@ def export_compressed(model: nn.Module, skeleton: nn.Module):
     qc = QuantizationConfig(
         config_groups=config_groups, format=formats.pop() if len(formats) == 1 else "mixed-precision",
         quantization_status="compressed", ignore=[n for n in linears if n not in quantized])
-    owned = {f"{n}." for n in quantized}
+    owned = tuple(f"{n}." for n in quantized)
     seen: set[tuple[int, tuple]] = set()
     for name, t in model.state_dict().items():
         key = (t.untyped_storage().data_ptr(), tuple(t.shape))
-        if any(name.startswith(p) for p in owned) or key in seen:
+        if name.startswith(owned) or key in seen:
             continue  # a tied copy (lm_head of a tied embedding): the loader ties it again
         seen.add(key)
         tensors[name] = t.detach().contiguous()
@@ -180,10 +174,16 @@ def check_exportable(model: nn.Module, config: QuantConfig, allow_generic: bool 
     for t in targets:
         if not isinstance(t.module, nn.Linear):
             raise ZeroQuantError(_conv1d_error(t.name))
-        w, k = t.rule.weight, t.module.in_features
-        if not w.per_tensor and k % Q.group_len(k, w.group_size):
-            raise ZeroQuantError(f"{t.name}: groups of {w.group_size} do not divide {k} input channels, and "
-                                 f"compressed-tensors has no short last group; {_divisor_hint(sizes)}")
+        _check_groups(t.name, t.rule.weight, t.module.in_features, sizes)
+
+
+def _check_groups(name: str, w: WeightQuant, k: int, sizes: list[int]) -> None:
+    """Raise where `w`'s groups leave a short last group in a row of k channels (`sizes`: every quantized
+    layer's input size, for the hint)."""
+    g = Q.group_len(k, w.group_size)
+    if not w.per_tensor and k % g:
+        raise ZeroQuantError(f"{name}: groups of {g} do not divide {k} input channels, and compressed-tensors has "
+                             f"no short last group; {_divisor_hint(sizes)}")
 
 
 def _conv1d_error(name: str) -> str:

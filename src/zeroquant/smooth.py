@@ -87,12 +87,16 @@ def quantized_error(x: torch.Tensor, weights: list[torch.Tensor], rules: list[Li
     return err
 
 
-def choose_alpha(x: torch.Tensor, amax: torch.Tensor, weights: list[torch.Tensor], rules: list[LinearRule],
-                 alpha: float | None) -> float | None:
+def weight_max(weights: list[torch.Tensor]) -> torch.Tensor:
+    """max |W_j| per input channel j over the consumers' [N, K] weights."""
+    return torch.stack([w.abs().amax(0) for w in weights]).amax(0)
+
+
+def choose_alpha(x: torch.Tensor, amax: torch.Tensor, wmax: torch.Tensor, weights: list[torch.Tensor],
+                 rules: list[LinearRule], alpha: float | None) -> float | None:
     """The fixed alpha, or the searched one (None: smoothing does not help this pair)."""
     if alpha is not None:
         return alpha
-    wmax = torch.stack([w.abs().amax(0) for w in weights]).amax(0)
     best, best_err = None, quantized_error(x, weights, rules, None)
     for a in ALPHAS:
         e = quantized_error(x, weights, rules, smooth_scales(amax, wmax, a))
@@ -180,9 +184,9 @@ def smooth_model(model: nn.Module, rules: dict[str, LinearRule], batches: list[B
                 x = x[torch.randperm(x.shape[0], generator=g)[:SAMPLE_TOKENS].to(x.device)]
                 weights = [linear_weight(block.get_submodule(c)).detach().float() for c in p.consumers]
                 amax = seen.amax[p.source]
-                a = choose_alpha(x, amax, weights, p.rules, alpha)
+                wmax = weight_max(weights)
+                a = choose_alpha(x, amax, wmax, weights, p.rules, alpha)
                 if a is not None:
-                    wmax = torch.stack([w.abs().amax(0) for w in weights]).amax(0)
                     fold(block, p, smooth_scales(amax, wmax, a))
                 report.append({"block": i, "source": p.source, "alpha": a})
         hidden = [call_block(block, h, a, kw) for (a, kw), h in zip(ctx, hidden, strict=True)]
