@@ -37,6 +37,36 @@ def test_static_cache_decoder_matches_generate(arch, preset):
         dec.decode(5)  # 18 + 5 > 20
 
 
+@pytest.mark.parametrize("preset", [None, "w4/8-a8"])
+def test_compiled_decoder_matches_generate(preset, monkeypatch):
+    """compile=True: the same loop with torch.compile around the forward (aot_eager: no C++ compiler needed
+    here), through the kernel path's ops (their CPU twins stand in for the kernels)."""
+    from zeroquant import kernels
+
+    model = tiny_model("llama")
+    if preset:
+        model = zq.quantize(model, preset, progress=False)
+    ids = tiny_input(2, 8)
+    with torch.no_grad():
+        want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, min_new_tokens=10,
+                              do_sample=False, pad_token_id=0)[:, 8:]
+    monkeypatch.setattr(kernels, "runs_on", lambda x: True)
+    torch._dynamo.reset()
+    dec = GreedyDecoder(model, 2, 20, cuda_graph=False, compile=True, backend="aot_eager")
+    assert torch.equal(dec.generate(ids, 10), want)
+
+
+def test_step_bytes_counts_weights_and_filled_cache():
+    model = tiny_model("llama")  # untied head: the input embedding table is not read, bar one row a token
+    cfg = model.config
+    weights = zq.evaluate.weight_bytes(model)  # parameters and buffers (rotary frequencies)
+    emb = model.get_input_embeddings().weight
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    assert benchmark.step_bytes(model, 3, 10.5) == weights - emb.numel() * 4 + 3 * 10.5 * kv
+    tied = tiny_model("gpt2")  # GPT-2's head is its embedding table: read whole every step
+    assert benchmark.step_bytes(tied, 1, 0) == zq.evaluate.weight_bytes(tied)
+
+
 def test_bench_cli_tiny_model(llama_dir, tmp_path, capsys):
     out = tmp_path / "b.json"
     rc = main(["bench", str(llama_dir), "--device", "cpu", "--batch", "2", "--prompt-len", "12", "--gen-len", "6",
@@ -71,6 +101,7 @@ def test_bench_random_weights_encoder(capsys):
     ["bench", "/nonexistent/dir", "--layers", "2", "--device", "cpu"],  # --layers needs a --config shape
     ["bench", "--random-weights", "--config", "bert-large", "--preset", "w3a3", "--device", "cpu"],
     ["bench", "--random-weights", "--config", "bert-large", "--batch", "0", "--device", "cpu"],
+    ["bench", "--random-weights", "--config", "bert-large", "--no-eager", "--device", "cpu"],  # no rows left
 ])
 def test_bench_cli_errors(argv, capsys):
     assert main(argv) == 2

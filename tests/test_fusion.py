@@ -104,37 +104,10 @@ def test_norm_hands_int8_only_to_linears_that_take_it():
     norm = q.model.layers[0].input_layernorm
     assert isinstance(norm, FusedNorm) and norm.kind == "rmsnorm" and len(norm.consumers) == 3
     assert norm.consumers[0] is q.model.layers[0].self_attn.q_proj
+    outputs = []
+    norm.register_forward_hook(lambda m, i, o: outputs.append(o))
     model_output(q, tiny_input())
-    assert all("_prequant" not in c.__dict__ for c in norm.consumers)
-
-
-def test_prequant_is_used_only_for_the_same_unmodified_tensor(monkeypatch):
-    """kernel_input takes a handed-over INT8 copy only for the very tensor it was made from, unmodified;
-    otherwise it quantizes its input itself (the CUDA quantize kernel, stood in for by its twin here)."""
-    import sys
-    import types
-
-    from zeroquant.kernels import reference
-
-    monkeypatch.setitem(sys.modules, "zeroquant.kernels.rowwise",
-                        types.SimpleNamespace(quantize_per_token=reference.quantize_per_token))
-    ql = zq.quantize(tiny_model("llama"), "w8a8", progress=False).model.layers[0].self_attn.q_proj
-    x = torch.randn(3, 64)
-    handed = (torch.zeros(3, 64, dtype=torch.int8), torch.ones(3, 1))
-    ql.give_prequant(x, *handed)
-    q, s = ql.kernel_input(x)
-    assert q is handed[0] and s is handed[1]
-    ql.give_prequant(x, *handed)
-    x.add_(1)  # modified in place after the hand-over: the copy is stale
-    q, s = ql.kernel_input(x)
-    want_q, want_s = reference.quantize_per_token(x)
-    assert q is not handed[0] and torch.equal(q, want_q) and torch.equal(s, want_s)
-    ql.give_prequant(x, *handed)
-    other = x.clone()
-    assert torch.equal(ql.kernel_input(other)[0], want_q)  # another tensor with the same values: quantized
-    ql.give_prequant(x, *handed, required=True)
-    with pytest.raises(zq.ZeroQuantError, match="does not match its adapter"):
-        ql.kernel_input(other)  # the giver never wrote x's values: quantizing `other` would be wrong
+    assert outputs and all(type(o) is torch.Tensor for o in outputs)
 
 
 @pytest.mark.parametrize("arch", ["llama", "bert"])

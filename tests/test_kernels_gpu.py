@@ -184,8 +184,11 @@ def test_w4_skinny_every_config_and_split(cfg, split, dtype):
     back to zero afterwards."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the warpgroup MMA needs Hopper")
-    assert len(gemm._SKINNY_CONFIGS) == 3
-    c = gemm._SKINNY_CONFIGS[cfg]
+    from zeroquant.kernels import act_code
+    from zeroquant.kernels import skinny_gemm as SK
+
+    assert len(SK._SKINNY_CONFIGS) == 3
+    c = SK._SKINNY_CONFIGS[cfg]
     tol = {torch.float16: 1e-3, torch.bfloat16: 3e-3, torch.int8: 1e-4}[dtype]
     cases = [(1536, 128, False, 16), (1536, 64, True, 5), (1536, -1, True, 2)]
     cases += [(576, 128, False, 7)] if 576 % c.kwargs["BLOCK_K"] == 0 else []
@@ -194,16 +197,17 @@ def test_w4_skinny_every_config_and_split(cfg, split, dtype):
         kw = ql.kernel_weight()
         poison_cuda_cache()
         got = torch.empty(m, 1000, device="cuda", dtype=ql.bias.dtype)
-        tiles = -(-1000 // gemm.SKINNY_BLOCK_N)
-        ws = torch.empty(split * tiles * gemm.SKINNY_BLOCK_N * 16, device="cuda")
-        gemm._w4_skinny_kernel.fn[(tiles, split)](
+        tiles = -(-1000 // SK.SKINNY_BLOCK_N)
+        ws = torch.empty(split * tiles * SK.SKINNY_BLOCK_N * 16, device="cuda")
+        counters = SK.split_counters(x.device, tiles)
+        SK._w4_skinny_kernel.fn[(tiles, split)](
             x, got if xs is None else xs.reshape(-1), kw.qweight, kw.scale,
-            kw.zero if kw.zero is not None else kw.scale, ql.bias, got, ws, kw.counters, m, 1000, k, x.stride(0),
+            kw.zero if kw.zero is not None else kw.scale, ql.bias, got, ws, counters, m, 1000, k, x.stride(0),
             kw.qweight.stride(0), got.stride(0), A_INT8=xs is not None, HAS_ZERO=kw.zero is not None,
-            GROUP_SIZE=kw.kernel_group, HAS_BIAS=True, ACT=gemm.act_code("silu"),
-            SPLIT=split, BLOCK_N=gemm.SKINNY_BLOCK_N, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+            GROUP_SIZE=kw.kernel_group, HAS_BIAS=True, ACT=act_code("silu"),
+            SPLIT=split, BLOCK_N=SK.SKINNY_BLOCK_N, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
         assert rel_err(got, want) < tol, (group, m)
-        assert kw.counters.eq(0).all()
+        assert counters.eq(0).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.int8])
@@ -212,16 +216,18 @@ def test_w4_skinny_is_taken_and_repeats_bitwise(dtype):
     splits K), and its ordered sum of partials gives the same bits on every launch."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the warpgroup MMA needs Hopper")
+    from zeroquant.kernels import skinny_gemm as SK
+
     ql, (x, xs), want = _skinny_case(4096, 4096, 128, False, 16, dtype)
     kw = ql.kernel_weight()
-    assert gemm._skinny_ok(x, kw) and gemm._skinny_ok(x[:1], kw)
-    assert not gemm._skinny_ok(torch.cat([x, x[:1]]), kw)
-    assert gemm._skinny_split(kw, torch.cuda.get_device_properties(0).multi_processor_count) > 1
+    assert SK.skinny_ok(x, kw) and SK.skinny_ok(x[:1], kw)
+    assert not SK.skinny_ok(torch.cat([x, x[:1]]), kw)
+    assert SK.skinny_split(kw, torch.cuda.get_device_properties(0).multi_processor_count) > 1
     first = gemm.quant_linear(x, xs, kw, ql.bias, "silu")
     assert rel_err(first, want) < (1e-4 if xs is not None else 1e-3)
     for _ in range(50):
         assert torch.equal(gemm.quant_linear(x, xs, kw, ql.bias, "silu"), first)
-    assert kw.counters.eq(0).all()
+    assert SK.split_counters(x.device, 1).eq(0).all()
 
 
 @pytest.mark.parametrize("k,n", [(1024, 3072), (4096, 1000), (768, 768)])
@@ -234,9 +240,9 @@ def test_w8a8_tma_kernel_matches_pointer_kernel(k, n, monkeypatch):
     x = torch.randn(600, k, device="cuda", dtype=torch.float16)
     q, s = rowwise.quantize_per_token(x)
     kw = ql.kernel_weight()
-    assert gemm._tma_ok(q, kw) == (torch.cuda.get_device_capability()[0] >= 9)
+    assert gemm.tma_ok(q, kw) == (torch.cuda.get_device_capability()[0] >= 9)
     got = gemm.quant_linear(q, s, kw, ql.bias, "gelu")
-    monkeypatch.setattr(gemm, "_tma_ok", lambda a, w: False)
+    monkeypatch.setattr(gemm, "tma_ok", lambda a, w: False)
     want = gemm.quant_linear(q, s, kw, ql.bias, "gelu")
     assert want.abs().max().item() > 0 and rel_err(got, want) < 1e-5
 
@@ -246,18 +252,19 @@ def test_every_tma_config_matches_pointer_kernel(cfg, monkeypatch):
     """The autotuner may pick any TMA configuration on another GPU: each one (persistent or not, out-of-range
     rows clipped by the TMA store) gives the pointer-based kernel's numbers."""
     from zeroquant.kernels import rowwise
+    from zeroquant.kernels import tma_gemm as TM
 
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs Hopper")
-    assert len(gemm._TMA_CONFIGS) == 8
+    assert len(TM._TMA_CONFIGS) == 8
     ql = quant_linear(1024, 1280, 8, -1, True, True, "cuda").half()
     x = torch.randn(700, 1024, device="cuda", dtype=torch.float16)
     q, s = rowwise.quantize_per_token(x)
     kw = ql.kernel_weight()
     poison_cuda_cache()
     got = torch.empty(700, 1280, device="cuda", dtype=torch.float16)
-    gemm._w8a8_tma(q, s.reshape(-1), kw, ql.bias, "relu", got, gemm._TMA_CONFIGS[cfg])
-    monkeypatch.setattr(gemm, "_tma_ok", lambda a, w: False)
+    TM.w8a8_tma(q, s.reshape(-1), kw, ql.bias, "relu", got, TM._TMA_CONFIGS[cfg])
+    monkeypatch.setattr(gemm, "tma_ok", lambda a, w: False)
     want = gemm.quant_linear(q, s, kw, ql.bias, "relu")
     assert want.abs().max().item() > 0 and rel_err(got, want) < 1e-5
 

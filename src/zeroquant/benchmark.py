@@ -6,11 +6,15 @@ shape with random weights), so rows do not share caches or memory. Rows:
 - fp16 eager: the Hugging Face model as users run it (decode = model.generate, greedy);
 - fp16 graph: the same weights on zeroquant.runtime (static KV cache, one CUDA-graph replay per token),
   which separates what the graph buys from what quantization buys;
-- fp16 compile (--compile): torch.compile(mode="reduce-overhead") on the same static-cache loop;
 - each preset, eager (model.generate on the kernels) and graph;
+- compile (--compile), for FP16 and every preset: torch.compile around the forward on the same loop, the
+  compiled step captured in the same CUDA graph (zeroquant.runtime, compile=True);
 - peers (--peer torchao): torchao's int8 weight-only, int4 weight-only (tinygemm, g128) and int8 dynamic-
   activation x int8-weight on the same block linears of a bfloat16 copy (torchao's INT4 kernel takes bfloat16
   only), compiled on the same loop, as torchao's users run them.
+Decode rows also report their roofline fraction: the bytes a step must read (the weights, less the input
+embedding table of which it reads one row per token, plus the filled part of the KV cache) over the step's
+time, as a fraction of the device's copy bandwidth measured in the same run.
 """
 
 from __future__ import annotations
@@ -54,8 +58,9 @@ class BenchSettings:
     batch: int = 1
     prompt_len: int = 128
     gen_len: int = 64
-    compile: bool = False
+    compile: bool = False  # also run the compiled rows (FP and every preset)
     graph: bool = True  # also run the CUDA-graph rows (CUDA only)
+    eager: bool = True  # also run the eager rows
     reps: int = 3
     seed: int = 0
     device: str = "cuda"
@@ -72,6 +77,9 @@ class Row:
     peak_gib: float | None = None  # CUDA peak while it ran
     weights_gib: float | None = None  # bytes of its parameters and buffers
     file_gib: float | None = None  # saved checkpoint (quantized rows)
+    step_gb: float | None = None  # bytes one decode step must read (weights + filled KV cache), 1e9
+    roofline: float | None = None  # step_gb / step time / copy_gb_s
+    copy_gb_s: float | None = None  # the device's copy bandwidth, measured at the start of the run
     note: str = ""
 
 
@@ -143,6 +151,13 @@ def _prompt(s: BenchSettings, model: nn.Module) -> torch.Tensor:
     return torch.randint(min(1000, vocab - 1), vocab, (s.batch, s.prompt_len), generator=g).to(s.device)
 
 
+def _keep(model: nn.Module) -> dict:
+    """Ask for the last position's logits only, where the model takes that argument (generation needs no more)."""
+    from .runtime import accepts
+
+    return {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}
+
+
 def measure(model: nn.Module, s: BenchSettings, mode: str) -> Row:
     """One row: mode "eager", "graph" or "compile"."""
     from .evaluate import weight_bytes
@@ -156,27 +171,26 @@ def measure(model: nn.Module, s: BenchSettings, mode: str) -> Row:
         row.resident_gib = _gib(torch.cuda.memory_allocated())
         torch.cuda.reset_peak_memory_stats()
     with torch.no_grad():
-        if not is_causal(model):
-            # With the attention mask, as a tokenizer's output gives it. Without one, transformers < 5.23 builds
-            # an all-ones mask with a stride-0 last dimension while a CUDA graph is captured, which no fused SDPA
-            # kernel accepts: attention would then run in float32 on the math path in the graph rows only.
+        n = s.gen_len if is_causal(model) else 0
+        if n == 0:
+            # One forward over [B, T]: an encoder's, or a decoder's prompt without a cache. With the attention
+            # mask, as a tokenizer gives it: without one, transformers < 5.23 builds an all-ones mask with a
+            # stride-0 last dimension under CUDA-graph capture, which no fused SDPA kernel accepts.
             inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+            kwargs = {"use_cache": False, **_keep(model)} if is_causal(model) else {}
             if mode == "eager":
-                fwd = lambda: model(**inputs)
-            else:
-                if mode == "compile":
-                    model.forward = torch.compile(model.forward, mode="reduce-overhead")
-                    graphed = lambda **kw: model(**kw)
-                else:
-                    graphed = GraphedForward(model, **inputs)
+                fwd = lambda: model(**inputs, **kwargs)
+            elif cuda:
+                graphed = GraphedForward(model, compile=mode == "compile", **inputs, **kwargs)
                 fwd = lambda: graphed(**inputs)
+            else:  # compile on CPU: no graph to capture
+                compiled = torch.compile(model, dynamic=False)
+                fwd = lambda: compiled(**inputs, **kwargs)
             row.prefill_ms = 1e3 * timed(fwd, s.reps, s.device)
         else:
-            n = s.gen_len
-            dec = GreedyDecoder(model, s.batch, s.prompt_len + max(n, 1) + 1, cuda_graph=mode == "graph")
-            if mode == "compile":
-                dec.prefill(ids)  # allocate the static cache eagerly, so the compiled graphs see fixed buffers
-                model.forward = torch.compile(model.forward, mode="reduce-overhead")
+            # compile: the decode step is compiled and captured; the prompt runs eagerly (GreedyDecoder).
+            dec = GreedyDecoder(model, s.batch, s.prompt_len + n + 1, cuda_graph=mode != "eager",
+                                compile=mode == "compile")
             if mode == "eager":
                 keep = dec.keep
                 row.prefill_ms = 1e3 * timed(lambda: model(input_ids=ids, use_cache=True, **keep), s.reps, s.device)
@@ -200,9 +214,39 @@ def measure(model: nn.Module, s: BenchSettings, mode: str) -> Row:
                     run()  # capture / compile
                     step = statistics.median(run() for _ in range(s.reps)) / n
                 row.decode_tok_s = s.batch / step
+                row.step_gb = step_bytes(model, s.batch, s.prompt_len + n / 2) / 1e9
     if cuda:
         row.peak_gib = _gib(torch.cuda.max_memory_allocated())
     return row
+
+
+def step_bytes(model: nn.Module, batch: int, filled: float) -> float:
+    """Bytes one decode step must read: every weight except the input embedding table (one row per token;
+    a table tied to the head is read whole), and `filled` positions of the KV cache for each sequence."""
+    from .evaluate import weight_bytes
+
+    total = weight_bytes(model)
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is None or head.weight is not emb.weight:
+        total -= emb.weight.numel() * emb.weight.element_size()
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    per_token = 2 * cfg.num_hidden_layers * kv_heads * head_dim * emb.weight.element_size()  # K and V
+    return total + batch * filled * per_token
+
+
+def copy_bandwidth(device: str, nbytes: int = 1 << 30) -> float:
+    """Device memory bandwidth in bytes/s, from a device-to-device copy of nbytes (each byte read once and
+    written once), the best of CUDA-graph-timed repeats."""
+    import triton.testing
+
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench_cudagraph(lambda: dst.copy_(src), rep=100, quantiles=[0.0])
+    ms = ms[0] if isinstance(ms, (list, tuple)) else ms
+    return 2 * nbytes / (ms / 1e3)
 
 
 def _file_gib(model: nn.Module) -> float:
@@ -219,21 +263,26 @@ PEER_CONFIGS = {"torchao-int4wo": {"group_size": 128, "int4_packing_format": "ti
 
 
 def _peer_rows(peers: list[str]) -> list[str]:
-    """The rows of the named peers; fails at once on an unknown peer or one that is not installed."""
+    """The rows of the named peers (a peer's name for all its rows, or one row's name, e.g. torchao-int4wo);
+    fails at once on an unknown name or a peer that is not installed."""
     import importlib.util
 
     rows = []
     for p in peers:
-        if p not in PEERS:
-            raise ZeroQuantError(f"unknown --peer {p!r}; choose from {', '.join(PEERS)}")
-        if importlib.util.find_spec(p) is None:
-            raise ZeroQuantError(f"--peer {p}: {p} is not installed (pip install {p})")
-        rows += PEERS[p]
+        owner = p if p in PEERS else next((k for k, v in PEERS.items() if p in v), None)
+        if owner is None:
+            names = [*PEERS, *(r for v in PEERS.values() for r in v)]
+            raise ZeroQuantError(f"unknown --peer {p!r}; choose from {', '.join(names)}")
+        if importlib.util.find_spec(owner) is None:
+            raise ZeroQuantError(f"--peer {p}: {owner} is not installed (pip install {owner})")
+        rows += PEERS[p] if p in PEERS else [p]
     return rows
 
 
-def run(s: BenchSettings, progress: Callable[[str], None] = print) -> list[Row]:
-    """Every row for these settings; rows that fail keep their error in `note`."""
+def run(s: BenchSettings, progress: Callable[[str], None] = print,
+        on_row: Callable[[list[Row]], None] | None = None) -> list[Row]:
+    """Every row for these settings; rows that fail keep their error in `note`. on_row(rows so far) is
+    called after each row, so a run cut short keeps what it measured."""
     from .api import quantize
     from .config import resolve_config
 
@@ -249,10 +298,12 @@ def run(s: BenchSettings, progress: Callable[[str], None] = print) -> list[Row]:
     if cuda and not torch.cuda.is_available():
         raise ZeroQuantError("--device cuda but CUDA is not available")
     peer_rows = _peer_rows(s.peers)
-    modes = ["eager"] + (["graph"] if s.graph and cuda else [])
-    fp_modes = modes + (["compile"] if s.compile else [])
-    plan = ([(None, m) for m in fp_modes] + [(c, m) for c in configs for m in modes]
-            + [(p, "compile") for p in peer_rows])
+    modes = (["eager"] if s.eager else []) + (["graph"] if s.graph and cuda else []) + (
+        ["compile"] if s.compile else [])
+    if not modes:
+        raise ZeroQuantError("no rows to run: eager, graph and compile rows are all off")
+    plan = [(None, m) for m in modes] + [(c, m) for c in configs for m in modes] + [(p, "compile") for p in peer_rows]
+    bandwidth = copy_bandwidth(s.device) if cuda else None
     rows = []
     for cfg, mode in plan:
         if cfg is None:
@@ -270,14 +321,18 @@ def run(s: BenchSettings, progress: Callable[[str], None] = print) -> list[Row]:
                 model = torchao_quantize(model, cfg, dtype=torch.bfloat16, **PEER_CONFIGS.get(cfg, {}))
             elif cfg is not None:
                 model = quantize(model, cfg, inplace=True, progress=False)
-                if s.save_files and mode == "eager":
+                if s.save_files and mode == modes[0]:
                     file_gib = _file_gib(model)
             row = measure(model, s, mode)
             row.file_gib = file_gib
+            if bandwidth and row.step_gb and row.decode_tok_s:
+                row.roofline = row.step_gb * 1e9 * row.decode_tok_s / s.batch / bandwidth
         except Exception as e:  # noqa: BLE001 - a failing row (ours or a peer library's) hides no other
             row = Row(mode, note=f"failed: {str(e).splitlines()[0][:120]}")
-        row.variant = label
+        row.variant, row.copy_gb_s = label, bandwidth and bandwidth / 1e9
         rows.append(row)
+        if on_row is not None:
+            on_row(rows)
         del model
         _free()
     return rows
@@ -288,7 +343,7 @@ def _fmt(v: float | None, digits: int = 2) -> str:
 
 
 def table(rows: list[Row]) -> str:
-    """Markdown table with speed-ups against the first (FP eager) row and the best FP row."""
+    """Markdown table with speed-ups against the first row (FP eager, when it ran) and the best FP row."""
     base = rows[0]
     fp = [r for r in rows if r.variant.startswith(("fp16", "fp32")) and r.decode_tok_s]
     best_fp = max(fp, key=lambda r: r.decode_tok_s) if fp else None
@@ -299,7 +354,7 @@ def table(rows: list[Row]) -> str:
     what = "prefill ms" if causal else "forward ms"
     head = ["variant", what, "x fp eager", "x best fp"]
     if causal:
-        head += ["decode tok/s", "x fp eager", "x best fp"]
+        head += ["decode tok/s", "x fp eager", "x best fp", "roofline"]
     head += ["resident GiB", "peak GiB", "weights GiB", "file GiB", "note"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -307,7 +362,7 @@ def table(rows: list[Row]) -> str:
                  _fmt(ratio(best_lat.prefill_ms if best_lat else None, r.prefill_ms))]
         if causal:
             cells += [_fmt(r.decode_tok_s, 1), _fmt(ratio(r.decode_tok_s, base.decode_tok_s)),
-                      _fmt(ratio(r.decode_tok_s, best_fp.decode_tok_s if best_fp else None))]
+                      _fmt(ratio(r.decode_tok_s, best_fp.decode_tok_s if best_fp else None)), _fmt(r.roofline)]
         cells += [_fmt(r.resident_gib), _fmt(r.peak_gib), _fmt(r.weights_gib), _fmt(r.file_gib), r.note]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

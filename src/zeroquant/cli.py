@@ -196,23 +196,28 @@ def cmd_bench(args) -> None:
     s = BenchSettings(model_dir=args.model_dir, config=args.config, layers=args.layers,
                       presets=[p.strip() for p in args.preset.split(",") if p.strip()], batch=args.batch,
                       prompt_len=args.prompt_len, gen_len=args.gen_len, compile=args.compile,
-                      graph=not args.no_graph, reps=args.reps, seed=args.seed,
+                      graph=not args.no_graph, eager=not args.no_eager, reps=args.reps, seed=args.seed,
                       device=_default_device(args.device), save_files=not args.no_save,
                       peers=[p.strip() for p in (args.peer or "").split(",") if p.strip()])
-    rows = run(s, progress=lambda m: print(m, file=sys.stderr, flush=True))
-    md = f"{describe(s, rows)}\n\n{table(rows)}"
-    print(md)
-    if args.json:
-        Path(args.json).write_text(json.dumps(to_json(rows, s), indent=2))
-    if args.md:
-        Path(args.md).write_text(md + "\n")
+    def write(rows) -> str:  # after every row: a run cut short keeps what it measured
+        md = f"{describe(s, rows)}\n\n{table(rows)}"
+        if args.json:
+            Path(args.json).write_text(json.dumps(to_json(rows, s), indent=2))
+        if args.md:
+            Path(args.md).write_text(md + "\n")
+        return md
+
+    rows = run(s, progress=lambda m: print(m, file=sys.stderr, flush=True), on_row=write)
+    print(write(rows))
 
 
-BENCH_EPILOG = """rows: FP16 Hugging Face eager (decode = model.generate), FP16 on zeroquant's static-cache CUDA-graph
-loop, FP16 torch.compile (--compile), then each preset eager and on the graph loop, then --peer rows.
+BENCH_EPILOG = """rows: FP16 and then each preset, each as Hugging Face eager (decode = model.generate; --no-eager
+skips it), on zeroquant's static-cache CUDA-graph loop (--no-graph skips it) and compiled on that loop
+(--compile: torch.compile around the forward, captured in the same graph), then --peer rows (compiled).
 Prefill = one forward over the prompt; decode tok/s = batch x new tokens / time. 'x fp eager' divides by
-the first row, 'x best fp' by the fastest FP row. Memory: resident = CUDA memory once the model is ready;
-weights = its parameters and buffers; file = the saved quantized checkpoint.
+the first row, 'x best fp' by the fastest FP row. roofline = bytes a decode step must read (weights + filled
+KV cache) / step time / the device's copy bandwidth, measured in the same run. Memory: resident = CUDA
+memory once the model is ready; weights = its parameters and buffers; file = the saved quantized checkpoint.
 
 random shapes (--random-weights --config): """ + ", ".join(
     ["llama-7b", "gpt-neox-20b", "opt-1.3b", "bert-large"]) + """
@@ -300,10 +305,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=int, default=1)
     b.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (encoders: sequence length)")
     b.add_argument("--gen-len", type=int, default=64, help="new tokens to decode; 0 = prefill only")
-    b.add_argument("--compile", action="store_true", help="add a torch.compile FP16 row (slow to compile)")
+    b.add_argument("--compile", action="store_true", help="add a compiled row for FP16 and every preset "
+                   "(torch.compile on the CUDA-graph loop; the first compile of a 7B model takes about a minute)")
     b.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph rows")
+    b.add_argument("--no-eager", action="store_true", help="skip the Hugging Face eager rows")
     b.add_argument("--peer", metavar="NAME", help="add a peer's rows in the same run: torchao (int8 and int4 "
-                   "weight-only, int8 dynamic activations; bfloat16, compiled); needs it installed")
+                   "weight-only, int8 dynamic activations; bfloat16, compiled), or some of them by name: "
+                   "torchao-int8wo, torchao-int4wo, torchao-int8dq; needs it installed")
     b.add_argument("--no-save", action="store_true", help="do not save each quantized model to measure its file")
     b.add_argument("--reps", type=int, default=3, help="timed repetitions, median reported (default 3)")
     b.add_argument("--seed", type=int, default=0)

@@ -128,14 +128,24 @@ def cosine_stats(ref: torch.Tensor, other: torch.Tensor) -> dict:
             "n": cos.numel()}
 
 
+def _stored_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors that hold t's bytes: t itself, or a tensor subclass's inner tensors (torchao's quantized
+    weights, say), whose own numel x element size is the logical float size, not what is stored."""
+    if type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return [s for n in names for s in _stored_tensors(getattr(t, n))]
+    return [t]
+
+
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of every parameter and buffer, tied tensors counted once."""
     seen, total = set(), 0
-    for t in list(model.parameters()) + [b for _, b in model.named_buffers()]:
-        if t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
+    for p in list(model.parameters()) + [b for _, b in model.named_buffers()]:
+        for t in _stored_tensors(p):
+            if t.data_ptr() in seen:
+                continue
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
     return total
 
 

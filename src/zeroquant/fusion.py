@@ -28,10 +28,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import packing
+from . import kernels, packing
 from .adapters import base_model, get_arch, get_blocks, norms_apply
-from .kernels import available as kernels_available
-from .kernels import reference
+from .handoff import QuantizedActivation
+from .kernels import ops, reference
 from .qlinear import QuantLinear
 
 # Hugging Face activation modules -> the kernels' activation names (transformers.activations).
@@ -53,7 +53,8 @@ def norm_eps(module: nn.Module, kind: str) -> float | None:
 
 
 class FusedNorm(nn.Module):
-    """LayerNorm/RMSNorm that also quantizes its output per token for the QuantLinears it feeds.
+    """LayerNorm/RMSNorm that also quantizes its output per token for the QuantLinears it feeds, and returns
+    both as one QuantizedActivation (zeroquant.handoff).
 
     Same parameters under the same names as the norm it replaces. The INT8 copy is only made where those
     linears would use it (CUDA kernels, inference); otherwise this is the reference norm.
@@ -69,16 +70,16 @@ class FusedNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """norm(x), or norm(x + residual) with the add inside the same kernel (ResidualNorm)."""
-        if not (torch.is_grad_enabled() and x.requires_grad):
-            takers = [c for c in self.consumers if c.takes_prequant(x)]
-            if takers:
-                from .kernels import rowwise
-
-                y, q, s = rowwise.norm_quant(x, self.weight, self.bias, self.eps, self.kind, residual=residual)
-                for c in takers:
-                    c.give_prequant(y, q, s)
-                return y
+        if _inference(x) and self._consumers_take_int8(x):
+            y, q, s = ops.norm_quant(x, self.weight, self.bias, self.eps, self.kind, residual)
+            return QuantizedActivation(y, q, s)
         return reference.norm(x if residual is None else x + residual, self.weight, self.bias, self.eps, self.kind)
+
+    def _consumers_take_int8(self, x: torch.Tensor) -> bool:
+        for c in self.consumers:
+            if c.takes_int8(x):
+                return True
+        return False
 
     def extra_repr(self) -> str:
         return f"{self.kind}, eps={self.eps}, feeds {len(self.consumers)} quantized linear(s)"
@@ -95,8 +96,8 @@ class FusedAct(nn.Module):
     H100: 38.7 -> 51.6 us); here it adds 3 us to a pass the quantization needs anyway (16.9 -> 20.1 us).
 
     The float activation is never written: the adapter's mlp_act entry says the consumer is its only
-    reader, so forward returns its own input as a token that the consumer recognises, and the consumer
-    raises if it is handed anything else. Elsewhere (CPU, training) it computes the same activation in
+    reader, so forward returns a QuantizedActivation holding only the INT8 form (zeroquant.handoff); any
+    other reader raises. Elsewhere (CPU, training) it computes the same activation in
     float32, as an epilogue would."""
 
     def __init__(self, name: str, consumer: QuantLinear) -> None:
@@ -106,12 +107,9 @@ class FusedAct(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         (c,) = self.consumer
-        if _inference(x) and c.takes_prequant(x):
-            from .kernels import rowwise
-
-            q, s = rowwise.act_quant(x, self.name)
-            c.give_prequant(x, q, s, required=True)
-            return x
+        if _inference(x) and c.takes_int8(x):
+            q, s = ops.act_quant(x, self.name)
+            return QuantizedActivation(None, q, s, dtype=x.dtype)
         # In float32 like the kernel (and like an epilogue activation): GPT-2's own gelu_new rounds to fp16
         # after every op, which the reference path must not add on top of quantization error.
         return reference.apply_act(x.float(), self.name).to(x.dtype)
@@ -139,10 +137,8 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up, down = (getattr(self, n) for n in self.names)
         g, u = gate(x), up(x)
-        if _inference(x) and down.takes_prequant(g):
-            from .kernels import rowwise
-
-            q, s = rowwise.act_quant(g if self.act else self.act_fn(g), self.act, gate=u)
+        if _inference(x) and down.takes_int8(g):
+            q, s = ops.act_quant(g if self.act else self.act_fn(g), self.act, u)
             return down.forward_quantized(q, s, g.dtype)
         return down(self.act_fn(g) * u)
 
@@ -204,7 +200,7 @@ class EncoderAttention(nn.Module):
                 **kwargs) -> tuple[torch.Tensor, None]:
         # set_mode(model, "ref"|"fake") on the projections sends the whole attention to the reference path
         ref = any(isinstance(getattr(self, n), QuantLinear) and getattr(self, n).mode != "int" for n in self.names)
-        fast = (not ref and _inference(hidden_states) and hidden_states.is_cuda and kernels_available()
+        fast = (not ref and _inference(hidden_states) and kernels.runs_on(hidden_states)
                 and hidden_states.dtype in (torch.float16, torch.bfloat16) and past_key_values is None
                 and kwargs.get("encoder_hidden_states") is None and not kwargs.get("output_attentions"))
         ok, mask = self._kernel_mask(attention_mask) if fast else (False, None)
@@ -214,14 +210,12 @@ class EncoderAttention(nn.Module):
                 orig._modules[n] = m
             orig.train(self.training)
             return orig(hidden_states, attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
-        from .kernels import attention
-
         lead = hidden_states.shape[:-1]
         proj = self._packed_projection(hidden_states)
         if proj is None:
             proj = [getattr(self, n)(hidden_states) for n in self.names]
         q, k, v = (p.view(*lead, -1, self.head_dim).transpose(1, 2) for p in proj)
-        out = attention.attention(q, k, v, mask, self.scaling)
+        out = ops.attention(q, k, v, mask, self.scaling)
         return out.transpose(1, 2).reshape(*lead, -1), None
 
     def _apply(self, fn, recurse=True):
@@ -230,16 +224,19 @@ class EncoderAttention(nn.Module):
 
     def _packed_projection(self, x: torch.Tensor) -> list[torch.Tensor] | None:
         """q, k and v from one GEMM over their packed weights (zeroquant.packing; BERT-large, 4096 tokens on
-        H100: 29.7 us against 3 x 12.4), packing them on first use; None where the kernels cannot."""
+        H100: 29.7 us against 3 x 12.4), packing them on first use; None where the kernels cannot. Not while
+        torch.compile traces: checking that the packed allocation is still current reads storage addresses,
+        which a graph cannot; a compiled model takes three GEMMs on one INT8 copy of x instead."""
         lins = [getattr(self, n) for n in self.names]
-        if not (packing.packable(lins) and all(m.uses_kernels(x) for m in lins)):
+        if torch.compiler.is_compiling() or not (packing.packable(lins) and all(m.uses_kernels(x) for m in lins)):
             return None
         key = _buffers_key(lins)
         cached = self.__dict__.get("_packed")
         if cached is None or cached[0] != key:
             packed = packing.packed_buffers(lins)
             if packed is None:
-                if torch.cuda.is_current_stream_capturing() or self.__dict__.get("_graphed_unpacked"):
+                capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+                if capturing or self.__dict__.get("_graphed_unpacked"):
                     # Packing allocates and frees the linears' own buffers: never inside a capture, nor after
                     # a graph captured the three GEMMs on those buffers.
                     self.__dict__["_graphed_unpacked"] = True
@@ -247,22 +244,12 @@ class EncoderAttention(nn.Module):
                 packing.pack(lins)
                 packed = packing.packed_buffers(lins)
                 key = _buffers_key(lins)
-            from .kernels.gemm import KernelWeight
-
-            first = lins[0]
-            kw = KernelWeight(packed["qweight"], packed["w_scale"], packed["w_zero"], first.wq.bits,
-                              first.in_features, sum(m.out_features for m in lins), first.group_size)
-            cached = self.__dict__["_packed"] = (key, (kw, packed["bias"]))  # derived, never saved
-        from .kernels import gemm
-
-        kw, bias = cached[1]
-        if lins[0].aq is None:
-            y = gemm.quant_linear(x, None, kw, bias)
-        else:
-            q8, s = lins[0].kernel_input(x)
-            for m in lins[1:]:
-                m.__dict__.pop("_prequant", None)  # the same tensor's INT8 copy, handed to each of them
-            y = gemm.quant_linear(q8, s, kw, bias, out_dtype=x.dtype)
+            cached = self.__dict__["_packed"] = (key, packed)  # derived, never saved
+        p, first = cached[1], lins[0]
+        zero = None if p["w_zero"] is None else p["w_zero"].t()
+        q8, s = (x, None) if first.aq is None else first.int8_input(x)
+        y = ops.quant_linear(q8, s, p["qweight"], p["w_scale"].t(), zero, first.wq.bits, first.group_size,
+                             p["bias"], None, x.dtype)
         return list(y.split([m.out_features for m in lins], -1))
 
     def extra_repr(self) -> str:

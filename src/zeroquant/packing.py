@@ -44,8 +44,6 @@ def pack(linears: list[QuantLinear]) -> None:
             n = b.shape[0]
             m._buffers[name] = _stored(base.narrow(dim, off, n), flip)
             off += n
-    for m in linears:
-        m.__dict__.pop("_kernel_cache", None)
 
 
 def _base(bufs: list[torch.Tensor], dim: int, flip: bool) -> torch.Tensor | None:

@@ -7,10 +7,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from . import kernels
 from . import quant as Q
 from .config import ActQuant, LinearRule, WeightQuant
 from .errors import ZeroQuantError
-from .kernels import available as kernels_available
+from .handoff import QuantizedActivation
+from .kernels import ops
 from .kernels.reference import apply_act
 
 
@@ -205,72 +207,63 @@ class QuantLinear(nn.Module):
         return (q.to(torch.int16) - 128).to(torch.int8), (128 - z).to(torch.int32)
 
     def kernel_weight(self):
-        """This layer's weight in the kernels' layout (built once, rebuilt if the buffers change), or None
-        where the kernels do not take the format (static activations, asymmetric 8-bit, odd groups)."""
-        key = (self.qweight.data_ptr(), self.qweight._version, self.w_scale._version)
-        cached = self.__dict__.get("_kernel_cache")
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        from .kernels.gemm import KernelWeight
+        """This layer's weight in the kernels' layout (views of its buffers), or None where the kernels do not
+        take the format (static activations, asymmetric 8-bit, odd groups)."""
+        if not self.kernel_format:
+            return None
+        from .kernels.weight_format import KernelWeight
+
+        return KernelWeight.from_quant(self.qweight, self.w_scale, self.w_zero, self.wq.bits, self.group_size)
+
+    @property
+    def kernel_format(self) -> bool:
+        """Whether the kernels take this layer's weight and activation format: fixed at construction."""
+        from .kernels.weight_format import KernelWeight
 
         w, a = self.wq, self.aq
-        ok = (not w.per_tensor and (a is None or (a.dynamic and a.bits == 8))
-              and KernelWeight.unsupported(self.in_features, w.bits, w.symmetric, self.group_size) is None)
-        kw = KernelWeight.from_quant(self.qweight, self.w_scale, self.w_zero, w.bits, self.group_size) if ok else None
-        self.__dict__["_kernel_cache"] = (key, kw)  # not a buffer: derived, never saved
-        return kw
+        return (not w.per_tensor and (a is None or (a.dynamic and a.bits == 8))
+                and KernelWeight.unsupported(self.in_features, w.bits, w.symmetric, self.group_size) is None)
 
     def uses_kernels(self, x: torch.Tensor) -> bool:
         """Whether forward(x) runs the Triton kernels (else the reference path)."""
-        if self.mode != "int" or not x.is_cuda or not kernels_available():
+        if self.mode != "int" or not kernels.runs_on(x):
             return False
         # INT8 activations: any float input (float32 models too: the GEMM is int8 either way). Weight-only
         # formats feed x to an fp16/bf16 tensor-core dot.
         halves = (torch.float16, torch.bfloat16)
-        return x.dtype in ((*halves, torch.float32) if self.aq else halves) and self.kernel_weight() is not None
+        return x.dtype in ((*halves, torch.float32) if self.aq else halves) and self.kernel_format
+
+    def takes_int8(self, x: torch.Tensor) -> bool:
+        """Whether forward(x) multiplies a token-wise INT8 copy of x (made here, or handed over with x by the op
+        that made it: zeroquant.handoff)."""
+        return self.aq is not None and self.uses_kernels(x)
+
+    def int8_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x in token-wise INT8 form (q, scale): the copy handed over with x, else quantized now."""
+        handed = x.int8() if isinstance(x, QuantizedActivation) else None
+        if handed is not None:
+            return handed
+        if isinstance(x, QuantizedActivation):
+            x = x.float_value()
+        return ops.quantize_per_token(x)
+
+    def forward_quantized(self, q: torch.Tensor, s: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """The kernel GEMM on an input in token-wise INT8 form (q [..., K], s [..., 1]); only where takes_int8."""
+        return ops.quant_linear(q, s, self.qweight, self.w_scale, self.w_zero, self.wq.bits, self.group_size,
+                                self.bias, self.act, out_dtype)
 
     def forward_kernel(self, x: torch.Tensor) -> torch.Tensor:
         """The Triton path; only where uses_kernels(x)."""
-        from .kernels import gemm
-
         if self.aq is None:
-            return gemm.quant_linear(x, None, self.kernel_weight(), self.bias, act=self.act)
-        return self.forward_quantized(*self.kernel_input(x), x.dtype)
-
-    def kernel_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x in token-wise INT8 form (q, scale): the copy the op that produced x handed over, else quantized
-        now. Only where takes_prequant(x)."""
-        from .kernels import rowwise
-
-        pre = self.__dict__.pop("_prequant", None)
-        if pre is not None and pre[0] is x and pre[1] == x._version:
-            return pre[2], pre[3]  # quantized by the norm that produced x (zeroquant.fusion)
-        if pre is not None and pre[4]:
-            raise ZeroQuantError(
-                "a fused activation handed this linear its INT8 input but the linear got another tensor: the "
-                "model's code does not match its adapter's mlp_act entry (zeroquant.adapters)")
-        return rowwise.quantize_per_token(x)
-
-    def forward_quantized(self, q: torch.Tensor, s: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        """The kernel GEMM on an input already in token-wise INT8 form (q [..., K], s [..., 1]), made by a
-        fused op that never writes the float input (zeroquant.fusion.GatedMLP); only where takes_prequant."""
-        from .kernels import gemm
-
-        return gemm.quant_linear(q, s, self.kernel_weight(), self.bias, act=self.act, out_dtype=out_dtype)
-
-    def takes_prequant(self, x: torch.Tensor) -> bool:
-        """Whether forward(x) would use a token-wise INT8 copy of x handed over by the op that made x."""
-        return self.aq is not None and self.uses_kernels(x)
-
-    def give_prequant(self, x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, required: bool = False) -> None:
-        """Hand over x's token-wise INT8 form (q, s); the next forward uses it if its input is still x.
-        required: x does not hold the values that (q, s) quantize (the giver skipped writing them), so any
-        other input to the next forward is an error rather than something to quantize afresh."""
-        self.__dict__["_prequant"] = (x, x._version, q, s, required)
+            return ops.quant_linear(x, None, self.qweight, self.w_scale, self.w_zero, self.wq.bits, self.group_size,
+                                    self.bias, self.act, x.dtype)
+        return self.forward_quantized(*self.int8_input(x), x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.uses_kernels(x):
             return self.forward_kernel(x)
+        if isinstance(x, QuantizedActivation):
+            x = x.float_value()
         if self.aq is None or self.mode == "fake":
             w = self.dequantized_weight(x.dtype)
             if self.act is None:

@@ -6,6 +6,10 @@ buffers (transformers.StaticCache) and captures one decode step, including the a
 its own input token and position, into a CUDA graph: each new token is then one graph replay.
 GraphedForward does the same for a fixed-shape forward (encoders). Both work for float and quantized
 models alike, so a benchmark can separate what the graph buys from what quantization buys.
+
+compile=True puts torch.compile around the forward inside the same loop: inductor fuses the float ops
+between the GEMMs (norms, rotary embedding, residual adds, attention glue), zeroquant's kernels stay as they
+are (they are custom ops: zeroquant.kernels.ops), and the CUDA graph then captures the compiled step.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from torch import nn
 from transformers import StaticCache
 
 
-def _accepts(model: nn.Module, name: str) -> bool:
+def accepts(model: nn.Module, name: str) -> bool:
     return name in inspect.signature(model.forward).parameters
 
 
@@ -40,15 +44,20 @@ class GreedyDecoder:
     """Greedy generation of a causal LM with a static KV cache; each decode step is one CUDA-graph replay
     on CUDA (cuda_graph=True), an eager forward otherwise. No stopping criteria: always n tokens."""
 
-    def __init__(self, model: nn.Module, batch_size: int, max_len: int, cuda_graph: bool = True) -> None:
+    def __init__(self, model: nn.Module, batch_size: int, max_len: int, cuda_graph: bool = True,
+                 compile: bool = False, compile_mode: str | None = None, backend: str = "inductor") -> None:
         self.model, self.batch, self.max_len = model, batch_size, max_len
+        # compile: the one-token step only. The prompt is one forward per generation whose launches are spread
+        # over its tokens; compiling its shape too would double the compile time (a minute for a 7B model).
+        self._step_forward = (torch.compile(self._next_token, dynamic=False, mode=compile_mode, backend=backend)
+                              if compile else self._next_token)
         device = next(model.parameters()).device
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
         self.ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # the token being fed
         self.pos = torch.zeros(1, dtype=torch.long, device=device)  # its position
         # A full-length all-ones mask: with it no model infers positions from the cache length (a sync).
         self.mask = torch.ones(batch_size, max_len, dtype=torch.long, device=device)
-        self.keep = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+        self.keep = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}
         self.use_graph = cuda_graph and device.type == "cuda"
         self.graph: torch.cuda.CUDAGraph | None = None
         self.length = 0
@@ -59,7 +68,7 @@ class GreedyDecoder:
         return out.logits[:, -1].argmax(-1)
 
     def _step(self) -> None:
-        nxt = self._next_token(self.ids, self.pos)
+        nxt = self._step_forward(self.ids, self.pos)
         self.ids.copy_(nxt[:, None])
         self.pos.add_(1)
 
@@ -108,24 +117,28 @@ class GreedyDecoder:
 
 
 class GraphedForward:
-    """model(**inputs) for one fixed set of input shapes as a CUDA-graph replay.
+    """model(**inputs) for one fixed set of input shapes as a CUDA-graph replay; compile=True: of the model
+    compiled by torch.compile (compile_mode: its mode).
 
     The returned output lives in the graph's memory and is overwritten by the next call.
     """
 
-    def __init__(self, model: nn.Module, **example: torch.Tensor) -> None:
+    def __init__(self, model: nn.Module, compile: bool = False, compile_mode: str | None = None,
+                 **example: torch.Tensor) -> None:
         self.model = model
-        self.inputs = {k: v.clone() for k, v in example.items()}
+        self.inputs = {k: v.clone() if torch.is_tensor(v) else v for k, v in example.items()}
         self.out = None
+        forward = torch.compile(model, dynamic=False, mode=compile_mode) if compile else model
 
         def run():
-            self.out = model(**self.inputs)
+            self.out = forward(**self.inputs)
 
         with torch.no_grad():
             self.graph = _warm_and_capture(run)
 
     def __call__(self, **inputs: torch.Tensor):
         for k, v in inputs.items():
-            self.inputs[k].copy_(v)
+            if torch.is_tensor(v):
+                self.inputs[k].copy_(v)
         self.graph.replay()
         return self.out

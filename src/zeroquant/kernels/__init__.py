@@ -6,9 +6,13 @@ exist, which `available()` reports. Nothing here keeps state: callers pass tenso
 
 from __future__ import annotations
 
-import functools
+import importlib.util
 
 import torch
+
+# Whether Triton is importable, decided once at import: a plain constant that torch.compile reads without
+# tracing an import statement.
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 ACTS = {None: 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4}
 
@@ -20,13 +24,13 @@ def act_code(act: str | None) -> int:
     return ACTS[act]
 
 
-@functools.cache
 def available() -> bool:
     """True where the Triton kernels can run: CUDA present and Triton importable."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return HAS_TRITON and torch.cuda.is_available()
+
+
+def runs_on(x: torch.Tensor) -> bool:
+    """Whether the model code sends x to the kernel ops (zeroquant.kernels.ops) rather than the reference path:
+    a CUDA tensor where the kernels can run. (The ops themselves run anywhere: their CPU implementation is
+    the reference twin, which is how the CPU tests drive the kernel path's plumbing.)"""
+    return x.is_cuda and available()

@@ -1,0 +1,68 @@
+"""Triton helpers every GEMM family shares: integer-to-float without I2F, INT4 unpacking, tile order, and
+the autotuners' timing."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .weight_format import PACK
+
+PACK_C = tl.constexpr(PACK)  # weight_format.PACK, readable inside kernels
+
+
+def _gpu_time(fn, quantiles):
+    """The autotuners' measure: back-to-back CUDA-graph replays, so the inputs sit in L2 as they do in a model
+    (the activation was just written by the op before). triton's do_bench flushes L2 before every call; its
+    ranking of close configurations changed from one process to the next, and BERT-large's w8a8 forward on
+    H100 came out at 4.58 or 4.85 ms depending on what it picked."""
+    return triton.testing.do_bench_cudagraph(fn, rep=20, quantiles=quantiles)
+
+
+
+def _chunk(args: dict) -> int:
+    """Channels per dot inside a BLOCK_K step, for both kernels: a chunk never straddles a weight group, so
+    its group's scale applies to the whole dot; an INT4 chunk is one PACK of the half-split layout
+    (byte j = channel j | channel j + PACK/2 << 4)."""
+    gs, bk = args["GROUP_SIZE"], args["BLOCK_K"]
+    if args["W_BITS"] == 4:
+        return PACK
+    return gs if 0 < gs < bk else bk
+
+
+@triton.jit
+def _exact_float(i):
+    """int32 -> float32 for |i| < 2^22 with an integer add and a float subtract instead of I2F, which issues
+    at 1/8 the rate of FMA on Hopper and otherwise dominates group-wise epilogues. One chunk's int8 dot
+    (<= 256 * 127 * 127 < 2^22) always fits."""
+    return (i + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+
+
+@triton.jit
+def _w4_int8(nib, z, HAS_ZERO: tl.constexpr):
+    if HAS_ZERO:
+        return (nib.to(tl.int32) - z.to(tl.int32)[None, :]).to(tl.int8)
+    return (nib.to(tl.int32) - 8).to(tl.int8)
+
+
+@triton.jit
+def _w4_float(nib, z, s, HAS_ZERO: tl.constexpr):
+    """(q - z) * s in float32 like the reference; q -> float as the bits of 2^23 + q (no I2F)."""
+    q = (nib.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True)
+    if HAS_ZERO:
+        return (q - (z + 8388608.0)[None, :]) * s[None, :]
+    return (q - 8388616.0) * s[None, :]  # 2^23 + 8, the symmetric offset
+
+
+@triton.jit
+def _tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(row tile, column tile) of output tile `pid`. GROUP_M row-tiles share each column of weight tiles, so
+    weights are reused from L2."""
+    GROUP_M: tl.constexpr = 8
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    rows = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % width) % rows, (pid % width) // rows
+

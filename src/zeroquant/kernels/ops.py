@@ -1,0 +1,166 @@
+"""zeroquant's kernels as PyTorch custom ops (`torch.ops.zeroquant.*`), so torch.compile sees them.
+
+Each op has three implementations: the Triton kernel on CUDA, its pure-PyTorch twin (kernels.reference) on
+every other device, and a fake one that only says the outputs' shapes, dtypes and strides, which is all
+dynamo and inductor need to trace through it. Dynamo never looks inside the Triton code (its kernel analysis
+does not know the inline-asm helpers), and every op is functional: no input is written, so a compiled graph
+may place it where it likes. The INT8 copy a fused op makes reaches its linears as a tensor
+(zeroquant.handoff), in eager and compiled models alike.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import available as kernels_available
+from . import reference
+
+LIB = "zeroquant"
+
+
+def _rows(x: torch.Tensor) -> tuple[int, ...]:
+    return tuple(x.shape[:-1])
+
+
+def _on_kernels(t: torch.Tensor) -> bool:
+    return t.is_cuda and kernels_available()
+
+
+# ------------------------------------------------------------------------------ token-wise quantization
+
+
+@torch.library.custom_op(f"{LIB}::quantize_per_token", mutates_args=())
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] -> (int8 [..., K], float32 scale [..., 1]), symmetric, scale = amax / 127."""
+    q, s = reference.quantize_per_token(x)
+    return q.contiguous(), s.contiguous()
+
+
+@quantize_per_token.register_kernel("cuda")
+def _(x):
+    if not _on_kernels(x):
+        q, s = reference.quantize_per_token(x)
+        return q.contiguous(), s.contiguous()
+    from . import rowwise
+
+    return rowwise.quantize_per_token(x)
+
+
+@quantize_per_token.register_fake
+def _(x):
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*_rows(x), 1), dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{LIB}::norm_quant", mutates_args=())
+def norm_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, kind: str,
+               residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LayerNorm/RMSNorm of x (+ residual, added first) -> (y in x's dtype, its int8 [..., K], scale [..., 1])."""
+    return tuple(t.contiguous() for t in reference.norm_quant(x, weight, bias, eps, kind, residual))
+
+
+@norm_quant.register_kernel("cuda")
+def _(x, weight, bias, eps, kind, residual=None):
+    if not _on_kernels(x):
+        return tuple(t.contiguous() for t in reference.norm_quant(x, weight, bias, eps, kind, residual))
+    from . import rowwise
+
+    return rowwise.norm_quant(x, weight, bias, eps, kind, residual=residual)
+
+
+@norm_quant.register_fake
+def _(x, weight, bias, eps, kind, residual=None):
+    return (x.new_empty(x.shape), x.new_empty(x.shape, dtype=torch.int8),
+            x.new_empty((*_rows(x), 1), dtype=torch.float32))
+
+
+@torch.library.custom_op(f"{LIB}::act_quant", mutates_args=())
+def act_quant(x: torch.Tensor, act: str | None, gate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """act(x) [* gate] in x's dtype -> (int8 [..., K], float32 scale [..., 1]); the float result is not kept."""
+    q, s = reference.act_quant(x, act, gate)
+    return q.contiguous(), s.contiguous()
+
+
+@act_quant.register_kernel("cuda")
+def _(x, act, gate=None):
+    if not _on_kernels(x):
+        q, s = reference.act_quant(x, act, gate)
+        return q.contiguous(), s.contiguous()
+    from . import rowwise
+
+    return rowwise.act_quant(x, act, gate=gate)
+
+
+@act_quant.register_fake
+def _(x, act, gate=None):
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*_rows(x), 1), dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------------ quantized linear
+
+
+@torch.library.custom_op(f"{LIB}::quant_linear", mutates_args=())
+def quant_linear(x: torch.Tensor, x_scale: torch.Tensor | None, qweight: torch.Tensor, w_scale: torch.Tensor,
+                 w_zero: torch.Tensor | None, bits: int, group_size: int, bias: torch.Tensor | None,
+                 act: str | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """act(x [* x_scale] @ dequant(W)^T + bias) -> [..., N] in out_dtype.
+
+    x: int8 [..., K] with per-token float32 x_scale [..., 1], or fp16/bf16/fp32 with x_scale None (then
+    out_dtype is x's dtype). qweight as QuantLinear stores it (int8 [N, K], or uint8 [N, K/2] for 4 bits);
+    w_scale / w_zero [N, G] (QuantLinear's G-major buffers are read in place); group_size: channels per
+    scale (K for one per row)."""
+    return _reference_linear(x, x_scale, qweight, w_scale, w_zero, bits, group_size, bias, act, out_dtype)
+
+
+def _reference_linear(x, x_scale, qweight, w_scale, w_zero, bits, group_size, bias, act, out_dtype):
+    xs = None if x_scale is None else x_scale.reshape(-1, 1)
+    y = reference.quant_linear(x.reshape(-1, x.shape[-1]), xs, qweight, w_scale, w_zero, bits, group_size, bias,
+                               act, out_dtype)
+    return y.reshape(*_rows(x), -1)
+
+
+@quant_linear.register_kernel("cuda")
+def _(x, x_scale, qweight, w_scale, w_zero, bits, group_size, bias, act, out_dtype):
+    if not _on_kernels(x):
+        return _reference_linear(x, x_scale, qweight, w_scale, w_zero, bits, group_size, bias, act, out_dtype)
+    from .gemm import KernelWeight
+    from .gemm import quant_linear as launch
+
+    kw = KernelWeight.from_quant(qweight, w_scale, w_zero, bits, group_size, check=False)
+    return launch(x, x_scale, kw, bias, act=act, out_dtype=out_dtype)
+
+
+@quant_linear.register_fake
+def _(x, x_scale, qweight, w_scale, w_zero, bits, group_size, bias, act, out_dtype):
+    return x.new_empty((*_rows(x), qweight.shape[0]), dtype=out_dtype)
+
+
+# -------------------------------------------------------------------------------------- attention
+
+
+def _attention_layout(o: torch.Tensor) -> torch.Tensor:
+    """[B, H, Sq, D] as a transposed view of a [B, Sq, H, D] tensor: what the kernel writes, since the output
+    projection reads that layout."""
+    return o.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@torch.library.custom_op(f"{LIB}::attention", mutates_args=())
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v for q [B, H, Sq, D], k/v [B, H, Sk, D]; mask None, bool (True = attend)
+    or additive float, broadcastable to [B, H, Sq, Sk]."""
+    return _attention_layout(reference.attention(q, k, v, mask, scale))
+
+
+@attention.register_kernel("cuda")
+def _(q, k, v, mask, scale):
+    if not _on_kernels(q):
+        return _attention_layout(reference.attention(q, k, v, mask, scale))
+    from . import attention as attn
+
+    return attn.attention(q, k, v, mask, scale)
+
+
+@attention.register_fake
+def _(q, k, v, mask, scale):
+    b, h, sq, d = q.shape
+    return q.new_empty((b, sq, h, d)).transpose(1, 2)

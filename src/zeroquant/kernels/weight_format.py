@@ -1,0 +1,80 @@
+"""The weight format the GEMM kernels read (KernelWeight), and which formats they take.
+
+Pure PyTorch: QuantLinear asks whether its format runs on the kernels without importing Triton.
+Scales and zero points are read as [G, N], so one program's loads of a group's scales are contiguous;
+QuantLinear stores its [N, G] scale buffers G-major, so `KernelWeight.from_quant` copies nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import quant as Q
+
+# INT4 channels per half-split chunk: the storage layout of zeroquant.quant.pack_int4 (byte j of a chunk =
+# channel j | channel j + PACK/2 << 4), read as stored. Unpacking is two nibble masks with no register
+# shuffle, and each half feeds its own dot against a contiguous slice of the activations.
+PACK = Q.INT4_CHUNK
+
+
+@dataclass(frozen=True)
+class KernelWeight:
+    """A quantized weight in the layout the GEMM kernel reads."""
+
+    qweight: torch.Tensor  # int8 [N, K] (bits 8, symmetric) or uint8 [N, K/2] packed by quant.pack_int4
+    scale: torch.Tensor  # float32 [G, N]
+    zero: torch.Tensor | None  # float32 [G, N], integer-valued; None: symmetric
+    bits: int
+    in_features: int
+    out_features: int
+    group_size: int  # input channels per scale (in_features for one scale per row); the last group may be shorter
+
+    @property
+    def kernel_group(self) -> int:
+        """The kernels' GROUP_SIZE: the group size, or 0 for one scale per output channel."""
+        return self.group_size if self.scale.shape[0] > 1 else 0
+
+    @staticmethod
+    def unsupported(k: int, bits: int, symmetric: bool, group_size: int) -> str | None:
+        """Why the kernels cannot take this weight format (None: they can). group_size >= k: one per row.
+
+        A short last group costs nothing: every kernel looks a chunk's group up as k // GROUP_SIZE, and its
+        chunks never straddle a group, so K only has to be a whole number of chunks (64 channels)."""
+        if bits == 8 and not symmetric:
+            return "8-bit kernel weights must be symmetric"
+        if bits not in (4, 8):
+            return f"kernels take 4- or 8-bit weights, got {bits}"
+        gs = min(group_size, k)
+        if gs < k and not (gs % 16 == 0 and (gs % 128 == 0 or 128 % gs == 0)):
+            return f"group size {gs} must be a multiple of 128 or a power of two between 16 and 128"
+        if bits == 4 and gs % PACK:
+            return f"INT4 kernels need groups (or K) that are multiples of {PACK}, got {gs}"
+        if gs < k and k % gs and k % PACK:
+            return f"a short last group needs K to be a multiple of {PACK}, got {k}"
+        return None
+
+    @classmethod
+    def from_quant(
+        cls, qweight: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None, bits: int, group_size: int,
+        check: bool = True,
+    ) -> KernelWeight:
+        """From QuantLinear storage: qweight as stored, w_scale / w_zero [N, G]; group_size as QuantLinear's.
+        check=False skips the format check (the custom op: its caller checked the format once)."""
+        n = qweight.shape[0]
+        k = qweight.shape[1] * (2 if bits == 4 else 1)
+        group_size = k if w_scale.shape[1] == 1 else group_size
+        if check:
+            why = cls.unsupported(k, bits, w_zero is None, group_size)
+            if bits == 8 and qweight.dtype != torch.int8:
+                why = "8-bit kernel weights must be int8"
+            if why:
+                raise ValueError(why)
+        # No copies when QuantLinear's buffers are in place: its scales are stored [G, N]-major already.
+        zero = None if w_zero is None else w_zero.float().t().contiguous()
+        return cls(qweight.contiguous(), w_scale.float().t().contiguous(), zero, bits, k, n, group_size)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scale, self.zero) if t is not None)
+
