@@ -92,8 +92,8 @@ def _inference(x: torch.Tensor) -> bool:
 class FusedAct(nn.Module):
     """An MLP activation whose output feeds one INT8-activation linear: on CUDA, one row kernel reads the
     first linear's output, applies the activation, writes only its token-wise INT8 form, and hands that to
-    the second linear. In the first GEMM's epilogue erf GELU stalls the tensor cores (BERT-large's FFN1 on
-    H100: 38.7 -> 51.6 us); here it adds 3 us to a pass the quantization needs anyway (16.9 -> 20.1 us).
+    the second linear. In the first GEMM's epilogue erf GELU stalls the tensor cores; here it adds a little
+    to a pass the quantization needs anyway (bench/NOTES.md, kernel choices).
 
     The float activation is never written: the adapter's mlp_act entry says the consumer is its only
     reader, so forward returns a QuantizedActivation holding only the INT8 form (zeroquant.handoff); any
@@ -223,8 +223,8 @@ class EncoderAttention(nn.Module):
         return super()._apply(fn, recurse)
 
     def _packed_projection(self, x: torch.Tensor) -> list[torch.Tensor] | None:
-        """q, k and v from one GEMM over their packed weights (zeroquant.packing; BERT-large, 4096 tokens on
-        H100: 29.7 us against 3 x 12.4), packing them on first use; None where the kernels cannot. Not while
+        """q, k and v from one GEMM over their packed weights (zeroquant.packing; faster than three: bench/NOTES.md),
+        packing them on first use; None where the kernels cannot. Not while
         torch.compile traces: checking that the packed allocation is still current reads storage addresses,
         which a graph cannot; a compiled model takes three GEMMs on one INT8 copy of x instead."""
         lins = [getattr(self, n) for n in self.names]

@@ -25,6 +25,14 @@ def accepts(model: nn.Module, name: str) -> bool:
     return name in inspect.signature(model.forward).parameters
 
 
+def compiled(fn, mode: str | None = None, backend: str = "inductor"):
+    """torch.compile(fn) for fixed shapes. With inductor in its default mode, it rounds to fp16/bf16 wherever
+    eager PyTorch does (emulate_precision_casts): a quantized model re-quantizes every activation, so an
+    intermediate kept in float32 instead moves INT8 codes and, at times, a greedy token."""
+    options = {"emulate_precision_casts": True} if backend == "inductor" and mode is None else None
+    return torch.compile(fn, dynamic=False, mode=mode, backend=backend, options=options)
+
+
 def _warm_and_capture(fn, warmup: int = 2) -> torch.cuda.CUDAGraph:
     """Run fn a few times on a side stream (first calls autotune and compile kernels; a graph cannot
     capture that), then capture one call."""
@@ -49,8 +57,7 @@ class GreedyDecoder:
         self.model, self.batch, self.max_len = model, batch_size, max_len
         # compile: the one-token step only. The prompt is one forward per generation whose launches are spread
         # over its tokens; compiling its shape too would double the compile time (a minute for a 7B model).
-        self._step_forward = (torch.compile(self._next_token, dynamic=False, mode=compile_mode, backend=backend)
-                              if compile else self._next_token)
+        self._step_forward = compiled(self._next_token, compile_mode, backend) if compile else self._next_token
         device = next(model.parameters()).device
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
         self.ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # the token being fed
@@ -128,7 +135,7 @@ class GraphedForward:
         self.model = model
         self.inputs = {k: v.clone() if torch.is_tensor(v) else v for k, v in example.items()}
         self.out = None
-        forward = torch.compile(model, dynamic=False, mode=compile_mode) if compile else model
+        forward = compiled(model, compile_mode) if compile else model
 
         def run():
             self.out = forward(**self.inputs)

@@ -95,8 +95,7 @@ def attention(
     o = torch.empty(b, sq, h, d, dtype=q.dtype, device=q.device)
     ms = m.stride() if m is not None else (0, 0, 0, 0)
     block_d = max(16, triton.next_power_of_2(d))
-    # 128 x 64 tiles, 8 warps, 2 stages: 16.5 us on H100 for BERT-large's 32 x 16 heads x 128 x 64, against
-    # 21-30 us for 128 x 128 or 64 x 128 tiles and 28.6 us for SDPA with the expanded boolean mask.
+    # 128 x 64 tiles, 8 warps, 2 stages: the fastest tiling measured for BERT-large's heads (bench/NOTES.md).
     block_m = 64 if sq <= 64 else 128
     grid = (triton.cdiv(sq, block_m), b * h)
     if o.numel():

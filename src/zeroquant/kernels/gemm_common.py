@@ -14,8 +14,8 @@ PACK_C = tl.constexpr(PACK)  # weight_format.PACK, readable inside kernels
 def _gpu_time(fn, quantiles):
     """The autotuners' measure: back-to-back CUDA-graph replays, so the inputs sit in L2 as they do in a model
     (the activation was just written by the op before). triton's do_bench flushes L2 before every call; its
-    ranking of close configurations changed from one process to the next, and BERT-large's w8a8 forward on
-    H100 came out at 4.58 or 4.85 ms depending on what it picked."""
+    ranking of close configurations changed from one process to the next, and so did whole-model times
+    (bench/NOTES.md, kernel choices)."""
     return triton.testing.do_bench_cudagraph(fn, rep=20, quantiles=quantiles)
 
 

@@ -6,11 +6,9 @@ its writes are visible. What it saves is the launch and ramp-up gap between depe
 attention kernels use it, each calling `wait_for_producer` before its first global load or store, so
 nothing reads an input early or overwrites a buffer still being read.
 
-The GEMMs are pickier (H100 measurements). Eager Llama-7B 8 x 512 prefill was slower with PDL on them in
-most processes (8 layers: 23.4-30.9 ms against 22.5-26.7, the same autotuned configs), so the TMA GEMM and
-the GEMV take it only while a CUDA graph is captured: BERT-large's w8a8 graph 4.37-4.39 -> 4.28 ms, Llama
-(8 layers) batch-1 decode 645 -> 660 tok/s. The tile GEMM (decode at batch 16) never does: w4/8-a8 went
-7660 -> 6950 tok/s with it.
+The GEMMs are pickier: eager prefill was slower with PDL on them in most processes, so the TMA GEMM and
+the GEMV take it only while a CUDA graph is captured, where it helped; the tile GEMM (decode at batch 16)
+never does, since it was slower with it there too (bench/NOTES.md, kernel choices).
 """
 
 from __future__ import annotations

@@ -82,7 +82,7 @@ def token_scale(absmax, qeps):
 def to_int8(y, scale, inv):
     """round_half_even(y / scale) as int8, inv = div_rn(1, scale). Per element, y / scale is y * inv plus one
     FMA correction from the exact residual, the correctly rounded quotient in all but rare last-ulp cases
-    (div_rn per element made GELU + quant on 4096 x 4096 compute-bound on H100: 39 vs 34 us). Rounding:
+    (div_rn per element made GELU + quant compute-bound: bench/NOTES.md). Rounding:
     adding 1.5 * 2^23 leaves no fraction bits, so the float add rounds half to even like torch.round, and
     the sum's low mantissa bits are the integer itself (two's complement): its low byte is the int8, with
     no float -> int conversion. No clamp to [-127, 127] is needed: |y| <= absmax and scale = RN(absmax /
@@ -151,8 +151,8 @@ def _launch(x, *, norm=NORM_NONE, weight=None, bias=None, eps=0.0, act=None, gat
     g2 = _rows(gate, k) if gate is not None else x2
     r2 = _rows(residual, k) if residual is not None else x2
     block = triton.next_power_of_2(k)
-    # Activation rows of 4096 (no y store): 4 warps beat 8 (32 vs 39 us on H100, GELU 4096 x 4096); norms'
-    # y stores and two reductions want more warps in flight.
+    # Activation rows (no y store) were fastest with 4 warps per 4096 columns; norms' y stores and two
+    # reductions want more warps in flight (bench/NOTES.md, kernel choices).
     warps = max(1, min(16, block // (1024 if act else 512)))
     if m:
         _row_quant_kernel[(m,)](

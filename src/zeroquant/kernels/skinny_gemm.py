@@ -64,7 +64,7 @@ def _w4_skinny_kernel(
 
     Why not _qlinear_kernel: with the tokens as M, Hopper's warpgroup MMA (M = 64) cannot be used, and every
     weight was scaled in float32 before the dot; at M = 16 that kernel ran no faster than cuBLAS on FP16
-    weights (4096 x 11008 on H100: 33.7 against 35.0 us). Here a weight tile dequantizes in registers
+    weights (bench/NOTES.md, kernel choices). Here a weight tile dequantizes in registers
     straight into the MMA's register operand. A16: nibble | 0x6400 is the fp16 1024 + q (0x4300: bf16
     128 + q), minus (1024 + zero) gives q - zero exactly, two weights per packed half-precision add. A8
     (INT8 tokens): q - zero as int8 into an int8 MMA, each group's int32 dot exact. Either way the group's
@@ -151,17 +151,15 @@ def _w4_skinny_kernel(
 
 
 def skinny_ok(a: torch.Tensor, w: KernelWeight) -> bool:
-    """INT4 weights, 1..16 tokens, on Hopper+ (the warpgroup MMA's register operand). One token too: on H100
-    W4A16 beats the GEMV at Llama-7B's MLP shapes (4096 x 11008: 17.9 against 19.1 us; 11008 x 4096: 19.2
-    against 37.3), and loses only where the weight is small (4096^2: 9.6 against 8.0)."""
+    """INT4 weights, 1..16 tokens, on Hopper+ (the warpgroup MMA's register operand). One token too: W4A16
+    beat the GEMV at Llama-7B's MLP shapes and lost only where the weight is small (bench/NOTES.md)."""
     return w.bits == 4 and a.shape[0] <= 16 and a.is_cuda and device_info(device_index(a))[0] >= 9
 
 
 def skinny_split(w: KernelWeight, sms: int) -> int:
     """K slices per output tile: about five programs per SM, so all of them are resident at once (80
-    registers a thread) and keep enough weight loads in flight; at least 256 channels a slice. On H100 at
-    M = 16 anything from 4 to 10 programs per SM is within 10% of the best; 1 per SM (no split) is 2-2.7x
-    slower at 4096 x 4096 and 11008 x 4096."""
+    registers a thread) and keep enough weight loads in flight; at least 256 channels a slice (how flat the
+    optimum is: bench/NOTES.md, kernel choices)."""
     tiles = triton.cdiv(w.out_features, SKINNY_BLOCK_N)
     return max(1, min(round(5 * sms / tiles), w.in_features // 256, 16))
 
