@@ -20,9 +20,8 @@ def llama_dir(tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2", "gpt_neox", "gptj"])
-@pytest.mark.parametrize("preset", [None, "w4/8-a8"])
-def test_static_cache_decoder_matches_generate(arch, preset):
+def _greedy_case(arch, preset):
+    """A tiny model (quantized by `preset` unless None), a [2, 8] prompt and generate()'s 10 greedy tokens."""
     model = tiny_model(arch)
     if preset:
         model = zq.quantize(model, preset, progress=False)
@@ -30,6 +29,13 @@ def test_static_cache_decoder_matches_generate(arch, preset):
     with torch.no_grad():
         want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, min_new_tokens=10,
                               do_sample=False, pad_token_id=0)[:, 8:]
+    return model, ids, want
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2", "gpt_neox", "gptj"])
+@pytest.mark.parametrize("preset", [None, "w4/8-a8"])
+def test_static_cache_decoder_matches_generate(arch, preset):
+    model, ids, want = _greedy_case(arch, preset)
     dec = GreedyDecoder(model, 2, 20, cuda_graph=False)
     assert torch.equal(dec.generate(ids, 10), want)
     assert torch.equal(dec.generate(ids, 10), want)  # a second prompt starts from a clean cache
@@ -43,13 +49,7 @@ def test_compiled_decoder_matches_generate(preset, monkeypatch):
     here), through the kernel path's ops (their CPU twins stand in for the kernels)."""
     from zeroquant import kernels
 
-    model = tiny_model("llama")
-    if preset:
-        model = zq.quantize(model, preset, progress=False)
-    ids = tiny_input(2, 8)
-    with torch.no_grad():
-        want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, min_new_tokens=10,
-                              do_sample=False, pad_token_id=0)[:, 8:]
+    model, ids, want = _greedy_case("llama", preset)
     monkeypatch.setattr(kernels, "runs_on", lambda x: True)
     torch._dynamo.reset()
     dec = GreedyDecoder(model, 2, 20, cuda_graph=False, compile=True, backend="aot_eager")

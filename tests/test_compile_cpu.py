@@ -1,5 +1,5 @@
 """torch.compile over quantized models on the reference path (CPU): one graph, no break, the eager outputs.
-The CUDA kernels are not torch ops yet (issue 19); this keeps the reference path traceable meanwhile."""
+The kernel path (custom ops, INT8 hand-over) is compiled in test_ops_handoff.py and, on CUDA, test_runtime_gpu.py."""
 
 import pytest
 import torch
