@@ -93,10 +93,10 @@ def main() -> None:
             print(f"    {us:8.1f} us  {name[:70]}")
         del model
         torch.cuda.empty_cache()
-    from zeroquant.kernels import gemm
+    from zeroquant.kernels import tma_gemm
 
     # What the autotuner chose per shape key: a slower config picked on a noisy measurement shows up here.
-    out["tma_configs"] = {str(k): str(v) for k, v in gemm._w8a8_tma_kernel.cache.items()}
+    out["tma_configs"] = {str(k): str(v) for k, v in tma_gemm._w8a8_tma_kernel.cache.items()}
     for k, v in out["tma_configs"].items():
         print(f"  TMA autotune {k}: {v}")
     if a.json:

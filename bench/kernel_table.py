@@ -18,7 +18,7 @@ import torch
 import triton
 
 from zeroquant import quant as Q
-from zeroquant.kernels import gemm, rowwise
+from zeroquant.kernels import gemm, rowwise, tile_gemm
 
 MS = [1, 16, 128, 2048, 8192]
 KNS = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192)]
@@ -150,7 +150,7 @@ def row_kernel_rows(dev, k=4096):
 def kernel_facts():
     """Which MMA instructions and how many spills the compiled GEMM variants have (from their PTX)."""
     facts = []
-    jit = gemm._qlinear_kernel.fn.fn  # autotuner -> heuristics -> JITFunction
+    jit = tile_gemm._qlinear_kernel.fn.fn  # autotuner -> heuristics -> JITFunction
     for cache in getattr(jit, "device_caches", {}).values():
         for kern in cache[0].values():
             ptx = kern.asm.get("ptx", "")
