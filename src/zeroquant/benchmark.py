@@ -151,17 +151,10 @@ def _prompt(s: BenchSettings, model: nn.Module) -> torch.Tensor:
     return torch.randint(min(1000, vocab - 1), vocab, (s.batch, s.prompt_len), generator=g).to(s.device)
 
 
-def _keep(model: nn.Module) -> dict:
-    """Ask for the last position's logits only, where the model takes that argument (generation needs no more)."""
-    from .runtime import accepts
-
-    return {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}
-
-
 def measure(model: nn.Module, s: BenchSettings, mode: str) -> Row:
     """One row: mode "eager", "graph" or "compile"."""
     from .evaluate import weight_bytes
-    from .runtime import GraphedForward, GreedyDecoder
+    from .runtime import GraphedForward, GreedyDecoder, last_logits_only
 
     cuda = s.device.startswith("cuda")
     ids = _prompt(s, model)
@@ -177,7 +170,7 @@ def measure(model: nn.Module, s: BenchSettings, mode: str) -> Row:
             # mask, as a tokenizer gives it: without one, transformers < 5.23 builds an all-ones mask with a
             # stride-0 last dimension under CUDA-graph capture, which no fused SDPA kernel accepts.
             inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-            kwargs = {"use_cache": False, **_keep(model)} if is_causal(model) else {}
+            kwargs = {"use_cache": False, **last_logits_only(model)} if is_causal(model) else {}
             if mode == "eager":
                 fwd = lambda: model(**inputs, **kwargs)
             elif cuda:

@@ -14,6 +14,7 @@ from .errors import ZeroQuantError
 from .handoff import QuantizedActivation
 from .kernels import ops
 from .kernels.reference import apply_act
+from .kernels.weight_format import KernelWeight
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor:
@@ -73,6 +74,11 @@ class QuantLinear(nn.Module):
         static = act is not None and not act.dynamic
         self.register_buffer("a_scale", torch.ones(()) if static else None)
         self.register_buffer("a_zero", torch.zeros(()) if static else None)
+        # Whether the kernels take this weight and activation format: fixed by the rule, so decided once here
+        # rather than on every forward.
+        self.kernel_format = (
+            not weight.per_tensor and (act is None or (act.dynamic and act.bits == 8))
+            and KernelWeight.unsupported(in_features, weight.bits, weight.symmetric, self.group_size) is None)
 
     SCALE_BUFFERS = ("w_scale", "w_zero", "a_scale", "a_zero")
 
@@ -206,23 +212,12 @@ class QuantLinear(nn.Module):
             return (q.to(torch.int16) - Q.expand_groups(z, self.in_features, self.group_size)).to(torch.int8), None
         return (q.to(torch.int16) - 128).to(torch.int8), (128 - z).to(torch.int32)
 
-    def kernel_weight(self):
+    def kernel_weight(self) -> KernelWeight | None:
         """This layer's weight in the kernels' layout (views of its buffers), or None where the kernels do not
         take the format (static activations, asymmetric 8-bit, odd groups)."""
         if not self.kernel_format:
             return None
-        from .kernels.weight_format import KernelWeight
-
         return KernelWeight.from_quant(self.qweight, self.w_scale, self.w_zero, self.wq.bits, self.group_size)
-
-    @property
-    def kernel_format(self) -> bool:
-        """Whether the kernels take this layer's weight and activation format: fixed at construction."""
-        from .kernels.weight_format import KernelWeight
-
-        w, a = self.wq, self.aq
-        return (not w.per_tensor and (a is None or (a.dynamic and a.bits == 8))
-                and KernelWeight.unsupported(self.in_features, w.bits, w.symmetric, self.group_size) is None)
 
     def uses_kernels(self, x: torch.Tensor) -> bool:
         """Whether forward(x) runs the Triton kernels (else the reference path)."""
@@ -240,10 +235,10 @@ class QuantLinear(nn.Module):
 
     def int8_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x in token-wise INT8 form (q, scale): the copy handed over with x, else quantized now."""
-        handed = x.int8() if isinstance(x, QuantizedActivation) else None
-        if handed is not None:
-            return handed
         if isinstance(x, QuantizedActivation):
+            handed = x.int8()
+            if handed is not None:
+                return handed
             x = x.float_value()
         return ops.quantize_per_token(x)
 

@@ -21,8 +21,10 @@ from torch import nn
 from transformers import StaticCache
 
 
-def accepts(model: nn.Module, name: str) -> bool:
-    return name in inspect.signature(model.forward).parameters
+def last_logits_only(model: nn.Module) -> dict:
+    """Forward kwargs asking for the last position's logits only, where the model takes that argument
+    (generation needs no more)."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
 def compiled(fn, mode: str | None = None, backend: str = "inductor"):
@@ -64,7 +66,7 @@ class GreedyDecoder:
         self.pos = torch.zeros(1, dtype=torch.long, device=device)  # its position
         # A full-length all-ones mask: with it no model infers positions from the cache length (a sync).
         self.mask = torch.ones(batch_size, max_len, dtype=torch.long, device=device)
-        self.keep = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}
+        self.keep = last_logits_only(model)
         self.use_graph = cuda_graph and device.type == "cuda"
         self.graph: torch.cuda.CUDAGraph | None = None
         self.length = 0

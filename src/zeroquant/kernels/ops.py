@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from . import available as kernels_available
-from . import reference
+from . import HAS_TRITON, reference
 
 LIB = "zeroquant"
 
@@ -22,8 +21,14 @@ def _rows(x: torch.Tensor) -> tuple[int, ...]:
     return tuple(x.shape[:-1])
 
 
-def _on_kernels(t: torch.Tensor) -> bool:
-    return t.is_cuda and kernels_available()
+def _cuda_kernel(op):
+    """Register the decorated function as op's CUDA implementation where Triton exists; without Triton the
+    op's default implementation, the reference twin, serves CUDA tensors too."""
+    def register(fn):
+        if HAS_TRITON:
+            op.register_kernel("cuda")(fn)
+        return fn
+    return register
 
 
 # ------------------------------------------------------------------------------ token-wise quantization
@@ -36,11 +41,8 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.contiguous(), s.contiguous()
 
 
-@quantize_per_token.register_kernel("cuda")
+@_cuda_kernel(quantize_per_token)
 def _(x):
-    if not _on_kernels(x):
-        q, s = reference.quantize_per_token(x)
-        return q.contiguous(), s.contiguous()
     from . import rowwise
 
     return rowwise.quantize_per_token(x)
@@ -58,10 +60,8 @@ def norm_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return tuple(t.contiguous() for t in reference.norm_quant(x, weight, bias, eps, kind, residual))
 
 
-@norm_quant.register_kernel("cuda")
+@_cuda_kernel(norm_quant)
 def _(x, weight, bias, eps, kind, residual=None):
-    if not _on_kernels(x):
-        return tuple(t.contiguous() for t in reference.norm_quant(x, weight, bias, eps, kind, residual))
     from . import rowwise
 
     return rowwise.norm_quant(x, weight, bias, eps, kind, residual=residual)
@@ -80,11 +80,8 @@ def act_quant(x: torch.Tensor, act: str | None, gate: torch.Tensor | None = None
     return q.contiguous(), s.contiguous()
 
 
-@act_quant.register_kernel("cuda")
+@_cuda_kernel(act_quant)
 def _(x, act, gate=None):
-    if not _on_kernels(x):
-        q, s = reference.act_quant(x, act, gate)
-        return q.contiguous(), s.contiguous()
     from . import rowwise
 
     return rowwise.act_quant(x, act, gate=gate)
@@ -108,20 +105,14 @@ def quant_linear(x: torch.Tensor, x_scale: torch.Tensor | None, qweight: torch.T
     out_dtype is x's dtype). qweight as QuantLinear stores it (int8 [N, K], or uint8 [N, K/2] for 4 bits);
     w_scale / w_zero [N, G] (QuantLinear's G-major buffers are read in place); group_size: channels per
     scale (K for one per row)."""
-    return _reference_linear(x, x_scale, qweight, w_scale, w_zero, bits, group_size, bias, act, out_dtype)
-
-
-def _reference_linear(x, x_scale, qweight, w_scale, w_zero, bits, group_size, bias, act, out_dtype):
     xs = None if x_scale is None else x_scale.reshape(-1, 1)
     y = reference.quant_linear(x.reshape(-1, x.shape[-1]), xs, qweight, w_scale, w_zero, bits, group_size, bias,
                                act, out_dtype)
     return y.reshape(*_rows(x), -1)
 
 
-@quant_linear.register_kernel("cuda")
+@_cuda_kernel(quant_linear)
 def _(x, x_scale, qweight, w_scale, w_zero, bits, group_size, bias, act, out_dtype):
-    if not _on_kernels(x):
-        return _reference_linear(x, x_scale, qweight, w_scale, w_zero, bits, group_size, bias, act, out_dtype)
     from .gemm import KernelWeight
     from .gemm import quant_linear as launch
 
@@ -151,10 +142,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return _attention_layout(reference.attention(q, k, v, mask, scale))
 
 
-@attention.register_kernel("cuda")
+@_cuda_kernel(attention)
 def _(q, k, v, mask, scale):
-    if not _on_kernels(q):
-        return _attention_layout(reference.attention(q, k, v, mask, scale))
     from . import attention as attn
 
     return attn.attention(q, k, v, mask, scale)
