@@ -1,8 +1,11 @@
-"""Triton helpers every GEMM family shares: integer-to-float without I2F, INT4 unpacking, tile order, and
-the autotuners' timing."""
+"""Triton helpers the GEMM families share: integer-to-float without I2F, INT4 unpacking, tile order, the
+split-K reduction and its arrival counters, and the autotuners' timing."""
 
 from __future__ import annotations
 
+import functools
+
+import torch
 import triton
 import triton.language as tl
 
@@ -66,3 +69,48 @@ def _tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.minimum(num_m - first_m, GROUP_M)
     return first_m + (pid % width) % rows, (pid % width) // rows
 
+
+
+@triton.jit
+def _k_slice(K, pid_k, SPLIT: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[begin, end) of the pid_k-th of SPLIT slices of K, in whole BLOCK_K steps (the last may be shorter or
+    empty)."""
+    steps = tl.cdiv(K // BLOCK_K, SPLIT)
+    k_beg = pid_k * steps * BLOCK_K
+    return k_beg, tl.minimum(K, k_beg + steps * BLOCK_K)
+
+
+@triton.jit
+def _split_k_sum(acc, ws_ptr, cnt_ptr, tile, slice_size, pid_n, pid_k, SPLIT: tl.constexpr):
+    """Sum the SPLIT programs' float32 partials of output tile pid_n: each stores its own at `tile` in slice
+    pid_k of the workspace; the last to arrive (an arrival counter) sums them in slice order, so results do not
+    depend on timing, and resets the counter. Returns (sum, whether this program is the last)."""
+    tl.store(ws_ptr + pid_k * slice_size + tile, acc)
+    tl.debug_barrier()  # every thread's partial is written before the arrival is released
+    last = tl.atomic_add(cnt_ptr + pid_n, 1) == SPLIT - 1
+    if last:
+        # .cg: read the other programs' partials from L2, never from this SM's L1.
+        acc = tl.load(ws_ptr + tile, cache_modifier=".cg")
+        for i in tl.static_range(1, SPLIT):
+            acc += tl.load(ws_ptr + i * slice_size + tile, cache_modifier=".cg")
+        tl.store(cnt_ptr + pid_n, 0)
+    return acc, last
+
+
+# Tiles of output channels the shared arrival counters cover: 4M channels, past any linear of a real model.
+_COUNTERS = 1 << 16
+
+
+def split_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """Split-K arrival counters, one per tile of output channels, zero between launches (each tile's last
+    program resets its own), so one zeroed allocation per device serves every layer, as a GEMM library's
+    workspace does: kernels on one stream run one after another. A fresh zeroed tensor per call would add a
+    memset to every split linear; one per layer would be state the checkpoint loaders have to build."""
+    if tiles > _COUNTERS:
+        raise ValueError(f"{tiles} tiles of output channels exceed the split-K workspace ({_COUNTERS})")
+    return _zeroed_counters(device)
+
+
+@functools.cache
+def _zeroed_counters(device: torch.device) -> torch.Tensor:
+    return torch.zeros(_COUNTERS, dtype=torch.int32, device=device)

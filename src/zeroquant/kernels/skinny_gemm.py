@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from . import act_code
-from .gemm_common import PACK_C, _exact_float, _gpu_time
+from .gemm_common import PACK_C, _exact_float, _gpu_time, _k_slice, _split_k_sum, split_counters
 from .launch import device_index, device_info
 from .rowwise import apply_act
 from .weight_format import KernelWeight
@@ -22,7 +20,8 @@ def _skinny_cfg(bk, stages):
     return triton.Config({"BLOCK_K": bk}, num_warps=4, num_stages=stages)
 
 
-_SKINNY_CONFIGS = [_skinny_cfg(128, 3), _skinny_cfg(128, 4), _skinny_cfg(64, 4)]
+# BLOCK_K 64 serves K that is a whole number of 64-channel chunks but not of 128.
+_SKINNY_CONFIGS = [_skinny_cfg(128, 3), _skinny_cfg(128, 2), _skinny_cfg(128, 4), _skinny_cfg(64, 4)]
 
 
 def _prune_skinny(configs, named_args, **kwargs):
@@ -31,21 +30,54 @@ def _prune_skinny(configs, named_args, **kwargs):
 
 
 @triton.jit
-def _w4_zero(z_ptr, idx, HAS_ZERO: tl.constexpr, A_INT8: tl.constexpr, ety: tl.constexpr, BASE: tl.constexpr,
-             BLOCK_N: tl.constexpr):
-    """What _w4_skinny_kernel subtracts from a weight tile's nibbles: the zero point (8 when symmetric) as
-    int8 for the int8 MMA, or as BASE + zero in the activation dtype (the nibbles carry the BASE)."""
-    if A_INT8:
-        z = tl.load(z_ptr + idx).to(tl.int8) if HAS_ZERO else tl.full((BLOCK_N,), 8, tl.int8)
+def _nibble_planes(wb, zo, ety: tl.constexpr, ROWS: tl.constexpr, BYTES: tl.constexpr):
+    """Bytes [ROWS, BYTES] -> (low, high) nibble planes minus each row's zero point, exact, in ety: int8 for
+    the int8 MMA (zo: the zero point as int8), fp16 or bf16 for the half-precision MMA (zo: 1024 + zero in
+    fp16, 128 + zero in bf16).
+
+    Why inline PTX: 32-bit logic works on four bytes at once, where Triton's byte-wise ops took several
+    instructions per weight and bounded the kernel by instruction issue, not bandwidth (bench/NOTES.md,
+    kernel choices). int8: 0x80 | nibble minus the zero point cannot borrow across bytes (0x71..0x8F), and
+    xor 0x80 turns the result into q - zero in two's complement. Half precision: nibbles are spread to the
+    16-bit lanes (prmt) and OR-ed into the mantissa of 1024 (fp16, 0x6400) or 128 (bf16, 0x4300), which gives
+    base + q exactly, two weights per register; one packed subtract of base + zero leaves q - zero.
+    """
+    z = tl.broadcast_to(zo[:, None], (ROWS, BYTES))
+    if ety == tl.int8:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 t, u;"
+            " lop3.b32 t, $2, 0x0F0F0F0F, 0x80808080, 0xea; sub.u32 t, t, $3; xor.b32 $0, t, 0x80808080;"
+            " shr.u32 u, $2, 4;"
+            " lop3.b32 u, u, 0x0F0F0F0F, 0x80808080, 0xea; sub.u32 u, u, $3; xor.b32 $1, u, 0x80808080; }",
+            "=r,=r,r,r", [wb, z], dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
+    elif ety == tl.bfloat16:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 t0, t1, u0, u1;"
+            " prmt.b32 t0, $4, 0, 0x4140; prmt.b32 t1, $4, 0, 0x4342; shr.u32 u0, t0, 4; shr.u32 u1, t1, 4;"
+            " lop3.b32 $0, t0, 0x000F000F, 0x43004300, 0xea; lop3.b32 $1, t1, 0x000F000F, 0x43004300, 0xea;"
+            " lop3.b32 $2, u0, 0x000F000F, 0x43004300, 0xea; lop3.b32 $3, u1, 0x000F000F, 0x43004300, 0xea;"
+            " sub.rn.bf16x2 $0, $0, $5; sub.rn.bf16x2 $1, $1, $6; sub.rn.bf16x2 $2, $2, $5;"
+            " sub.rn.bf16x2 $3, $3, $6; }",
+            "=r,=r,=r,=r,r,r,r", [wb, z], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
     else:
-        z = (tl.load(z_ptr + idx) + BASE).to(ety) if HAS_ZERO else tl.full((BLOCK_N,), BASE + 8.0, ety)
-    return z
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 t0, t1, u0, u1;"
+            " prmt.b32 t0, $4, 0, 0x4140; prmt.b32 t1, $4, 0, 0x4342; shr.u32 u0, t0, 4; shr.u32 u1, t1, 4;"
+            " lop3.b32 $0, t0, 0x000F000F, 0x64006400, 0xea; lop3.b32 $1, t1, 0x000F000F, 0x64006400, 0xea;"
+            " lop3.b32 $2, u0, 0x000F000F, 0x64006400, 0xea; lop3.b32 $3, u1, 0x000F000F, 0x64006400, 0xea;"
+            " sub.f16x2 $0, $0, $5; sub.f16x2 $1, $1, $6; sub.f16x2 $2, $2, $5; sub.f16x2 $3, $3, $6; }",
+            "=r,=r,=r,=r,r,r,r", [wb, z], dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
 
 
 @triton.jit
-def _w4_int8_planes(wb, z):
-    """Bytes [BLOCK_N, B] -> the low and high nibble planes minus each row's zero point, as int8."""
-    return (wb & 0xF).to(tl.int8) - z[:, None], (wb >> 4).to(tl.int8) - z[:, None]
+def _zero_operand(z_ptr, idx, HAS_ZERO: tl.constexpr, A_INT8: tl.constexpr, ety: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """What _nibble_planes subtracts from a row's nibbles: the zero point (8 when symmetric) as int8, or the
+    half-precision magic base plus the zero point."""
+    z = tl.load(z_ptr + idx) if HAS_ZERO else tl.full((BLOCK_N,), 8.0, tl.float32)
+    if A_INT8:
+        return z.to(tl.int8)
+    return (z + (128.0 if ety == tl.bfloat16 else 1024.0)).to(ety)
 
 
 @triton.autotune(
@@ -64,21 +96,18 @@ def _w4_skinny_kernel(
 
     Why not _qlinear_kernel: with the tokens as M, Hopper's warpgroup MMA (M = 64) cannot be used, and every
     weight was scaled in float32 before the dot; at M = 16 that kernel ran no faster than cuBLAS on FP16
-    weights (bench/NOTES.md, kernel choices). Here a weight tile dequantizes in registers
-    straight into the MMA's register operand. A16: nibble | 0x6400 is the fp16 1024 + q (0x4300: bf16
-    128 + q), minus (1024 + zero) gives q - zero exactly, two weights per packed half-precision add. A8
-    (INT8 tokens): q - zero as int8 into an int8 MMA, each group's int32 dot exact. Either way the group's
-    scale multiplies the group's float32 dot instead of each weight. Program (n, s) covers 64 channels and
-    the s-th of SPLIT slices of K, so enough programs stream weights at once; the last of a tile's SPLIT
-    programs to finish (an arrival counter) sums the float32 partials in slice order, so results do not
-    depend on timing, and resets the counter.
+    weights (bench/NOTES.md, kernel choices). Here a weight tile becomes q - zero in registers
+    (_nibble_planes) straight into the MMA's register operand: int8 against INT8 tokens (each group's int32
+    dot exact), fp16/bf16 against half-precision tokens. The group's scale multiplies the group's float32
+    dot instead of each weight. Tokens past M load as zeros. Program (n, s) covers 64 channels and the s-th
+    of SPLIT slices of K, so enough programs stream weights at once (_split_k_sum adds the slices).
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rn = offs_n % N
     offs_m = tl.arange(0, 16)
-    rm = offs_m % M
+    x_mask = (offs_m < M)[None, :]
     # A sub-step never straddles a weight group. Its bytes hold whole half-split chunks (quant.pack_int4):
     # the low nibbles of bytes 0..31 of a chunk are its channels 0..31, the high nibbles 32..63, so the
     # activations are gathered to match each nibble plane and one dot covers each plane.
@@ -86,68 +115,49 @@ def _w4_skinny_kernel(
     HALF: tl.constexpr = PACK_C // 2
     byte = tl.arange(0, SUB // 2)
     w_rows = w_ptr + rn[:, None].to(tl.int64) * stride_wn + byte[None, :]
-    a_lo = a_ptr + rm[None, :] * stride_am + ((byte // HALF) * PACK_C + byte % HALF)[:, None]
+    a_lo = a_ptr + offs_m[None, :] * stride_am + ((byte // HALF) * PACK_C + byte % HALF)[:, None]
     ety = a_ptr.dtype.element_ty
-    MAGIC: tl.constexpr = 0x4300 if ety == tl.bfloat16 else 0x6400
-    BASE: tl.constexpr = 128.0 if ety == tl.bfloat16 else 1024.0
-    steps = tl.cdiv(K // BLOCK_K, SPLIT)  # per slice; the last slice may have fewer (or none)
-    k_beg = pid_k * steps * BLOCK_K
-    k_end = tl.minimum(K, k_beg + steps * BLOCK_K)
+    k_beg, k_end = _k_slice(K, pid_k, SPLIT, BLOCK_K)
 
     acc = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
     if GROUP_SIZE == 0:
         s = tl.load(s_ptr + rn)
-        zo = _w4_zero(z_ptr, rn, HAS_ZERO, A_INT8, ety, BASE, BLOCK_N)
+        zo = _zero_operand(z_ptr, rn, HAS_ZERO, A_INT8, ety, BLOCK_N)
     for k0 in range(k_beg, k_end, BLOCK_K):
         for j in tl.static_range(BLOCK_K // SUB):
             kj = k0 + j * SUB
             wb = tl.load(w_rows + tl.multiple_of(kj // 2, 16))  # [BLOCK_N, SUB / 2] bytes
-            x_lo = tl.load(a_lo + kj)  # [SUB / 2, 16]: the low nibbles' channels
-            x_hi = tl.load(a_lo + kj + HALF)
+            x_lo = tl.load(a_lo + kj, mask=x_mask, other=0)  # [SUB / 2, 16]: the low nibbles' channels
+            x_hi = tl.load(a_lo + kj + HALF, mask=x_mask, other=0)
             if GROUP_SIZE > 0:
                 g = kj // GROUP_SIZE
                 s = tl.load(s_ptr + g * N + rn)
-                zo = _w4_zero(z_ptr, g * N + rn, HAS_ZERO, A_INT8, ety, BASE, BLOCK_N)
+                zo = _zero_operand(z_ptr, g * N + rn, HAS_ZERO, A_INT8, ety, BLOCK_N)
+            lo, hi = _nibble_planes(wb, zo, ety, BLOCK_N, SUB // 2)
             if A_INT8:
-                lo, hi = _w4_int8_planes(wb, zo)
                 # |dot| <= SUB * 127 * 15 < 2^22: exact through _exact_float
-                part = tl.dot(hi, x_hi, tl.dot(lo, x_lo, out_dtype=tl.int32), out_dtype=tl.int32)
-                if GROUP_SIZE > 0:
-                    acc = tl.fma(_exact_float(part), s[:, None], acc)
-                else:
-                    acc += _exact_float(part)
+                part = _exact_float(tl.dot(hi, x_hi, tl.dot(lo, x_lo, out_dtype=tl.int32), out_dtype=tl.int32))
             else:
-                lo = ((wb & 0xF).to(tl.int16) | MAGIC).to(ety, bitcast=True) - zo[:, None]
-                hi = ((wb >> 4).to(tl.int16) | MAGIC).to(ety, bitcast=True) - zo[:, None]
-                if GROUP_SIZE > 0:
-                    acc = tl.fma(tl.dot(hi, x_hi, tl.dot(lo, x_lo)), s[:, None], acc)
-                else:
-                    acc = tl.dot(hi, x_hi, tl.dot(lo, x_lo, acc))
+                part = tl.dot(hi, x_hi, tl.dot(lo, x_lo))
+            if GROUP_SIZE > 0:
+                acc = tl.fma(part, s[:, None], acc)
+            else:
+                acc += part
     if GROUP_SIZE == 0:
         acc = acc * s[:, None]
 
-    c_ptrs = c_ptr + offs_m[None, :].to(tl.int64) * stride_cm + offs_n[:, None]
-    c_mask = (offs_m[None, :] < M) & (offs_n[:, None] < N)
     last = True
     if SPLIT > 1:
         tile = offs_n[:, None] * 16 + offs_m[None, :]
-        slice_size = tl.num_programs(0) * BLOCK_N * 16
-        tl.store(ws_ptr + pid_k * slice_size + tile, acc)
-        tl.debug_barrier()  # every thread's partial is written before the arrival is released
-        last = tl.atomic_add(cnt_ptr + pid_n, 1) == SPLIT - 1
-        if last:
-            # .cg: read the other programs' partials from L2, never from this SM's L1.
-            acc = tl.load(ws_ptr + tile, cache_modifier=".cg")
-            for i in tl.static_range(1, SPLIT):
-                acc += tl.load(ws_ptr + i * slice_size + tile, cache_modifier=".cg")
-            tl.store(cnt_ptr + pid_n, 0)
+        acc, last = _split_k_sum(acc, ws_ptr, cnt_ptr, tile, tl.num_programs(0) * BLOCK_N * 16, pid_n, pid_k, SPLIT)
     if last:
         if A_INT8:
-            acc = acc * tl.load(as_ptr + rm)[None, :]
+            acc = acc * tl.load(as_ptr + offs_m, mask=offs_m < M, other=0.0)[None, :]
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn).to(tl.float32)[:, None]
         acc = apply_act(acc, ACT)
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+        c_ptrs = c_ptr + offs_m[None, :].to(tl.int64) * stride_cm + offs_n[:, None]
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=x_mask & (offs_n[:, None] < N))
 
 
 def skinny_ok(a: torch.Tensor, w: KernelWeight) -> bool:
@@ -162,25 +172,6 @@ def skinny_split(w: KernelWeight, sms: int) -> int:
     optimum is: bench/NOTES.md, kernel choices)."""
     tiles = triton.cdiv(w.out_features, SKINNY_BLOCK_N)
     return max(1, min(round(5 * sms / tiles), w.in_features // 256, 16))
-
-
-# Tiles of output channels the shared arrival counters cover: 4M channels, past any linear of a real model.
-_COUNTERS = 1 << 16
-
-
-def split_counters(device: torch.device, tiles: int) -> torch.Tensor:
-    """Split-K arrival counters, one per tile of output channels, zero between launches (each tile's last
-    program resets its own), so one zeroed allocation per device serves every layer, as a GEMM library's
-    workspace does: kernels on one stream run one after another. A fresh zeroed tensor per call would add a
-    memset to every INT4 linear; one per layer would be state the checkpoint loaders have to build."""
-    if tiles > _COUNTERS:
-        raise ValueError(f"{tiles} tiles of output channels exceed the split-K workspace ({_COUNTERS})")
-    return _zeroed_counters(device)
-
-
-@functools.cache
-def _zeroed_counters(device: torch.device) -> torch.Tensor:
-    return torch.zeros(_COUNTERS, dtype=torch.int32, device=device)
 
 
 def w4_skinny(a, xs, w: KernelWeight, bias, act, c, split: int | None = None) -> None:
