@@ -23,10 +23,11 @@ SHAPES = [(768, 768), (768, 3072), (3072, 768), (768, 2304), (4096, 4096), (4096
           (576, 1536), (1536, 576), (384, 1000), (200, 300)]
 
 
-def quant_linear(k: int, n: int, bits: int, group: int, sym: bool, a8: bool, device, bias=True) -> QuantLinear:
+def quant_linear(k: int, n: int, bits: int, group: int, sym: bool, a8: bool, device, bias=True,
+                 scale_dtype: str = "float32") -> QuantLinear:
     lin = torch.nn.Linear(k, n, bias=bias, device=device)
     torch.nn.init.normal_(lin.weight, std=k**-0.5)
     if bias:
         torch.nn.init.normal_(lin.bias, std=0.1)
-    rule = LinearRule(WeightQuant(bits, group, sym), ActQuant(8) if a8 else None)
+    rule = LinearRule(WeightQuant(bits, group, sym, scale_dtype=scale_dtype), ActQuant(8) if a8 else None)
     return QuantLinear.from_float(lin, rule)

@@ -150,6 +150,22 @@ def test_quant_linear(m, k, n, name, bits, group, sym, a8):
     assert rel_err(got, want) < 2e-3
 
 
+@pytest.mark.parametrize("m", [1, 16, 300])  # GEMV or small-M INT4, tile GEMM, TMA GEMM (per-channel W8A8)
+@pytest.mark.parametrize("name,bits,group,sym,a8", VARIANTS)
+def test_quant_linear_reads_fp16_scales(m, name, bits, group, sym, a8):
+    """Every GEMM family reads float16 scales and zero points in place and computes what the reference does
+    with them (float32 arithmetic after the load)."""
+    k, n = 4096, 1000
+    ql = quant_linear(k, n, bits, group, sym, a8, "cuda", scale_dtype="float16").half()
+    if gemm.KernelWeight.unsupported(k, bits, sym, ql.group_size):
+        pytest.skip("format not on the kernels")
+    kw = ql.kernel_weight()
+    assert kw.scale.dtype == torch.float16 and kw.scale.data_ptr() == ql.w_scale.data_ptr()
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    got, want = _run_gemm(ql, x, bits, a8)
+    assert rel_err(got, want) < 2e-3
+
+
 @pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "relu", "silu"])
 @pytest.mark.parametrize("name,bits,group,sym,a8", VARIANTS[:4])
 def test_quant_linear_fused_bias_act(act, name, bits, group, sym, a8):

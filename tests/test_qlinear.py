@@ -75,7 +75,7 @@ def test_half_precision_io():
 
 
 def test_half_cast_keeps_scales_float32():
-    ql = QuantLinear.from_float(nn.Linear(64, 32), PRESETS["w4a8"].mlp)
+    ql = QuantLinear.from_float(nn.Linear(64, 32), LinearRule(WeightQuant(4, 128, False), ActQuant(8)))
     s = ql.w_scale.clone()
     ql.half()
     assert ql.w_scale.dtype == torch.float32 and torch.equal(ql.w_scale, s)

@@ -72,6 +72,8 @@ def export_tensors(prefix: str, m: QuantLinear, fmt: str) -> dict[str, torch.Ten
     w = m.wq
     off = _offset(w.bits, w.symmetric)
     q = (m.int_weight().to(torch.int16) - off).to(torch.int8)
+    # float32 even where the layer stores float16: compressed-tensors' decompressor computes (q - z) * scale in
+    # the scale's dtype, and float16 products would no longer be the weights zeroquant computes with.
     scale = m.w_scale.float().contiguous()
     out: dict[str, torch.Tensor] = {}
     if w.per_tensor:

@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, field, replace
 
 from .errors import ZeroQuantError
 
+SCALE_DTYPES = ("float32", "float16")
+
 
 @dataclass(frozen=True)
 class WeightQuant:
@@ -13,10 +15,15 @@ class WeightQuant:
     group_size: int = 128  # input channels per scale; -1 = one scale per output row
     symmetric: bool = True
     per_tensor: bool = False  # naive baseline: one scale for the whole matrix
+    # How scales and zero points are stored (layers, checkpoints, kernels): "float16" halves their bytes
+    # (zero points are small integers, exact either way; scales round to 11 significant bits).
+    scale_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
             raise ZeroQuantError(f"weight bits must be in 2..8, got {self.bits}")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ZeroQuantError(f"scale_dtype must be one of {', '.join(SCALE_DTYPES)}, got {self.scale_dtype!r}")
         if self.group_size == 0 or self.group_size < -1:
             raise ZeroQuantError(f"group_size must be positive or -1 (per row), got {self.group_size}")
 
@@ -120,8 +127,10 @@ class QuantConfig:
 # than converting and scaling every 128-channel group (bench/NOTES.md). ZeroQuant's own kernels scale per
 # output row too. Group-wise INT8 stays one suffix away: "w8a8-g128".
 W8 = WeightQuant(bits=8, group_size=-1, symmetric=True)
-# INT4 keeps a zero point: with only 16 levels, an asymmetric grid wastes none on a skewed group.
-W4 = WeightQuant(bits=4, group_size=128, symmetric=False)
+# INT4 keeps a zero point: with only 16 levels, an asymmetric grid wastes none on a skewed group. Its group
+# scales and zero points are stored in float16: 0.25 bits a weight instead of 0.5, at no measured accuracy
+# cost (README, "Presets"; bench/results/scale_dtype.md). INT8 keeps float32: one scale per row costs nothing.
+W4 = WeightQuant(bits=4, group_size=128, symmetric=False, scale_dtype="float16")
 A8 = ActQuant(bits=8, dynamic=True)
 
 
@@ -177,6 +186,19 @@ def with_rounding(config: QuantConfig, rounding: str) -> QuantConfig:
     return replace(config, attention=rule(config.attention), mlp=rule(config.mlp), name=name)
 
 
+def with_scale_dtype(config: QuantConfig, scale_dtype: str) -> QuantConfig:
+    """The same config with every weight rule's scales and zero points stored in `scale_dtype` ("float32" or
+    "float16")."""
+
+    def rule(r: LinearRule) -> LinearRule:
+        if r.weight is None:
+            return r
+        return replace(r, weight=replace(r.weight, scale_dtype=scale_dtype))
+
+    name = config.name + {"float16": "+fp16scale", "float32": "+fp32scale"}[scale_dtype]
+    return replace(config, attention=rule(config.attention), mlp=rule(config.mlp), name=name)
+
+
 def with_smoothing(config: QuantConfig, smooth: float | str = "auto") -> QuantConfig:
     """The same config with SmoothQuant smoothing ("auto": alpha searched per site; or a fixed alpha)."""
     tag = "+smooth" if smooth == "auto" else f"+smooth{smooth:g}"
@@ -186,14 +208,17 @@ def with_smoothing(config: QuantConfig, smooth: float | str = "auto") -> QuantCo
 def resolve_config(config: QuantConfig | str) -> QuantConfig:
     """A QuantConfig, a preset name, or a preset name with a group-size suffix: "-gN" (N input channels
     per scale) or "-ch" (one scale per output channel), e.g. "w8a8-ch", "w4a16-g64"; then "+gptq" for GPTQ
-    rounding of every weight rule and "+smooth" for SmoothQuant smoothing with alpha searched ("+smooth0.5"
-    fixes it), in any order, e.g. "w4a16-g64+gptq", "w8a8+smooth"."""
+    rounding of every weight rule, "+smooth" for SmoothQuant smoothing with alpha searched ("+smooth0.5"
+    fixes it), "+fp16scale" / "+fp32scale" for how scales and zero points are stored, in any order, e.g.
+    "w4a16-g64+gptq", "w8a8+smooth"."""
     if isinstance(config, QuantConfig):
         return config
     key = str(config).lower()
     base, plus, last = key.rpartition("+")
     if plus and last == "gptq":
         return with_rounding(resolve_config(base), "gptq")
+    if plus and last in ("fp16scale", "fp32scale"):
+        return with_scale_dtype(resolve_config(base), "float16" if last == "fp16scale" else "float32")
     if plus and last.startswith("smooth"):
         alpha = last.removeprefix("smooth")
         try:

@@ -68,8 +68,10 @@ class QuantLinear(nn.Module):
             self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=qdtype))
         # [N, G] tensors stored G-major (a transposed view): the kernels read [G, N] rows, so they use these
         # buffers in place instead of keeping a second copy on the GPU. Saving writes them contiguous.
-        self.register_buffer("w_scale", torch.ones(groups, out_features).t())
-        self.register_buffer("w_zero", None if weight.symmetric else torch.zeros(groups, out_features).t())
+        sdtype = getattr(torch, weight.scale_dtype)
+        self.register_buffer("w_scale", torch.ones(groups, out_features, dtype=sdtype).t())
+        zero = None if weight.symmetric else torch.zeros(groups, out_features, dtype=sdtype).t()
+        self.register_buffer("w_zero", zero)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
         static = act is not None and not act.dynamic
         self.register_buffer("a_scale", torch.ones(()) if static else None)
@@ -141,8 +143,9 @@ class QuantLinear(nn.Module):
         s, z = scale, zero
         if s is None or z is None:
             s0, z0 = Q.weight_scale_zero(w, wq.bits, wq.group_size, wq.symmetric, wq.per_tensor)
-            s = s0 if s is None else s.float()
+            s = s0 if s is None else s
             z = z0 if z is None else z
+        s = Q.stored_scale(s, self.w_scale.dtype)
         k, gs = self.in_features, self.group_size
         self.set_int_weight(Q.quantize(w, Q.expand_groups(s, k, gs), Q.expand_groups(z, k, gs), wq.bits, wq.symmetric),
                             s, z)

@@ -50,6 +50,15 @@ def scale_zero_from_range(
     return scale, zero
 
 
+def stored_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A weight scale as it will be stored in `dtype`, returned as float32: quantizing with the stored value
+    keeps the integers consistent with it. float16 is kept at or above its smallest normal number, so a
+    degenerate group (all zeros: scale EPS) never stores 0 and no group loses precision to subnormals."""
+    if dtype == torch.float32:
+        return scale.float()
+    return scale.float().clamp_min(torch.finfo(dtype).tiny).to(dtype).float()
+
+
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
     """Round-to-nearest quantization; returns integers in the storage dtype."""
     qmin, qmax = qrange(bits, symmetric)

@@ -66,13 +66,13 @@ def _gemv_kernel(
     WIDTH: tl.constexpr = CH // 2 if W_BITS == 4 else CH  # channels of a chunk one byte column covers
     acc = tl.zeros((BLOCK_N, NCH, WIDTH), dtype=tl.float32)
     if GROUP_SIZE == 0:
-        s = tl.load(s_ptr + rn)
-        z = tl.load(z_ptr + rn) if HAS_ZERO else s
+        s = tl.load(s_ptr + rn).to(tl.float32)
+        z = tl.load(z_ptr + rn).to(tl.float32) if HAS_ZERO else s
     k_beg, k_end = _k_slice(K, pid_k, SPLIT, BLOCK_K)
     for k0 in range(k_beg, k_end, BLOCK_K):
         if GROUP_SIZE > 0:
             g = (k0 + tl.arange(0, NCH) * CH) // GROUP_SIZE
-            sg = tl.load(s_ptr + g[None, :] * N + rn[:, None])[:, :, None]  # [BLOCK_N, NCH, 1]
+            sg = tl.load(s_ptr + g[None, :] * N + rn[:, None]).to(tl.float32)[:, :, None]  # [BLOCK_N, NCH, 1]
         if W_BITS == 4:
             wb = tl.reshape(tl.load(w_rows + (k0 // 2 + tl.arange(0, BLOCK_K // 2))[None, :]), (BLOCK_N, NCH, WIDTH))
             ch = k0 + tl.arange(0, NCH)[:, None] * CH + tl.arange(0, WIDTH)[None, :]  # [NCH, WIDTH] channels
@@ -81,7 +81,10 @@ def _gemv_kernel(
             q_lo = ((wb & 0xF).to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + q
             q_hi = ((wb >> 4).to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True)
             if GROUP_SIZE > 0:
-                off = (tl.load(z_ptr + g[None, :] * N + rn[:, None]) + 8388608.0)[:, :, None] if HAS_ZERO else 8388616.0
+                if HAS_ZERO:
+                    off = (tl.load(z_ptr + g[None, :] * N + rn[:, None]).to(tl.float32) + 8388608.0)[:, :, None]
+                else:
+                    off = 8388616.0
                 acc = tl.fma((q_lo - off) * x_lo[None] + (q_hi - off) * x_hi[None], sg, acc)
             else:
                 off = (z + 8388608.0)[:, None, None] if HAS_ZERO else 8388616.0  # 2^23 + 8: symmetric

@@ -74,7 +74,7 @@ def _zero_operand(z_ptr, idx, HAS_ZERO: tl.constexpr, A_INT8: tl.constexpr, ety:
                   BLOCK_N: tl.constexpr):
     """What _nibble_planes subtracts from a row's nibbles: the zero point (8 when symmetric) as int8, or the
     half-precision magic base plus the zero point."""
-    z = tl.load(z_ptr + idx) if HAS_ZERO else tl.full((BLOCK_N,), 8.0, tl.float32)
+    z = tl.load(z_ptr + idx).to(tl.float32) if HAS_ZERO else tl.full((BLOCK_N,), 8.0, tl.float32)
     if A_INT8:
         return z.to(tl.int8)
     return (z + (128.0 if ety == tl.bfloat16 else 1024.0)).to(ety)
@@ -121,7 +121,7 @@ def _w4_skinny_kernel(
 
     acc = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
     if GROUP_SIZE == 0:
-        s = tl.load(s_ptr + rn)
+        s = tl.load(s_ptr + rn).to(tl.float32)
         zo = _zero_operand(z_ptr, rn, HAS_ZERO, A_INT8, ety, BLOCK_N)
     for k0 in range(k_beg, k_end, BLOCK_K):
         for j in tl.static_range(BLOCK_K // SUB):
@@ -131,7 +131,7 @@ def _w4_skinny_kernel(
             x_hi = tl.load(a_lo + kj + HALF, mask=x_mask, other=0)
             if GROUP_SIZE > 0:
                 g = kj // GROUP_SIZE
-                s = tl.load(s_ptr + g * N + rn)
+                s = tl.load(s_ptr + g * N + rn).to(tl.float32)
                 zo = _zero_operand(z_ptr, g * N + rn, HAS_ZERO, A_INT8, ety, BLOCK_N)
             lo, hi = _nibble_planes(wb, zo, ety, BLOCK_N, SUB // 2)
             if A_INT8:

@@ -91,16 +91,16 @@ def _qlinear_kernel(
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if GROUP_SIZE == 0:  # one scale (and zero) per output channel
-        s = tl.load(s_ptr + rn)
-        z = tl.load(z_ptr + rn) if HAS_ZERO else s
+        s = tl.load(s_ptr + rn).to(tl.float32)
+        z = tl.load(z_ptr + rn).to(tl.float32) if HAS_ZERO else s
 
     for k0 in range(0, K, BLOCK_K):
         for j in tl.static_range(BLOCK_K // CH):
             kc = k0 + j * CH
             if GROUP_SIZE > 0:
                 g = kc // GROUP_SIZE
-                s = tl.load(s_ptr + g * N + rn)
-                z = tl.load(z_ptr + g * N + rn) if HAS_ZERO else s
+                s = tl.load(s_ptr + g * N + rn).to(tl.float32)
+                z = tl.load(z_ptr + g * N + rn).to(tl.float32) if HAS_ZERO else s
             if W_BITS == 4:
                 wb = tl.load(w_cols + (kc // 2 + offs_h)[:, None])  # [HALF, BLOCK_N] bytes
                 a_lo = tl.load(a_rows + (kc + offs_h)[None, :])

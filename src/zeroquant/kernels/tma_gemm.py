@@ -67,7 +67,7 @@ def _w8a8_tma_kernel(
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rm = offs_m % M
         rn = offs_n % N
-        out = acc.to(tl.float32) * tl.load(s_ptr + rn)[None, :] * tl.load(as_ptr + rm)[:, None]
+        out = acc.to(tl.float32) * tl.load(s_ptr + rn).to(tl.float32)[None, :] * tl.load(as_ptr + rm)[:, None]
         if HAS_BIAS:
             out += tl.load(b_ptr + rn).to(tl.float32)[None, :]
         out = apply_act(out, ACT)

@@ -24,8 +24,8 @@ class KernelWeight:
     """A quantized weight in the layout the GEMM kernel reads."""
 
     qweight: torch.Tensor  # int8 [N, K] (bits 8, symmetric) or uint8 [N, K/2] packed by quant.pack_int4
-    scale: torch.Tensor  # float32 [G, N]
-    zero: torch.Tensor | None  # float32 [G, N], integer-valued; None: symmetric
+    scale: torch.Tensor  # float32 or float16 [G, N] (the rule's scale_dtype; kernels compute in float32)
+    zero: torch.Tensor | None  # [G, N] like scale, integer-valued; None: symmetric
     bits: int
     in_features: int
     out_features: int
@@ -72,9 +72,14 @@ class KernelWeight:
             if why:
                 raise ValueError(why)
         # No copies when QuantLinear's buffers are in place: its scales are stored [G, N]-major already.
-        zero = None if w_zero is None else w_zero.float().t().contiguous()
-        return cls(qweight.contiguous(), w_scale.float().t().contiguous(), zero, bits, k, n, group_size)
+        zero = None if w_zero is None else _stored(w_zero).t().contiguous()
+        return cls(qweight.contiguous(), _stored(w_scale).t().contiguous(), zero, bits, k, n, group_size)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.scale, self.zero) if t is not None)
 
+
+
+def _stored(t: torch.Tensor) -> torch.Tensor:
+    """Scales and zero points as the kernels read them: float16 or float32 as stored, anything else float32."""
+    return t if t.dtype in (torch.float16, torch.float32) else t.float()

@@ -1,0 +1,105 @@
+"""Weight scales and zero points stored in float16 (WeightQuant.scale_dtype, the "+fp16scale" suffix)."""
+
+import pytest
+import torch
+from safetensors import safe_open
+from tiny_models import model_output, tiny_input, tiny_model
+from torch import nn
+
+import zeroquant as zq
+from zeroquant import QuantLinear, WeightQuant, ZeroQuantError
+from zeroquant import quant as Q
+from zeroquant.config import LinearRule, resolve_config
+from zeroquant.gptq import gptq_round
+
+
+def _linear(scale_dtype: str, bits: int = 4, group: int = 32, sym: bool = False, seed: int = 0) -> QuantLinear:
+    torch.manual_seed(seed)
+    lin = nn.Linear(128, 48)
+    return QuantLinear.from_float(lin, LinearRule(WeightQuant(bits, group, sym, scale_dtype=scale_dtype)))
+
+
+def test_unknown_scale_dtype_is_an_error():
+    with pytest.raises(ZeroQuantError, match="scale_dtype must be one of float32, float16"):
+        WeightQuant(4, 128, False, scale_dtype="bfloat16")
+
+
+def test_suffix_sets_every_weight_rule():
+    cfg = resolve_config("w4/8-a8+gptq+fp16scale")
+    assert cfg.name == "w4/8-a8+gptq+fp16scale"
+    assert cfg.attention.weight.scale_dtype == cfg.mlp.weight.scale_dtype == "float16"
+    assert cfg.mlp.rounding == "gptq"
+    assert resolve_config("w4a16+fp32scale").mlp.weight.scale_dtype == "float32"
+    # the presets: INT4 group scales in float16, INT8 per-row scales in float32
+    assert resolve_config("w4/8-a8").mlp.weight.scale_dtype == "float16"
+    assert resolve_config("w4/8-a8").attention.weight.scale_dtype == "float32"
+
+
+@pytest.mark.parametrize("bits,sym", [(4, False), (4, True), (8, True)])
+def test_fp16_buffers_hold_the_scale_the_integers_were_rounded_with(bits, sym):
+    """The integers are round-to-nearest against the scale as stored, not the float32 one it came from,
+    and the buffers take half the bytes."""
+    ql16, ql32 = _linear("float16", bits, sym=sym), _linear("float32", bits, sym=sym)
+    assert ql16.w_scale.dtype == torch.float16 and (sym or ql16.w_zero.dtype == torch.float16)
+    torch.manual_seed(0)
+    w = nn.Linear(128, 48).weight.detach()
+    s, z = Q.weight_scale_zero(w, bits, 32, sym, False)
+    s16 = s.half().float()
+    want = Q.quantize(w, Q.expand_groups(s16, 128, 32), Q.expand_groups(z, 128, 32), bits, sym)
+    assert torch.equal(ql16.int_weight().to(torch.int16), want.to(torch.int16))
+    assert torch.equal(ql16.w_scale.float(), s16)
+    saved = ql32.w_scale.numel() * 2 + (0 if sym else ql32.w_zero.numel() * 2)
+    assert ql32.weight_bytes() - ql16.weight_bytes() == saved
+
+
+def test_all_zero_group_stores_a_normal_fp16_scale():
+    lin = nn.Linear(128, 8)
+    with torch.no_grad():
+        lin.weight[:, :32] = 0.0
+    ql = QuantLinear.from_float(lin, LinearRule(WeightQuant(4, 32, False, scale_dtype="float16")))
+    assert (ql.w_scale.float() >= torch.finfo(torch.float16).tiny).all()
+    w = ql.dequantized_weight()
+    assert torch.isfinite(w).all() and w[:, :32].abs().max() == 0
+
+
+def test_half_model_keeps_each_scale_dtype():
+    """model.half() leaves float32 scales float32 (existing contract) and float16 ones float16."""
+    a, b = _linear("float32"), _linear("float16")
+    nn.Sequential(a, b).half()
+    assert a.w_scale.dtype == torch.float32 and b.w_scale.dtype == torch.float16
+
+
+def test_gptq_scales_are_fp16_values():
+    torch.manual_seed(1)
+    w = torch.randn(16, 128)
+    x = torch.randn(256, 128)
+    res = gptq_round(w, x.t() @ x, WeightQuant(4, 32, False, scale_dtype="float16"))
+    assert torch.equal(res.scale, res.scale.half().float())
+    assert not torch.equal(res.scale, gptq_round(w, x.t() @ x, WeightQuant(4, 32, False)).scale)
+
+
+def test_checkpoint_stores_fp16_scales_and_reloads_identically(tmp_path):
+    model = tiny_model("llama")
+    q = zq.quantize(model, "w4/8-a8+fp16scale", progress=False)
+    out = zq.save_quantized(q, tmp_path / "q")
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.layers.0.mlp.down_proj.w_scale").dtype == torch.float16
+        assert f.get_tensor("model.layers.0.mlp.down_proj.w_zero").dtype == torch.float16
+    loaded = zq.load_quantized(out)
+    ids = tiny_input()
+    assert torch.equal(model_output(q, ids), model_output(loaded, ids))
+    assert loaded.zeroquant_config == q.zeroquant_config
+    assert loaded.model.layers[0].mlp.down_proj.w_scale.dtype == torch.float16
+
+
+def test_compressed_tensors_export_writes_float32_scales(tmp_path):
+    """compressed-tensors decompresses in the scale's dtype, so the export widens float16 scales (exactly) and
+    the import gives the same outputs."""
+    q = zq.quantize(tiny_model("llama"), "w4/8-a8-g32", progress=False)
+    assert q.model.layers[0].mlp.down_proj.w_scale.dtype == torch.float16
+    zq.save_quantized(q, tmp_path / "ct", format="compressed-tensors")
+    with safe_open(str(tmp_path / "ct" / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.layers.0.mlp.down_proj.weight_scale").dtype == torch.float32
+    back = zq.load_quantized(tmp_path / "ct")
+    ids = tiny_input()
+    assert torch.equal(model_output(zq.set_mode(back, "ref"), ids), model_output(q, ids))
