@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field, replace
 from .errors import ZeroQuantError
 
 SCALE_DTYPES = ("float32", "float16")
+# The preset-name suffix of each scale dtype (resolve_config: "w4a16+fp32scale").
+SCALE_SUFFIXES = {"float32": "fp32scale", "float16": "fp16scale"}
 
 
 @dataclass(frozen=True)
@@ -195,7 +197,7 @@ def with_scale_dtype(config: QuantConfig, scale_dtype: str) -> QuantConfig:
             return r
         return replace(r, weight=replace(r.weight, scale_dtype=scale_dtype))
 
-    name = config.name + {"float16": "+fp16scale", "float32": "+fp32scale"}[scale_dtype]
+    name = f"{config.name}+{SCALE_SUFFIXES[scale_dtype]}"
     return replace(config, attention=rule(config.attention), mlp=rule(config.mlp), name=name)
 
 
@@ -217,8 +219,9 @@ def resolve_config(config: QuantConfig | str) -> QuantConfig:
     base, plus, last = key.rpartition("+")
     if plus and last == "gptq":
         return with_rounding(resolve_config(base), "gptq")
-    if plus and last in ("fp16scale", "fp32scale"):
-        return with_scale_dtype(resolve_config(base), "float16" if last == "fp16scale" else "float32")
+    by_suffix = {v: k for k, v in SCALE_SUFFIXES.items()}
+    if plus and last in by_suffix:
+        return with_scale_dtype(resolve_config(base), by_suffix[last])
     if plus and last.startswith("smooth"):
         alpha = last.removeprefix("smooth")
         try:

@@ -70,7 +70,6 @@ def _tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     return first_m + (pid % width) % rows, (pid % width) // rows
 
 
-
 @triton.jit
 def _k_slice(K, pid_k, SPLIT: tl.constexpr, BLOCK_K: tl.constexpr):
     """[begin, end) of the pid_k-th of SPLIT slices of K, in whole BLOCK_K steps (the last may be shorter or

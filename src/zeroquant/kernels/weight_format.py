@@ -79,7 +79,6 @@ class KernelWeight:
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.scale, self.zero) if t is not None)
 
 
-
 def _stored(t: torch.Tensor) -> torch.Tensor:
     """Scales and zero points as the kernels read them: float16 or float32 as stored, anything else float32."""
     return t if t.dtype in (torch.float16, torch.float32) else t.float()
