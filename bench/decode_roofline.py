@@ -4,7 +4,8 @@ activations) over its time, as a fraction of the device's copy bandwidth, all me
     python bench/decode_roofline.py [--out DIR]
 
 Llama-7B's MLP shapes (4096 x 11008, 11008 x 4096) and its attention projection (4096 x 4096), 1 and 16 tokens,
-every format the presets use, beside cuBLAS FP16 at the same shapes. Writes decode_roofline.{json,md}.
+every format the presets use (INT4 with float16 and with float32 scales), beside cuBLAS FP16 at the same
+shapes. Writes decode_roofline.{json,md}.
 """
 
 import argparse
@@ -19,8 +20,11 @@ from zeroquant.benchmark import copy_bandwidth
 from zeroquant.kernels import gemm, rowwise
 
 SHAPES = [(4096, 11008), (11008, 4096), (4096, 4096)]  # (K, N)
-FORMATS = [("w4a16-g128", 4, 128, False), ("w4a8-g128", 4, 128, True), ("w8a16-ch", 8, -1, False),
-           ("w8a8-ch", 8, -1, True)]
+# (name, bits, group, int8 activations, INT4 scale dtype): the INT4 formats with float16 scales (the presets'
+# default) and float32 ones, side by side
+FORMATS = [("w4a16-g128", 4, 128, False, torch.float16), ("w4a16-g128-fp32s", 4, 128, False, torch.float32),
+           ("w4a8-g128", 4, 128, True, torch.float16), ("w4a8-g128-fp32s", 4, 128, True, torch.float32),
+           ("w8a16-ch", 8, -1, False, None), ("w8a8-ch", 8, -1, True, None)]
 
 
 def nbytes(*ts: torch.Tensor | None) -> int:
@@ -43,8 +47,8 @@ def main() -> None:
             t = ms(lambda a, b: a @ b, x, w16)
             rows = [("fp16 cuBLAS", t, nbytes(x, w16) + m * n * 2)]
             xq, xs = rowwise.quantize_per_token(x)
-            for name, bits, group, a8 in FORMATS:
-                kw = weights(k, n, bits, group, dev)
+            for name, bits, group, a8, scale_dtype in FORMATS:
+                kw = weights(k, n, bits, group, dev, scale_dtype or torch.float16)
                 a, a_scale = (xq, xs) if a8 else (x, None)
                 stored = [t for t in (kw.qweight, kw.scale, kw.zero) if t is not None]
 
@@ -59,7 +63,7 @@ def main() -> None:
                 r = {"k": k, "n": n, "m": m, "format": name, "us": t * 1e3, "mbytes": b / 1e6,
                      "fraction": b / (t / 1e3) / bw}
                 res["rows"].append(r)
-                print(f"{k:6d} x {n:6d} m={m:2d} {name:12s} {r['us']:7.1f} us {r['mbytes']:7.1f} MB "
+                print(f"{k:6d} x {n:6d} m={m:2d} {name:17s} {r['us']:7.1f} us {r['mbytes']:7.1f} MB "
                       f"{r['fraction']:.2f}", flush=True)
             (out / "decode_roofline.json").write_text(json.dumps(res, indent=2))
     lines = [f"device: {res['device']}, torch {res['torch']}, triton {res['triton']}; copy bandwidth "

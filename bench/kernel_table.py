@@ -68,7 +68,9 @@ def torch_w8a8(x, w8t, sw):
     return (y.float() * s * sw).half()
 
 
-def weights(k, n, bits, group, dev):
+def weights(k, n, bits, group, dev, int4_scale_dtype=torch.float16):
+    """Random kernel weights; INT4 scales and zero points in int4_scale_dtype (float16, as the W4 presets store
+    them, unless asked)."""
     g = 1 if group < 0 else k // group
     scale = torch.rand(n, g, device=dev) * 1e-2 + 1e-3
     if bits == 8:
@@ -76,7 +78,8 @@ def weights(k, n, bits, group, dev):
         return gemm.KernelWeight.from_quant(q, scale, None, 8, group if group > 0 else k)
     q = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=dev)
     zero = torch.randint(0, 16, (n, g), device=dev).float()
-    return gemm.KernelWeight.from_quant(q, scale, zero, 4, group if group > 0 else k)
+    s, z = scale.to(int4_scale_dtype), zero.to(int4_scale_dtype)
+    return gemm.KernelWeight.from_quant(q, s, z, 4, group if group > 0 else k)
 
 
 def gemm_rows(dev):

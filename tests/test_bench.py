@@ -92,6 +92,22 @@ def test_bench_random_weights_encoder(capsys):
     assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size) == (4096, 11008, 32, 32000)
 
 
+def test_bench_extra_fp_compile_mode_rows(tmp_path):
+    """--fp-compile-mode adds one FP row per mode after the plain FP rows, before the presets, and 'x best fp'
+    divides by the fastest FP row."""
+    out = tmp_path / "b.json"
+    rc = main(["bench", "--random-weights", "--config", "bert-large", "--layers", "1", "--device", "cpu",
+               "--batch", "1", "--prompt-len", "8", "--reps", "1", "--preset", "w8a8", "--no-save",
+               "--fp-compile-mode", "default", "--json", str(out), "--md", str(tmp_path / "b.md")])
+    assert rc == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["fp32 eager", "fp32 compile default", "w8a8 eager"]
+    assert all(r["prefill_ms"] > 0 and not r["note"] for r in rows)
+    best = min(r["prefill_ms"] for r in rows[:2])
+    line = next(x for x in (tmp_path / "b.md").read_text().splitlines() if x.startswith("| w8a8 eager"))
+    assert line.split(" | ")[3] == f"{best / rows[2]['prefill_ms']:.2f}"
+
+
 @pytest.mark.parametrize("argv", [
     ["bench"],  # neither a model nor a config
     ["bench", "--random-weights"],  # no --config

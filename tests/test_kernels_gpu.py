@@ -175,13 +175,13 @@ def test_quant_linear_fused_bias_act(act, name, bits, group, sym, a8):
     assert rel_err(got, want) < 2e-3
 
 
-def _skinny_case(k, n, group, sym, m, dtype):
+def _skinny_case(k, n, group, sym, m, dtype, scale_dtype="float16"):
     """A QuantLinear and its input for the small-M INT4 kernel, with the exact result: int8 tokens against the
     reference's exact integer path; fp16/bf16 tokens against exact dequantized weights in float32 (the
     kernel's dot is exact up to float32 accumulation; the reference path rounds the dequantized weight to
     the tokens' dtype first)."""
     a8 = dtype == torch.int8
-    ql = quant_linear(k, n, 4, group, sym, a8, "cuda").to(torch.float16 if a8 else dtype)
+    ql = quant_linear(k, n, 4, group, sym, a8, "cuda", scale_dtype=scale_dtype).to(torch.float16 if a8 else dtype)
     x = torch.randn(m, k, device="cuda", dtype=ql.bias.dtype)
     if a8:
         q, s = R.quantize_per_token(x)
@@ -197,7 +197,7 @@ def test_w4_skinny_every_config_and_split(cfg, split, dtype):
     """Batched-decode INT4 (M <= 16, Hopper), W4A16 and W4A8: each configuration the autotuner may pick and
     each split of K (uneven ones too: 1536 / 128 = 12 steps in 5 slices) against the exact result, and a short
     last group (576 = 4.5 groups of 128) where the configuration's steps divide K; the split-K counters are
-    back to zero afterwards."""
+    back to zero afterwards. Scales and zero points in float16 (the INT4 presets' default) and float32."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the warpgroup MMA needs Hopper")
     from zeroquant.kernels import act_code
@@ -206,10 +206,10 @@ def test_w4_skinny_every_config_and_split(cfg, split, dtype):
     assert len(SK._SKINNY_CONFIGS) == 4
     c = SK._SKINNY_CONFIGS[cfg]
     tol = {torch.float16: 1e-3, torch.bfloat16: 3e-3, torch.int8: 1e-4}[dtype]
-    cases = [(1536, 128, False, 16), (1536, 64, True, 5), (1536, -1, True, 2)]
-    cases += [(576, 128, False, 7)] if 576 % c.kwargs["BLOCK_K"] == 0 else []
-    for k, group, sym, m in cases:
-        ql, (x, xs), want = _skinny_case(k, 1000, group, sym, m, dtype)
+    cases = [(1536, 128, False, 16, "float16"), (1536, 64, True, 5, "float32"), (1536, -1, True, 2, "float16")]
+    cases += [(576, 128, False, 7, "float32")] if 576 % c.kwargs["BLOCK_K"] == 0 else []
+    for k, group, sym, m, scale_dtype in cases:
+        ql, (x, xs), want = _skinny_case(k, 1000, group, sym, m, dtype, scale_dtype)
         kw = ql.kernel_weight()
         poison_cuda_cache()
         got = torch.empty(m, 1000, device="cuda", dtype=ql.bias.dtype)

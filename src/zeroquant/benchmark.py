@@ -59,6 +59,9 @@ class BenchSettings:
     prompt_len: int = 128
     gen_len: int = 64
     compile: bool = False  # also run the compiled rows (FP and every preset)
+    # extra FP rows compiled in these torch.compile modes (e.g. max-autotune-no-cudagraphs), so quantized rows
+    # meet the fastest FP16 a user could compile, not just the default mode
+    fp_compile_modes: list[str] = field(default_factory=list)
     graph: bool = True  # also run the CUDA-graph rows (CUDA only)
     eager: bool = True  # also run the eager rows
     reps: int = 3
@@ -151,8 +154,8 @@ def _prompt(s: BenchSettings, model: nn.Module) -> torch.Tensor:
     return torch.randint(min(1000, vocab - 1), vocab, (s.batch, s.prompt_len), generator=g).to(s.device)
 
 
-def measure(model: nn.Module, s: BenchSettings, mode: str) -> Row:
-    """One row: mode "eager", "graph" or "compile"."""
+def measure(model: nn.Module, s: BenchSettings, mode: str, compile_mode: str | None = None) -> Row:
+    """One row: mode "eager", "graph" or "compile" (in torch.compile's compile_mode; None: its default)."""
     from .evaluate import weight_bytes
     from .runtime import GraphedForward, GreedyDecoder, last_logits_only
 
@@ -174,16 +177,17 @@ def measure(model: nn.Module, s: BenchSettings, mode: str) -> Row:
             if mode == "eager":
                 fwd = lambda: model(**inputs, **kwargs)
             elif cuda:
-                graphed = GraphedForward(model, compile=mode == "compile", **inputs, **kwargs)
+                graphed = GraphedForward(model, compile=mode == "compile", compile_mode=compile_mode, **inputs,
+                                         **kwargs)
                 fwd = lambda: graphed(**inputs)
             else:  # compile on CPU: no graph to capture
-                compiled = torch.compile(model, dynamic=False)
+                compiled = torch.compile(model, dynamic=False, mode=compile_mode)
                 fwd = lambda: compiled(**inputs, **kwargs)
             row.prefill_ms = 1e3 * timed(fwd, s.reps, s.device)
         else:
             # compile: the decode step is compiled and captured; the prompt runs eagerly (GreedyDecoder).
             dec = GreedyDecoder(model, s.batch, s.prompt_len + n + 1, cuda_graph=mode != "eager",
-                                compile=mode == "compile")
+                                compile=mode == "compile", compile_mode=compile_mode)
             if mode == "eager":
                 keep = dec.keep
                 row.prefill_ms = 1e3 * timed(lambda: model(input_ids=ids, use_cache=True, **keep), s.reps, s.device)
@@ -295,15 +299,16 @@ def run(s: BenchSettings, progress: Callable[[str], None] = print,
         ["compile"] if s.compile else [])
     if not modes:
         raise ZeroQuantError("no rows to run: eager, graph and compile rows are all off")
-    plan = [(None, m) for m in modes] + [(c, m) for c in configs for m in modes] + [(p, "compile") for p in peer_rows]
+    fp = [(None, m, None) for m in modes] + [(None, "compile", cm) for cm in s.fp_compile_modes]
+    plan = fp + [(c, m, None) for c in configs for m in modes] + [(p, "compile", None) for p in peer_rows]
     bandwidth = copy_bandwidth(s.device) if cuda else None
     rows = []
-    for cfg, mode in plan:
+    for cfg, mode, compile_mode in plan:
         if cfg is None:
             name = "fp16" if cuda else "fp32"
         else:
             name = cfg if isinstance(cfg, str) else cfg.name
-        label = f"{name} {mode}"
+        label = f"{name} {mode}" + (f" {compile_mode}" if compile_mode else "")
         progress(f"[bench] {label} ...")
         model = build_model(s)
         file_gib = None
@@ -316,7 +321,7 @@ def run(s: BenchSettings, progress: Callable[[str], None] = print,
                 model = quantize(model, cfg, inplace=True, progress=False)
                 if s.save_files and mode == modes[0]:
                     file_gib = _file_gib(model)
-            row = measure(model, s, mode)
+            row = measure(model, s, mode, compile_mode)
             row.file_gib = file_gib
             if bandwidth and row.step_gb and row.decode_tok_s:
                 row.roofline = row.step_gb * 1e9 * row.decode_tok_s / s.batch / bandwidth

@@ -198,7 +198,8 @@ def cmd_bench(args) -> None:
                       prompt_len=args.prompt_len, gen_len=args.gen_len, compile=args.compile,
                       graph=not args.no_graph, eager=not args.no_eager, reps=args.reps, seed=args.seed,
                       device=_default_device(args.device), save_files=not args.no_save,
-                      peers=[p.strip() for p in (args.peer or "").split(",") if p.strip()])
+                      peers=[p.strip() for p in (args.peer or "").split(",") if p.strip()],
+                      fp_compile_modes=[m.strip() for m in (args.fp_compile_mode or "").split(",") if m.strip()])
     def write(rows) -> str:  # after every row: a run cut short keeps what it measured
         md = f"{describe(s, rows)}\n\n{table(rows)}"
         if args.json:
@@ -307,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--gen-len", type=int, default=64, help="new tokens to decode; 0 = prefill only")
     b.add_argument("--compile", action="store_true", help="add a compiled row for FP16 and every preset "
                    "(torch.compile on the CUDA-graph loop; the first compile of a 7B model takes about a minute)")
+    b.add_argument("--fp-compile-mode", metavar="MODE", help="add FP16 rows compiled in these torch.compile modes "
+                   "(comma-separated, e.g. max-autotune-no-cudagraphs): 'x best fp' then divides by the fastest")
     b.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph rows")
     b.add_argument("--no-eager", action="store_true", help="skip the Hugging Face eager rows")
     b.add_argument("--peer", metavar="NAME", help="add a peer's rows in the same run: torchao (int8 and int4 "

@@ -100,8 +100,8 @@ class QuantLinear(nn.Module):
                 destination[prefix + name] = t.detach().clone()
 
     def _apply(self, fn, recurse=True):
-        """Follow device moves but keep scales and zero points float32 through model.half()/.to(dtype):
-        rounding them to 16 bits would change every output."""
+        """Follow device moves but keep scales and zero points in their stored dtype (float32, or float16 where
+        the rule chose it) through model.half()/.to(dtype): rounding float32 ones would change every output."""
         kept = {n: self._buffers[n] for n in self.SCALE_BUFFERS if self._buffers.get(n) is not None}
         super()._apply(fn, recurse)
         for n, old in kept.items():
