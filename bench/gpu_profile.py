@@ -5,6 +5,9 @@ Random weights of a named shape (zeroquant.benchmark.RANDOM_CONFIGS), one forwar
 per forward and the total; the total is what a CUDA graph leaves once host launch cost is gone.
 
     python bench/gpu_profile.py --config bert-large --batch 32 --seq 128 --presets w8a8,w8a8-g128 [--json F]
+
+--host adds the host side of an eager forward, op by op (self CPU time): what to cut where the wall time is
+above the GPU time (bench/NOTES.md, session 14: eager Llama-7B prefill).
 """
 
 import argparse
@@ -56,6 +59,19 @@ def kernel_times(fwd, reps: int) -> tuple[dict[str, float], float, float, list[t
     return dict(per), sum(per.values()), statistics.median(walls), order
 
 
+def host_times(fwd, reps: int) -> list[tuple[str, float, int]]:
+    """Where the host's time per call goes, op by op: (name, self CPU ms, calls) per call, largest first. The
+    profiler adds its own cost to every op, so compare shares, not absolute times. Eager forwards whose wall
+    time exceeds their GPU time are bound here."""
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(reps):
+            fwd()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    rows = [(e.key, e.self_cpu_time_total / 1e3 / reps, e.count // reps) for e in prof.key_averages()]
+    return sorted(rows, key=lambda r: -r[1])
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--config", required=True)
@@ -67,6 +83,7 @@ def main() -> None:
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--graph", action="store_true", help="profile a CUDA-graph replay of the forward")
     p.add_argument("--trace", type=int, default=0, help="also print the first N kernels of a forward in order")
+    p.add_argument("--host", action="store_true", help="also profile the host: self CPU time per op (eager rows)")
     p.add_argument("--json")
     a = p.parse_args()
     s = BenchSettings(config=a.config, layers=a.layers, batch=a.batch, prompt_len=a.seq)
@@ -91,6 +108,12 @@ def main() -> None:
             print(f"  {ms:8.3f} ms {100 * ms / total:5.1f}%  {name}")
         for name, us in order[: a.trace]:
             print(f"    {us:8.1f} us  {name[:70]}")
+        if a.host:
+            host = host_times(fwd, a.reps)
+            out["variants"][preset]["host_ms"] = host[: a.top * 2]
+            print(f"  host: {sum(r[1] for r in host):.2f} ms self CPU per forward (profiled)")
+            for name, ms, calls in host[: a.top]:
+                print(f"  {ms:8.3f} ms {calls:6d} calls  {name[:80]}")
         del model
         torch.cuda.empty_cache()
     from zeroquant.kernels import tma_gemm
