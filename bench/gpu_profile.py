@@ -15,14 +15,13 @@ import functools
 import json
 import re
 import statistics
-import time
 from collections import defaultdict
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from zeroquant.api import quantize
-from zeroquant.benchmark import BenchSettings, build_model
+from zeroquant.benchmark import BenchSettings, build_model, wall_times
 from zeroquant.runtime import GraphedForward
 
 
@@ -37,15 +36,8 @@ def kernel_times(fwd, reps: int) -> tuple[dict[str, float], float, float, list[t
     """Per-kernel-family GPU ms per call, their sum, the wall ms per call (median of reps), and every kernel
     of the profiled calls in launch order as (family, us)."""
     with torch.no_grad():
-        for _ in range(2):
-            fwd()
-        torch.cuda.synchronize()
-        walls = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            fwd()
-            torch.cuda.synchronize()
-            walls.append(1e3 * (time.perf_counter() - t))
+        fwd()  # a second warm-up beside wall_times' own
+        walls = [1e3 * t for t in wall_times(fwd, reps, "cuda")]
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(reps):
                 fwd()

@@ -14,14 +14,13 @@ import argparse
 import json
 import statistics
 import subprocess
-import time
 from pathlib import Path
 
 import torch
 import triton
 
 from zeroquant.api import quantize
-from zeroquant.benchmark import BenchSettings, build_model
+from zeroquant.benchmark import BenchSettings, build_model, wall_times
 from zeroquant.kernels import gemv, skinny_gemm, tile_gemm, tma_gemm
 from zeroquant.runtime import GraphedForward, last_logits_only
 
@@ -30,15 +29,7 @@ KERNELS = {"tma": tma_gemm._w8a8_tma_kernel, "tile": tile_gemm._qlinear_kernel,
 
 
 def times_ms(fn, reps: int) -> list[float]:
-    fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        out.append(1e3 * (time.perf_counter() - t))
-    return out
+    return [1e3 * t for t in wall_times(fn, reps, "cuda")]
 
 
 def kernel_ms(fn) -> float:

@@ -125,8 +125,8 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn: Callable[[], object], reps: int, device: str) -> float:
-    """Median wall seconds of fn() over reps runs after one warm-up, synchronised on CUDA."""
+def wall_times(fn: Callable[[], object], reps: int, device: str) -> list[float]:
+    """Wall seconds of each of reps runs of fn() after one warm-up, synchronised on CUDA."""
     fn()
     _sync(device)
     out = []
@@ -135,7 +135,12 @@ def timed(fn: Callable[[], object], reps: int, device: str) -> float:
         fn()
         _sync(device)
         out.append(time.perf_counter() - t)
-    return statistics.median(out)
+    return out
+
+
+def timed(fn: Callable[[], object], reps: int, device: str) -> float:
+    """Median wall seconds of fn() over reps runs after one warm-up, synchronised on CUDA."""
+    return statistics.median(wall_times(fn, reps, device))
 
 
 def _gib(n: float | None) -> float | None:
