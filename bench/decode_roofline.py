@@ -17,7 +17,7 @@ import triton
 from kernel_table import ms, weights
 
 from zeroquant.benchmark import copy_bandwidth
-from zeroquant.kernels import gemm, rowwise
+from zeroquant.kernels import gemm, gemv, rowwise, skinny_gemm
 
 SHAPES = [(4096, 11008), (11008, 4096), (4096, 4096)]  # (K, N)
 # (name, bits, group, int8 activations, INT4 scale dtype): the INT4 formats with float16 scales (the presets'
@@ -66,6 +66,10 @@ def main() -> None:
                 print(f"{k:6d} x {n:6d} m={m:2d} {name:17s} {r['us']:7.1f} us {r['mbytes']:7.1f} MB "
                       f"{r['fraction']:.2f}", flush=True)
             (out / "decode_roofline.json").write_text(json.dumps(res, indent=2))
+    # the configurations the autotuners took for each shape (GEMV X_TILE: bench/NOTES.md, session 15)
+    for name, kernel in (("skinny_picks", skinny_gemm._w4_skinny_kernel), ("gemv_picks", gemv._gemv_kernel)):
+        res[name] = {str(key): str(cfg) for key, cfg in kernel.cache.items()}
+    (out / "decode_roofline.json").write_text(json.dumps(res, indent=2))
     lines = [f"device: {res['device']}, torch {res['torch']}, triton {res['triton']}; copy bandwidth "
              f"{res['copy_gb_s']:.0f} GB/s (device-to-device copy, read + write)", "",
              "| K x N | tokens | format | us | MB read | fraction of copy bandwidth |", "|---|---|---|---|---|---|"]

@@ -246,6 +246,37 @@ def test_w4_skinny_is_taken_and_repeats_bitwise(dtype):
     assert SK.split_counters(x.device, 1).eq(0).all()
 
 
+@pytest.mark.parametrize("a8", [False, True])
+@pytest.mark.parametrize("cfg", range(14))
+def test_gemv_every_w8_config(cfg, a8):
+    """One token, INT8 weights (per-channel and group 128): each configuration the GEMV's autotuner may pick,
+    the token loaded in the weight tile's layout (X_TILE) or once and redistributed, with two K slices,
+    against the reference path."""
+    from zeroquant.kernels import act_code
+    from zeroquant.kernels import gemv as GV
+
+    assert len(GV._GEMV_CONFIGS) == 14
+    c = GV._GEMV_CONFIGS[cfg]
+    k, n, split = 2048, 1000, 2
+    for group in (-1, 128):
+        ql = quant_linear(k, n, 8, group, True, a8, "cuda", scale_dtype="float16").half()
+        kw = ql.kernel_weight()
+        x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+        xin, xs = R.quantize_per_token(x) if a8 else (x, None)
+        want = R.quant_linear(xin, xs, ql.qweight, ql.w_scale, ql.w_zero, 8, ql.group_size, ql.bias, "silu")
+        poison_cuda_cache()
+        got = torch.empty(1, n, device="cuda", dtype=torch.float16)
+        counters = GV.split_counters(x.device, n)
+        ch = GV._chunk({"GROUP_SIZE": kw.kernel_group, "BLOCK_K": c.kwargs["BLOCK_K"], "W_BITS": 8})
+        GV._gemv_kernel.fn.fn[(-(-n // c.kwargs["BLOCK_N"]), split)](
+            xin, xs.reshape(-1) if a8 else got, kw.qweight, kw.scale, kw.scale, ql.bias, got,
+            torch.empty(split * n + 64, device="cuda"), counters, n, k, kw.qweight.stride(0), A_INT8=a8, W_BITS=8,
+            HAS_ZERO=False, GROUP_SIZE=kw.kernel_group, HAS_BIAS=True, ACT=act_code("silu"), CH=ch, SPLIT=split,
+            PDL=False, **c.kwargs, num_warps=c.num_warps)
+        assert rel_err(got, want) < 2e-3, group
+        assert counters.eq(0).all()
+
+
 @pytest.mark.parametrize("k,n", [(1024, 3072), (4096, 1000), (768, 768)])
 def test_w8a8_tma_kernel_matches_pointer_kernel(k, n, monkeypatch):
     """Large-M per-channel W8A8 takes the TMA kernel on Hopper; same numbers as the pointer-based kernel

@@ -13,9 +13,9 @@ from .rowwise import apply_act
 from .weight_format import KernelWeight
 
 _GEMV_CONFIGS = [
-    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
+    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "X_TILE": xt}, num_warps=w)
     for bn, bk, w in [(16, 256, 4), (32, 256, 4), (8, 256, 4), (16, 512, 4), (8, 512, 4), (4, 1024, 4),
-                      (8, 1024, 4)]
+                      (8, 1024, 4)] for xt in (False, True)
 ]
 MAX_SPLIT = 16  # the most K slices _gemv_split picks
 
@@ -23,8 +23,8 @@ MAX_SPLIT = 16  # the most K slices _gemv_split picks
 def _prune_gemv(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     k = args["K"]
-    keep = [c for c in configs if k % c.kwargs["BLOCK_K"] == 0]
-    return keep or [triton.Config({"BLOCK_N": 16, "BLOCK_K": 128 if k % 128 == 0 else 64}, num_warps=4)]
+    keep = [c for c in configs if k % c.kwargs["BLOCK_K"] == 0 and (args["W_BITS"] == 8 or not c.kwargs["X_TILE"])]
+    return keep or [triton.Config({"BLOCK_N": 16, "BLOCK_K": 128 if k % 128 == 0 else 64, "X_TILE": True}, num_warps=4)]
 
 
 def _gemv_split(args: dict) -> int:
@@ -47,7 +47,7 @@ def _gemv_kernel(
     a_ptr, as_ptr, w_ptr, s_ptr, z_ptr, b_ptr, c_ptr, ws_ptr, cnt_ptr, N, K, stride_wn,
     A_INT8: tl.constexpr, W_BITS: tl.constexpr, HAS_ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, CH: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_K: tl.constexpr, PDL: tl.constexpr, X_TILE: tl.constexpr,
 ):
     """One token (M = 1): y = x @ W^T on CUDA cores, weights streamed in wide K-contiguous rows.
 
@@ -92,11 +92,15 @@ def _gemv_kernel(
         else:
             w = tl.load(w_rows + (k0 + tl.arange(0, BLOCK_K))[None, :])
             wf = tl.reshape(_exact_float(w.to(tl.int32)), (BLOCK_N, NCH, CH))
-            x = tl.reshape(tl.load(a_ptr + k0 + tl.arange(0, BLOCK_K)).to(tl.float32), (NCH, CH))
-            if GROUP_SIZE > 0:
-                acc = tl.fma(wf * x[None], sg, acc)
+            if X_TILE:
+                x = tl.load(a_ptr + k0 + tl.zeros((BLOCK_N, 1), tl.int32) + tl.arange(0, BLOCK_K)[None, :])
+                x = tl.reshape(x.to(tl.float32), (BLOCK_N, NCH, CH))
             else:
-                acc = tl.fma(wf, x[None], acc)
+                x = tl.reshape(tl.load(a_ptr + k0 + tl.arange(0, BLOCK_K)).to(tl.float32), (NCH, CH))[None]
+            if GROUP_SIZE > 0:
+                acc = tl.fma(wf * x, sg, acc)
+            else:
+                acc = tl.fma(wf, x, acc)
     out = tl.sum(tl.sum(acc, 2), 1)
     if GROUP_SIZE == 0:
         out = out * s
