@@ -12,6 +12,10 @@ from .launch import device_index, device_info, pdl_flags, wait_for_producer
 from .rowwise import apply_act
 from .weight_format import KernelWeight
 
+# X_TILE (INT8 weights; the INT4 path ignores it): load the token as a [BLOCK_N, BLOCK_K] tile, every row the
+# same K slice, so it arrives in the weight slab's layout; otherwise it is loaded once a step and the compiler
+# moves it into that layout through shared memory, with barriers. Neither won at every shape (bench/NOTES.md,
+# session 15), so the autotuner measures both.
 _GEMV_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "X_TILE": xt}, num_warps=w)
     for bn, bk, w in [(16, 256, 4), (32, 256, 4), (8, 256, 4), (16, 512, 4), (8, 512, 4), (4, 1024, 4),
@@ -51,10 +55,10 @@ def _gemv_kernel(
 ):
     """One token (M = 1): y = x @ W^T on CUDA cores, weights streamed in wide K-contiguous rows.
 
-    No tensor cores (a single row would waste 15/16 of an MMA) and no shared memory: program (n, s) reads
-    [BLOCK_N, BLOCK_K] slabs of the s-th of SPLIT slices of K and multiplies them by x in float32 (exact for
-    int8 x) into a per-element accumulator, each chunk's products scaled by the chunk's group scale; one sum
-    at the end, and _split_k_sum adds the slices.
+    No tensor cores (a single row would waste 15/16 of an MMA): program (n, s) reads [BLOCK_N, BLOCK_K] slabs
+    of the s-th of SPLIT slices of K and multiplies them by x in float32 (exact for int8 x) into a
+    per-element accumulator, each chunk's products scaled by the chunk's group scale; one sum at the end, and
+    _split_k_sum adds the slices. With X_TILE the loop uses no shared memory at all.
     """
     wait_for_producer(PDL)
     pid_n = tl.program_id(0)
