@@ -118,25 +118,3 @@ def test_kernel_path_compiles_whole_and_matches(arch, preset, dtype, monkeypatch
     assert explained.graph_break_count == 0, [str(r.reason)[:200] for r in explained.break_reasons]
     compiled = torch.compile(q, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(model_output(compiled, ids), eager, rtol=1e-5, atol=1e-5)
-
-
-def test_row_ops_trace_as_torch_ops_under_compile(monkeypatch):
-    """row_op hands torch.compile the row ops' twins (which inductor fuses with their neighbours), never the
-    opaque custom op, and the compiled result equals the op's; outside compile it calls the op itself."""
-    (_, (x,)), (_, nq), _, (_, aq), *_ = _op_cases()
-    targets = []
-
-    def backend(gm, example_inputs):
-        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
-        return gm
-
-    for op, args in [(ops.quantize_per_token, (x,)), (ops.norm_quant, nq), (ops.act_quant, aq)]:
-        torch._dynamo.reset()
-        got = torch.compile(lambda *a, op=op: ops.row_op(op, *a), backend=backend, fullgraph=True)(*args)
-        assert all(torch.equal(g, w) for g, w in zip(got, op(*args), strict=True))
-    assert targets and not any("zeroquant" in t for t in targets)
-    def twin_not_allowed(*args):
-        raise AssertionError("row_op ran the twin outside torch.compile")
-
-    monkeypatch.setattr(ops, "_TWINS", dict.fromkeys(ops._TWINS, twin_not_allowed))
-    assert torch.equal(ops.row_op(ops.quantize_per_token, x)[0], R.quantize_per_token(x)[0])

@@ -71,7 +71,7 @@ class FusedNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """norm(x), or norm(x + residual) with the add inside the same kernel (ResidualNorm)."""
         if _inference(x) and self._consumers_take_int8(x):
-            y, q, s = ops.row_op(ops.norm_quant, x, self.weight, self.bias, self.eps, self.kind, residual)
+            y, q, s = ops.norm_quant(x, self.weight, self.bias, self.eps, self.kind, residual)
             return QuantizedActivation(y, q, s)
         return reference.norm(x if residual is None else x + residual, self.weight, self.bias, self.eps, self.kind)
 
@@ -108,7 +108,7 @@ class FusedAct(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         (c,) = self.consumer
         if _inference(x) and c.takes_int8(x):
-            q, s = ops.row_op(ops.act_quant, x, self.name)
+            q, s = ops.act_quant(x, self.name)
             return QuantizedActivation(None, q, s, dtype=x.dtype)
         # In float32 like the kernel (and like an epilogue activation): GPT-2's own gelu_new rounds to fp16
         # after every op, which the reference path must not add on top of quantization error.
@@ -138,7 +138,7 @@ class GatedMLP(nn.Module):
         gate, up, down = (getattr(self, n) for n in self.names)
         g, u = gate(x), up(x)
         if _inference(x) and down.takes_int8(g):
-            q, s = ops.row_op(ops.act_quant, g if self.act else self.act_fn(g), self.act, u)
+            q, s = ops.act_quant(g if self.act else self.act_fn(g), self.act, u)
             return down.forward_quantized(q, s, g.dtype)
         return down(self.act_fn(g) * u)
 

@@ -243,7 +243,7 @@ class QuantLinear(nn.Module):
             if handed is not None:
                 return handed
             x = x.float_value()
-        return ops.row_op(ops.quantize_per_token, x)
+        return ops.quantize_per_token(x)
 
     def forward_quantized(self, q: torch.Tensor, s: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         """The kernel GEMM on an input in token-wise INT8 form (q [..., K], s [..., 1]); only where takes_int8."""

@@ -31,22 +31,8 @@ def compiled(fn, mode: str | None = None, backend: str = "inductor"):
     """torch.compile(fn) for fixed shapes. With inductor in its default mode, it rounds to fp16/bf16 wherever
     eager PyTorch does (emulate_precision_casts): a quantized model re-quantizes every activation, so an
     intermediate kept in float32 instead moves INT8 codes and, at times, a greedy token."""
-    options = _eager_numerics() if backend == "inductor" and mode is None else None
+    options = {"emulate_precision_casts": True} if backend == "inductor" and mode is None else None
     return torch.compile(fn, dynamic=False, mode=mode, backend=backend, options=options)
-
-
-def _eager_numerics() -> dict:
-    """Inductor options that round as eager PyTorch does: casts to fp16/bf16, and division correctly rounded
-    (Triton's `/` is approximate; token-wise quantization divides by the scale, traced from the row ops'
-    twins: zeroquant.kernels.ops.row_op). The division option's name depends on the torch version."""
-    from torch._inductor import config
-
-    options = {"emulate_precision_casts": True}
-    if hasattr(config, "eager_numerics"):
-        options["eager_numerics.division_rounding"] = True
-    elif hasattr(config, "emulate_divison_rounding"):
-        options["emulate_divison_rounding"] = True
-    return options
 
 
 def _warm_and_capture(fn, warmup: int = 2) -> torch.cuda.CUDAGraph:

@@ -92,21 +92,6 @@ def _(x, act, gate=None):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*_rows(x), 1), dtype=torch.float32)
 
 
-def row_op(op, *args):
-    """op(*args) for a row op (quantize_per_token, norm_quant, act_quant): the custom op, except while
-    torch.compile traces, where its pure-PyTorch twin runs instead. Those are a row reduction and a few
-    elementwise ops, which inductor fuses with the ops around them (the residual add before a norm, the copy
-    out of attention): one generated kernel where the opaque op would leave two (bench/NOTES.md, session 16).
-    The GEMMs and attention stay custom ops."""
-    if torch.compiler.is_compiling():
-        return _TWINS[op](*args)
-    return op(*args)
-
-
-_TWINS = {quantize_per_token: reference.quantize_per_token, norm_quant: reference.norm_quant,
-          act_quant: reference.act_quant}
-
-
 # ------------------------------------------------------------------------------------ quantized linear
 
 
