@@ -6,6 +6,10 @@ per forward and the total; the total is what a CUDA graph leaves once host launc
 
     python bench/gpu_profile.py --config bert-large --batch 32 --seq 128 --presets w8a8,w8a8-g128 [--json F]
 
+--decode N profiles N replays of the one-token decode step instead (zeroquant.runtime.GreedyDecoder after a
+--seq-token prompt; --compile compiles the step as `zeroquant bench --compile` does): where a decode step's
+time goes between the GEMMs.
+
 --host adds the host side of an eager forward, op by op (self CPU time): what to cut where the wall time is
 above the GPU time (bench/NOTES.md, session 14: eager Llama-7B prefill).
 """
@@ -22,7 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from zeroquant.api import quantize
 from zeroquant.benchmark import BenchSettings, build_model, wall_times
-from zeroquant.runtime import GraphedForward
+from zeroquant.runtime import GraphedForward, GreedyDecoder
 
 
 def family(name: str) -> str:
@@ -64,6 +68,16 @@ def host_times(fwd, reps: int) -> list[tuple[str, float, int]]:
     return sorted(rows, key=lambda r: -r[1])
 
 
+def decode_steps(model, ids: torch.Tensor, n: int, compile: bool, calls: int):
+    """A function running n graph-replayed decode steps, callable `calls` times, after the prompt `ids`; the
+    prompt and the step's capture run here, outside what is profiled."""
+    dec = GreedyDecoder(model, ids.shape[0], ids.shape[1] + n * (calls + 1), compile=compile)
+    with torch.no_grad():
+        dec.prefill(ids)
+        dec.decode(n)
+    return functools.partial(dec.decode, n)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--config", required=True)
@@ -75,6 +89,8 @@ def main() -> None:
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--graph", action="store_true", help="profile a CUDA-graph replay of the forward")
     p.add_argument("--trace", type=int, default=0, help="also print the first N kernels of a forward in order")
+    p.add_argument("--decode", type=int, default=0, help="profile N decode steps (graph replays) instead")
+    p.add_argument("--compile", action="store_true", help="with --decode: compile the step (torch.compile)")
     p.add_argument("--host", action="store_true", help="also profile the host: self CPU time per op (eager rows)")
     p.add_argument("--json")
     a = p.parse_args()
@@ -86,7 +102,9 @@ def main() -> None:
             model = quantize(model, preset, inplace=True, progress=False)
         ids = torch.randint(1000, model.config.vocab_size, (a.batch, a.seq), device="cuda")
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}  # as zeroquant bench runs it
-        if a.graph:
+        if a.decode:
+            fwd = decode_steps(model, ids, a.decode, a.compile, 2 * a.reps + 2)
+        elif a.graph:
             graphed = GraphedForward(model, **inputs)
             fwd = functools.partial(graphed, **inputs)
         else:
@@ -94,8 +112,9 @@ def main() -> None:
         per, total, wall, order = kernel_times(fwd, a.reps)
         out["variants"][preset] = {"total_ms": total, "wall_ms": wall, "kernels_ms": per,
                                    "first_kernels_us": order[: max(a.trace, 0)]}
-        print(f"\n== {preset}{' graph' if a.graph else ''}: GPU {total:.2f} ms, wall {wall:.2f} ms per forward "
-              f"({a.config}, {a.batch} x {a.seq})")
+        what = f"{a.decode} decode steps" if a.decode else "forward"
+        print(f"\n== {preset}{' graph' if a.graph else ''}{' compiled' if a.compile else ''}: GPU {total:.2f} ms, "
+              f"wall {wall:.2f} ms per {what} ({a.config}, {a.batch} x {a.seq})")
         for name, ms in sorted(per.items(), key=lambda kv: -kv[1])[: a.top]:
             print(f"  {ms:8.3f} ms {100 * ms / total:5.1f}%  {name}")
         for name, us in order[: a.trace]:
