@@ -17,17 +17,20 @@ from zeroquant.qlinear import QuantLinear
 
 # per 2-block model under w4/8-a8 (INT8 activations everywhere): fused norms, activations moved into the next
 # linear's quantization, fused gated MLPs, epilogue activations, residual adds moved into fused norms,
-# self-attentions on the attention kernel (BERT: the embeddings' LayerNorm is the fourth fused norm)
-EXPECTED = {"llama": (4, 0, 2), "qwen2": (4, 0, 2), "opt": (4, 2, 0), "gpt2": (4, 2, 0), "gpt_neox": (4, 2, 0),
-            "gptj": (2, 2, 0), "bert": (4, 2, 0, 0, 3, 2), "roberta": (4, 2, 0, 0, 3, 2)}
-NONE = {"norm->quant": 0, "residual->norm": 0, "act->epilogue": 0, "act->quant": 0, "gate*up->quant": 0,
-        "attention->kernel": 0}
+# self-attentions on the attention kernel (BERT: the embeddings' LayerNorm is the fourth fused norm), decoder
+# norms running their linears as one packed GEMM (Llama: q/k/v and gate/up; OPT: q/k/v; GPT-J's ln_1 feeds INT8
+# attention and INT4 MLP linears, which do not pack; encoders pack q/k/v in their attention instead)
+EXPECTED = {"llama": (4, 0, 2, 0, 0, 0, 4), "qwen2": (4, 0, 2, 0, 0, 0, 4), "opt": (4, 2, 0, 0, 0, 0, 2),
+            "gpt2": (4, 2, 0), "gpt_neox": (4, 2, 0), "gptj": (2, 2, 0), "bert": (4, 2, 0, 0, 3, 2),
+            "roberta": (4, 2, 0, 0, 3, 2)}
+NONE = {"norm->quant": 0, "norm->packed": 0, "residual->norm": 0, "act->epilogue": 0, "act->quant": 0,
+        "gate*up->quant": 0, "attention->kernel": 0}
 
 
 def counts(norms: int, act_quant: int, gated: int, epilogue: int = 0, residual: int = 0,
-           attention: int = 0) -> dict[str, int]:
-    return {"norm->quant": norms, "residual->norm": residual, "act->epilogue": epilogue, "act->quant": act_quant,
-            "gate*up->quant": gated, "attention->kernel": attention}
+           attention: int = 0, packed: int = 0) -> dict[str, int]:
+    return {"norm->quant": norms, "norm->packed": packed, "residual->norm": residual, "act->epilogue": epilogue,
+            "act->quant": act_quant, "gate*up->quant": gated, "attention->kernel": attention}
 
 
 @pytest.mark.parametrize("arch", list(EXPECTED))
@@ -45,16 +48,20 @@ def test_fused_model_matches_unfused(arch):
     assert (a - b).abs().max().item() <= 1e-5 * a.abs().max().item()
 
 
-def test_weight_only_presets_fuse_activations_not_norms():
+def test_weight_only_presets_fuse_activations_and_pack_only_what_shares_a_format():
     q = zq.quantize(tiny_model("llama"), "w4a16", progress=False)
-    assert not any(isinstance(m, FusedNorm) for m in q.modules())
+    norms = [m for m in q.modules() if isinstance(m, FusedNorm)]
+    # q/k/v pack behind the input norm; gate carries the activation in its epilogue, up does not: no pack
+    assert len(norms) == 2 and all(n.pack for n in norms)
+    assert [n.consumers for n in norms] == [tuple(b.self_attn.get_submodule(p) for p in ("q_proj", "k_proj", "v_proj"))
+                                            for b in q.model.layers]
     gate = q.model.layers[0].mlp.gate_proj
     assert isinstance(gate, QuantLinear) and gate.act == "silu"
     assert isinstance(q.model.layers[0].mlp.act_fn, nn.Identity)
 
 
 def test_gated_mlp_only_where_the_down_projection_takes_int8():
-    assert fuse(zq.quantize(tiny_model("llama"), "w4a16", progress=False, fuse=False)) == counts(0, 0, 0, 2)
+    assert fuse(zq.quantize(tiny_model("llama"), "w4a16", progress=False, fuse=False)) == counts(0, 0, 0, 2, packed=2)
     q = zq.quantize(tiny_model("llama"), "w4/8-a8", progress=False)
     mlp = q.model.layers[0].mlp
     assert isinstance(mlp, GatedMLP) and mlp.act == "silu" and mlp.gate_proj.act is None

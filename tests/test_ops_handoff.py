@@ -9,6 +9,7 @@ from tiny_models import model_output, tiny_input, tiny_model
 import zeroquant as zq
 from zeroquant import kernels
 from zeroquant.config import ActQuant, LinearRule, WeightQuant
+from zeroquant.fusion import EncoderAttention, FusedNorm
 from zeroquant.handoff import QuantizedActivation
 from zeroquant.kernels import ops
 from zeroquant.kernels import reference as R
@@ -109,12 +110,26 @@ def test_kernel_path_compiles_whole_and_matches(arch, preset, dtype, monkeypatch
     handed = []
     for m in q.modules():
         if isinstance(m, QuantLinear):
-            m.register_forward_pre_hook(lambda m, a: handed.append(isinstance(a[0], QuantizedActivation)))
+            m.register_forward_pre_hook(lambda m, a: handed.append(
+                (isinstance(a[0], QuantizedActivation) and a[0].int8() is not None,
+                 isinstance(a[0], QuantizedActivation) and a[0].packed_output(m.packed_slot or 0, m.out_features)
+                 is not None)))
     eager = model_output(q, ids)
     torch.testing.assert_close(eager, want, rtol=tol, atol=tol)
-    assert any(handed) == (preset != "w4a16")  # every INT8-activation model hands some copy over
+    assert any(h[0] for h in handed) == (preset != "w4a16")  # every INT8-activation model hands some copy over
+    assert any(h[1] for h in handed) == (arch in ("llama", "opt"))  # q/k/v outputs from one packed GEMM
     torch._dynamo.reset()
     explained = torch._dynamo.explain(q)(input_ids=ids)
     assert explained.graph_break_count == 0, [str(r.reason)[:200] for r in explained.break_reasons]
+    # one GEMM per linear, less those that a norm or an encoder attention ran as one packed GEMM (packed by the
+    # eager calls above: compiling uses that pack)
+    gemms = sum(isinstance(m, QuantLinear) for m in q.modules()) - sum(
+        len(m.consumers) - 1 for m in q.modules() if isinstance(m, FusedNorm) and m.pack) - 2 * sum(
+        isinstance(m, EncoderAttention) for m in q.modules())
+    torch._dynamo.reset()
+    with torch.no_grad():  # at inference, where the fused ops hand over
+        graphs = torch._dynamo.explain(q)(input_ids=ids).graphs
+    traced = [n for g in graphs for n in g.graph.nodes if "quant_linear" in str(n.target)]
+    assert len(traced) == gemms
     compiled = torch.compile(q, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(model_output(compiled, ids), eager, rtol=1e-5, atol=1e-5)

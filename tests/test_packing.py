@@ -64,3 +64,31 @@ def test_packed_bert_saves_and_loads(tmp_path):
     fresh = zq.quantize(tiny_model("bert", seed=3), "w8a8", progress=False)
     load_model(fresh, str(tmp_path / "m.safetensors"))
     assert torch.equal(model_output(fresh, ids), want)
+
+
+@pytest.mark.parametrize("preset", ["w8a8", "w4a16"])
+def test_decoder_norm_runs_its_linears_packed_and_repacks_after_a_move(preset, monkeypatch):
+    """On the kernel path (the ops' CPU twins here) a decoder's input norm packs q/k/v on the first forward and
+    hands their outputs over from one GEMM; a device move undoes the pack and the next forward packs again; the
+    logits match the unpacked model's."""
+    from zeroquant import kernels
+    from zeroquant.fusion import FusedNorm
+
+    q = zq.quantize(tiny_model("llama"), preset, progress=False).to(torch.bfloat16)
+    ids = tiny_input()
+    monkeypatch.setattr(kernels, "runs_on", lambda x: True)
+    norms = [m for m in q.modules() if isinstance(m, FusedNorm) and m.pack]
+    assert norms and all(packing.packed_buffers(list(n.consumers)) is None for n in norms)
+    for n in norms:
+        n.pack = False
+    want = model_output(q, ids)
+    for n in norms:
+        n.pack = True
+    first = model_output(q, ids)
+    assert all(packing.packed_buffers(list(n.consumers)) is not None for n in norms)
+    q._apply(lambda t: t.clone())  # what a device move does
+    assert all(packing.packed_buffers(list(n.consumers)) is None and not hasattr(n, "packed_buffers") for n in norms)
+    again = model_output(q, ids)
+    assert all(packing.packed_buffers(list(n.consumers)) is not None for n in norms)
+    torch.testing.assert_close(first, want, rtol=1e-2, atol=1e-2)
+    assert torch.equal(first, again)

@@ -53,16 +53,18 @@ def norm_eps(module: nn.Module, kind: str) -> float | None:
 
 
 class FusedNorm(nn.Module):
-    """LayerNorm/RMSNorm that also quantizes its output per token for the QuantLinears it feeds, and returns
-    both as one QuantizedActivation (zeroquant.handoff).
+    """LayerNorm/RMSNorm that hands the QuantLinears it feeds what they would compute from its output, as one
+    QuantizedActivation (zeroquant.handoff): its token-wise INT8 copy, made in the norm's kernel, where they
+    take INT8; and, where `pack` is set and they share a format (zeroquant.packing), their outputs from one GEMM
+    over their packed weights (a decoder's q/k/v: one GEMM instead of three).
 
-    Same parameters under the same names as the norm it replaces. The INT8 copy is only made where those
-    linears would use it (CUDA kernels, inference); otherwise this is the reference norm.
+    Same parameters under the same names as the norm it replaces. Only on the kernel path at inference;
+    otherwise this is the reference norm.
     """
 
-    def __init__(self, norm: nn.Module, kind: str, eps: float, consumers: list[QuantLinear]) -> None:
+    def __init__(self, norm: nn.Module, kind: str, eps: float, consumers: list[QuantLinear], pack: bool) -> None:
         super().__init__()
-        self.kind, self.eps = kind, eps
+        self.kind, self.eps, self.pack = kind, eps, pack
         self.weight = norm.weight
         self.bias = getattr(norm, "bias", None)
         # A tuple, not a ModuleList: the consumers belong to (and are saved with) their own parents.
@@ -70,19 +72,35 @@ class FusedNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """norm(x), or norm(x + residual) with the add inside the same kernel (ResidualNorm)."""
-        if _inference(x) and self._consumers_take_int8(x):
-            y, q, s = ops.norm_quant(x, self.weight, self.bias, self.eps, self.kind, residual)
-            return QuantizedActivation(y, q, s)
+        if _inference(x):
+            int8 = any(c.takes_int8(x) for c in self.consumers)
+            packed = self._packed(x)
+            if int8 or packed is not None:
+                if int8:
+                    y, q, s = ops.norm_quant(x, self.weight, self.bias, self.eps, self.kind, residual)
+                else:
+                    y, q, s = self._norm(x, residual), None, None
+                outs = None if packed is None else packed_linears(packed, list(self.consumers), y,
+                                                                  None if q is None else (q, s))
+                return QuantizedActivation(y, q, s, outputs=outs)
+        return self._norm(x, residual)
+
+    def _norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         return reference.norm(x if residual is None else x + residual, self.weight, self.bias, self.eps, self.kind)
 
-    def _consumers_take_int8(self, x: torch.Tensor) -> bool:
-        for c in self.consumers:
-            if c.takes_int8(x):
-                return True
-        return False
+    def _packed(self, x: torch.Tensor) -> dict | None:
+        lins = list(self.consumers)
+        if not (self.pack and packing.packable(lins) and all(c.uses_kernels(x) for c in lins)):
+            return None
+        return packing.cached_pack(self, lins, x)
+
+    def _apply(self, fn, recurse=True):
+        packing.drop_pack(self)
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
-        return f"{self.kind}, eps={self.eps}, feeds {len(self.consumers)} quantized linear(s)"
+        how = ", packed" if self.pack else ""
+        return f"{self.kind}, eps={self.eps}, feeds {len(self.consumers)} quantized linear(s){how}"
 
 
 def _inference(x: torch.Tensor) -> bool:
@@ -165,10 +183,16 @@ class ResidualNorm(nn.Module):
         return f"{self.names[2]}({self.names[1]}({self.names[0]}(h)) + residual), add fused into the norm"
 
 
-def _buffers_key(linears: list[QuantLinear]) -> tuple:
-    """Where the linears' buffers live and how often they were written: a packed weight built from them is
-    stale once this changes (a device move, packing, an in-place update)."""
-    return tuple((b.data_ptr(), b._version) for m in linears for b in m._buffers.values() if b is not None)
+def packed_linears(packed: dict[str, torch.Tensor | None], linears: list[QuantLinear], x: torch.Tensor,
+                   int8: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """Each linear's output from one kernel GEMM over their packed buffers (packing.packed_buffers): x [..., K],
+    or its token-wise INT8 form `int8` where the caller already has it."""
+    first = linears[0]
+    zero = None if packed["w_zero"] is None else packed["w_zero"].t()
+    q8, s = (x, None) if first.aq is None else (int8 or first.int8_input(x))
+    y = ops.quant_linear(q8, s, packed["qweight"], packed["w_scale"].t(), zero, first.wq.bits, first.group_size,
+                         packed["bias"], None, x.dtype)
+    return list(y.split([m.out_features for m in linears], -1))
 
 
 class EncoderAttention(nn.Module):
@@ -219,38 +243,17 @@ class EncoderAttention(nn.Module):
         return out.transpose(1, 2).reshape(*lead, -1), None
 
     def _apply(self, fn, recurse=True):
-        self.__dict__.pop("_packed", None)  # holds the packed allocations: let a device move free them
+        packing.drop_pack(self)
         return super()._apply(fn, recurse)
 
     def _packed_projection(self, x: torch.Tensor) -> list[torch.Tensor] | None:
         """q, k and v from one GEMM over their packed weights (zeroquant.packing; faster than three: bench/NOTES.md),
-        packing them on first use; None where the kernels cannot. Not while
-        torch.compile traces: checking that the packed allocation is still current reads storage addresses,
-        which a graph cannot; a compiled model takes three GEMMs on one INT8 copy of x instead."""
+        packing them on first use; None where the kernels cannot."""
         lins = [getattr(self, n) for n in self.names]
-        if torch.compiler.is_compiling() or not (packing.packable(lins) and all(m.uses_kernels(x) for m in lins)):
+        if not (packing.packable(lins) and all(m.uses_kernels(x) for m in lins)):
             return None
-        key = _buffers_key(lins)
-        cached = self.__dict__.get("_packed")
-        if cached is None or cached[0] != key:
-            packed = packing.packed_buffers(lins)
-            if packed is None:
-                capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-                if capturing or self.__dict__.get("_graphed_unpacked"):
-                    # Packing allocates and frees the linears' own buffers: never inside a capture, nor after
-                    # a graph captured the three GEMMs on those buffers.
-                    self.__dict__["_graphed_unpacked"] = True
-                    return None
-                packing.pack(lins)
-                packed = packing.packed_buffers(lins)
-                key = _buffers_key(lins)
-            cached = self.__dict__["_packed"] = (key, packed)  # derived, never saved
-        p, first = cached[1], lins[0]
-        zero = None if p["w_zero"] is None else p["w_zero"].t()
-        q8, s = (x, None) if first.aq is None else first.int8_input(x)
-        y = ops.quant_linear(q8, s, p["qweight"], p["w_scale"].t(), zero, first.wq.bits, first.group_size,
-                             p["bias"], None, x.dtype)
-        return list(y.split([m.out_features for m in lins], -1))
+        packed = packing.cached_pack(self, lins, x)
+        return None if packed is None else packed_linears(packed, lins, x)
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}, head_dim={self.head_dim}, on the attention kernel where it applies"
@@ -287,15 +290,18 @@ def _takes_int8(m: nn.Module) -> bool:
     return isinstance(m, QuantLinear) and m.aq is not None and m.aq.dynamic and m.aq.bits == 8
 
 
-def _fuse_norm(owner: nn.Module, name: str, kind: str, consumers: list[nn.Module]) -> bool:
+def _fuse_norm(owner: nn.Module, name: str, kind: str, consumers: list[nn.Module], pack: bool) -> list[str]:
+    """Replace the norm by a FusedNorm where it has something to hand over: INT8 copies (every consumer takes
+    them) and/or, with `pack`, the outputs of two or more linears of one format. Returns what it hands over."""
     norm = owner.get_submodule(name)
-    if isinstance(norm, FusedNorm) or not all(_takes_int8(c) for c in consumers):
-        return False
-    eps = norm_eps(norm, kind)
-    if eps is None:
-        return False
-    owner.set_submodule(name, FusedNorm(norm, kind, eps, consumers))
-    return True
+    int8 = all(_takes_int8(c) for c in consumers)
+    pack = pack and len(consumers) > 1 and packing.packable(consumers) and consumers[0].kernel_format
+    if isinstance(norm, FusedNorm) or not (int8 or pack) or norm_eps(norm, kind) is None:
+        return []
+    for i, c in enumerate(consumers):
+        c.packed_slot = i if pack else None
+    owner.set_submodule(name, FusedNorm(norm, kind, norm_eps(norm, kind), consumers, pack))
+    return ["norm->quant"] * int8 + ["norm->packed"] * pack
 
 
 def _fuse_act(block: nn.Module, act_name: str, linear_name: str, consumer_name: str | None) -> str | None:
@@ -320,30 +326,17 @@ def fuse(model: nn.Module) -> dict[str, int]:
     Idempotent. Models without an adapter (the generic fallback) are left as they are.
     """
     arch = get_arch(model, allow_generic=True)
-    done = {"norm->quant": 0, "residual->norm": 0, "act->epilogue": 0, "act->quant": 0, "gate*up->quant": 0,
-            "attention->kernel": 0}
+    done = {"norm->quant": 0, "norm->packed": 0, "residual->norm": 0, "act->epilogue": 0, "act->quant": 0,
+            "gate*up->quant": 0, "attention->kernel": 0}
     if arch is None:
         return done
     blocks = get_blocks(model)
-    norms = norms_apply(model, arch)
-    if norms and arch.norm_feeds_first is not None and len(blocks):
-        name, linears = arch.norm_feeds_first
-        consumers = [blocks[0].get_submodule(n) for n in linears]
-        done["norm->quant"] += _fuse_norm(base_model(model), name, arch.norm, consumers)
-    bidirectional = not getattr(model.config, "is_decoder", False)
-    for i, block in enumerate(blocks):
-        if arch.self_attention is not None and bidirectional:
+    # BERT-style encoders (not configured as decoders) run q/k/v packed in EncoderAttention
+    encoder = arch.self_attention is not None and not getattr(model.config, "is_decoder", False)
+    # Activations before norms: an activation moved into a GEMM epilogue leaves that linear out of a packed GEMM.
+    for block in blocks:
+        if encoder:
             done["attention->kernel"] += _fuse_self_attention(block, *arch.self_attention)
-        if norms:
-            for name, linears in arch.norm_feeds.items():
-                consumers = [block.get_submodule(n) for n in linears]
-                done["norm->quant"] += _fuse_norm(block, name, arch.norm, consumers)
-            if i + 1 < len(blocks):
-                for name, linears in arch.norm_feeds_next.items():
-                    consumers = [blocks[i + 1].get_submodule(n) for n in linears]
-                    done["norm->quant"] += _fuse_norm(block, name, arch.norm, consumers)
-            for entry in arch.residual_norm:
-                done["residual->norm"] += _fuse_residual(block, *entry)
         # Gated MLPs first: when `down` takes INT8 the activation belongs to their kernel, not an epilogue.
         if arch.gated_mlp is not None:
             done["gate*up->quant"] += _fuse_gated_mlp(block, *arch.gated_mlp)
@@ -353,4 +346,25 @@ def fuse(model: nn.Module) -> dict[str, int]:
             how = _fuse_act(block, *arch.mlp_act)
             if how:
                 done[how] += 1
+    if not norms_apply(model, arch):
+        return done
+    # Elsewhere linears that read one norm's output run packed from that norm.
+    fused = []
+    if arch.norm_feeds_first is not None and len(blocks):
+        name, linears = arch.norm_feeds_first
+        fused.append(_fuse_norm(base_model(model), name, arch.norm, [blocks[0].get_submodule(n) for n in linears],
+                                not encoder))
+    for i, block in enumerate(blocks):
+        for name, linears in arch.norm_feeds.items():
+            fused.append(_fuse_norm(block, name, arch.norm, [block.get_submodule(n) for n in linears],
+                                    not encoder))
+        if i + 1 < len(blocks):
+            for name, linears in arch.norm_feeds_next.items():
+                fused.append(_fuse_norm(block, name, arch.norm, [blocks[i + 1].get_submodule(n) for n in linears],
+                                        not encoder))
+        for entry in arch.residual_norm:
+            done["residual->norm"] += _fuse_residual(block, *entry)
+    for hands in fused:
+        for what in hands:
+            done[what] += 1
     return done

@@ -1,4 +1,4 @@
-"""One GEMM for linears that read the same input (an encoder's q, k, v projections).
+"""One GEMM for linears that read the same input (q, k, v projections; a decoder's gate and up projections).
 
 pack() moves each buffer of the QuantLinears (qweight, scales, zero points, bias) into one allocation and
 leaves each linear a view of its part, so nothing is stored twice: the kernels read the [N1 + N2 + ..., K]
@@ -10,6 +10,7 @@ anew. QuantLinear's state dict copies views out of a packed allocation, so check
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from .qlinear import QuantLinear
 
@@ -74,3 +75,40 @@ def packed_buffers(linears: list[QuantLinear]) -> dict[str, torch.Tensor | None]
         if bufs[0] is not None and bases[name] is None:
             return None
     return bases
+
+
+def buffers_key(linears: list[QuantLinear]) -> tuple:
+    """Where the linears' buffers live and how often they were written: a pack built from them is stale once
+    this changes (a device move, packing, an in-place update)."""
+    return tuple((b.data_ptr(), b._version) for m in linears for b in m._buffers.values() if b is not None)
+
+
+def cached_pack(owner: nn.Module, linears: list[QuantLinear], x: torch.Tensor) -> dict[str, torch.Tensor | None] | None:
+    """The linears' packed buffers (packed_buffers), packing them on first use. `owner`, the module that runs
+    the packed GEMM, keeps them as its attribute `packed_buffers` (derived, never saved; it drops them on a
+    device move: drop_pack) with `packed_key`, the buffers_key they were made under.
+
+    None where packing cannot happen: inside a CUDA-graph capture, or once a graph captured the linears
+    unpacked (packing frees their own buffers). While torch.compile traces, the cached pack is used as it is
+    and nothing is packed: checking that it is current reads storage addresses, which a graph cannot, and
+    in-place updates of the linears' buffers write into it anyway."""
+    cached = getattr(owner, "packed_buffers", None)
+    if torch.compiler.is_compiling():
+        return cached
+    key = buffers_key(linears)
+    if cached is not None and owner.packed_key == key:
+        return cached
+    packed = packed_buffers(linears)
+    if packed is None:
+        if (x.is_cuda and torch.cuda.is_current_stream_capturing()) or getattr(owner, "graphed_unpacked", False):
+            owner.graphed_unpacked = True
+            return None
+        pack(linears)
+        packed, key = packed_buffers(linears), buffers_key(linears)
+    owner.packed_buffers, owner.packed_key = packed, key
+    return packed
+
+
+def drop_pack(owner: nn.Module) -> None:
+    """Forget the owner's cached pack (cached_pack): on a device move, so the old allocations can be freed."""
+    owner.__dict__.pop("packed_buffers", None)

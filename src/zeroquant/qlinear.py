@@ -57,6 +57,9 @@ class QuantLinear(nn.Module):
         # Activation applied to the output (fused into the GEMM epilogue on CUDA); set by zeroquant.fuse,
         # which removes the model's own activation module. Not saved: fuse() sets it again after loading.
         self.act: str | None = None
+        # This linear's place among those a FusedNorm runs as one packed GEMM (zeroquant.fusion): its output then
+        # comes with its input (handoff.QuantizedActivation.packed_output). Set by zeroquant.fuse; not saved.
+        self.packed_slot: int | None = None
         self.packed = weight.bits <= 4
         groups = 1 if weight.per_tensor else Q.num_groups(in_features, weight.group_size)
         qdtype = Q.storage_dtype(weight.bits, weight.symmetric)
@@ -258,6 +261,10 @@ class QuantLinear(nn.Module):
         return self.forward_quantized(*self.int8_input(x), x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed_slot is not None and isinstance(x, QuantizedActivation):
+            y = x.packed_output(self.packed_slot, self.out_features)
+            if y is not None:
+                return y
         if self.uses_kernels(x):
             return self.forward_kernel(x)
         if isinstance(x, QuantizedActivation):
