@@ -5,6 +5,9 @@ Rewrites driven by the adapter table (adapters.Arch), all exact on the reference
   INT8 activations becomes a FusedNorm. On CUDA it runs one kernel that writes the normalised output and
   its INT8 form, and hands the INT8 copy to those linears, which then skip their own quantization (Llama's
   q/k/v projections quantized the same tensor three times before). Elsewhere it is the plain norm.
+- norm -> packed linears: in decoders, the linears a norm feeds that share a format (Llama's q/k/v, and
+  gate/up where `down` takes INT8) run as one GEMM over their packed weights (zeroquant.packing), run by the
+  FusedNorm, which hands each linear its output (weight-only presets too: there the norm is torch ops).
 - residual add -> norm: in a post-LN sublayer norm(linear(h) + residual) whose norm became a FusedNorm, the
   add moves into the norm's kernel (ResidualNorm).
 - activation -> token-wise INT8: an MLP activation (GELU, SiLU, ReLU) whose output feeds an INT8-activation
