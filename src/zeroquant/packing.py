@@ -2,8 +2,8 @@
 
 pack() moves each buffer of the QuantLinears (qweight, scales, zero points, bias) into one allocation and
 leaves each linear a view of its part, so nothing is stored twice: the kernels read the [N1 + N2 + ..., K]
-weight, while every other path, the state dict and the parameter names see the three linears as before.
-A device move gives each view its own copy again; packed_weight() then returns None and the caller packs
+weight, while every other path, the state dict and the parameter names see the linears as before.
+A device move gives each view its own copy again; packed_buffers() then returns None and cached_pack() packs
 anew. QuantLinear's state dict copies views out of a packed allocation, so checkpoints do not change.
 """
 
