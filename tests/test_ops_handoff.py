@@ -112,8 +112,8 @@ def test_kernel_path_compiles_whole_and_matches(arch, preset, dtype, monkeypatch
         if isinstance(m, QuantLinear):
             m.register_forward_pre_hook(lambda m, a: handed.append(
                 (isinstance(a[0], QuantizedActivation) and a[0].int8() is not None,
-                 isinstance(a[0], QuantizedActivation) and a[0].packed_output(m.packed_slot or 0, m.out_features)
-                 is not None)))
+                 isinstance(a[0], QuantizedActivation) and m.packed_slot is not None
+                 and a[0].packed_output(m.packed_slot, m.out_features) is not None)))
     eager = model_output(q, ids)
     torch.testing.assert_close(eager, want, rtol=tol, atol=tol)
     assert any(h[0] for h in handed) == (preset != "w4a16")  # every INT8-activation model hands some copy over

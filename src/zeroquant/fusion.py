@@ -297,13 +297,16 @@ def _fuse_norm(owner: nn.Module, name: str, kind: str, consumers: list[nn.Module
     """Replace the norm by a FusedNorm where it has something to hand over: INT8 copies (every consumer takes
     them) and/or, with `pack`, the outputs of two or more linears of one format. Returns what it hands over."""
     norm = owner.get_submodule(name)
+    if isinstance(norm, FusedNorm):
+        return []
     int8 = all(_takes_int8(c) for c in consumers)
     pack = pack and len(consumers) > 1 and packing.packable(consumers) and consumers[0].kernel_format
-    if isinstance(norm, FusedNorm) or not (int8 or pack) or norm_eps(norm, kind) is None:
+    eps = norm_eps(norm, kind)
+    if not (int8 or pack) or eps is None:
         return []
     for i, c in enumerate(consumers):
         c.packed_slot = i if pack else None
-    owner.set_submodule(name, FusedNorm(norm, kind, norm_eps(norm, kind), consumers, pack))
+    owner.set_submodule(name, FusedNorm(norm, kind, eps, consumers, pack))
     return ["norm->quant"] * int8 + ["norm->packed"] * pack
 
 
@@ -352,22 +355,19 @@ def fuse(model: nn.Module) -> dict[str, int]:
     if not norms_apply(model, arch):
         return done
     # Elsewhere linears that read one norm's output run packed from that norm.
-    fused = []
+    def fuse_norm(owner: nn.Module, name: str, consumers: list[nn.Module]) -> None:
+        for what in _fuse_norm(owner, name, arch.norm, consumers, not encoder):
+            done[what] += 1
+
     if arch.norm_feeds_first is not None and len(blocks):
         name, linears = arch.norm_feeds_first
-        fused.append(_fuse_norm(base_model(model), name, arch.norm, [blocks[0].get_submodule(n) for n in linears],
-                                not encoder))
+        fuse_norm(base_model(model), name, [blocks[0].get_submodule(n) for n in linears])
     for i, block in enumerate(blocks):
         for name, linears in arch.norm_feeds.items():
-            fused.append(_fuse_norm(block, name, arch.norm, [block.get_submodule(n) for n in linears],
-                                    not encoder))
+            fuse_norm(block, name, [block.get_submodule(n) for n in linears])
         if i + 1 < len(blocks):
             for name, linears in arch.norm_feeds_next.items():
-                fused.append(_fuse_norm(block, name, arch.norm, [blocks[i + 1].get_submodule(n) for n in linears],
-                                        not encoder))
+                fuse_norm(block, name, [blocks[i + 1].get_submodule(n) for n in linears])
         for entry in arch.residual_norm:
             done["residual->norm"] += _fuse_residual(block, *entry)
-    for hands in fused:
-        for what in hands:
-            done[what] += 1
     return done
