@@ -138,6 +138,9 @@ class GraphedForward:
         self.inputs = {k: v.clone() if torch.is_tensor(v) else v for k, v in example.items()}
         self.out = None
         forward = compiled(model, compile_mode) if compile else model
+        if compile:
+            with torch.no_grad():
+                model(**self.inputs)  # eager first: packs the linears that run as one GEMM (a traced forward cannot)
 
         def run():
             self.out = forward(**self.inputs)
