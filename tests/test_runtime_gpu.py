@@ -238,3 +238,18 @@ def test_compiled_graph_decoder_matches_generate(preset):
     dec = GreedyDecoder(model, 2, 48, cuda_graph=True, compile=True)
     assert torch.equal(dec.generate(ids, 32), want)
     assert torch.equal(dec.generate(ids, 32), want)
+
+
+def test_compiled_graphed_forward_runs_packed():
+    """GraphedForward(compile=True) runs the model eagerly once before compiling, so the compiled forward
+    finds the packed weights (a traced forward uses a pack, never makes one) and matches the eager logits."""
+    model = llama("w8a8")
+    owners = [m for m in model.modules() if isinstance(m, FusedNorm) and m.pack]
+    assert owners and all(getattr(m, "packed_buffers", None) is None for m in owners)
+    ids = torch.randint(0, 1000, (2, 16), device="cuda")
+    g = GraphedForward(model, compile=True, input_ids=ids)
+    assert all(m.packed_buffers is not None for m in owners)
+    got = g(input_ids=ids).logits.float()
+    with torch.no_grad():
+        want = model(input_ids=ids).logits.float()
+    assert ((got - want).norm() / want.norm()).item() < 2e-3
