@@ -228,15 +228,15 @@ def test_w4_skinny_every_config_and_split(cfg, split, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.int8])
 def test_w4_skinny_is_taken_and_repeats_bitwise(dtype):
-    """quant_linear sends 1..16 tokens with INT4 weights to the split-K kernel on Hopper (4096 x 4096
-    splits K), and its ordered sum of partials gives the same bits on every launch."""
+    """quant_linear sends 2..16 tokens with INT4 weights to the split-K kernel on Hopper (4096 x 4096 splits
+    K), and its ordered sum of partials gives the same bits on every launch."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the warpgroup MMA needs Hopper")
     from zeroquant.kernels import skinny_gemm as SK
 
     ql, (x, xs), want = _skinny_case(4096, 4096, 128, False, 16, dtype)
     kw = ql.kernel_weight()
-    assert SK.skinny_ok(x, kw) and SK.skinny_ok(x[:1], kw)
+    assert SK.skinny_ok(x, kw) and not SK.skinny_ok(x[:1], kw)
     assert not SK.skinny_ok(torch.cat([x, x[:1]]), kw)
     assert SK.skinny_split(kw, torch.cuda.get_device_properties(0).multi_processor_count) > 1
     first = gemm.quant_linear(x, xs, kw, ql.bias, "silu")
@@ -244,6 +244,56 @@ def test_w4_skinny_is_taken_and_repeats_bitwise(dtype):
     for _ in range(50):
         assert torch.equal(gemm.quant_linear(x, xs, kw, ql.bias, "silu"), first)
     assert SK.split_counters(x.device, 1).eq(0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("split", [1, 3])
+def test_w4_gemv(split, dtype):
+    """One token, INT4 weights on CUDA cores (W4A16 and W4A8), one or three K slices (uneven: 12 steps, or 9
+    in the short-group case), against the exact result: group 128 with zero points, group 64 symmetric, one
+    scale per row, a short last group (576 = 4.5 groups of 128) and N = 1000 (a partial last tile); the
+    split-K counters are back to zero afterwards."""
+    from zeroquant.kernels import act_code
+    from zeroquant.kernels import gemv as GV
+
+    tol = {torch.float16: 1e-3, torch.bfloat16: 3e-3, torch.int8: 1e-4}[dtype]
+    n = 1000
+    for k, group, sym, scale_dtype in [(1536, 128, False, "float16"), (1536, 64, True, "float32"),
+                                       (1536, -1, False, "float16"), (576, 128, False, "float32")]:
+        ql, (x, xs), want = _skinny_case(k, n, group, sym, 1, dtype, scale_dtype)
+        kw = ql.kernel_weight()
+        poison_cuda_cache()
+        got = torch.empty(1, n, device="cuda", dtype=ql.bias.dtype)
+        counters = GV.split_counters(x.device, n)
+        GV._w4_gemv_kernel[(-(-n // GV.W4_BLOCK_N), split)](
+            x, got if xs is None else xs.reshape(-1), kw.qweight, kw.scale,
+            kw.zero if kw.zero is not None else kw.scale, ql.bias, got, torch.empty(split * 1024, device="cuda"),
+            counters, n, k, kw.qweight.stride(0), A_INT8=xs is not None, HAS_ZERO=kw.zero is not None,
+            GROUP_SIZE=kw.kernel_group, HAS_BIAS=True, ACT=act_code("silu"), STEP=GV._w4_step(k, kw.kernel_group),
+            SPLIT=split, BLOCK_N=GV.W4_BLOCK_N, PDL=False, num_warps=4)
+        assert rel_err(got, want) < tol, (k, group)
+        assert counters.eq(0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.int8])
+def test_one_token_int4_takes_the_gemv_and_repeats_bitwise(dtype, monkeypatch):
+    """quant_linear sends one token with INT4 weights to the INT4 GEMV, never to the small-M kernel (4096 x
+    4096 splits K), and its ordered sum of partials gives the same bits on every launch."""
+    from zeroquant.kernels import gemv as GV
+
+    ql, (x, xs), want = _skinny_case(4096, 4096, 128, False, 1, dtype)
+    kw = ql.kernel_weight()
+    assert GV._w4_gemv_split(4096, 4096, 128, x) > 1
+
+    def no_skinny(*args, **kwargs):
+        raise AssertionError("one token went to the small-M kernel")
+
+    monkeypatch.setattr(gemm, "w4_skinny", no_skinny)
+    first = gemm.quant_linear(x, xs, kw, ql.bias, "silu")
+    assert rel_err(first, want) < (1e-4 if xs is not None else 1e-3)
+    for _ in range(50):
+        assert torch.equal(gemm.quant_linear(x, xs, kw, ql.bias, "silu"), first)
+    assert GV.split_counters(x.device, 1).eq(0).all()
 
 
 @pytest.mark.parametrize("a8", [False, True])
@@ -269,9 +319,9 @@ def test_gemv_every_w8_config(cfg, a8):
         counters = GV.split_counters(x.device, n)
         ch = GV._chunk({"GROUP_SIZE": kw.kernel_group, "BLOCK_K": c.kwargs["BLOCK_K"], "W_BITS": 8})
         GV._gemv_kernel.fn.fn[(-(-n // c.kwargs["BLOCK_N"]), split)](
-            xin, xs.reshape(-1) if a8 else got, kw.qweight, kw.scale, kw.scale, ql.bias, got,
-            torch.empty(split * n + 64, device="cuda"), counters, n, k, kw.qweight.stride(0), A_INT8=a8, W_BITS=8,
-            HAS_ZERO=False, GROUP_SIZE=kw.kernel_group, HAS_BIAS=True, ACT=act_code("silu"), CH=ch, SPLIT=split,
+            xin, xs.reshape(-1) if a8 else got, kw.qweight, kw.scale, ql.bias, got,
+            torch.empty(split * n + 64, device="cuda"), counters, n, k, kw.qweight.stride(0), A_INT8=a8,
+            GROUP_SIZE=kw.kernel_group, HAS_BIAS=True, ACT=act_code("silu"), CH=ch, SPLIT=split,
             PDL=False, **c.kwargs, num_warps=c.num_warps)
         assert rel_err(got, want) < 2e-3, group
         assert counters.eq(0).all()

@@ -1,7 +1,7 @@
 """Quantized linear layers on the GPU: which GEMM family takes which shape (one dispatch).
 
-- skinny_gemm: INT4 weights at 1..16 tokens on Hopper (decode), the weights as the MMA's M side, split-K;
-- gemv: the other formats at one token, on CUDA cores;
+- gemv: one token (decode at batch 1), every format, on CUDA cores, split-K;
+- skinny_gemm: INT4 weights at 2..16 tokens on Hopper (batched decode), the weights as the MMA's M side, split-K;
 - tma_gemm: prefill W8A8 with per-channel weights on Hopper, operands by TMA;
 - tile_gemm: everything else, every format, with a fused dequantizing epilogue.
 All of them apply the per-token activation scale, bias and activation in their epilogue. Why each shape

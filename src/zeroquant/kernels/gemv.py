@@ -1,4 +1,4 @@
-"""The GEMV: one token (M = 1) on CUDA cores, for every format the small-M INT4 GEMM does not take."""
+"""The GEMVs: one token (M = 1) on CUDA cores, INT8 weights (_gemv_kernel) and INT4 weights (_w4_gemv_kernel)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import triton
 import triton.language as tl
 
 from . import act_code
-from .gemm_common import _chunk, _exact_float, _gpu_time, _k_slice, _split_k_sum, split_counters
+from .gemm_common import PACK_C, _chunk, _exact_float, _gpu_time, _k_slice, _split_k_sum, split_counters
 from .launch import device_index, device_info, pdl_flags, wait_for_producer
 from .rowwise import apply_act
-from .weight_format import KernelWeight
+from .weight_format import PACK, KernelWeight
 
-# X_TILE (INT8 weights; the INT4 path ignores it): load the token as a [BLOCK_N, BLOCK_K] tile, every row the
+# X_TILE: load the token as a [BLOCK_N, BLOCK_K] tile, every row the
 # same K slice, so it arrives in the weight slab's layout; otherwise it is loaded once a step and the compiler
 # moves it into that layout through shared memory, with barriers. Neither won at every shape (bench/NOTES.md,
 # session 15), so the autotuner measures both.
@@ -27,7 +27,7 @@ MAX_SPLIT = 16  # the most K slices _gemv_split picks
 def _prune_gemv(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     k = args["K"]
-    keep = [c for c in configs if k % c.kwargs["BLOCK_K"] == 0 and (args["W_BITS"] == 8 or not c.kwargs["X_TILE"])]
+    keep = [c for c in configs if k % c.kwargs["BLOCK_K"] == 0]
     return keep or [triton.Config({"BLOCK_N": 16, "BLOCK_K": 128 if k % 128 == 0 else 64, "X_TILE": True}, num_warps=4)]
 
 
@@ -41,19 +41,19 @@ def _gemv_split(args: dict) -> int:
 
 @triton.autotune(
     configs=_GEMV_CONFIGS,
-    key=["N", "K", "A_INT8", "W_BITS", "HAS_ZERO", "GROUP_SIZE"],
+    key=["N", "K", "A_INT8", "GROUP_SIZE"],
     prune_configs_by={"early_config_prune": _prune_gemv},
     do_bench=_gpu_time,
 )
-@triton.heuristics({"CH": _chunk, "SPLIT": _gemv_split})
+@triton.heuristics({"CH": lambda args: _chunk({**args, "W_BITS": 8}), "SPLIT": _gemv_split})
 @triton.jit
 def _gemv_kernel(
-    a_ptr, as_ptr, w_ptr, s_ptr, z_ptr, b_ptr, c_ptr, ws_ptr, cnt_ptr, N, K, stride_wn,
-    A_INT8: tl.constexpr, W_BITS: tl.constexpr, HAS_ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr,
-    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, CH: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, PDL: tl.constexpr, X_TILE: tl.constexpr,
+    a_ptr, as_ptr, w_ptr, s_ptr, b_ptr, c_ptr, ws_ptr, cnt_ptr, N, K, stride_wn,
+    A_INT8: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    CH: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+    X_TILE: tl.constexpr,
 ):
-    """One token (M = 1): y = x @ W^T on CUDA cores, weights streamed in wide K-contiguous rows.
+    """One token (M = 1), INT8 weights: y = x @ W^T on CUDA cores, weights streamed in wide K-contiguous rows.
 
     No tensor cores (a single row would waste 15/16 of an MMA): program (n, s) reads [BLOCK_N, BLOCK_K] slabs
     of the s-th of SPLIT slices of K and multiplies them by x in float32 (exact for int8 x) into a
@@ -67,44 +67,24 @@ def _gemv_kernel(
     rn = offs_n % N
     w_rows = w_ptr + rn[:, None].to(tl.int64) * stride_wn
     NCH: tl.constexpr = BLOCK_K // CH
-    WIDTH: tl.constexpr = CH // 2 if W_BITS == 4 else CH  # channels of a chunk one byte column covers
-    acc = tl.zeros((BLOCK_N, NCH, WIDTH), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, NCH, CH), dtype=tl.float32)
     if GROUP_SIZE == 0:
         s = tl.load(s_ptr + rn).to(tl.float32)
-        z = tl.load(z_ptr + rn).to(tl.float32) if HAS_ZERO else s
     k_beg, k_end = _k_slice(K, pid_k, SPLIT, BLOCK_K)
     for k0 in range(k_beg, k_end, BLOCK_K):
+        w = tl.load(w_rows + (k0 + tl.arange(0, BLOCK_K))[None, :])
+        wf = tl.reshape(_exact_float(w.to(tl.int32)), (BLOCK_N, NCH, CH))
+        if X_TILE:
+            x = tl.load(a_ptr + k0 + tl.zeros((BLOCK_N, 1), tl.int32) + tl.arange(0, BLOCK_K)[None, :])
+            x = tl.reshape(x.to(tl.float32), (BLOCK_N, NCH, CH))
+        else:
+            x = tl.reshape(tl.load(a_ptr + k0 + tl.arange(0, BLOCK_K)).to(tl.float32), (NCH, CH))[None]
         if GROUP_SIZE > 0:
             g = (k0 + tl.arange(0, NCH) * CH) // GROUP_SIZE
             sg = tl.load(s_ptr + g[None, :] * N + rn[:, None]).to(tl.float32)[:, :, None]  # [BLOCK_N, NCH, 1]
-        if W_BITS == 4:
-            wb = tl.reshape(tl.load(w_rows + (k0 // 2 + tl.arange(0, BLOCK_K // 2))[None, :]), (BLOCK_N, NCH, WIDTH))
-            ch = k0 + tl.arange(0, NCH)[:, None] * CH + tl.arange(0, WIDTH)[None, :]  # [NCH, WIDTH] channels
-            x_lo = tl.load(a_ptr + ch).to(tl.float32)
-            x_hi = tl.load(a_ptr + ch + WIDTH).to(tl.float32)
-            q_lo = ((wb & 0xF).to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + q
-            q_hi = ((wb >> 4).to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True)
-            if GROUP_SIZE > 0:
-                if HAS_ZERO:
-                    off = (tl.load(z_ptr + g[None, :] * N + rn[:, None]).to(tl.float32) + 8388608.0)[:, :, None]
-                else:
-                    off = 8388616.0
-                acc = tl.fma((q_lo - off) * x_lo[None] + (q_hi - off) * x_hi[None], sg, acc)
-            else:
-                off = (z + 8388608.0)[:, None, None] if HAS_ZERO else 8388616.0  # 2^23 + 8: symmetric
-                acc += (q_lo - off) * x_lo[None] + (q_hi - off) * x_hi[None]
+            acc = tl.fma(wf * x, sg, acc)
         else:
-            w = tl.load(w_rows + (k0 + tl.arange(0, BLOCK_K))[None, :])
-            wf = tl.reshape(_exact_float(w.to(tl.int32)), (BLOCK_N, NCH, CH))
-            if X_TILE:
-                x = tl.load(a_ptr + k0 + tl.zeros((BLOCK_N, 1), tl.int32) + tl.arange(0, BLOCK_K)[None, :])
-                x = tl.reshape(x.to(tl.float32), (BLOCK_N, NCH, CH))
-            else:
-                x = tl.reshape(tl.load(a_ptr + k0 + tl.arange(0, BLOCK_K)).to(tl.float32), (NCH, CH))[None]
-            if GROUP_SIZE > 0:
-                acc = tl.fma(wf * x, sg, acc)
-            else:
-                acc = tl.fma(wf, x, acc)
+            acc = tl.fma(wf, x, acc)
     out = tl.sum(tl.sum(acc, 2), 1)
     if GROUP_SIZE == 0:
         out = out * s
@@ -120,14 +100,125 @@ def _gemv_kernel(
         tl.store(c_ptr + offs_n, out.to(c_ptr.dtype.element_ty), mask=offs_n < N)
 
 
+# The INT4 GEMV's one configuration: 64 rows a program (two a thread, 56 registers), about 8 programs per SM.
+# Within 4% of the best of 24 configurations at every Llama-7B decode shape, cold; the autotuner's L2-hot
+# measure picked configurations 13% slower (bench/NOTES.md, session 18).
+W4_BLOCK_N = 64
+W4_PROGRAMS_PER_SM = 8
+
+
+def _w4_step(k: int, group: int) -> int:
+    """Channels a K step covers: 128 (two half-split chunks) where no group or K boundary falls inside."""
+    return 128 if k % 128 == 0 and group % 128 == 0 else PACK
+
+
+def _w4_gemv_split(n: int, k: int, group: int, a: torch.Tensor) -> int:
+    """K slices per tile of rows, so about W4_PROGRAMS_PER_SM programs run on each SM."""
+    tiles = triton.cdiv(n, W4_BLOCK_N)
+    sms = device_info(device_index(a))[1]
+    return max(1, min(round(W4_PROGRAMS_PER_SM * sms / tiles), k // _w4_step(k, group), MAX_SPLIT))
+
+
+@triton.jit
+def _nibble_floats(wb, o23, o19, o15, o11, o7):
+    """Bytes -> (low, high) nibbles minus the zero point as float32, exact, four bytes per 32-bit register.
+
+    A nibble at bits p..p+3 OR-ed into the exponent of 2^(23-p) is the float 2^(23-p) + q, so one lop3 a weight
+    converts it with no shift and no I2F (only the top three nibbles need one shift, bits 24-31 overlap the
+    exponent); subtracting o_E = 2^E + zero leaves q - zero exactly (E >= 7 keeps 2^E + 15 exact).
+    """
+    return tl.inline_asm_elementwise(
+        "{ .reg .b32 t;"
+        " lop3.b32 $0, $8, 0xF, 0x4B000000, 0xea; sub.f32 $0, $0, $9;"
+        " lop3.b32 $4, $8, 0xF0, 0x49000000, 0xea; sub.f32 $4, $4, $13;"
+        " lop3.b32 $1, $8, 0xF00, 0x47000000, 0xea; sub.f32 $1, $1, $17;"
+        " lop3.b32 $5, $8, 0xF000, 0x45000000, 0xea; sub.f32 $5, $5, $21;"
+        " lop3.b32 $2, $8, 0xF0000, 0x43000000, 0xea; sub.f32 $2, $2, $25;"
+        " shr.u32 t, $8, 12;"
+        " lop3.b32 $6, t, 0xF00, 0x47000000, 0xea; sub.f32 $6, $6, $17;"
+        " lop3.b32 $3, t, 0xF000, 0x45000000, 0xea; sub.f32 $3, $3, $21;"
+        " lop3.b32 $7, t, 0xF0000, 0x43000000, 0xea; sub.f32 $7, $7, $25; }",
+        "=r,=r,=r,=r,=r,=r,=r,=r," + "r," * 20 + "r", [wb, o23, o19, o15, o11, o7], dtype=(tl.float32, tl.float32),
+        is_pure=True, pack=4)
+
+
+@triton.jit
+def _scale_offsets(s_ptr, z_ptr, idx, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BYTES: tl.constexpr):
+    """A tile's rows' scales [BLOCK_N, 1] (idx: their [G, N] index) and 2^E + zero for the five exponents
+    _nibble_floats uses, each broadcast over [BLOCK_N, BYTES]."""
+    s = tl.load(s_ptr + idx).to(tl.float32)[:, None]
+    z = tl.load(z_ptr + idx).to(tl.float32) if HAS_ZERO else tl.full((BLOCK_N,), 8.0, tl.float32)
+    shape: tl.constexpr = (BLOCK_N, BYTES)
+    return (s, tl.broadcast_to((z + 8388608.0)[:, None], shape), tl.broadcast_to((z + 524288.0)[:, None], shape),
+            tl.broadcast_to((z + 32768.0)[:, None], shape), tl.broadcast_to((z + 2048.0)[:, None], shape),
+            tl.broadcast_to((z + 128.0)[:, None], shape))
+
+
+@triton.jit
+def _w4_gemv_kernel(
+    a_ptr, as_ptr, w_ptr, s_ptr, z_ptr, b_ptr, c_ptr, ws_ptr, cnt_ptr, N, K, stride_wn,
+    A_INT8: tl.constexpr, HAS_ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr, STEP: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
+):
+    """One token, INT4 weights, on CUDA cores: each thread reads 16-byte runs of its rows' packed weights,
+    turns them into float32 q - zero (_nibble_floats), multiplies them by the token's channels (loaded per
+    row, so they arrive in the weight tile's layout; the rows of one thread share the loads) and sums its run
+    before the group scale, so a weight costs about one lop3, one subtract and one FMA. Program (n, s) covers
+    BLOCK_N rows and the s-th of SPLIT slices of K; _split_k_sum adds the slices.
+    """
+    wait_for_producer(PDL)
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    BYTES: tl.constexpr = STEP // 2
+    HALF: tl.constexpr = PACK_C // 2
+    byte = tl.arange(0, BYTES)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = offs_n % N
+    w_rows = w_ptr + rn[:, None].to(tl.int64) * stride_wn + byte[None, :]
+    # Byte j of a chunk holds channels j (low nibble) and j + HALF (high): quant.pack_int4.
+    x_lo = a_ptr + tl.zeros((BLOCK_N, 1), tl.int32) + ((byte // HALF) * PACK_C + byte % HALF)[None, :]
+    acc = tl.zeros((BLOCK_N, BYTES // 16), dtype=tl.float32)
+    k_beg, k_end = _k_slice(K, pid_k, SPLIT, STEP)
+    for k0 in range(k_beg, k_end, STEP):
+        g = k0 // GROUP_SIZE if GROUP_SIZE > 0 else 0
+        s, o23, o19, o15, o11, o7 = _scale_offsets(s_ptr, z_ptr, g * N + rn, HAS_ZERO, BLOCK_N, BYTES)
+        lo, hi = _nibble_floats(tl.load(w_rows + k0 // 2), o23, o19, o15, o11, o7)
+        xl = tl.load(x_lo + k0).to(tl.float32)
+        xh = tl.load(x_lo + k0 + HALF).to(tl.float32)
+        # Two in-thread sums of products: each product feeds an add, so they compile to FMA chains.
+        part = (tl.sum(tl.reshape(lo * xl, (BLOCK_N, BYTES // 16, 16)), 2)
+                + tl.sum(tl.reshape(hi * xh, (BLOCK_N, BYTES // 16, 16)), 2))
+        acc = tl.fma(part, s, acc) if GROUP_SIZE > 0 else acc + part
+    out = tl.sum(acc, 1)
+    if GROUP_SIZE == 0:
+        out = out * tl.load(s_ptr + rn).to(tl.float32)
+    last = True
+    if SPLIT > 1:
+        out, last = _split_k_sum(out, ws_ptr, cnt_ptr, offs_n, tl.num_programs(0) * BLOCK_N, pid_n, pid_k, SPLIT)
+    if last:
+        if A_INT8:
+            out = out * tl.load(as_ptr)
+        if HAS_BIAS:
+            out += tl.load(b_ptr + rn).to(tl.float32)
+        out = apply_act(out, ACT)
+        tl.store(c_ptr + offs_n, out.to(c_ptr.dtype.element_ty), mask=offs_n < N)
+
+
 def gemv(a, xs, w: KernelWeight, bias, act, c) -> None:
-    """Launch _gemv_kernel on one token a [1, K] (int8 with its float32 scale xs, or fp16/bf16 with xs = c)."""
+    """One token a [1, K] (int8 with its float32 scale xs, or fp16/bf16 with xs = c) against INT8 or INT4
+    weights: _gemv_kernel or _w4_gemv_kernel."""
     n, k = w.out_features, a.shape[1]
     # Room for any configuration's split: at most MAX_SPLIT slices of at most n rounded up to a tile.
-    ws = torch.empty(MAX_SPLIT * triton.cdiv(n, 32) * 32, dtype=torch.float32, device=a.device)
-    _gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT"])](
-        a, xs, w.qweight, w.scale, w.zero if w.zero is not None else w.scale, bias if bias is not None else c, c,
-        ws, split_counters(a.device, triton.cdiv(n, 4)), n, k, w.qweight.stride(0), A_INT8=a.dtype == torch.int8,
-        W_BITS=w.bits, HAS_ZERO=w.zero is not None, GROUP_SIZE=w.kernel_group, HAS_BIAS=bias is not None,
-        ACT=act_code(act), **pdl_flags(a, graph_only=True),
-    )
+    ws = torch.empty(MAX_SPLIT * triton.cdiv(n, 64) * 64, dtype=torch.float32, device=a.device)
+    args = (a, xs, w.qweight, w.scale) + ((w.zero if w.zero is not None else w.scale,) if w.bits == 4 else ())
+    args += (bias if bias is not None else c, c, ws, split_counters(a.device, triton.cdiv(n, 4)), n, k,
+             w.qweight.stride(0))
+    flags = dict(A_INT8=a.dtype == torch.int8, GROUP_SIZE=w.kernel_group, HAS_BIAS=bias is not None,
+                 ACT=act_code(act), **pdl_flags(a, graph_only=True))
+    if w.bits == 8:
+        _gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT"])](*args, **flags)
+    else:
+        split = _w4_gemv_split(n, k, w.kernel_group, a)
+        _w4_gemv_kernel[(triton.cdiv(n, W4_BLOCK_N), split)](
+            *args, **flags, HAS_ZERO=w.zero is not None, STEP=_w4_step(k, w.kernel_group), SPLIT=split,
+            BLOCK_N=W4_BLOCK_N, num_warps=4)

@@ -1,4 +1,4 @@
-"""The small-M INT4 GEMM (batched decode, 1..16 tokens, Hopper): the weights as the MMA's M side, split-K."""
+"""The small-M INT4 GEMM (batched decode, 2..16 tokens, Hopper): the weights as the MMA's M side, split-K."""
 
 from __future__ import annotations
 
@@ -161,9 +161,9 @@ def _w4_skinny_kernel(
 
 
 def skinny_ok(a: torch.Tensor, w: KernelWeight) -> bool:
-    """INT4 weights, 1..16 tokens, on Hopper+ (the warpgroup MMA's register operand). One token too: W4A16
-    beat the GEMV at Llama-7B's MLP shapes and lost only where the weight is small (bench/NOTES.md)."""
-    return w.bits == 4 and a.shape[0] <= 16 and a.is_cuda and device_info(device_index(a))[0] >= 9
+    """INT4 weights, 2..16 tokens, on Hopper+ (the warpgroup MMA's register operand). One token goes to the
+    INT4 GEMV, which reads the weights 1.3-1.4x faster (bench/NOTES.md, session 18)."""
+    return w.bits == 4 and 1 < a.shape[0] <= 16 and a.is_cuda and device_info(device_index(a))[0] >= 9
 
 
 def skinny_split(w: KernelWeight, sms: int) -> int:
