@@ -58,6 +58,46 @@ def _w4_float(nib, z, s, HAS_ZERO: tl.constexpr):
 
 
 @triton.jit
+def _nibble_planes(wb, zo, ety: tl.constexpr, ROWS: tl.constexpr, BYTES: tl.constexpr):
+    """Bytes [ROWS, BYTES] -> (low, high) nibble planes minus each row's zero point, exact, in ety: int8 for
+    the int8 MMA (zo: the zero point as int8), fp16 or bf16 for the half-precision MMA (zo: 1024 + zero in
+    fp16, 128 + zero in bf16).
+
+    Why inline PTX: 32-bit logic works on four bytes at once, where Triton's byte-wise ops took several
+    instructions per weight and bounded the kernel by instruction issue, not bandwidth (bench/NOTES.md,
+    kernel choices). int8: 0x80 | nibble minus the zero point cannot borrow across bytes (0x71..0x8F), and
+    xor 0x80 turns the result into q - zero in two's complement. Half precision: nibbles are spread to the
+    16-bit lanes (prmt) and OR-ed into the mantissa of 1024 (fp16, 0x6400) or 128 (bf16, 0x4300), which gives
+    base + q exactly, two weights per register; one packed subtract of base + zero leaves q - zero.
+    """
+    z = tl.broadcast_to(zo[:, None], (ROWS, BYTES))
+    if ety == tl.int8:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 t, u;"
+            " lop3.b32 t, $2, 0x0F0F0F0F, 0x80808080, 0xea; sub.u32 t, t, $3; xor.b32 $0, t, 0x80808080;"
+            " shr.u32 u, $2, 4;"
+            " lop3.b32 u, u, 0x0F0F0F0F, 0x80808080, 0xea; sub.u32 u, u, $3; xor.b32 $1, u, 0x80808080; }",
+            "=r,=r,r,r", [wb, z], dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
+    elif ety == tl.bfloat16:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 t0, t1, u0, u1;"
+            " prmt.b32 t0, $4, 0, 0x4140; prmt.b32 t1, $4, 0, 0x4342; shr.u32 u0, t0, 4; shr.u32 u1, t1, 4;"
+            " lop3.b32 $0, t0, 0x000F000F, 0x43004300, 0xea; lop3.b32 $1, t1, 0x000F000F, 0x43004300, 0xea;"
+            " lop3.b32 $2, u0, 0x000F000F, 0x43004300, 0xea; lop3.b32 $3, u1, 0x000F000F, 0x43004300, 0xea;"
+            " sub.rn.bf16x2 $0, $0, $5; sub.rn.bf16x2 $1, $1, $6; sub.rn.bf16x2 $2, $2, $5;"
+            " sub.rn.bf16x2 $3, $3, $6; }",
+            "=r,=r,=r,=r,r,r,r", [wb, z], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+    else:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 t0, t1, u0, u1;"
+            " prmt.b32 t0, $4, 0, 0x4140; prmt.b32 t1, $4, 0, 0x4342; shr.u32 u0, t0, 4; shr.u32 u1, t1, 4;"
+            " lop3.b32 $0, t0, 0x000F000F, 0x64006400, 0xea; lop3.b32 $1, t1, 0x000F000F, 0x64006400, 0xea;"
+            " lop3.b32 $2, u0, 0x000F000F, 0x64006400, 0xea; lop3.b32 $3, u1, 0x000F000F, 0x64006400, 0xea;"
+            " sub.f16x2 $0, $0, $5; sub.f16x2 $1, $1, $6; sub.f16x2 $2, $2, $5; sub.f16x2 $3, $3, $6; }",
+            "=r,=r,=r,=r,r,r,r", [wb, z], dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+
+
+@triton.jit
 def _tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """(row tile, column tile) of output tile `pid`. GROUP_M row-tiles share each column of weight tiles, so
     weights are reused from L2."""

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from . import act_code
-from .gemm_common import PACK_C, _chunk, _exact_float, _gpu_time, _k_slice, _split_k_sum, split_counters
+from .gemm_common import PACK_C, _chunk, _exact_float, _gpu_time, _k_slice, _nibble_planes, _split_k_sum, split_counters
 from .launch import device_index, device_info, pdl_flags, wait_for_producer
 from .rowwise import apply_act
 from .weight_format import PACK, KernelWeight
@@ -155,6 +155,15 @@ def _scale_offsets(s_ptr, z_ptr, idx, HAS_ZERO: tl.constexpr, BLOCK_N: tl.conste
 
 
 @triton.jit
+def _dp4a(lo, xl, hi, xh):
+    """int8 [.., 4n] planes -> int32 [.., 4n]: the first of every four lanes holds the four bytes' dot (low and
+    high nibbles against their channels, two dp4a), the other three 0, so a sum over the run is its dot."""
+    return tl.inline_asm_elementwise(
+        "{ dp4a.s32.s32 $0, $4, $5, 0; dp4a.s32.s32 $0, $6, $7, $0; mov.b32 $1, 0; mov.b32 $2, 0; mov.b32 $3, 0; }",
+        "=r,=r,=r,=r,r,r,r,r", [lo, xl, hi, xh], dtype=tl.int32, is_pure=True, pack=4)
+
+
+@triton.jit
 def _w4_gemv_kernel(
     a_ptr, as_ptr, w_ptr, s_ptr, z_ptr, b_ptr, c_ptr, ws_ptr, cnt_ptr, N, K, stride_wn,
     A_INT8: tl.constexpr, HAS_ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -181,13 +190,23 @@ def _w4_gemv_kernel(
     k_beg, k_end = _k_slice(K, pid_k, SPLIT, STEP)
     for k0 in range(k_beg, k_end, STEP):
         g = k0 // GROUP_SIZE if GROUP_SIZE > 0 else 0
-        s, o23, o19, o15, o11, o7 = _scale_offsets(s_ptr, z_ptr, g * N + rn, HAS_ZERO, BLOCK_N, BYTES)
-        lo, hi = _nibble_floats(tl.load(w_rows + k0 // 2), o23, o19, o15, o11, o7)
-        xl = tl.load(x_lo + k0).to(tl.float32)
-        xh = tl.load(x_lo + k0 + HALF).to(tl.float32)
-        # Two in-thread sums of products: each product feeds an add, so they compile to FMA chains.
-        part = (tl.sum(tl.reshape(lo * xl, (BLOCK_N, BYTES // 16, 16)), 2)
-                + tl.sum(tl.reshape(hi * xh, (BLOCK_N, BYTES // 16, 16)), 2))
+        wb = tl.load(w_rows + k0 // 2)
+        if A_INT8:
+            # INT8 tokens: q - zero as int8 four to a register (_nibble_planes), two dp4a per four bytes; the
+            # step's int32 dot (|dot| <= 128 * 127 * 15 < 2^22) is exact through _exact_float.
+            s = tl.load(s_ptr + g * N + rn).to(tl.float32)[:, None]
+            z = tl.load(z_ptr + g * N + rn).to(tl.float32) if HAS_ZERO else tl.full((BLOCK_N,), 8.0, tl.float32)
+            lo, hi = _nibble_planes(wb, z.to(tl.int8), tl.int8, BLOCK_N, BYTES)
+            d = _dp4a(lo, tl.load(x_lo + k0), hi, tl.load(x_lo + k0 + HALF))
+            part = _exact_float(tl.sum(tl.reshape(d, (BLOCK_N, BYTES // 16, 16)), 2))
+        else:
+            s, o23, o19, o15, o11, o7 = _scale_offsets(s_ptr, z_ptr, g * N + rn, HAS_ZERO, BLOCK_N, BYTES)
+            lo, hi = _nibble_floats(wb, o23, o19, o15, o11, o7)
+            xl = tl.load(x_lo + k0).to(tl.float32)
+            xh = tl.load(x_lo + k0 + HALF).to(tl.float32)
+            # Two in-thread sums of products: each product feeds an add, so they compile to FMA chains.
+            part = (tl.sum(tl.reshape(lo * xl, (BLOCK_N, BYTES // 16, 16)), 2)
+                    + tl.sum(tl.reshape(hi * xh, (BLOCK_N, BYTES // 16, 16)), 2))
         acc = tl.fma(part, s, acc) if GROUP_SIZE > 0 else acc + part
     out = tl.sum(acc, 1)
     if GROUP_SIZE == 0:
