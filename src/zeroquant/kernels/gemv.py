@@ -100,9 +100,9 @@ def _gemv_kernel(
         tl.store(c_ptr + offs_n, out.to(c_ptr.dtype.element_ty), mask=offs_n < N)
 
 
-# The INT4 GEMV's one configuration: 64 rows a program (two a thread, 56 registers), about 8 programs per SM.
-# Within 4% of the best of 24 configurations at every Llama-7B decode shape, cold; the autotuner's L2-hot
-# measure picked configurations 13% slower (bench/NOTES.md, session 18).
+# The INT4 GEMV's one configuration: 64 rows a program (two rows a thread), about 8 programs per SM. Within 4%
+# of the best of 30 configurations at every Llama-7B decode shape with the weights read from memory; the
+# autotuner's L2-hot measure picked configurations up to 14% slower (bench/NOTES.md, session 18).
 W4_BLOCK_N = 64
 W4_PROGRAMS_PER_SM = 8
 
