@@ -101,7 +101,7 @@ def _gemv_kernel(
 
 
 # The INT4 GEMV's one configuration: 64 rows a program (two rows a thread), about 8 programs per SM. Within 4%
-# of the best of 30 configurations at every Llama-7B decode shape with the weights read from memory; the
+# of the best of 31 configurations at every Llama-7B decode shape with the weights read from memory; the
 # autotuner's L2-hot measure picked configurations up to 14% slower (bench/NOTES.md, session 18).
 W4_BLOCK_N = 64
 W4_PROGRAMS_PER_SM = 8
