@@ -39,6 +39,23 @@ def _gemv_split(args: dict) -> int:
     return max(1, min(8 * sms // tiles, args["K"] // args["BLOCK_K"], MAX_SPLIT))
 
 
+@triton.jit
+def _gemv_epilogue(out, offs_n, rn, pid_n, pid_k, as_ptr, b_ptr, c_ptr, ws_ptr, cnt_ptr, N, A_INT8: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, ACT: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Both GEMVs' end: this program's float32 sums of rows offs_n (rn: wrapped into [0, N)) added over the K
+    slices, then the token scale, bias and activation, stored by the last slice to arrive."""
+    last = True
+    if SPLIT > 1:
+        out, last = _split_k_sum(out, ws_ptr, cnt_ptr, offs_n, tl.num_programs(0) * BLOCK_N, pid_n, pid_k, SPLIT)
+    if last:
+        if A_INT8:
+            out = out * tl.load(as_ptr)
+        if HAS_BIAS:
+            out += tl.load(b_ptr + rn).to(tl.float32)
+        out = apply_act(out, ACT)
+        tl.store(c_ptr + offs_n, out.to(c_ptr.dtype.element_ty), mask=offs_n < N)
+
+
 @triton.autotune(
     configs=_GEMV_CONFIGS,
     key=["N", "K", "A_INT8", "GROUP_SIZE"],
@@ -88,16 +105,8 @@ def _gemv_kernel(
     out = tl.sum(tl.sum(acc, 2), 1)
     if GROUP_SIZE == 0:
         out = out * s
-    last = True
-    if SPLIT > 1:
-        out, last = _split_k_sum(out, ws_ptr, cnt_ptr, offs_n, tl.num_programs(0) * BLOCK_N, pid_n, pid_k, SPLIT)
-    if last:
-        if A_INT8:
-            out = out * tl.load(as_ptr)
-        if HAS_BIAS:
-            out += tl.load(b_ptr + rn).to(tl.float32)
-        out = apply_act(out, ACT)
-        tl.store(c_ptr + offs_n, out.to(c_ptr.dtype.element_ty), mask=offs_n < N)
+    _gemv_epilogue(out, offs_n, rn, pid_n, pid_k, as_ptr, b_ptr, c_ptr, ws_ptr, cnt_ptr, N, A_INT8, HAS_BIAS, ACT,
+                   SPLIT, BLOCK_N)
 
 
 # The INT4 GEMV's one configuration: 64 rows a program (two rows a thread), about 8 programs per SM. Within 4%
@@ -211,16 +220,8 @@ def _w4_gemv_kernel(
     out = tl.sum(acc, 1)
     if GROUP_SIZE == 0:
         out = out * tl.load(s_ptr + rn).to(tl.float32)
-    last = True
-    if SPLIT > 1:
-        out, last = _split_k_sum(out, ws_ptr, cnt_ptr, offs_n, tl.num_programs(0) * BLOCK_N, pid_n, pid_k, SPLIT)
-    if last:
-        if A_INT8:
-            out = out * tl.load(as_ptr)
-        if HAS_BIAS:
-            out += tl.load(b_ptr + rn).to(tl.float32)
-        out = apply_act(out, ACT)
-        tl.store(c_ptr + offs_n, out.to(c_ptr.dtype.element_ty), mask=offs_n < N)
+    _gemv_epilogue(out, offs_n, rn, pid_n, pid_k, as_ptr, b_ptr, c_ptr, ws_ptr, cnt_ptr, N, A_INT8, HAS_BIAS, ACT,
+                   SPLIT, BLOCK_N)
 
 
 def gemv(a, xs, w: KernelWeight, bias, act, c) -> None:
