@@ -172,6 +172,41 @@ def _dp4a(lo, xl, hi, xh):
         "=r,=r,=r,=r,r,r,r,r", [lo, xl, hi, xh], dtype=tl.int32, is_pure=True, pack=4)
 
 
+def _half_run_asm() -> str:
+    """PTX for _half_run_dots: per 32-bit word of weights, two prmt spread bytes (0, 1) and (2, 3) to the 16-bit
+    lanes, four lop3 OR the low nibbles into the mantissa of 4.0 and the high ones into that of 0.25 (both give
+    base + q / 256), four packed subtracts of base + zero / 256, four packed FMAs against the token's channel
+    pairs."""
+    body = ["{ .reg .b32 t0, t1, u, acc, zh; .reg .b16 ha, hb; .reg .f32 fa, fb;",
+            " mov.b32 acc, 0; mov.b32 zh, 0x43804380; sub.f16x2 zh, $36, zh;"]
+    for i in range(4):
+        w, xl, xh = f"${16 + i}", f"${20 + 2 * i}", f"${28 + 2 * i}"
+        body.append(f" prmt.b32 t0, {w}, 0, 0x4140; prmt.b32 t1, {w}, 0, 0x4342;")
+        for t, x in (("t0", xl), ("t1", f"${21 + 2 * i}")):
+            body.append(f" lop3.b32 u, {t}, 0x000F000F, 0x44004400, 0xea; sub.f16x2 u, u, $36;"
+                        f" fma.rn.f16x2 acc, u, {x}, acc;")
+        for t, x in (("t0", xh), ("t1", f"${29 + 2 * i}")):
+            body.append(f" lop3.b32 u, {t}, 0x00F000F0, 0x34003400, 0xea; sub.f16x2 u, u, zh;"
+                        f" fma.rn.f16x2 acc, u, {x}, acc;")
+    body.append(" mov.b32 {ha, hb}, acc; cvt.f32.f16 fa, ha; cvt.f32.f16 fb, hb; add.f32 fa, fa, fb; mov.b32 $0, fa;")
+    body += [f" mov.b32 ${i}, 0;" for i in range(1, 16)]
+    return "".join(body) + " }"
+
+
+_HALF_RUN_ASM = tl.constexpr(_half_run_asm())
+
+
+@triton.jit
+def _half_run_dots(wb, xl, xh, zl):
+    """fp16 tokens: bytes [.., 16n] -> int32 [.., 16n] whose first of every 16 lanes holds the float32 bits of
+    the 16-byte run's dot (its 32 weights as (q - zero) / 256, exact in fp16, against their channels, packed
+    fp16 FMAs), the other fifteen 0, so an integer sum over the run is the dot's bits. zl: 4 + zero / 256 in
+    fp16. The 1/256 keeps any run's fp16 sum finite: 16 products of |x| <= 65504 by |q - zero| / 256 <= 15/256
+    stay below 65504."""
+    return tl.inline_asm_elementwise(_HALF_RUN_ASM, "=r," * 16 + "r," * 27 + "r", [wb, xl, xh, zl], dtype=tl.int32,
+                                     is_pure=True, pack=16)
+
+
 @triton.jit
 def _w4_gemv_kernel(
     a_ptr, as_ptr, w_ptr, s_ptr, z_ptr, b_ptr, c_ptr, ws_ptr, cnt_ptr, N, K, stride_wn,
@@ -187,6 +222,7 @@ def _w4_gemv_kernel(
     wait_for_producer(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
+    HALF_ACC: tl.constexpr = a_ptr.dtype.element_ty == tl.float16
     BYTES: tl.constexpr = STEP // 2
     HALF: tl.constexpr = PACK_C // 2
     byte = tl.arange(0, BYTES)
@@ -208,6 +244,12 @@ def _w4_gemv_kernel(
             lo, hi = _nibble_planes(wb, z.to(tl.int8), tl.int8, BLOCK_N, BYTES)
             d = _dp4a(lo, tl.load(x_lo + k0), hi, tl.load(x_lo + k0 + HALF))
             part = _exact_float(tl.sum(tl.reshape(d, (BLOCK_N, BYTES // 16, 16)), 2))
+        elif HALF_ACC:
+            s = tl.load(s_ptr + g * N + rn).to(tl.float32)[:, None] * 256.0
+            z = tl.load(z_ptr + g * N + rn).to(tl.float32) if HAS_ZERO else tl.full((BLOCK_N,), 8.0, tl.float32)
+            zl = tl.broadcast_to((z * 0.00390625 + 4.0).to(tl.float16)[:, None], (BLOCK_N, BYTES))
+            d = _half_run_dots(wb, tl.load(x_lo + k0), tl.load(x_lo + k0 + HALF), zl)
+            part = tl.sum(tl.reshape(d, (BLOCK_N, BYTES // 16, 16)), 2).to(tl.float32, bitcast=True)
         else:
             s, o23, o19, o15, o11, o7 = _scale_offsets(s_ptr, z_ptr, g * N + rn, HAS_ZERO, BLOCK_N, BYTES)
             lo, hi = _nibble_floats(wb, o23, o19, o15, o11, o7)
@@ -219,7 +261,7 @@ def _w4_gemv_kernel(
         acc = tl.fma(part, s, acc) if GROUP_SIZE > 0 else acc + part
     out = tl.sum(acc, 1)
     if GROUP_SIZE == 0:
-        out = out * tl.load(s_ptr + rn).to(tl.float32)
+        out = out * (tl.load(s_ptr + rn).to(tl.float32) * (256.0 if HALF_ACC else 1.0))
     _gemv_epilogue(out, offs_n, rn, pid_n, pid_k, as_ptr, b_ptr, c_ptr, ws_ptr, cnt_ptr, N, A_INT8, HAS_BIAS, ACT,
                    SPLIT, BLOCK_N)
 
