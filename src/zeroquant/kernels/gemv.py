@@ -152,13 +152,11 @@ def _nibble_floats(wb, o23, o19, o15, o11, o7):
 
 
 @triton.jit
-def _scale_offsets(s_ptr, z_ptr, idx, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BYTES: tl.constexpr):
-    """A tile's rows' scales [BLOCK_N, 1] (idx: their [G, N] index) and 2^E + zero for the five exponents
-    _nibble_floats uses, each broadcast over [BLOCK_N, BYTES]."""
-    s = tl.load(s_ptr + idx).to(tl.float32)[:, None]
-    z = tl.load(z_ptr + idx).to(tl.float32) if HAS_ZERO else tl.full((BLOCK_N,), 8.0, tl.float32)
+def _zero_offsets(z, BLOCK_N: tl.constexpr, BYTES: tl.constexpr):
+    """2^E + zero (z: the rows' float32 zero points [BLOCK_N]) for the five exponents _nibble_floats uses, each
+    broadcast over [BLOCK_N, BYTES]."""
     shape: tl.constexpr = (BLOCK_N, BYTES)
-    return (s, tl.broadcast_to((z + 8388608.0)[:, None], shape), tl.broadcast_to((z + 524288.0)[:, None], shape),
+    return (tl.broadcast_to((z + 8388608.0)[:, None], shape), tl.broadcast_to((z + 524288.0)[:, None], shape),
             tl.broadcast_to((z + 32768.0)[:, None], shape), tl.broadcast_to((z + 2048.0)[:, None], shape),
             tl.broadcast_to((z + 128.0)[:, None], shape))
 
@@ -208,16 +206,45 @@ def _half_run_dots(wb, xl, xh, zl):
 
 
 @triton.jit
+def _w4_step(acc, w_rows, s_ptr, z_ptr, x_lo, rn, k0, N, A_INT8: tl.constexpr, HALF_ACC: tl.constexpr,
+             HAS_ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BYTES: tl.constexpr):
+    """acc [BLOCK_N, BYTES // 16] plus the K step at k0: each thread's 16-byte runs' dots, scaled by the group."""
+    g = k0 // GROUP_SIZE if GROUP_SIZE > 0 else 0
+    wb = tl.load(w_rows + k0 // 2)
+    s = tl.load(s_ptr + g * N + rn).to(tl.float32)
+    z = tl.load(z_ptr + g * N + rn).to(tl.float32) if HAS_ZERO else tl.full((BLOCK_N,), 8.0, tl.float32)
+    xl = tl.load(x_lo + k0)
+    xh = tl.load(x_lo + k0 + PACK_C // 2)
+    if A_INT8:
+        # INT8 tokens: q - zero as int8 four to a register (_nibble_planes), two dp4a per four bytes; the
+        # step's int32 dot (|dot| <= 128 * 127 * 15 < 2^22) is exact through _exact_float.
+        lo, hi = _nibble_planes(wb, z.to(tl.int8), tl.int8, BLOCK_N, BYTES)
+        part = _exact_float(tl.sum(tl.reshape(_dp4a(lo, xl, hi, xh), (BLOCK_N, BYTES // 16, 16)), 2))
+    elif HALF_ACC:
+        s = s * 256.0
+        zl = tl.broadcast_to((z * 0.00390625 + 4.0).to(tl.float16)[:, None], (BLOCK_N, BYTES))
+        d = _half_run_dots(wb, xl, xh, zl)
+        part = tl.sum(tl.reshape(d, (BLOCK_N, BYTES // 16, 16)), 2).to(tl.float32, bitcast=True)
+    else:
+        o23, o19, o15, o11, o7 = _zero_offsets(z, BLOCK_N, BYTES)
+        lo, hi = _nibble_floats(wb, o23, o19, o15, o11, o7)
+        # Two in-thread sums of products: each product feeds an add, so they compile to FMA chains.
+        part = (tl.sum(tl.reshape(lo * xl.to(tl.float32), (BLOCK_N, BYTES // 16, 16)), 2)
+                + tl.sum(tl.reshape(hi * xh.to(tl.float32), (BLOCK_N, BYTES // 16, 16)), 2))
+    return tl.fma(part, s[:, None], acc) if GROUP_SIZE > 0 else acc + part
+
+
+@triton.jit
 def _w4_gemv_kernel(
     a_ptr, as_ptr, w_ptr, s_ptr, z_ptr, b_ptr, c_ptr, ws_ptr, cnt_ptr, N, K, stride_wn,
     A_INT8: tl.constexpr, HAS_ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACT: tl.constexpr, STEP: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
 ):
     """One token, INT4 weights, on CUDA cores: each thread reads 16-byte runs of its rows' packed weights,
-    turns them into float32 q - zero (_nibble_floats), multiplies them by the token's channels (loaded per
-    row, so they arrive in the weight tile's layout; the rows of one thread share the loads) and sums its run
-    before the group scale, so a weight costs about one lop3, one subtract and one FMA. Program (n, s) covers
-    BLOCK_N rows and the s-th of SPLIT slices of K; _split_k_sum adds the slices.
+    turns them into q - zero (fp16 tokens: packed fp16, _half_run_dots; bf16: float32, _nibble_floats; int8:
+    int8, dp4a), multiplies them by the token's channels (loaded per row, so they arrive in the weight tile's
+    layout; the rows of one thread share the loads) and sums its run before the group scale. Program (n, s)
+    covers BLOCK_N rows and the s-th of SPLIT slices of K; _split_k_sum adds the slices.
     """
     wait_for_producer(PDL)
     pid_n = tl.program_id(0)
@@ -234,31 +261,8 @@ def _w4_gemv_kernel(
     acc = tl.zeros((BLOCK_N, BYTES // 16), dtype=tl.float32)
     k_beg, k_end = _k_slice(K, pid_k, SPLIT, STEP)
     for k0 in range(k_beg, k_end, STEP):
-        g = k0 // GROUP_SIZE if GROUP_SIZE > 0 else 0
-        wb = tl.load(w_rows + k0 // 2)
-        if A_INT8:
-            # INT8 tokens: q - zero as int8 four to a register (_nibble_planes), two dp4a per four bytes; the
-            # step's int32 dot (|dot| <= 128 * 127 * 15 < 2^22) is exact through _exact_float.
-            s = tl.load(s_ptr + g * N + rn).to(tl.float32)[:, None]
-            z = tl.load(z_ptr + g * N + rn).to(tl.float32) if HAS_ZERO else tl.full((BLOCK_N,), 8.0, tl.float32)
-            lo, hi = _nibble_planes(wb, z.to(tl.int8), tl.int8, BLOCK_N, BYTES)
-            d = _dp4a(lo, tl.load(x_lo + k0), hi, tl.load(x_lo + k0 + HALF))
-            part = _exact_float(tl.sum(tl.reshape(d, (BLOCK_N, BYTES // 16, 16)), 2))
-        elif HALF_ACC:
-            s = tl.load(s_ptr + g * N + rn).to(tl.float32)[:, None] * 256.0
-            z = tl.load(z_ptr + g * N + rn).to(tl.float32) if HAS_ZERO else tl.full((BLOCK_N,), 8.0, tl.float32)
-            zl = tl.broadcast_to((z * 0.00390625 + 4.0).to(tl.float16)[:, None], (BLOCK_N, BYTES))
-            d = _half_run_dots(wb, tl.load(x_lo + k0), tl.load(x_lo + k0 + HALF), zl)
-            part = tl.sum(tl.reshape(d, (BLOCK_N, BYTES // 16, 16)), 2).to(tl.float32, bitcast=True)
-        else:
-            s, o23, o19, o15, o11, o7 = _scale_offsets(s_ptr, z_ptr, g * N + rn, HAS_ZERO, BLOCK_N, BYTES)
-            lo, hi = _nibble_floats(wb, o23, o19, o15, o11, o7)
-            xl = tl.load(x_lo + k0).to(tl.float32)
-            xh = tl.load(x_lo + k0 + HALF).to(tl.float32)
-            # Two in-thread sums of products: each product feeds an add, so they compile to FMA chains.
-            part = (tl.sum(tl.reshape(lo * xl, (BLOCK_N, BYTES // 16, 16)), 2)
-                    + tl.sum(tl.reshape(hi * xh, (BLOCK_N, BYTES // 16, 16)), 2))
-        acc = tl.fma(part, s, acc) if GROUP_SIZE > 0 else acc + part
+        acc = _w4_step(acc, w_rows, s_ptr, z_ptr, x_lo, rn, k0, N, A_INT8, HALF_ACC, HAS_ZERO, GROUP_SIZE, BLOCK_N,
+                       BYTES)
     out = tl.sum(acc, 1)
     if GROUP_SIZE == 0:
         out = out * (tl.load(s_ptr + rn).to(tl.float32) * (256.0 if HALF_ACC else 1.0))
