@@ -206,7 +206,7 @@ def _half_run_dots(wb, xl, xh, zl):
 
 
 @triton.jit
-def _w4_step(acc, w_rows, s_ptr, z_ptr, x_lo, rn, k0, N, A_INT8: tl.constexpr, HALF_ACC: tl.constexpr,
+def _w4_k_step(acc, w_rows, s_ptr, z_ptr, x_lo, rn, k0, N, A_INT8: tl.constexpr, HALF_ACC: tl.constexpr,
              HAS_ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BYTES: tl.constexpr):
     """acc [BLOCK_N, BYTES // 16] plus the K step at k0: each thread's 16-byte runs' dots, scaled by the group."""
     g = k0 // GROUP_SIZE if GROUP_SIZE > 0 else 0
@@ -261,7 +261,7 @@ def _w4_gemv_kernel(
     acc = tl.zeros((BLOCK_N, BYTES // 16), dtype=tl.float32)
     k_beg, k_end = _k_slice(K, pid_k, SPLIT, STEP)
     for k0 in range(k_beg, k_end, STEP):
-        acc = _w4_step(acc, w_rows, s_ptr, z_ptr, x_lo, rn, k0, N, A_INT8, HALF_ACC, HAS_ZERO, GROUP_SIZE, BLOCK_N,
+        acc = _w4_k_step(acc, w_rows, s_ptr, z_ptr, x_lo, rn, k0, N, A_INT8, HALF_ACC, HAS_ZERO, GROUP_SIZE, BLOCK_N,
                        BYTES)
     out = tl.sum(acc, 1)
     if GROUP_SIZE == 0:
