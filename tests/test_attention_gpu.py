@@ -1,4 +1,5 @@
-"""GPU: the encoder attention kernel against its reference twin, and inside a quantized BERT with padding."""
+"""GPU: the attention kernels (encoder, and one-query decode) against their reference twin, inside a quantized
+BERT with padding and inside a decoder's greedy decode."""
 
 import pytest
 import torch
@@ -50,6 +51,52 @@ def test_attention_matches_reference(b, h, sq, sk, d, mask, dtype):
     assert got.transpose(1, 2).is_contiguous()  # [B, S, H, D] in memory: the output projection's layout
     assert rel_err(got, want) < (5e-3 if dtype == torch.float16 else 2e-2)
 
+
+
+@pytest.mark.parametrize("b,h,hk,sk", [(1, 32, 32, 192), (2, 8, 2, 1000), (3, 4, 1, 64), (16, 32, 8, 40)])
+@pytest.mark.parametrize("mask", ["none", "bool-expanded", "additive"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_attention_matches_reference(b, h, hk, sk, mask, dtype):
+    """One query per head against a static KV cache [B, HK, Sk, D] with grouped heads (the decode kernel,
+    one to several key slices merged by the last program); batch 0's keys all masked gives zeros."""
+    from zeroquant.kernels import attention
+    from zeroquant.kernels.gemm_common import split_counters
+
+    d = 128
+    q = torch.randn(b, 1, h, d, device="cuda", dtype=dtype).transpose(1, 2)
+    k, v = (torch.randn(b, hk, sk, d, device="cuda", dtype=dtype) for _ in range(2))
+    m = _masks(b, 1, sk, mask, dtype)
+    if mask == "bool-expanded":
+        m = m.clone()
+        m[0] = False
+    poison_cuda_cache()
+    got = attention.attention(q, k, v, m, d**-0.5)
+    want = R.attention(q, k, v, m, d**-0.5)
+    assert got.shape == (b, h, 1, d) and got.transpose(1, 2).is_contiguous()
+    assert rel_err(got, want) < (5e-3 if dtype == torch.float16 else 2e-2)
+    if mask == "bool-expanded":
+        assert torch.equal(got[0], torch.zeros_like(got[0]))
+    assert split_counters(q.device, 1).eq(0).all()
+
+
+def test_decoder_on_kernel_attention_gives_sdpa_logits():
+    """A Llama with grouped K/V heads, greedy decode on a static cache: the decode steps' attention on the
+    kernel (zeroquant.hf_attention) gives SDPA's tokens and logits."""
+    from tiny_models import tiny_model
+
+    from zeroquant import hf_attention
+
+    torch.manual_seed(0)
+    model = tiny_model("llama").to("cuda", torch.float16).eval()
+    ids = torch.randint(0, 1000, (2, 6), device="cuda")
+    kwargs = dict(max_new_tokens=12, do_sample=False, cache_implementation="static", output_logits=True,
+                  return_dict_in_generate=True, attention_mask=torch.ones_like(ids))
+    want = model.generate(ids, **kwargs)
+    assert hf_attention.use_kernel_attention(model)
+    got = model.generate(ids, **kwargs)
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.logits, want.logits, strict=True):
+        assert rel_err(a, b) < 5e-3
 
 def test_attention_fully_masked_rows_are_zero():
     from zeroquant.kernels import attention

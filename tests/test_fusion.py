@@ -17,11 +17,13 @@ from zeroquant.qlinear import QuantLinear
 
 # per 2-block model under w4/8-a8 (INT8 activations everywhere): fused norms, activations moved into the next
 # linear's quantization, fused gated MLPs, epilogue activations, residual adds moved into fused norms,
-# self-attentions on the attention kernel (BERT: the embeddings' LayerNorm is the fourth fused norm), decoder
+# self-attentions on the attention kernel (BERT: the embeddings' LayerNorm is the fourth fused norm; decoders:
+# their SDPA attention on zeroquant.hf_attention), decoder
 # norms running their linears as one packed GEMM (Llama: q/k/v and gate/up; OPT: q/k/v; GPT-J's ln_1 feeds INT8
 # attention and INT4 MLP linears, which do not pack; encoders pack q/k/v in their attention instead)
-EXPECTED = {"llama": (4, 0, 2, 0, 0, 0, 4), "qwen2": (4, 0, 2, 0, 0, 0, 4), "opt": (4, 2, 0, 0, 0, 0, 2),
-            "gpt2": (4, 2, 0), "gpt_neox": (4, 2, 0), "gptj": (2, 2, 0), "bert": (4, 2, 0, 0, 3, 2),
+EXPECTED = {"llama": (4, 0, 2, 0, 0, 2, 4), "qwen2": (4, 0, 2, 0, 0, 2, 4), "opt": (4, 2, 0, 0, 0, 2, 2),
+            "gpt2": (4, 2, 0, 0, 0, 2), "gpt_neox": (4, 2, 0, 0, 0, 2), "gptj": (2, 2, 0, 0, 0, 2),
+            "bert": (4, 2, 0, 0, 3, 2),
             "roberta": (4, 2, 0, 0, 3, 2)}
 NONE = {"norm->quant": 0, "norm->packed": 0, "residual->norm": 0, "act->epilogue": 0, "act->quant": 0,
         "gate*up->quant": 0, "attention->kernel": 0}
@@ -61,7 +63,8 @@ def test_weight_only_presets_fuse_activations_and_pack_only_what_shares_a_format
 
 
 def test_gated_mlp_only_where_the_down_projection_takes_int8():
-    assert fuse(zq.quantize(tiny_model("llama"), "w4a16", progress=False, fuse=False)) == counts(0, 0, 0, 2, packed=2)
+    fused = fuse(zq.quantize(tiny_model("llama"), "w4a16", progress=False, fuse=False))
+    assert fused == counts(0, 0, 0, 2, attention=2, packed=2)
     q = zq.quantize(tiny_model("llama"), "w4/8-a8", progress=False)
     mlp = q.model.layers[0].mlp
     assert isinstance(mlp, GatedMLP) and mlp.act == "silu" and mlp.gate_proj.act is None
@@ -102,7 +105,7 @@ def test_post_ln_opt_keeps_its_norms():
     for layer in model.model.decoder.layers:
         layer.do_layer_norm_before = False
     q = zq.quantize(model, "w8a8", progress=False, fuse=False)
-    assert fuse(q) == counts(0, 2, 0)  # no fused norms; the activations still go to fc2's quantization
+    assert fuse(q) == counts(0, 2, 0, attention=2)  # no fused norms; the activations still go to fc2's quantization
 
 
 def test_norm_hands_int8_only_to_linears_that_take_it():

@@ -20,6 +20,9 @@ Rewrites driven by the adapter table (adapters.Arch), all exact on the reference
   * scale + mask) v in one Triton kernel that reads Hugging Face's expanded mask through its strides (torch's
   SDPA converts a boolean mask on every call). Everything else (CPU, training, caches, cross-attention,
   masks it does not know) takes the model's own forward.
+- decoder attention -> one-query kernel: a decoder on transformers' SDPA attention runs its decode steps' attention
+  (one query against the KV cache) on kernels.attention's decode kernel (zeroquant.hf_attention); prompts and
+  everything else stay on SDPA.
 - activation -> GEMM epilogue: otherwise (weight-only presets) the MLP activation moves into the preceding
   QuantLinear (its `act`), which applies it to its float32 output in every mode: inside the kernel's
   epilogue on CUDA. The model's own activation module becomes nn.Identity.
@@ -34,6 +37,7 @@ from torch import nn
 from . import kernels, packing
 from .adapters import base_model, get_arch, get_blocks, norms_apply
 from .handoff import QuantizedActivation
+from .hf_attention import use_kernel_attention
 from .kernels import ops, reference
 from .qlinear import QuantLinear
 
@@ -352,6 +356,8 @@ def fuse(model: nn.Module) -> dict[str, int]:
             how = _fuse_act(block, *arch.mlp_act)
             if how:
                 done[how] += 1
+    if not encoder and use_kernel_attention(model):
+        done["attention->kernel"] += len(blocks)
     if not norms_apply(model, arch):
         return done
     # Elsewhere linears that read one norm's output run packed from that norm.

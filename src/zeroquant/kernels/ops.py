@@ -137,8 +137,8 @@ def _attention_layout(o: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op(f"{LIB}::attention", mutates_args=())
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
               scale: float) -> torch.Tensor:
-    """softmax(q k^T * scale + mask) v for q [B, H, Sq, D], k/v [B, H, Sk, D]; mask None, bool (True = attend)
-    or additive float, broadcastable to [B, H, Sq, Sk]."""
+    """softmax(q k^T * scale + mask) v for q [B, H, Sq, D], k/v [B, HK, Sk, D] (HK divides H: grouped heads);
+    mask None, bool (True = attend) or additive float, broadcastable to [B, H, Sq, Sk]."""
     return _attention_layout(reference.attention(q, k, v, mask, scale))
 
 

@@ -130,7 +130,10 @@ def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v in float32, returned in q's dtype; mask None, bool (True = attend) or
-    additive float, broadcastable to [B, H, Sq, Sk]. Rows with every key masked give zeros."""
+    additive float, broadcastable to [B, H, Sq, Sk]. Rows with every key masked give zeros. k/v may have
+    fewer heads than q (grouped heads): query head h reads head h // (H / HK)."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = (t.repeat_interleave(rep, dim=1) if rep > 1 else t for t in (k, v))
     s = (q.float() @ k.float().transpose(-1, -2)) * scale
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.float()
