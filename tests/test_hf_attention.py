@@ -93,3 +93,13 @@ def test_greedy_decode_through_the_op_gives_sdpa_tokens(op_calls):
     assert torch.equal(got.sequences, want.sequences)
     for a, b in zip(got.logits, want.logits, strict=True):
         assert (a.float() - b.float()).abs().max() < 5e-2 * b.float().abs().max()
+
+
+def test_one_query_path_traces_without_graph_breaks(op_calls):
+    q, k, v = _qkv(1, torch.bfloat16)
+    mask = torch.ones(2, 1, 1, 9, dtype=torch.bool)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(hf_attention.kernel_attention)(_attn_module(), q, k, v, mask, scaling=0.25)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    graph = explained.graphs[0].code
+    assert "zeroquant.attention" in graph and "scaled_dot_product" not in graph
