@@ -25,6 +25,22 @@ MASK_NONE, MASK_KEEP, MASK_ADD = 0, 1, 2
 
 
 @triton.jit
+def _heads(bh, H, HK):
+    """Program index b * H + h -> (batch b, query head h, the K/V head it reads: h // (H / HK)), as int64."""
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    return b, h, h // (H // HK)
+
+
+@triton.jit
+def _apply_mask(s, mv, MASK: tl.constexpr):
+    """Scores s (log2 domain) with the model's mask values mv: a bool keep-mask (MASK 1) or additive (MASK 2)."""
+    if MASK == 1:
+        return tl.where(mv != 0, s, float("-inf"))
+    return s + mv.to(tl.float32) * 1.4426950408889634
+
+
+@triton.jit
 def _attn_kernel(
     q_ptr, k_ptr, v_ptr, m_ptr, o_ptr,
     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, smb, smh, smq, smk, sob, soh, sos,
@@ -34,9 +50,7 @@ def _attn_kernel(
     wait_for_producer(PDL)
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    hk = h // (H // HK)
+    b, h, hk = _heads(bh, H, HK)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     rows = offs_m < SQ
@@ -55,10 +69,7 @@ def _attn_kernel(
         if MASK != 0:
             mv = tl.load(m_ptr + b * smb + h * smh + offs_m[:, None] * smq + offs_n[None, :] * smk,
                          mask=rows[:, None] & cols[None, :], other=0)
-            if MASK == 1:
-                s = tl.where(mv != 0, s, float("-inf"))
-            else:
-                s += mv.to(tl.float32) * 1.4426950408889634
+            s = _apply_mask(s, mv, MASK)
         s = tl.where(cols[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # Rows with every key masked so far keep m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
@@ -89,9 +100,7 @@ def _decode_attn_kernel(
     wait_for_producer(PDL)
     bh = tl.program_id(0)
     sp = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    hk = h // (H // HK)
+    b, h, hk = _heads(bh, H, HK)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     q = tl.load(q_ptr + b * sqb + h * sqh + offs_d, mask=dmask, other=0.0).to(tl.float32) * qk_scale
@@ -107,11 +116,7 @@ def _decode_attn_kernel(
         v = tl.load(v_ptr + b * svb + hk * svh + offs_n[:, None] * svs + offs_d[None, :], mask=kv, other=0.0)
         s = tl.sum(k.to(tl.float32) * q[None, :], 1)  # log2 domain: exp2 below
         if MASK != 0:
-            mv = tl.load(m_ptr + b * smb + h * smh + offs_n * smk, mask=cols, other=0)
-            if MASK == 1:
-                s = tl.where(mv != 0, s, float("-inf"))
-            else:
-                s += mv.to(tl.float32) * 1.4426950408889634
+            s = _apply_mask(s, tl.load(m_ptr + b * smb + h * smh + offs_n * smk, mask=cols, other=0), MASK)
         s = tl.where(cols, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 0))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: exp2 gives 0, not NaN
