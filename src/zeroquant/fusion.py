@@ -96,10 +96,7 @@ class FusedNorm(nn.Module):
         return reference.norm(x if residual is None else x + residual, self.weight, self.bias, self.eps, self.kind)
 
     def _packed(self, x: torch.Tensor) -> dict | None:
-        lins = list(self.consumers)
-        if not (self.pack and packing.packable(lins) and all(c.uses_kernels(x) for c in lins)):
-            return None
-        return packing.cached_pack(self, lins, x)
+        return packing.cached_pack(self, list(self.consumers), x) if self.pack else None
 
     def _apply(self, fn, recurse=True):
         packing.drop_pack(self)
@@ -257,8 +254,6 @@ class EncoderAttention(nn.Module):
         """q, k and v from one GEMM over their packed weights (zeroquant.packing; faster than three: bench/NOTES.md),
         packing them on first use; None where the kernels cannot."""
         lins = [getattr(self, n) for n in self.names]
-        if not (packing.packable(lins) and all(m.uses_kernels(x) for m in lins)):
-            return None
         packed = packing.cached_pack(self, lins, x)
         return None if packed is None else packed_linears(packed, lins, x)
 

@@ -88,10 +88,13 @@ def cached_pack(owner: nn.Module, linears: list[QuantLinear], x: torch.Tensor) -
     the packed GEMM, keeps them as its attribute `packed_buffers` (derived, never saved; it drops them on a
     device move: drop_pack) with `packed_key`, the buffers_key they were made under.
 
-    None where packing cannot happen: inside a CUDA-graph capture, or once a graph captured the linears
+    None where the linears cannot run as one kernel GEMM on x (not packable, or not all on the kernels) or
+    packing cannot happen: inside a CUDA-graph capture, or once a graph captured the linears
     unpacked (packing frees their own buffers). While torch.compile traces, the cached pack is used as it is
     and nothing is packed: checking that it is current reads storage addresses, which a graph cannot, and
     in-place updates of the linears' buffers write into it anyway."""
+    if not (packable(linears) and all(m.uses_kernels(x) for m in linears)):
+        return None
     cached = getattr(owner, "packed_buffers", None)
     if torch.compiler.is_compiling():
         return cached
