@@ -11,9 +11,8 @@ from torch import nn
 import zeroquant as zq
 from zeroquant import checkpoint
 from zeroquant import quant as Q
-from zeroquant.config import with_group_size
+from zeroquant.config import LinearRule, QuantConfig, WeightQuant, with_group_size
 from zeroquant.fusion import FusedAct, FusedNorm, GatedMLP, ResidualNorm, fuse
-from zeroquant.qlinear import QuantLinear
 
 # per 2-block model under w4/8-a8 (INT8 activations everywhere): fused norms, activations moved into the next
 # linear's quantization, fused gated MLPs, epilogue activations, residual adds moved into fused norms,
@@ -26,13 +25,13 @@ EXPECTED = {"llama": (4, 0, 2, 0, 0, 2, 4), "qwen2": (4, 0, 2, 0, 0, 2, 4), "opt
             "bert": (4, 2, 0, 0, 3, 2),
             "roberta": (4, 2, 0, 0, 3, 2)}
 NONE = {"norm->quant": 0, "norm->packed": 0, "residual->norm": 0, "act->epilogue": 0, "act->quant": 0,
-        "gate*up->quant": 0, "attention->kernel": 0}
+        "gate*up->quant": 0, "gate*up->epilogue": 0, "attention->kernel": 0}
 
 
 def counts(norms: int, act_quant: int, gated: int, epilogue: int = 0, residual: int = 0,
-           attention: int = 0, packed: int = 0) -> dict[str, int]:
+           attention: int = 0, packed: int = 0, glu: int = 0) -> dict[str, int]:
     return {"norm->quant": norms, "norm->packed": packed, "residual->norm": residual, "act->epilogue": epilogue,
-            "act->quant": act_quant, "gate*up->quant": gated, "attention->kernel": attention}
+            "act->quant": act_quant, "gate*up->quant": gated, "gate*up->epilogue": glu, "attention->kernel": attention}
 
 
 @pytest.mark.parametrize("arch", list(EXPECTED))
@@ -50,24 +49,29 @@ def test_fused_model_matches_unfused(arch):
     assert (a - b).abs().max().item() <= 1e-5 * a.abs().max().item()
 
 
-def test_weight_only_presets_fuse_activations_and_pack_only_what_shares_a_format():
+def test_weight_only_presets_pack_qkv_behind_the_norm_and_gate_up_in_the_mlp():
     q = zq.quantize(tiny_model("llama"), "w4a16", progress=False)
     norms = [m for m in q.modules() if isinstance(m, FusedNorm)]
-    # q/k/v pack behind the input norm; gate carries the activation in its epilogue, up does not: no pack
+    # q/k/v pack behind the input norm; gate and up pack in their GatedMLP, so the second norm stays plain
     assert len(norms) == 2 and all(n.pack for n in norms)
     assert [n.consumers for n in norms] == [tuple(b.self_attn.get_submodule(p) for p in ("q_proj", "k_proj", "v_proj"))
                                             for b in q.model.layers]
-    gate = q.model.layers[0].mlp.gate_proj
-    assert isinstance(gate, QuantLinear) and gate.act == "silu"
-    assert isinstance(q.model.layers[0].mlp.act_fn, nn.Identity)
+    mlp = q.model.layers[0].mlp
+    assert isinstance(mlp, GatedMLP) and mlp.glu and mlp.act == "silu"
+    assert mlp.gate_proj.act is None and mlp.gate_proj.packed_slot is None and mlp.up_proj.packed_slot is None
+    assert not isinstance(q.model.layers[0].post_attention_layernorm, FusedNorm)
 
 
-def test_gated_mlp_only_where_the_down_projection_takes_int8():
+def test_gated_mlp_fuses_into_the_quantization_or_the_packed_gemm():
     fused = fuse(zq.quantize(tiny_model("llama"), "w4a16", progress=False, fuse=False))
-    assert fused == counts(0, 0, 0, 2, attention=2, packed=2)
+    assert fused == counts(0, 0, 0, attention=2, packed=2, glu=2)
+    # weights the kernels do not take (per-tensor) cannot run packed: the activation goes to gate's epilogue
+    rule = LinearRule(WeightQuant(8, -1, True, per_tensor=True))
+    per_tensor = fuse(zq.quantize(tiny_model("llama"), QuantConfig(rule, rule), progress=False, fuse=False))
+    assert per_tensor == counts(0, 0, 0, epilogue=2, attention=2)
     q = zq.quantize(tiny_model("llama"), "w4/8-a8", progress=False)
     mlp = q.model.layers[0].mlp
-    assert isinstance(mlp, GatedMLP) and mlp.act == "silu" and mlp.gate_proj.act is None
+    assert isinstance(mlp, GatedMLP) and not mlp.glu and mlp.act == "silu" and mlp.gate_proj.act is None
     x = torch.randn(2, 5, 64)
     with torch.no_grad():  # the reference path: down(act(gate(x)) * up(x))
         want = mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))

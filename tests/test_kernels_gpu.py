@@ -269,10 +269,50 @@ def test_w4_gemv(split, dtype):
             x, got if xs is None else xs.reshape(-1), kw.qweight, kw.scale,
             kw.zero if kw.zero is not None else kw.scale, ql.bias, got, torch.empty(split * 1024, device="cuda"),
             counters, n, k, kw.qweight.stride(0), A_INT8=xs is not None, HAS_ZERO=kw.zero is not None,
-            GROUP_SIZE=kw.kernel_group, HAS_BIAS=True, ACT=act_code("silu"), STEP=GV._w4_step(k, kw.kernel_group),
-            SPLIT=split, BLOCK_N=GV.W4_BLOCK_N, PDL=False, num_warps=4)
+            GROUP_SIZE=kw.kernel_group, HAS_BIAS=True, ACT=act_code("silu"), GLU=False,
+            STEP=GV._w4_step(k, kw.kernel_group), SPLIT=split, BLOCK_N=GV.W4_BLOCK_N, PDL=False, num_warps=4)
         assert rel_err(got, want) < tol, (k, group)
         assert counters.eq(0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("split", [1, 3])
+def test_w4_gemv_glu(split, dtype):
+    """The INT4 GEMV with a gated MLP's epilogue: gate rows then up rows (2 x 1000: a partial last tile), each
+    program reading the gate and up rows of the same outputs, gives silu(gate) * up against
+    reference.gated_linear, with one or three K slices."""
+    from zeroquant.kernels import act_code
+    from zeroquant.kernels import gemv as GV
+
+    k, n = 1536, 2000
+    ql, (x, xs), _ = _skinny_case(k, n, 128, False, 1, dtype)
+    kw = ql.kernel_weight()
+    want = R.gated_linear(x, xs, ql.qweight, ql.w_scale, ql.w_zero, 4, ql.group_size, ql.bias, "silu", torch.float32)
+    poison_cuda_cache()
+    got = torch.empty(1, n // 2, device="cuda", dtype=ql.bias.dtype)
+    counters = GV.split_counters(x.device, n)
+    GV._w4_gemv_kernel[(-(-n // GV.W4_BLOCK_N), split)](
+        x, got if xs is None else xs.reshape(-1), kw.qweight, kw.scale, kw.zero, ql.bias, got,
+        torch.empty(split * 2048, device="cuda"), counters, n, k, kw.qweight.stride(0), A_INT8=xs is not None,
+        HAS_ZERO=True, GROUP_SIZE=128, HAS_BIAS=True, ACT=act_code("silu"), GLU=True, STEP=128, SPLIT=split,
+        BLOCK_N=GV.W4_BLOCK_N, PDL=False, num_warps=4)
+    assert rel_err(got, want) < 3e-3
+    assert counters.eq(0).all()
+
+
+@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize("name,bits,group,sym,a8", VARIANTS)
+def test_quant_linear_glu(m, name, bits, group, sym, a8):
+    """quant_linear(glu=True) in every format: one token in the GEMV's epilogue, five after the GEMM, against
+    reference.gated_linear (2 x 1000 rows)."""
+    ql = quant_linear(1536, 2000, bits, group, sym, a8, "cuda").half()
+    x = torch.randn(m, 1536, device="cuda", dtype=torch.float16)
+    xin, xs = R.quantize_per_token(x) if a8 else (x, None)
+    want = R.gated_linear(xin, xs, ql.qweight, ql.w_scale, ql.w_zero, bits, ql.group_size, ql.bias, "silu",
+                          torch.float16)
+    poison_cuda_cache()
+    got = gemm.quant_linear(xin, xs, ql.kernel_weight(), ql.bias, "silu", torch.float16, glu=True)
+    assert got.shape == (m, 1000) and rel_err(got, want) < 3e-3
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.int8])
@@ -321,7 +361,7 @@ def test_gemv_every_w8_config(cfg, a8):
         GV._gemv_kernel.fn.fn[(-(-n // c.kwargs["BLOCK_N"]), split)](
             xin, xs.reshape(-1) if a8 else got, kw.qweight, kw.scale, ql.bias, got,
             torch.empty(split * n + 64, device="cuda"), counters, n, k, kw.qweight.stride(0), A_INT8=a8,
-            GROUP_SIZE=kw.kernel_group, HAS_BIAS=True, ACT=act_code("silu"), CH=ch, SPLIT=split,
+            GROUP_SIZE=kw.kernel_group, HAS_BIAS=True, ACT=act_code("silu"), GLU=False, CH=ch, SPLIT=split,
             PDL=False, **c.kwargs, num_warps=c.num_warps)
         assert rel_err(got, want) < 2e-3, group
         assert counters.eq(0).all()

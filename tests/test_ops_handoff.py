@@ -9,7 +9,7 @@ from tiny_models import model_output, tiny_input, tiny_model
 import zeroquant as zq
 from zeroquant import kernels
 from zeroquant.config import ActQuant, LinearRule, WeightQuant
-from zeroquant.fusion import EncoderAttention, FusedNorm
+from zeroquant.fusion import EncoderAttention, FusedNorm, GatedMLP
 from zeroquant.handoff import QuantizedActivation
 from zeroquant.kernels import ops
 from zeroquant.kernels import reference as R
@@ -37,10 +37,14 @@ def _op_cases():
         (ops.quant_linear, (x, None, ql.qweight, ql.w_scale, ql.w_zero, 4, ql.group_size, None, None, torch.float32)),
         (ops.attention, (x.view(2, 3, 4, 16).transpose(1, 2), x.view(2, 3, 4, 16).transpose(1, 2),
                          x.view(2, 3, 4, 16).transpose(1, 2), torch.rand(2, 1, 3, 3, generator=g) > 0.3, 0.25)),
+        (ops.gated_linear, (x, None, ql.qweight, ql.w_scale, ql.w_zero, 4, ql.group_size, ql.bias, "silu",
+                            torch.float32)),
+        (ops.gated_linear, (q8, s, ql.qweight, ql.w_scale, ql.w_zero, 4, ql.group_size, None, "gelu",
+                            torch.float16)),
     ]
 
 
-@pytest.mark.parametrize("case", range(7))
+@pytest.mark.parametrize("case", range(9))
 def test_op_schema_fake_and_dispatch(case):
     """torch.library.opcheck: the schema, the fake (meta) implementation's shapes/dtypes/strides and the
     dispatcher registrations agree with what the op returns."""
@@ -49,7 +53,7 @@ def test_op_schema_fake_and_dispatch(case):
 
 
 def test_cpu_ops_are_the_reference_twins():
-    (_, (x,)), (_, nq), _, (_, aq), (_, ql8), (_, ql16), (_, at) = _op_cases()
+    (_, (x,)), (_, nq), _, (_, aq), (_, ql8), (_, ql16), (_, at), *_ = _op_cases()
     for got, want in [(ops.quantize_per_token(x), R.quantize_per_token(x)), (ops.norm_quant(*nq), R.norm_quant(*nq)),
                       (ops.act_quant(*aq), R.act_quant(*aq))]:
         assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
@@ -58,6 +62,16 @@ def test_cpu_ops_are_the_reference_twins():
                        .reshape(2, 3, 48))
     got = ops.attention(*at)
     assert torch.equal(got, R.attention(*at)) and got.transpose(1, 2).is_contiguous()
+
+
+@pytest.mark.parametrize("case", [7, 8])
+def test_gated_linear_is_act_of_the_gate_rows_times_the_up_rows(case):
+    """ops.gated_linear on a weight of 2H rows: act(first H outputs) * (last H outputs), from float32 sums."""
+    x, xs, qw, ws, wz, bits, gs, bias, act, dtype = _op_cases()[case][1]
+    full = ops.quant_linear(x, xs, qw, ws, wz, bits, gs, bias, None, torch.float32)
+    want = (R.apply_act(full[..., :24], act) * full[..., 24:]).to(dtype)
+    got = ops.gated_linear(x, xs, qw, ws, wz, bits, gs, bias, act, dtype)
+    assert got.shape == (2, 3, 24) and got.dtype == dtype and torch.equal(got, want)
 
 
 def test_quantized_activation_reads_as_its_float_value():
@@ -94,6 +108,7 @@ def test_unwritten_float_values_cannot_be_read():
 
 # bfloat16 rows: the weight-only GEMM and the encoder attention op take 16-bit inputs only.
 CASES = [("llama", "w8a8", torch.float32), ("llama", "w4/8-a8", torch.float32), ("opt", "w4a16", torch.bfloat16),
+         ("llama", "w4a16", torch.bfloat16),
          ("bert", "w8a8", torch.bfloat16), ("gpt2", "w4a8-g64", torch.float32), ("gpt_neox", "w8a8", torch.float32)]
 
 
@@ -122,14 +137,16 @@ def test_kernel_path_compiles_whole_and_matches(arch, preset, dtype, monkeypatch
     explained = torch._dynamo.explain(q)(input_ids=ids)
     assert explained.graph_break_count == 0, [str(r.reason)[:200] for r in explained.break_reasons]
     # one GEMM per linear, less those that a norm or an encoder attention ran as one packed GEMM (packed by the
-    # eager calls above: compiling uses that pack)
+    # eager calls above: compiling uses that pack); weight-only gated MLPs run gate and up as one gated_linear
+    glu = sum(isinstance(m, GatedMLP) and m.glu for m in q.modules())
+    assert glu == (2 if (arch, preset) == ("llama", "w4a16") else 0)
     gemms = sum(isinstance(m, QuantLinear) for m in q.modules()) - sum(
         len(m.consumers) - 1 for m in q.modules() if isinstance(m, FusedNorm) and m.pack) - 2 * sum(
-        isinstance(m, EncoderAttention) for m in q.modules())
+        isinstance(m, EncoderAttention) for m in q.modules()) - 2 * glu
     torch._dynamo.reset()
     with torch.no_grad():  # at inference, where the fused ops hand over
         graphs = torch._dynamo.explain(q)(input_ids=ids).graphs
-    traced = [n for g in graphs for n in g.graph.nodes if "quant_linear" in str(n.target)]
-    assert len(traced) == gemms
+    traced = [str(n.target) for g in graphs for n in g.graph.nodes]
+    assert sum("quant_linear" in t for t in traced) == gemms and sum("gated_linear" in t for t in traced) == glu
     compiled = torch.compile(q, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(model_output(compiled, ids), eager, rtol=1e-5, atol=1e-5)

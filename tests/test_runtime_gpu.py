@@ -89,14 +89,16 @@ def test_fused_norm_quantizes_once_for_its_linears(monkeypatch):
     assert ((got - want).norm() / want.norm()).item() < 1e-2
 
 
-@pytest.mark.parametrize("preset", ["w8a8", "w4/8-a8"])
-def test_gated_mlp_kernel_equals_unfused_kernels(preset):
-    """silu(gate) * up quantized in one kernel gives what torch's silu, multiply and a separate quantize do,
-    up to the last bit of silu (Triton's sigmoid and torch's round differently at times)."""
+@pytest.mark.parametrize("tokens", [(3, 40), (1, 1)])
+@pytest.mark.parametrize("preset", ["w8a8", "w4/8-a8", "w4a16"])
+def test_gated_mlp_kernel_equals_unfused_kernels(preset, tokens):
+    """silu(gate) * up quantized in one kernel (INT8 down), or computed in the epilogue of gate and up packed
+    into one GEMM (w4a16; one token: the GEMV), gives what torch's silu and multiply after separate GEMMs
+    do, up to the last bit of silu (Triton's sigmoid and torch's round differently at times)."""
     mlp = llama(preset).model.layers[0].mlp
-    assert isinstance(mlp, GatedMLP)
+    assert isinstance(mlp, GatedMLP) and mlp.glu == (preset == "w4a16")
     torch.manual_seed(1)
-    x = torch.randn(3, 40, 256, device="cuda", dtype=torch.float16)
+    x = torch.randn(*tokens, 256, device="cuda", dtype=torch.float16)
     with torch.no_grad():
         got = mlp(x)
         want = mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))

@@ -16,6 +16,9 @@ Rewrites driven by the adapter table (adapters.Arch), all exact on the reference
 - gated MLP -> token-wise INT8: in down(act(gate(x)) * up(x)) (Llama family) with an INT8-activation down
   projection, the activation, the product and its quantization run as one kernel that writes only the
   INT8 copy (GatedMLP).
+- gated MLP -> packed GEMM epilogue: with weight-only gate/up of one format (w4a16), gate and up run as one
+  GEMM over their packed weights whose epilogue computes act(gate) * up (GatedMLP with glu): on one token
+  (the GEMV) no separate up GEMM and no elementwise product.
 - encoder self-attention -> attention kernel: a bidirectional self-attention (BERT family) runs softmax(q k^T
   * scale + mask) v in one Triton kernel that reads Hugging Face's expanded mask through its strides (torch's
   SDPA converts a boolean mask on every call). Everything else (CPU, training, caches, cross-attention,
@@ -23,7 +26,7 @@ Rewrites driven by the adapter table (adapters.Arch), all exact on the reference
 - decoder attention -> one-query kernel: a decoder on transformers' SDPA attention runs its decode steps' attention
   (one query against the KV cache) on kernels.attention's decode kernel (zeroquant.hf_attention); prompts and
   everything else stay on SDPA.
-- activation -> GEMM epilogue: otherwise (weight-only presets) the MLP activation moves into the preceding
+- activation -> GEMM epilogue: otherwise (weight-only presets, ungated MLPs) the MLP activation moves into the preceding
   QuantLinear (its `act`), which applies it to its float32 output in every mode: inside the kernel's
   epilogue on CUDA. The model's own activation module becomes nn.Identity.
 Parameter names do not change, so state dicts, checkpoints and LKD see the same model.
@@ -141,30 +144,44 @@ class FusedAct(nn.Module):
 
 
 class GatedMLP(nn.Module):
-    """down(act(gate(x)) * up(x)) whose activation, product and token-wise INT8 quantization for `down`
-    run as one kernel on CUDA; the float product is never written.
+    """down(act(gate(x)) * up(x)) with its activation and product fused into a kernel on CUDA.
+
+    Where `down` takes INT8, the activation, product and token-wise INT8 quantization for `down` run as one
+    row kernel; the float product is never written. With `glu` (weight-only formats), gate and up run as one
+    GEMM over their packed weights (zeroquant.packing) whose epilogue applies the activation and the product
+    (ops.gated_linear): one kernel instead of two GEMMs and an elementwise product.
 
     Holds the original MLP's gate/up/down linears and activation module under their own names, so
     parameter names do not change. `act` names the activation for the kernel (None: unknown to the
     kernels, so the model's own module applies it first).
     """
 
-    def __init__(self, mlp: nn.Module, gate: str, up: str, down: str, act: str | None) -> None:
+    def __init__(self, mlp: nn.Module, gate: str, up: str, down: str, act: str | None, glu: bool = False) -> None:
         super().__init__()
-        self.names, self.act = (gate, up, down), act
+        self.names, self.act, self.glu = (gate, up, down), act, glu
         for n in self.names:
             self.add_module(n, mlp.get_submodule(n))
         self.act_fn = mlp.act_fn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up, down = (getattr(self, n) for n in self.names)
+        if self.glu and _inference(x):
+            packed = packing.cached_pack(self, [gate, up], x)
+            if packed is not None:
+                return down(ops.gated_linear(x, None, *_packed_weight(packed, gate), self.act, x.dtype))
         g, u = gate(x), up(x)
         if _inference(x) and down.takes_int8(g):
             q, s = ops.act_quant(g if self.act else self.act_fn(g), self.act, u)
             return down.forward_quantized(q, s, g.dtype)
         return down(self.act_fn(g) * u)
 
+    def _apply(self, fn, recurse=True):
+        packing.drop_pack(self)
+        return super()._apply(fn, recurse)
+
     def extra_repr(self) -> str:
+        if self.glu:
+            return f"act={self.act}, {self.names[0]} and {self.names[1]} as one GEMM with the product in its epilogue"
         return f"act={self.act}, quantized with the product for {self.names[2]}"
 
 
@@ -187,15 +204,20 @@ class ResidualNorm(nn.Module):
         return f"{self.names[2]}({self.names[1]}({self.names[0]}(h)) + residual), add fused into the norm"
 
 
+def _packed_weight(packed: dict[str, torch.Tensor | None], first: QuantLinear) -> tuple:
+    """The weight arguments of ops.quant_linear / ops.gated_linear for packed buffers (packing.packed_buffers):
+    qweight, w_scale, w_zero, bits, group_size, bias."""
+    zero = None if packed["w_zero"] is None else packed["w_zero"].t()
+    return packed["qweight"], packed["w_scale"].t(), zero, first.wq.bits, first.group_size, packed["bias"]
+
+
 def packed_linears(packed: dict[str, torch.Tensor | None], linears: list[QuantLinear], x: torch.Tensor,
                    int8: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Each linear's output from one kernel GEMM over their packed buffers (packing.packed_buffers): x [..., K],
     or its token-wise INT8 form `int8` where the caller already has it."""
     first = linears[0]
-    zero = None if packed["w_zero"] is None else packed["w_zero"].t()
     q8, s = (x, None) if first.aq is None else (int8 or first.int8_input(x))
-    y = ops.quant_linear(q8, s, packed["qweight"], packed["w_scale"].t(), zero, first.wq.bits, first.group_size,
-                         packed["bias"], None, x.dtype)
+    y = ops.quant_linear(q8, s, *_packed_weight(packed, first), None, x.dtype)
     return list(y.split([m.out_features for m in linears], -1))
 
 
@@ -277,15 +299,24 @@ def _fuse_residual(block: nn.Module, sub: str, linear: str, dropout: str, norm: 
     return True
 
 
-def _fuse_gated_mlp(block: nn.Module, path: str, gate: str, up: str, down: str) -> bool:
+def _fuse_gated_mlp(block: nn.Module, path: str, gate: str, up: str, down: str) -> str | None:
+    """GatedMLP where the kernels can fuse the activation and product: into the quantization for an INT8
+    `down`, or (weight-only gate/up of one format, a known activation) into the packed gate/up GEMM.
+    Returns which, or None."""
     mlp = block.get_submodule(path)
-    if isinstance(mlp, GatedMLP) or not _takes_int8(mlp.get_submodule(down)) or not hasattr(mlp, "act_fn"):
-        return False
-    g = mlp.get_submodule(gate)
+    if isinstance(mlp, GatedMLP) or not hasattr(mlp, "act_fn"):
+        return None
+    g, u = mlp.get_submodule(gate), mlp.get_submodule(up)
     if isinstance(g, QuantLinear) and g.act is not None:
-        return False  # a model fused before GatedMLP existed keeps its epilogue activation
-    block.set_submodule(path, GatedMLP(mlp, gate, up, down, _ACTS.get(type(mlp.act_fn).__name__)))
-    return True
+        return None  # a model fused before GatedMLP existed keeps its epilogue activation
+    act = _ACTS.get(type(mlp.act_fn).__name__)
+    if _takes_int8(mlp.get_submodule(down)):
+        block.set_submodule(path, GatedMLP(mlp, gate, up, down, act))
+        return "gate*up->quant"
+    if act and packing.packable([g, u]) and g.aq is None and g.kernel_format:
+        block.set_submodule(path, GatedMLP(mlp, gate, up, down, act, glu=True))
+        return "gate*up->epilogue"
+    return None
 
 
 def _takes_int8(m: nn.Module) -> bool:
@@ -332,7 +363,7 @@ def fuse(model: nn.Module) -> dict[str, int]:
     """
     arch = get_arch(model, allow_generic=True)
     done = {"norm->quant": 0, "norm->packed": 0, "residual->norm": 0, "act->epilogue": 0, "act->quant": 0,
-            "gate*up->quant": 0, "attention->kernel": 0}
+            "gate*up->quant": 0, "gate*up->epilogue": 0, "attention->kernel": 0}
     if arch is None:
         return done
     blocks = get_blocks(model)
@@ -342,9 +373,11 @@ def fuse(model: nn.Module) -> dict[str, int]:
     for block in blocks:
         if encoder:
             done["attention->kernel"] += _fuse_self_attention(block, *arch.self_attention)
-        # Gated MLPs first: when `down` takes INT8 the activation belongs to their kernel, not an epilogue.
+        # Gated MLPs first: their activation belongs to their kernel, not to gate's epilogue.
         if arch.gated_mlp is not None:
-            done["gate*up->quant"] += _fuse_gated_mlp(block, *arch.gated_mlp)
+            how = _fuse_gated_mlp(block, *arch.gated_mlp)
+            if how:
+                done[how] += 1
             if isinstance(block.get_submodule(arch.gated_mlp[0]), GatedMLP):
                 continue
         if arch.mlp_act is not None:  # a FusedAct is no activation _ACTS knows: left as it is
@@ -355,9 +388,12 @@ def fuse(model: nn.Module) -> dict[str, int]:
         done["attention->kernel"] += len(blocks)
     if not norms_apply(model, arch):
         return done
-    # Elsewhere linears that read one norm's output run packed from that norm.
+    # Elsewhere linears that read one norm's output run packed from that norm, unless a GatedMLP runs them packed.
+    glu = {id(getattr(m, n)) for m in model.modules() if isinstance(m, GatedMLP) and m.glu for n in m.names[:2]}
+
     def fuse_norm(owner: nn.Module, name: str, consumers: list[nn.Module]) -> None:
-        for what in _fuse_norm(owner, name, arch.norm, consumers, not encoder):
+        pack = not encoder and not any(id(c) in glu for c in consumers)
+        for what in _fuse_norm(owner, name, arch.norm, consumers, pack):
             done[what] += 1
 
     if arch.norm_feeds_first is not None and len(blocks):

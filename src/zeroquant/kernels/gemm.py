@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from . import reference
 from .gemv import gemv
 from .skinny_gemm import skinny_ok, w4_skinny
 from .tile_gemm import tile_gemm
@@ -28,11 +29,18 @@ def quant_linear(
     bias: torch.Tensor | None = None,
     act: str | None = None,
     out_dtype: torch.dtype = torch.float16,
+    glu: bool = False,
 ) -> torch.Tensor:
     """act(x [* x_scale] @ W^T + bias) -> [..., N] in out_dtype; twin: reference.quant_linear.
 
     x: int8 [..., K] with float32 per-token x_scale [..., 1] (W8A8/W4A8), or fp16/bf16 with x_scale None.
+    glu: W is a gated MLP's gate rows then its up rows, and the result is act(gate) * up [..., N / 2]
+    (twin: reference.gated_linear); one token runs it in the GEMV's epilogue, more tokens after the GEMM.
     """
+    if glu and not (x.shape[:-1].numel() == 1 and x.shape[-1] % 64 == 0):
+        y = quant_linear(x, x_scale, w, bias, None, out_dtype)
+        gate, up = y.float().chunk(2, -1)
+        return (reference.apply_act(gate, act) * up).to(y.dtype)
     k = x.shape[-1]
     if k != w.in_features:
         raise ValueError(f"input has {k} features, weight expects {w.in_features}")
@@ -43,7 +51,7 @@ def quant_linear(
     a = x.reshape(-1, k)
     if a.stride(-1) != 1:
         a = a.contiguous()
-    m, n = a.shape[0], w.out_features
+    m, n = a.shape[0], w.out_features // 2 if glu else w.out_features
     c = torch.empty((m, n), dtype=out_dtype if a_int8 else x.dtype, device=x.device)
     if m == 0:
         return c.reshape(*lead, n)
@@ -51,7 +59,7 @@ def quant_linear(
     if skinny_ok(a, w):
         w4_skinny(a, xs if a_int8 else None, w, bias, act, c)
     elif m == 1 and k % 64 == 0:
-        gemv(a, xs, w, bias, act, c)
+        gemv(a, xs, w, bias, act, c, glu)
     elif a_int8 and tma_ok(a, w):
         w8a8_tma(a, xs, w, bias, act, c)
     else:

@@ -40,10 +40,24 @@ def _gemv_split(args: dict) -> int:
 
 
 @triton.jit
+def _gemv_rows(pid_n, N, GLU: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(offs_n, rn): a program's BLOCK_N distinct indices (where its split-K partials go) and the weight rows
+    they read, wrapped into [0, N). GLU: N rows are gate rows then up rows (zeroquant.packing), and a program
+    reads BLOCK_N / 2 gate rows and the up rows of the same outputs, so its epilogue can multiply them."""
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if GLU:
+        HALF: tl.constexpr = BLOCK_N // 2
+        j = tl.arange(0, BLOCK_N)
+        return offs_n, (pid_n * HALF + j % HALF) % (N // 2) + (j // HALF) * (N // 2)
+    return offs_n, offs_n % N
+
+
+@triton.jit
 def _gemv_epilogue(out, offs_n, rn, pid_n, pid_k, as_ptr, b_ptr, c_ptr, ws_ptr, cnt_ptr, N, A_INT8: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, ACT: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Both GEMVs' end: this program's float32 sums of rows offs_n (rn: wrapped into [0, N)) added over the K
-    slices, then the token scale, bias and activation, stored by the last slice to arrive."""
+                   HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GLU: tl.constexpr, SPLIT: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    """Both GEMVs' end: this program's float32 sums of rows rn (_gemv_rows) added over the K slices, then the
+    token scale, bias and activation, stored by the last slice to arrive. GLU: act(gate) * up, N / 2 outputs."""
     last = True
     if SPLIT > 1:
         out, last = _split_k_sum(out, ws_ptr, cnt_ptr, offs_n, tl.num_programs(0) * BLOCK_N, pid_n, pid_k, SPLIT)
@@ -52,13 +66,19 @@ def _gemv_epilogue(out, offs_n, rn, pid_n, pid_k, as_ptr, b_ptr, c_ptr, ws_ptr, 
             out = out * tl.load(as_ptr)
         if HAS_BIAS:
             out += tl.load(b_ptr + rn).to(tl.float32)
-        out = apply_act(out, ACT)
-        tl.store(c_ptr + offs_n, out.to(c_ptr.dtype.element_ty), mask=offs_n < N)
+        if GLU:
+            HALF: tl.constexpr = BLOCK_N // 2
+            gate, up = tl.split(tl.permute(tl.reshape(out, (2, HALF)), (1, 0)))
+            cols = pid_n * HALF + tl.arange(0, HALF)
+            tl.store(c_ptr + cols, (apply_act(gate, ACT) * up).to(c_ptr.dtype.element_ty), mask=cols < N // 2)
+        else:
+            out = apply_act(out, ACT)
+            tl.store(c_ptr + offs_n, out.to(c_ptr.dtype.element_ty), mask=offs_n < N)
 
 
 @triton.autotune(
     configs=_GEMV_CONFIGS,
-    key=["N", "K", "A_INT8", "GROUP_SIZE"],
+    key=["N", "K", "A_INT8", "GROUP_SIZE", "GLU"],
     prune_configs_by={"early_config_prune": _prune_gemv},
     do_bench=_gpu_time,
 )
@@ -67,8 +87,8 @@ def _gemv_epilogue(out, offs_n, rn, pid_n, pid_k, as_ptr, b_ptr, c_ptr, ws_ptr, 
 def _gemv_kernel(
     a_ptr, as_ptr, w_ptr, s_ptr, b_ptr, c_ptr, ws_ptr, cnt_ptr, N, K, stride_wn,
     A_INT8: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-    CH: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-    X_TILE: tl.constexpr,
+    GLU: tl.constexpr, CH: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr, X_TILE: tl.constexpr,
 ):
     """One token (M = 1), INT8 weights: y = x @ W^T on CUDA cores, weights streamed in wide K-contiguous rows.
 
@@ -80,8 +100,7 @@ def _gemv_kernel(
     wait_for_producer(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rn = offs_n % N
+    offs_n, rn = _gemv_rows(pid_n, N, GLU, BLOCK_N)
     w_rows = w_ptr + rn[:, None].to(tl.int64) * stride_wn
     NCH: tl.constexpr = BLOCK_K // CH
     acc = tl.zeros((BLOCK_N, NCH, CH), dtype=tl.float32)
@@ -106,7 +125,7 @@ def _gemv_kernel(
     if GROUP_SIZE == 0:
         out = out * s
     _gemv_epilogue(out, offs_n, rn, pid_n, pid_k, as_ptr, b_ptr, c_ptr, ws_ptr, cnt_ptr, N, A_INT8, HAS_BIAS, ACT,
-                   SPLIT, BLOCK_N)
+                   GLU, SPLIT, BLOCK_N)
 
 
 # The INT4 GEMV's one configuration: 64 rows a program (two rows a thread), about 8 programs per SM. Within 4%
@@ -238,7 +257,8 @@ def _w4_k_step(acc, w_rows, s_ptr, z_ptr, x_lo, rn, k0, N, A_INT8: tl.constexpr,
 def _w4_gemv_kernel(
     a_ptr, as_ptr, w_ptr, s_ptr, z_ptr, b_ptr, c_ptr, ws_ptr, cnt_ptr, N, K, stride_wn,
     A_INT8: tl.constexpr, HAS_ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ACT: tl.constexpr, STEP: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
+    ACT: tl.constexpr, GLU: tl.constexpr, STEP: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One token, INT4 weights, on CUDA cores: each thread reads 16-byte runs of its rows' packed weights,
     turns them into q - zero (fp16 tokens: packed fp16, _half_run_dots; bf16: float32, _nibble_floats; int8:
@@ -253,8 +273,7 @@ def _w4_gemv_kernel(
     BYTES: tl.constexpr = STEP // 2
     HALF: tl.constexpr = PACK_C // 2
     byte = tl.arange(0, BYTES)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rn = offs_n % N
+    offs_n, rn = _gemv_rows(pid_n, N, GLU, BLOCK_N)
     w_rows = w_ptr + rn[:, None].to(tl.int64) * stride_wn + byte[None, :]
     # Byte j of a chunk holds channels j (low nibble) and j + HALF (high): quant.pack_int4.
     x_lo = a_ptr + tl.zeros((BLOCK_N, 1), tl.int32) + ((byte // HALF) * PACK_C + byte % HALF)[None, :]
@@ -267,12 +286,12 @@ def _w4_gemv_kernel(
     if GROUP_SIZE == 0:
         out = out * (tl.load(s_ptr + rn).to(tl.float32) * (256.0 if HALF_ACC else 1.0))
     _gemv_epilogue(out, offs_n, rn, pid_n, pid_k, as_ptr, b_ptr, c_ptr, ws_ptr, cnt_ptr, N, A_INT8, HAS_BIAS, ACT,
-                   SPLIT, BLOCK_N)
+                   GLU, SPLIT, BLOCK_N)
 
 
-def gemv(a, xs, w: KernelWeight, bias, act, c) -> None:
+def gemv(a, xs, w: KernelWeight, bias, act, c, glu: bool = False) -> None:
     """One token a [1, K] (int8 with its float32 scale xs, or fp16/bf16 with xs = c) against INT8 or INT4
-    weights: _gemv_kernel or _w4_gemv_kernel."""
+    weights: _gemv_kernel or _w4_gemv_kernel. glu: w holds gate rows then up rows, c gets act(gate) * up."""
     n, k = w.out_features, a.shape[1]
     # Room for any configuration's split: at most MAX_SPLIT slices of at most n rounded up to a tile.
     ws = torch.empty(MAX_SPLIT * triton.cdiv(n, 64) * 64, dtype=torch.float32, device=a.device)
@@ -280,11 +299,15 @@ def gemv(a, xs, w: KernelWeight, bias, act, c) -> None:
     args += (bias if bias is not None else c, c, ws, split_counters(a.device, triton.cdiv(n, 4)), n, k,
              w.qweight.stride(0))
     flags = dict(A_INT8=a.dtype == torch.int8, GROUP_SIZE=w.kernel_group, HAS_BIAS=bias is not None,
-                 ACT=act_code(act), **pdl_flags(a, graph_only=True))
+                 ACT=act_code(act), GLU=glu, **pdl_flags(a, graph_only=True))
+
+    def tiles(block_n: int) -> int:  # a GLU program's BLOCK_N rows make BLOCK_N / 2 outputs
+        return triton.cdiv(n // 2, block_n // 2) if glu else triton.cdiv(n, block_n)
+
     if w.bits == 8:
-        _gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT"])](*args, **flags)
+        _gemv_kernel[lambda meta: (tiles(meta["BLOCK_N"]), meta["SPLIT"])](*args, **flags)
     else:
         split = _w4_gemv_split(n, k, w.kernel_group, a)
-        _w4_gemv_kernel[(triton.cdiv(n, W4_BLOCK_N), split)](
+        _w4_gemv_kernel[(tiles(W4_BLOCK_N), split)](
             *args, **flags, HAS_ZERO=w.zero is not None, STEP=_w4_step(k, w.kernel_group), SPLIT=split,
             BLOCK_N=W4_BLOCK_N, num_warps=4)

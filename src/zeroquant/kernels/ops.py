@@ -125,6 +125,32 @@ def _(x, x_scale, qweight, w_scale, w_zero, bits, group_size, bias, act, out_dty
     return x.new_empty((*_rows(x), qweight.shape[0]), dtype=out_dtype)
 
 
+@torch.library.custom_op(f"{LIB}::gated_linear", mutates_args=())
+def gated_linear(x: torch.Tensor, x_scale: torch.Tensor | None, qweight: torch.Tensor, w_scale: torch.Tensor,
+                 w_zero: torch.Tensor | None, bits: int, group_size: int, bias: torch.Tensor | None,
+                 act: str | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """A gated MLP's act(x W_gate^T + b) * (x W_up^T + b) -> [..., N / 2] from one weight (arguments as
+    quant_linear's) whose N rows are the gate projection's, then the up projection's (zeroquant.packing)."""
+    xs = None if x_scale is None else x_scale.reshape(-1, 1)
+    y = reference.gated_linear(x.reshape(-1, x.shape[-1]), xs, qweight, w_scale, w_zero, bits, group_size, bias,
+                               act, out_dtype)
+    return y.reshape(*_rows(x), -1)
+
+
+@_cuda_kernel(gated_linear)
+def _(x, x_scale, qweight, w_scale, w_zero, bits, group_size, bias, act, out_dtype):
+    from .gemm import KernelWeight
+    from .gemm import quant_linear as launch
+
+    kw = KernelWeight.from_quant(qweight, w_scale, w_zero, bits, group_size, check=False)
+    return launch(x, x_scale, kw, bias, act=act, out_dtype=out_dtype, glu=True)
+
+
+@gated_linear.register_fake
+def _(x, x_scale, qweight, w_scale, w_zero, bits, group_size, bias, act, out_dtype):
+    return x.new_empty((*_rows(x), qweight.shape[0] // 2), dtype=out_dtype)
+
+
 # -------------------------------------------------------------------------------------- attention
 
 

@@ -126,6 +126,16 @@ def quant_linear(
     return apply_act(y, act).to(out_dtype)
 
 
+def gated_linear(x: torch.Tensor, x_scale: torch.Tensor | None, qweight: torch.Tensor, w_scale: torch.Tensor,
+                 w_zero: torch.Tensor | None, bits: int, group_size: int, bias: torch.Tensor | None, act: str | None,
+                 out_dtype: torch.dtype) -> torch.Tensor:
+    """A gated MLP's act(gate) * up from one weight holding the gate rows, then the up rows: [M, N / 2], the
+    product in float32 from the float32 sums, as the GEMV's epilogue computes it."""
+    gate, up = quant_linear(x, x_scale, qweight, w_scale, w_zero, bits, group_size, bias, None,
+                            torch.float32).chunk(2, -1)
+    return (apply_act(gate, act) * up).to(out_dtype)
+
+
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
