@@ -187,8 +187,7 @@ def test_loaded_checkpoint_runs_on_kernels(tmp_path, preset, fmt):
     loaded = zq.load_quantized(tmp_path / "q", device="cuda")
     q = q.cuda()
     mlp = loaded.model.layers[0].mlp
-    assert (mlp.act if isinstance(mlp, GatedMLP) else mlp.gate_proj.act) == "silu"  # fused again on load
-    assert isinstance(mlp, GatedMLP) == (preset != "w4a16")
+    assert isinstance(mlp, GatedMLP) and mlp.act == "silu" and mlp.glu == (preset == "w4a16")  # fused again on load
     assert all(m.kernel_weight() is not None for m in zq.quantized_modules(loaded).values())
     ids = torch.randint(0, 1000, (2, 12), device="cuda")
     kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=16, min_new_tokens=16, do_sample=False,
