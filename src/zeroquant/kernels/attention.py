@@ -196,15 +196,22 @@ def attention(
     return o.transpose(1, 2)
 
 
-DECODE_BLOCK_N = 64  # keys a decode program reads per step
+# Keys a decode program reads per step, and its warps: of 3 x 5 x 2 (BLOCK_N, split, warps) variants at 1 x 192,
+# 1 x 1024 and 16 x 192 (batch x keys, 32 heads), 64 keys with 4 warps and about 4 programs per SM was the
+# fastest or within 2% at each (bench/NOTES.md, session 20).
+DECODE_BLOCK_N = 64
+DECODE_WARPS = 4
+DECODE_PROGRAMS_PER_SM = 4
 MAX_DECODE_SPLIT = 16
 
 
 def decode_split(heads: int, keys: int, sms: int) -> int:
-    """Key slices per query head: enough programs for about one per SM, at most one slice per DECODE_BLOCK_N
-    keys, a power of two (the merge reads every slice's maximum at once; trailing slices may be empty)."""
+    """Key slices per query head: about DECODE_PROGRAMS_PER_SM programs per SM, at most one slice per
+    DECODE_BLOCK_N keys, a power of two (the merge reads every slice's maximum at once; trailing slices may
+    be empty)."""
     blocks = triton.cdiv(keys, DECODE_BLOCK_N)
-    return triton.next_power_of_2(max(1, min(blocks, sms // max(heads, 1), MAX_DECODE_SPLIT)))
+    per_head = DECODE_PROGRAMS_PER_SM * sms // max(heads, 1)
+    return triton.next_power_of_2(max(1, min(blocks, per_head, MAX_DECODE_SPLIT)))
 
 
 def _decode_attention(q, k, v, m, ms, o, kind, hk, scale, block_d) -> None:
@@ -216,5 +223,5 @@ def _decode_attention(q, k, v, m, ms, o, kind, hk, scale, block_d) -> None:
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         ms[0], ms[1], ms[3], o.stride(0), o.stride(2),
         h, hk, k.shape[2], d, scale * _LOG2E,
-        MASK=kind, SPLIT=split, BLOCK_N=DECODE_BLOCK_N, BLOCK_D=block_d, num_warps=8, **pdl_flags(q),
+        MASK=kind, SPLIT=split, BLOCK_N=DECODE_BLOCK_N, BLOCK_D=block_d, num_warps=DECODE_WARPS, **pdl_flags(q),
     )
