@@ -148,8 +148,9 @@ class GatedMLP(nn.Module):
 
     Where `down` takes INT8, the activation, product and token-wise INT8 quantization for `down` run as one
     row kernel; the float product is never written. With `glu` (weight-only formats), gate and up run as one
-    GEMM over their packed weights (zeroquant.packing) whose epilogue applies the activation and the product
-    (ops.gated_linear): one kernel instead of two GEMMs and an elementwise product.
+    GEMM over their packed weights (zeroquant.packing); for one token (decode at batch 1) that GEMM's
+    epilogue applies the activation and the product (ops.gated_linear: one kernel instead of two GEMVs and
+    an elementwise product), for more tokens the model's activation and product follow it.
 
     Holds the original MLP's gate/up/down linears and activation module under their own names, so
     parameter names do not change. `act` names the activation for the kernel (None: unknown to the
@@ -167,8 +168,11 @@ class GatedMLP(nn.Module):
         gate, up, down = (getattr(self, n) for n in self.names)
         if self.glu and _inference(x):
             packed = packing.cached_pack(self, [gate, up], x)
-            if packed is not None:
+            if packed is not None and x.shape[:-1].numel() == 1:
                 return down(ops.gated_linear(x, None, *_packed_weight(packed, gate), self.act, x.dtype))
+            if packed is not None:  # more tokens: one GEMM still, the product outside (inductor fuses it)
+                g, u = packed_linears(packed, [gate, up], x)
+                return down(self.act_fn(g) * u)
         g, u = gate(x), up(x)
         if _inference(x) and down.takes_int8(g):
             q, s = ops.act_quant(g if self.act else self.act_fn(g), self.act, u)
