@@ -16,9 +16,10 @@ Rewrites driven by the adapter table (adapters.Arch), all exact on the reference
 - gated MLP -> token-wise INT8: in down(act(gate(x)) * up(x)) (Llama family) with an INT8-activation down
   projection, the activation, the product and its quantization run as one kernel that writes only the
   INT8 copy (GatedMLP).
-- gated MLP -> packed GEMM epilogue: with weight-only gate/up of one format (w4a16), gate and up run as one
-  GEMM over their packed weights whose epilogue computes act(gate) * up (GatedMLP with glu): on one token
-  (the GEMV) no separate up GEMM and no elementwise product.
+- gated MLP -> packed GEMM: with weight-only gate/up of one format (w4a16), gate and up run as one GEMM over
+  their packed weights (GatedMLP with glu); for one token that GEMV's epilogue computes act(gate) * up, so
+  there is no separate up GEMV and no elementwise product; for more tokens the model's activation and
+  product follow the one GEMM.
 - encoder self-attention -> attention kernel: a bidirectional self-attention (BERT family) runs softmax(q k^T
   * scale + mask) v in one Triton kernel that reads Hugging Face's expanded mask through its strides (torch's
   SDPA converts a boolean mask on every call). Everything else (CPU, training, caches, cross-attention,
@@ -26,9 +27,9 @@ Rewrites driven by the adapter table (adapters.Arch), all exact on the reference
 - decoder attention -> one-query kernel: a decoder on transformers' SDPA attention runs its decode steps' attention
   (one query against the KV cache) on kernels.attention's decode kernel (zeroquant.hf_attention); prompts and
   everything else stay on SDPA.
-- activation -> GEMM epilogue: otherwise (weight-only presets, ungated MLPs) the MLP activation moves into the preceding
-  QuantLinear (its `act`), which applies it to its float32 output in every mode: inside the kernel's
-  epilogue on CUDA. The model's own activation module becomes nn.Identity.
+- activation -> GEMM epilogue: otherwise (weight-only presets, ungated MLPs) the MLP activation moves into the
+  preceding QuantLinear (its `act`), which applies it to its float32 output in every mode: inside the
+  kernel's epilogue on CUDA. The model's own activation module becomes nn.Identity.
 Parameter names do not change, so state dicts, checkpoints and LKD see the same model.
 """
 
