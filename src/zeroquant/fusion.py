@@ -169,10 +169,10 @@ class GatedMLP(nn.Module):
         gate, up, down = (getattr(self, n) for n in self.names)
         if self.glu and _inference(x):
             packed = packing.cached_pack(self, [gate, up], x)
-            if packed is not None and x.shape[:-1].numel() == 1:
-                return down(ops.gated_linear(x, None, *_packed_weight(packed, gate), self.act, x.dtype))
-            if packed is not None:  # more tokens: one GEMM still, the product outside (inductor fuses it)
-                g, u = packed_linears(packed, [gate, up], x)
+            if packed is not None:
+                if x.shape[:-1].numel() == 1:
+                    return down(ops.gated_linear(x, None, *_packed_weight(packed, gate), self.act, x.dtype))
+                g, u = packed_linears(packed, [gate, up], x)  # one GEMM; the product outside (inductor fuses it)
                 return down(self.act_fn(g) * u)
         g, u = gate(x), up(x)
         if _inference(x) and down.takes_int8(g):

@@ -37,10 +37,6 @@ def quant_linear(
     glu: W is a gated MLP's gate rows then its up rows, and the result is act(gate) * up [..., N / 2]
     (twin: reference.gated_linear); one token runs it in the GEMV's epilogue, more tokens after the GEMM.
     """
-    if glu and not (x.shape[:-1].numel() == 1 and x.shape[-1] % 64 == 0):
-        y = quant_linear(x, x_scale, w, bias, None, out_dtype)
-        gate, up = y.float().chunk(2, -1)
-        return (reference.apply_act(gate, act) * up).to(y.dtype)
     k = x.shape[-1]
     if k != w.in_features:
         raise ValueError(f"input has {k} features, weight expects {w.in_features}")
@@ -51,14 +47,20 @@ def quant_linear(
     a = x.reshape(-1, k)
     if a.stride(-1) != 1:
         a = a.contiguous()
-    m, n = a.shape[0], w.out_features // 2 if glu else w.out_features
-    c = torch.empty((m, n), dtype=out_dtype if a_int8 else x.dtype, device=x.device)
+    m = a.shape[0]
+    one_token = m == 1 and k % 64 == 0  # the GEMV's shapes
+    dtype = out_dtype if a_int8 else x.dtype
+    if glu and not one_token:  # the product after the GEMM
+        gate, up = quant_linear(x, x_scale, w, bias, None, out_dtype).float().chunk(2, -1)
+        return (reference.apply_act(gate, act) * up).to(dtype)
+    n = w.out_features // 2 if glu else w.out_features
+    c = torch.empty((m, n), dtype=dtype, device=x.device)
     if m == 0:
         return c.reshape(*lead, n)
     xs = x_scale.reshape(-1).float().contiguous() if a_int8 else c
     if skinny_ok(a, w):
         w4_skinny(a, xs if a_int8 else None, w, bias, act, c)
-    elif m == 1 and k % 64 == 0:
+    elif one_token:
         gemv(a, xs, w, bias, act, c, glu)
     elif a_int8 and tma_ok(a, w):
         w8a8_tma(a, xs, w, bias, act, c)

@@ -105,19 +105,29 @@ def quant_linear(x: torch.Tensor, x_scale: torch.Tensor | None, qweight: torch.T
     out_dtype is x's dtype). qweight as QuantLinear stores it (int8 [N, K], or uint8 [N, K/2] for 4 bits);
     w_scale / w_zero [N, G] (QuantLinear's G-major buffers are read in place); group_size: channels per
     scale (K for one per row)."""
+    return _reference_rows(reference.quant_linear, x, x_scale, qweight, w_scale, w_zero, bits, group_size, bias, act,
+                           out_dtype)
+
+
+def _reference_rows(fn, x, x_scale, *weight_args):
+    """A linear's reference twin (fn: x [M, K], x_scale [M, 1] or None, then the op's other arguments) on the
+    rows of x [..., K]."""
     xs = None if x_scale is None else x_scale.reshape(-1, 1)
-    y = reference.quant_linear(x.reshape(-1, x.shape[-1]), xs, qweight, w_scale, w_zero, bits, group_size, bias,
-                               act, out_dtype)
-    return y.reshape(*_rows(x), -1)
+    return fn(x.reshape(-1, x.shape[-1]), xs, *weight_args).reshape(*_rows(x), -1)
 
 
-@_cuda_kernel(quant_linear)
-def _(x, x_scale, qweight, w_scale, w_zero, bits, group_size, bias, act, out_dtype):
+def _launch(x, x_scale, qweight, w_scale, w_zero, bits, group_size, bias, act, out_dtype, glu):
+    """The CUDA implementation of quant_linear and gated_linear: gemm.quant_linear on QuantLinear's buffers."""
     from .gemm import KernelWeight
     from .gemm import quant_linear as launch
 
     kw = KernelWeight.from_quant(qweight, w_scale, w_zero, bits, group_size, check=False)
-    return launch(x, x_scale, kw, bias, act=act, out_dtype=out_dtype)
+    return launch(x, x_scale, kw, bias, act=act, out_dtype=out_dtype, glu=glu)
+
+
+@_cuda_kernel(quant_linear)
+def _(x, x_scale, qweight, w_scale, w_zero, bits, group_size, bias, act, out_dtype):
+    return _launch(x, x_scale, qweight, w_scale, w_zero, bits, group_size, bias, act, out_dtype, glu=False)
 
 
 @quant_linear.register_fake
@@ -131,19 +141,13 @@ def gated_linear(x: torch.Tensor, x_scale: torch.Tensor | None, qweight: torch.T
                  act: str | None, out_dtype: torch.dtype) -> torch.Tensor:
     """A gated MLP's act(x W_gate^T + b) * (x W_up^T + b) -> [..., N / 2] from one weight (arguments as
     quant_linear's) whose N rows are the gate projection's, then the up projection's (zeroquant.packing)."""
-    xs = None if x_scale is None else x_scale.reshape(-1, 1)
-    y = reference.gated_linear(x.reshape(-1, x.shape[-1]), xs, qweight, w_scale, w_zero, bits, group_size, bias,
-                               act, out_dtype)
-    return y.reshape(*_rows(x), -1)
+    return _reference_rows(reference.gated_linear, x, x_scale, qweight, w_scale, w_zero, bits, group_size, bias,
+                           act, out_dtype)
 
 
 @_cuda_kernel(gated_linear)
 def _(x, x_scale, qweight, w_scale, w_zero, bits, group_size, bias, act, out_dtype):
-    from .gemm import KernelWeight
-    from .gemm import quant_linear as launch
-
-    kw = KernelWeight.from_quant(qweight, w_scale, w_zero, bits, group_size, check=False)
-    return launch(x, x_scale, kw, bias, act=act, out_dtype=out_dtype, glu=True)
+    return _launch(x, x_scale, qweight, w_scale, w_zero, bits, group_size, bias, act, out_dtype, glu=True)
 
 
 @gated_linear.register_fake
