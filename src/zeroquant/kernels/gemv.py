@@ -225,6 +225,15 @@ def _half_run_dots(wb, xl, xh, zl):
 
 
 @triton.jit
+def _tied(z, s):
+    """z + 0 * s in an opaque FMA: the step's first math (on z) then needs s, so ptxas issues the scale's load
+    with the others at the top of the step instead of sinking it to its use at the end, which cost every step a
+    second wait on memory (bench/NOTES.md, session 21)."""
+    return tl.inline_asm_elementwise("fma.rn.f32 $0, $2, 0f00000000, $1;", "=r,r,r", [z, s], dtype=tl.float32,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
 def _w4_k_step(acc, w_rows, s_ptr, z_ptr, x_lo, rn, k0, N, A_INT8: tl.constexpr, HALF_ACC: tl.constexpr,
              HAS_ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BYTES: tl.constexpr):
     """acc [BLOCK_N, BYTES // 16] plus the K step at k0: each thread's 16-byte runs' dots, scaled by the group."""
@@ -232,6 +241,7 @@ def _w4_k_step(acc, w_rows, s_ptr, z_ptr, x_lo, rn, k0, N, A_INT8: tl.constexpr,
     wb = tl.load(w_rows + k0 // 2)
     s = tl.load(s_ptr + g * N + rn).to(tl.float32)
     z = tl.load(z_ptr + g * N + rn).to(tl.float32) if HAS_ZERO else tl.full((BLOCK_N,), 8.0, tl.float32)
+    z = _tied(z, s)
     xl = tl.load(x_lo + k0)
     xh = tl.load(x_lo + k0 + PACK_C // 2)
     if A_INT8:
