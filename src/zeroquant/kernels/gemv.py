@@ -241,7 +241,8 @@ def _w4_k_step(acc, w_rows, s_ptr, z_ptr, x_lo, rn, k0, N, A_INT8: tl.constexpr,
     wb = tl.load(w_rows + k0 // 2)
     s = tl.load(s_ptr + g * N + rn).to(tl.float32)
     z = tl.load(z_ptr + g * N + rn).to(tl.float32) if HAS_ZERO else tl.full((BLOCK_N,), 8.0, tl.float32)
-    z = _tied(z, s)
+    if not A_INT8:  # int8 tokens measured no better tied (bench/NOTES.md, session 21)
+        z = _tied(z, s)
     xl = tl.load(x_lo + k0)
     xh = tl.load(x_lo + k0 + PACK_C // 2)
     if A_INT8:
