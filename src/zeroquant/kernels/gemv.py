@@ -234,17 +234,35 @@ def _tied(z, s):
 
 
 @triton.jit
-def _w4_k_step(acc, w_rows, s_ptr, z_ptr, x_lo, rn, k0, N, A_INT8: tl.constexpr, HALF_ACC: tl.constexpr,
-             HAS_ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BYTES: tl.constexpr):
-    """acc [BLOCK_N, BYTES // 16] plus the K step at k0: each thread's 16-byte runs' dots, scaled by the group."""
+def _after(wb, dep):
+    """wb (bytes [.., 16n]) made to depend on the first word of each 16-byte run of dep, its bits unchanged (OR
+    of +0: dep's word, made a finite float, times 0, sign cleared), so dep's load is issued before wb's first
+    use, where ptxas would otherwise sink it to its own use."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .b32 t, zero; mov.b32 zero, 0; and.b32 t, $8, 0x3FFFFFFF; mul.rn.f32 t, t, zero;"
+        " and.b32 t, t, 0x7FFFFFFF; or.b32 $0, $4, t; mov.b32 $1, $5; mov.b32 $2, $6; mov.b32 $3, $7; }",
+        "=r,=r,=r,=r,r,r,r,r,r,r,r,r", [wb, dep], dtype=tl.uint8, is_pure=True, pack=16)
+
+
+@triton.jit
+def _w4_load(w_rows, s_ptr, z_ptr, x_lo, rn, k0, N, HAS_ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr,
+             BLOCK_N: tl.constexpr):
+    """The K step at k0's loads: weight bytes, the group's float32 scales and zero points (8 when symmetric),
+    and the token's channels for the low and the high nibbles."""
     g = k0 // GROUP_SIZE if GROUP_SIZE > 0 else 0
     wb = tl.load(w_rows + k0 // 2)
     s = tl.load(s_ptr + g * N + rn).to(tl.float32)
     z = tl.load(z_ptr + g * N + rn).to(tl.float32) if HAS_ZERO else tl.full((BLOCK_N,), 8.0, tl.float32)
+    return wb, s, z, tl.load(x_lo + k0), tl.load(x_lo + k0 + PACK_C // 2)
+
+
+@triton.jit
+def _w4_k_step(acc, wb, s, z, xl, xh, A_INT8: tl.constexpr, HALF_ACC: tl.constexpr, GROUP_SIZE: tl.constexpr,
+               BLOCK_N: tl.constexpr, BYTES: tl.constexpr):
+    """acc [BLOCK_N, BYTES // 16] plus one K step (_w4_load's tensors): each thread's 16-byte runs' dots,
+    scaled by the group."""
     if not A_INT8:  # int8 tokens measured no better tied (bench/NOTES.md, session 21)
         z = _tied(z, s)
-    xl = tl.load(x_lo + k0)
-    xh = tl.load(x_lo + k0 + PACK_C // 2)
     if A_INT8:
         # INT8 tokens: q - zero as int8 four to a register (_nibble_planes), two dp4a per four bytes; the
         # step's int32 dot (|dot| <= 128 * 127 * 15 < 2^22) is exact through _exact_float.
@@ -269,7 +287,7 @@ def _w4_gemv_kernel(
     a_ptr, as_ptr, w_ptr, s_ptr, z_ptr, b_ptr, c_ptr, ws_ptr, cnt_ptr, N, K, stride_wn,
     A_INT8: tl.constexpr, HAS_ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACT: tl.constexpr, GLU: tl.constexpr, STEP: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, UNROLL: tl.constexpr = 1,
 ):
     """One token, INT4 weights, on CUDA cores: each thread reads 16-byte runs of its rows' packed weights,
     turns them into q - zero (fp16 tokens: packed fp16, _half_run_dots; bf16: float32, _nibble_floats; int8:
@@ -289,10 +307,29 @@ def _w4_gemv_kernel(
     # Byte j of a chunk holds channels j (low nibble) and j + HALF (high): quant.pack_int4.
     x_lo = a_ptr + tl.zeros((BLOCK_N, 1), tl.int32) + ((byte // HALF) * PACK_C + byte % HALF)[None, :]
     acc = tl.zeros((BLOCK_N, BYTES // 16), dtype=tl.float32)
-    k_beg, k_end = _k_slice(K, pid_k, SPLIT, STEP)
-    for k0 in range(k_beg, k_end, STEP):
-        acc = _w4_k_step(acc, w_rows, s_ptr, z_ptr, x_lo, rn, k0, N, A_INT8, HALF_ACC, HAS_ZERO, GROUP_SIZE, BLOCK_N,
-                       BYTES)
+    k_beg, k_end = _k_slice(K, pid_k, SPLIT, STEP * UNROLL)
+    for k0 in range(k_beg, k_end, STEP * UNROLL):
+        wb, s, z, xl, xh = _w4_load(w_rows, s_ptr, z_ptr, x_lo, rn, k0, N, HAS_ZERO, GROUP_SIZE, BLOCK_N)
+        if UNROLL >= 2:
+            # The later steps' weights, scales and zero points are loaded with the first's and its math waits
+            # for all of them, so UNROLL steps' bytes are in flight at once (ptxas would sink their loads).
+            wb1, s1, z1, xl1, xh1 = _w4_load(w_rows, s_ptr, z_ptr, x_lo, rn, k0 + STEP, N, HAS_ZERO, GROUP_SIZE,
+                                             BLOCK_N)
+            wb = _after(wb, wb1)
+            s = _tied(_tied(s, s1), z1)
+        if UNROLL == 4:
+            wb2, s2, z2, xl2, xh2 = _w4_load(w_rows, s_ptr, z_ptr, x_lo, rn, k0 + 2 * STEP, N, HAS_ZERO,
+                                             GROUP_SIZE, BLOCK_N)
+            wb3, s3, z3, xl3, xh3 = _w4_load(w_rows, s_ptr, z_ptr, x_lo, rn, k0 + 3 * STEP, N, HAS_ZERO,
+                                             GROUP_SIZE, BLOCK_N)
+            wb = _after(_after(wb, wb2), wb3)
+            s = _tied(_tied(_tied(_tied(s, s2), z2), s3), z3)
+        acc = _w4_k_step(acc, wb, s, z, xl, xh, A_INT8, HALF_ACC, GROUP_SIZE, BLOCK_N, BYTES)
+        if UNROLL >= 2:
+            acc = _w4_k_step(acc, wb1, s1, z1, xl1, xh1, A_INT8, HALF_ACC, GROUP_SIZE, BLOCK_N, BYTES)
+        if UNROLL == 4:
+            acc = _w4_k_step(acc, wb2, s2, z2, xl2, xh2, A_INT8, HALF_ACC, GROUP_SIZE, BLOCK_N, BYTES)
+            acc = _w4_k_step(acc, wb3, s3, z3, xl3, xh3, A_INT8, HALF_ACC, GROUP_SIZE, BLOCK_N, BYTES)
     out = tl.sum(acc, 1)
     if GROUP_SIZE == 0:
         out = out * (tl.load(s_ptr + rn).to(tl.float32) * (256.0 if HALF_ACC else 1.0))
