@@ -246,13 +246,15 @@ def test_w4_skinny_is_taken_and_repeats_bitwise(dtype):
     assert SK.split_counters(x.device, 1).eq(0).all()
 
 
+@pytest.mark.parametrize("unroll", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("split", [1, 3])
-def test_w4_gemv(split, dtype):
+def test_w4_gemv(split, dtype, unroll):
     """One token, INT4 weights on CUDA cores (W4A16 and W4A8), one or three K slices (uneven: 12 steps, or 9
-    in the short-group case), against the exact result: group 128 with zero points, group 64 symmetric, one
-    scale per row, a short last group (576 = 4.5 groups of 128) and N = 1000 (a partial last tile); the
-    split-K counters are back to zero afterwards."""
+    in the short-group case), one or two K steps an iteration (where K is a whole number of pairs), against
+    the exact result: group 128 with zero points, group 64 symmetric, one scale per row, a short last group
+    (576 = 4.5 groups of 128) and N = 1000 (a partial last tile); the split-K counters are back to zero
+    afterwards."""
     from zeroquant.kernels import act_code
     from zeroquant.kernels import gemv as GV
 
@@ -262,6 +264,8 @@ def test_w4_gemv(split, dtype):
                                        (1536, -1, False, "float16"), (576, 128, False, "float32")]:
         ql, (x, xs), want = _skinny_case(k, n, group, sym, 1, dtype, scale_dtype)
         kw = ql.kernel_weight()
+        if unroll == 2 and k % (2 * GV._w4_step(k, kw.kernel_group)):
+            continue
         poison_cuda_cache()
         got = torch.empty(1, n, device="cuda", dtype=ql.bias.dtype)
         counters = GV.split_counters(x.device, n)
@@ -270,17 +274,19 @@ def test_w4_gemv(split, dtype):
             kw.zero if kw.zero is not None else kw.scale, ql.bias, got, torch.empty(split * 1024, device="cuda"),
             counters, n, k, kw.qweight.stride(0), A_INT8=xs is not None, HAS_ZERO=kw.zero is not None,
             GROUP_SIZE=kw.kernel_group, HAS_BIAS=True, ACT=act_code("silu"), GLU=False,
-            STEP=GV._w4_step(k, kw.kernel_group), SPLIT=split, BLOCK_N=GV.W4_BLOCK_N, PDL=False, num_warps=4)
+            STEP=GV._w4_step(k, kw.kernel_group), SPLIT=split, BLOCK_N=GV.W4_BLOCK_N, PDL=False, UNROLL=unroll,
+            num_warps=4)
         assert rel_err(got, want) < tol, (k, group)
         assert counters.eq(0).all()
 
 
+@pytest.mark.parametrize("unroll", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("split", [1, 3])
-def test_w4_gemv_glu(split, dtype):
+def test_w4_gemv_glu(split, dtype, unroll):
     """The INT4 GEMV with a gated MLP's epilogue: gate rows then up rows (2 x 1000: a partial last tile), each
     program reading the gate and up rows of the same outputs, gives silu(gate) * up against
-    reference.gated_linear, with one or three K slices."""
+    reference.gated_linear, with one or three K slices and one or two K steps an iteration."""
     from zeroquant.kernels import act_code
     from zeroquant.kernels import gemv as GV
 
@@ -301,7 +307,7 @@ def test_w4_gemv_glu(split, dtype):
         x, got if xs is None else xs.reshape(-1), kw.qweight, kw.scale, kw.zero, ql.bias, got,
         torch.empty(split * 2048, device="cuda"), counters, n, k, kw.qweight.stride(0), A_INT8=xs is not None,
         HAS_ZERO=True, GROUP_SIZE=128, HAS_BIAS=True, ACT=act_code("silu"), GLU=True, STEP=128, SPLIT=split,
-        BLOCK_N=GV.W4_BLOCK_N, PDL=False, num_warps=4)
+        BLOCK_N=GV.W4_BLOCK_N, PDL=False, UNROLL=unroll, num_warps=4)
     assert rel_err(got, want) < 3e-3
     assert counters.eq(0).all()
 
@@ -321,15 +327,19 @@ def test_quant_linear_glu(m, name, bits, group, sym, a8):
     assert got.shape == (m, 1000) and rel_err(got, want) < 3e-3
 
 
+@pytest.mark.parametrize("n", [4096, 8192])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.int8])
-def test_one_token_int4_takes_the_gemv_and_repeats_bitwise(dtype, monkeypatch):
+def test_one_token_int4_takes_the_gemv_and_repeats_bitwise(dtype, n, monkeypatch):
     """quant_linear sends one token with INT4 weights to the INT4 GEMV, never to the small-M kernel (4096 x
-    4096 splits K), and its ordered sum of partials gives the same bits on every launch."""
+    4096 splits K), and its ordered sum of partials gives the same bits on every launch; at 4096 x 8192 fp16
+    tokens take two K steps an iteration, elsewhere one."""
     from zeroquant.kernels import gemv as GV
 
-    ql, (x, xs), want = _skinny_case(4096, 4096, 128, False, 1, dtype)
+    ql, (x, xs), want = _skinny_case(4096, n, 128, False, 1, dtype)
     kw = ql.kernel_weight()
-    assert GV._w4_gemv_split(4096, 4096, 128, x) > 1
+    split = GV._w4_gemv_split(n, 4096, 128, x)
+    assert split > 1
+    assert (GV._w4_unroll(x, 4096, 128, split) == 2) == (dtype == torch.float16 and n == 8192)
 
     def no_skinny(*args, **kwargs):
         raise AssertionError("one token went to the small-M kernel")

@@ -147,6 +147,14 @@ def _w4_gemv_split(n: int, k: int, group: int, a: torch.Tensor) -> int:
     return max(1, min(round(W4_PROGRAMS_PER_SM * sms / tiles), k // _w4_step(k, group), MAX_SPLIT))
 
 
+def _w4_unroll(a: torch.Tensor, k: int, step: int, split: int) -> int:
+    """K steps an iteration of the INT4 GEMV takes (their loads in flight together): two for fp16 tokens where
+    every K slice gets at least two such pairs; one otherwise (bf16 tokens measured slower with two, and a
+    slice of one pair gained nothing at 4096 x 4096: bench/NOTES.md, session 21)."""
+    pair = 2 * step
+    return 2 if a.dtype == torch.float16 and step == 128 and k % pair == 0 and k // (pair * split) >= 2 else 1
+
+
 @triton.jit
 def _nibble_floats(wb, o23, o19, o15, o11, o7):
     """Bytes -> (low, high) nibbles minus the zero point as float32, exact, four bytes per 32-bit register.
@@ -293,7 +301,8 @@ def _w4_gemv_kernel(
     turns them into q - zero (fp16 tokens: packed fp16, _half_run_dots; bf16: float32, _nibble_floats; int8:
     int8, dp4a), multiplies them by the token's channels (loaded per row, so they arrive in the weight tile's
     layout; the rows of one thread share the loads) and sums its run before the group scale. Program (n, s)
-    covers BLOCK_N rows and the s-th of SPLIT slices of K; _split_k_sum adds the slices.
+    covers BLOCK_N rows and the s-th of SPLIT slices of K; _split_k_sum adds the slices. UNROLL (1 or 2):
+    K steps an iteration, all their loads issued before the first step's math (K a whole number of them).
     """
     wait_for_producer(PDL)
     pid_n = tl.program_id(0)
@@ -310,26 +319,16 @@ def _w4_gemv_kernel(
     k_beg, k_end = _k_slice(K, pid_k, SPLIT, STEP * UNROLL)
     for k0 in range(k_beg, k_end, STEP * UNROLL):
         wb, s, z, xl, xh = _w4_load(w_rows, s_ptr, z_ptr, x_lo, rn, k0, N, HAS_ZERO, GROUP_SIZE, BLOCK_N)
-        if UNROLL >= 2:
-            # The later steps' weights, scales and zero points are loaded with the first's and its math waits
-            # for all of them, so UNROLL steps' bytes are in flight at once (ptxas would sink their loads).
+        if UNROLL == 2:
+            # The second step's weights, scale and zero point are loaded with the first's and the first's math
+            # waits for them too, so two steps' bytes are in flight at once (ptxas would sink their loads).
             wb1, s1, z1, xl1, xh1 = _w4_load(w_rows, s_ptr, z_ptr, x_lo, rn, k0 + STEP, N, HAS_ZERO, GROUP_SIZE,
                                              BLOCK_N)
             wb = _after(wb, wb1)
             s = _tied(_tied(s, s1), z1)
-        if UNROLL == 4:
-            wb2, s2, z2, xl2, xh2 = _w4_load(w_rows, s_ptr, z_ptr, x_lo, rn, k0 + 2 * STEP, N, HAS_ZERO,
-                                             GROUP_SIZE, BLOCK_N)
-            wb3, s3, z3, xl3, xh3 = _w4_load(w_rows, s_ptr, z_ptr, x_lo, rn, k0 + 3 * STEP, N, HAS_ZERO,
-                                             GROUP_SIZE, BLOCK_N)
-            wb = _after(_after(wb, wb2), wb3)
-            s = _tied(_tied(_tied(_tied(s, s2), z2), s3), z3)
         acc = _w4_k_step(acc, wb, s, z, xl, xh, A_INT8, HALF_ACC, GROUP_SIZE, BLOCK_N, BYTES)
-        if UNROLL >= 2:
+        if UNROLL == 2:
             acc = _w4_k_step(acc, wb1, s1, z1, xl1, xh1, A_INT8, HALF_ACC, GROUP_SIZE, BLOCK_N, BYTES)
-        if UNROLL == 4:
-            acc = _w4_k_step(acc, wb2, s2, z2, xl2, xh2, A_INT8, HALF_ACC, GROUP_SIZE, BLOCK_N, BYTES)
-            acc = _w4_k_step(acc, wb3, s3, z3, xl3, xh3, A_INT8, HALF_ACC, GROUP_SIZE, BLOCK_N, BYTES)
     out = tl.sum(acc, 1)
     if GROUP_SIZE == 0:
         out = out * (tl.load(s_ptr + rn).to(tl.float32) * (256.0 if HALF_ACC else 1.0))
@@ -355,7 +354,7 @@ def gemv(a, xs, w: KernelWeight, bias, act, c, glu: bool = False) -> None:
     if w.bits == 8:
         _gemv_kernel[lambda meta: (tiles(meta["BLOCK_N"]), meta["SPLIT"])](*args, **flags)
     else:
-        split = _w4_gemv_split(n, k, w.kernel_group, a)
+        split, step = _w4_gemv_split(n, k, w.kernel_group, a), _w4_step(k, w.kernel_group)
         _w4_gemv_kernel[(tiles(W4_BLOCK_N), split)](
-            *args, **flags, HAS_ZERO=w.zero is not None, STEP=_w4_step(k, w.kernel_group), SPLIT=split,
-            BLOCK_N=W4_BLOCK_N, num_warps=4)
+            *args, **flags, HAS_ZERO=w.zero is not None, STEP=step, SPLIT=split, BLOCK_N=W4_BLOCK_N,
+            UNROLL=_w4_unroll(a, k, step, split), num_warps=4)
