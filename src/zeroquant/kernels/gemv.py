@@ -149,8 +149,8 @@ def _w4_gemv_split(n: int, k: int, group: int, a: torch.Tensor) -> int:
 
 def _w4_unroll(a: torch.Tensor, k: int, step: int, split: int) -> int:
     """K steps an iteration of the INT4 GEMV takes (their loads in flight together): two for fp16 tokens where
-    every K slice gets at least two such pairs; one otherwise (bf16 tokens measured slower with two, and a
-    slice of one pair gained nothing at 4096 x 4096: bench/NOTES.md, session 21)."""
+    every K slice gets at least two such pairs; one otherwise (bf16 tokens were no faster with two, and slices
+    of one pair were slower at 4096 x 4096: bench/NOTES.md, session 21)."""
     pair = 2 * step
     return 2 if a.dtype == torch.float16 and step == 128 and k % pair == 0 and k // (pair * split) >= 2 else 1
 
