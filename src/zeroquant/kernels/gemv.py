@@ -269,20 +269,19 @@ def _w4_k_step(acc, wb, s, z, xl, xh, A_INT8: tl.constexpr, HALF_ACC: tl.constex
                BLOCK_N: tl.constexpr, BYTES: tl.constexpr):
     """acc [BLOCK_N, BYTES // 16] plus one K step (_w4_load's tensors): each thread's 16-byte runs' dots,
     scaled by the group."""
-    if not A_INT8:  # int8 tokens measured no better tied (bench/NOTES.md, session 21)
-        z = _tied(z, s)
     if A_INT8:
         # INT8 tokens: q - zero as int8 four to a register (_nibble_planes), two dp4a per four bytes; the
-        # step's int32 dot (|dot| <= 128 * 127 * 15 < 2^22) is exact through _exact_float.
+        # step's int32 dot (|dot| <= 128 * 127 * 15 < 2^22) is exact through _exact_float. The zero point is
+        # not tied to the scale: int8 tokens measured no better tied (bench/NOTES.md, session 21).
         lo, hi = _nibble_planes(wb, z.to(tl.int8), tl.int8, BLOCK_N, BYTES)
         part = _exact_float(tl.sum(tl.reshape(_dp4a(lo, xl, hi, xh), (BLOCK_N, BYTES // 16, 16)), 2))
     elif HALF_ACC:
+        zl = tl.broadcast_to((_tied(z, s) * 0.00390625 + 4.0).to(tl.float16)[:, None], (BLOCK_N, BYTES))
         s = s * 256.0
-        zl = tl.broadcast_to((z * 0.00390625 + 4.0).to(tl.float16)[:, None], (BLOCK_N, BYTES))
         d = _half_run_dots(wb, xl, xh, zl)
         part = tl.sum(tl.reshape(d, (BLOCK_N, BYTES // 16, 16)), 2).to(tl.float32, bitcast=True)
     else:
-        o23, o19, o15, o11, o7 = _zero_offsets(z, BLOCK_N, BYTES)
+        o23, o19, o15, o11, o7 = _zero_offsets(_tied(z, s), BLOCK_N, BYTES)
         lo, hi = _nibble_floats(wb, o23, o19, o15, o11, o7)
         # Two in-thread sums of products: each product feeds an add, so they compile to FMA chains.
         part = (tl.sum(tl.reshape(lo * xl.to(tl.float32), (BLOCK_N, BYTES // 16, 16)), 2)
