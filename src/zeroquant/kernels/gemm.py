@@ -51,8 +51,7 @@ def quant_linear(
     one_token = m == 1 and k % 64 == 0  # the GEMV's shapes
     dtype = out_dtype if a_int8 else x.dtype
     if glu and not one_token:  # the product after the GEMM
-        gate, up = quant_linear(x, x_scale, w, bias, None, out_dtype).float().chunk(2, -1)
-        return (reference.apply_act(gate, act) * up).to(dtype)
+        return reference.glu(quant_linear(x, x_scale, w, bias, None, out_dtype), act, dtype)
     n = w.out_features // 2 if glu else w.out_features
     c = torch.empty((m, n), dtype=dtype, device=x.device)
     if m == 0:

@@ -131,8 +131,14 @@ def gated_linear(x: torch.Tensor, x_scale: torch.Tensor | None, qweight: torch.T
                  out_dtype: torch.dtype) -> torch.Tensor:
     """A gated MLP's act(gate) * up from one weight holding the gate rows, then the up rows: [M, N / 2], the
     product in float32 from the float32 sums, as the GEMV's epilogue computes it."""
-    gate, up = quant_linear(x, x_scale, qweight, w_scale, w_zero, bits, group_size, bias, None,
-                            torch.float32).chunk(2, -1)
+    return glu(quant_linear(x, x_scale, qweight, w_scale, w_zero, bits, group_size, bias, None, torch.float32), act,
+               out_dtype)
+
+
+def glu(y: torch.Tensor, act: str | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """act(gate) * up in float32 from y [..., 2H], the gate projection's outputs then the up projection's
+    (zeroquant.packing's order): [..., H] in out_dtype."""
+    gate, up = y.float().chunk(2, -1)
     return (apply_act(gate, act) * up).to(out_dtype)
 
 
