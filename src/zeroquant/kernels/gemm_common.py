@@ -58,6 +58,15 @@ def _w4_float(nib, z, s, HAS_ZERO: tl.constexpr):
 
 
 @triton.jit
+def _tied(z, s):
+    """z + 0 * s in an opaque FMA: a K step's first math (on z) then needs s, so ptxas issues the scale's load
+    with the others at the top of the step instead of sinking it to its use at the end, which cost the INT4
+    GEMV a second wait on memory every step (bench/NOTES.md, session 21)."""
+    return tl.inline_asm_elementwise("fma.rn.f32 $0, $2, 0f00000000, $1;", "=r,r,r", [z, s], dtype=tl.float32,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
 def _nibble_planes(wb, zo, ety: tl.constexpr, ROWS: tl.constexpr, BYTES: tl.constexpr):
     """Bytes [ROWS, BYTES] -> (low, high) nibble planes minus each row's zero point, exact, in ety: int8 for
     the int8 MMA (zo: the zero point as int8), fp16 or bf16 for the half-precision MMA (zo: 1024 + zero in

@@ -7,7 +7,17 @@ import triton
 import triton.language as tl
 
 from . import act_code
-from .gemm_common import PACK_C, _chunk, _exact_float, _gpu_time, _k_slice, _nibble_planes, _split_k_sum, split_counters
+from .gemm_common import (
+    PACK_C,
+    _chunk,
+    _exact_float,
+    _gpu_time,
+    _k_slice,
+    _nibble_planes,
+    _split_k_sum,
+    _tied,
+    split_counters,
+)
 from .launch import device_index, device_info, pdl_flags, wait_for_producer
 from .rowwise import apply_act
 from .weight_format import PACK, KernelWeight
@@ -230,15 +240,6 @@ def _half_run_dots(wb, xl, xh, zl):
     stay below 65504."""
     return tl.inline_asm_elementwise(_HALF_RUN_ASM, "=r," * 16 + "r," * 27 + "r", [wb, xl, xh, zl], dtype=tl.int32,
                                      is_pure=True, pack=16)
-
-
-@triton.jit
-def _tied(z, s):
-    """z + 0 * s in an opaque FMA: the step's first math (on z) then needs s, so ptxas issues the scale's load
-    with the others at the top of the step instead of sinking it to its use at the end, which cost every step a
-    second wait on memory (bench/NOTES.md, session 21)."""
-    return tl.inline_asm_elementwise("fma.rn.f32 $0, $2, 0f00000000, $1;", "=r,r,r", [z, s], dtype=tl.float32,
-                                     is_pure=True, pack=1)
 
 
 @triton.jit

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from . import act_code
-from .gemm_common import PACK_C, _exact_float, _gpu_time, _k_slice, _nibble_planes, _split_k_sum, split_counters
+from .gemm_common import PACK_C, _exact_float, _gpu_time, _k_slice, _nibble_planes, _split_k_sum, _tied, split_counters
 from .launch import device_index, device_info
 from .rowwise import apply_act
 from .weight_format import KernelWeight
@@ -30,11 +30,13 @@ def _prune_skinny(configs, named_args, **kwargs):
 
 
 @triton.jit
-def _zero_operand(z_ptr, idx, HAS_ZERO: tl.constexpr, A_INT8: tl.constexpr, ety: tl.constexpr,
+def _zero_operand(z_ptr, idx, s, HAS_ZERO: tl.constexpr, A_INT8: tl.constexpr, ety: tl.constexpr,
                   BLOCK_N: tl.constexpr):
     """What _nibble_planes subtracts from a row's nibbles: the zero point (8 when symmetric) as int8, or the
-    half-precision magic base plus the zero point."""
+    half-precision magic base plus the zero point; tied to the group's scale s (_tied), so both load at the top
+    of the step."""
     z = tl.load(z_ptr + idx).to(tl.float32) if HAS_ZERO else tl.full((BLOCK_N,), 8.0, tl.float32)
+    z = _tied(z, s)
     if A_INT8:
         return z.to(tl.int8)
     return (z + (128.0 if ety == tl.bfloat16 else 1024.0)).to(ety)
@@ -82,7 +84,7 @@ def _w4_skinny_kernel(
     acc = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
     if GROUP_SIZE == 0:
         s = tl.load(s_ptr + rn).to(tl.float32)
-        zo = _zero_operand(z_ptr, rn, HAS_ZERO, A_INT8, ety, BLOCK_N)
+        zo = _zero_operand(z_ptr, rn, s, HAS_ZERO, A_INT8, ety, BLOCK_N)
     for k0 in range(k_beg, k_end, BLOCK_K):
         for j in tl.static_range(BLOCK_K // SUB):
             kj = k0 + j * SUB
@@ -92,7 +94,7 @@ def _w4_skinny_kernel(
             if GROUP_SIZE > 0:
                 g = kj // GROUP_SIZE
                 s = tl.load(s_ptr + g * N + rn).to(tl.float32)
-                zo = _zero_operand(z_ptr, g * N + rn, HAS_ZERO, A_INT8, ety, BLOCK_N)
+                zo = _zero_operand(z_ptr, g * N + rn, s, HAS_ZERO, A_INT8, ety, BLOCK_N)
             lo, hi = _nibble_planes(wb, zo, ety, BLOCK_N, SUB // 2)
             if A_INT8:
                 # |dot| <= SUB * 127 * 15 < 2^22: exact through _exact_float
