@@ -33,13 +33,13 @@ def _prune_skinny(configs, named_args, **kwargs):
 def _zero_operand(z_ptr, idx, s, HAS_ZERO: tl.constexpr, A_INT8: tl.constexpr, ety: tl.constexpr,
                   BLOCK_N: tl.constexpr):
     """What _nibble_planes subtracts from a row's nibbles: the zero point (8 when symmetric) as int8, or the
-    half-precision magic base plus the zero point; tied to the group's scale s (_tied), so both load at the top
-    of the step."""
+    half-precision magic base plus the zero point. For half-precision tokens the zero point is tied to the
+    group's scale s (_tied), so both load at the top of the step; int8 tokens were slower tied (bench/NOTES.md,
+    session 22)."""
     z = tl.load(z_ptr + idx).to(tl.float32) if HAS_ZERO else tl.full((BLOCK_N,), 8.0, tl.float32)
-    z = _tied(z, s)
     if A_INT8:
         return z.to(tl.int8)
-    return (z + (128.0 if ety == tl.bfloat16 else 1024.0)).to(ety)
+    return (_tied(z, s) + (128.0 if ety == tl.bfloat16 else 1024.0)).to(ety)
 
 
 @triton.autotune(
