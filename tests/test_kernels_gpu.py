@@ -337,9 +337,9 @@ def test_one_token_int4_takes_the_gemv_and_repeats_bitwise(dtype, n, monkeypatch
 
     ql, (x, xs), want = _skinny_case(4096, n, 128, False, 1, dtype)
     kw = ql.kernel_weight()
-    split = GV._w4_gemv_split(n, 4096, 128, x)
+    split, _, unroll = GV._w4_plan(x, n, 4096, 128)
     assert split > 1
-    assert (GV._w4_unroll(x, 4096, 128, split) == 2) == (dtype == torch.float16 and n == 8192)
+    assert (unroll == 2) == (dtype == torch.float16 and n == 8192)
 
     def no_skinny(*args, **kwargs):
         raise AssertionError("one token went to the small-M kernel")
@@ -350,6 +350,22 @@ def test_one_token_int4_takes_the_gemv_and_repeats_bitwise(dtype, n, monkeypatch
     for _ in range(50):
         assert torch.equal(gemm.quant_linear(x, xs, kw, ql.bias, "silu"), first)
     assert GV.split_counters(x.device, 1).eq(0).all()
+
+
+@pytest.mark.parametrize("k, n", [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096), (4096, 11008)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int8])
+def test_w4_gemv_plan_fits_one_wave_without_empty_slices(k, n, dtype):
+    """The INT4 GEMV's launch at Llama-7B decode shapes: every K slice gets work (the last one too), and with
+    two K steps an iteration at most W4_PROGRAMS_PER_SM programs an SM."""
+    from zeroquant.kernels import gemv as GV
+
+    x = torch.zeros(1, k, device="cuda", dtype=dtype)
+    split, step, unroll = GV._w4_plan(x, n, k, 128)
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    iters = k // (step * unroll)
+    longest = -(-iters // split)
+    assert (split - 1) * longest < iters
+    assert unroll == 1 or -(-n // GV.W4_BLOCK_N) * split <= GV.W4_PROGRAMS_PER_SM * sms
 
 
 @pytest.mark.parametrize("a8", [False, True])
