@@ -192,19 +192,22 @@ def _skinny_case(k, n, group, sym, m, dtype, scale_dtype="float16"):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("split", [1, 2, 3, 5])
-@pytest.mark.parametrize("cfg", range(4))
+@pytest.mark.parametrize("cfg", range(7))
 def test_w4_skinny_every_config_and_split(cfg, split, dtype):
-    """Batched-decode INT4 (M <= 16, Hopper), W4A16 and W4A8: each configuration the autotuner may pick and
-    each split of K (uneven ones too: 1536 / 128 = 12 steps in 5 slices) against the exact result, and a short
-    last group (576 = 4.5 groups of 128) where the configuration's steps divide K; the split-K counters are
-    back to zero afterwards. Scales and zero points in float16 (the INT4 presets' default) and float32."""
+    """Batched-decode INT4 (M <= 16, Hopper), W4A16 and W4A8: each configuration either autotuner may pick
+    (64-channel warpgroup programs, 32-channel mma.sync ones) and each split of K (uneven ones too: 1536 / 128
+    = 12 steps in 5 slices) against the exact result, and a short last group (576 = 4.5 groups of 128) where
+    the configuration's steps divide K; the split-K counters are back to zero afterwards. Scales and zero
+    points in float16 (the INT4 presets' default) and float32."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the warpgroup MMA needs Hopper")
     from zeroquant.kernels import act_code
     from zeroquant.kernels import skinny_gemm as SK
 
-    assert len(SK._SKINNY_CONFIGS) == 4
-    c = SK._SKINNY_CONFIGS[cfg]
+    configs = [(c, SK.SKINNY_BLOCK_N) for c in SK._SKINNY_CONFIGS]
+    configs += [(c, SK.SKINNY_SYNC_BLOCK_N) for c in SK._SKINNY_SYNC_CONFIGS]
+    assert len(configs) == 7
+    c, rows = configs[cfg]
     tol = {torch.float16: 1e-3, torch.bfloat16: 3e-3, torch.int8: 1e-4}[dtype]
     cases = [(1536, 128, False, 16, "float16"), (1536, 64, True, 5, "float32"), (1536, -1, True, 2, "float16")]
     cases += [(576, 128, False, 7, "float32")] if 576 % c.kwargs["BLOCK_K"] == 0 else []
@@ -213,32 +216,36 @@ def test_w4_skinny_every_config_and_split(cfg, split, dtype):
         kw = ql.kernel_weight()
         poison_cuda_cache()
         got = torch.empty(m, 1000, device="cuda", dtype=ql.bias.dtype)
-        tiles = -(-1000 // SK.SKINNY_BLOCK_N)
-        ws = torch.empty(split * tiles * SK.SKINNY_BLOCK_N * 16, device="cuda")
+        tiles = -(-1000 // rows)
+        ws = torch.empty(split * tiles * rows * 16, device="cuda")
         counters = SK.split_counters(x.device, tiles)
         SK._w4_skinny_kernel.fn[(tiles, split)](
             x, got if xs is None else xs.reshape(-1), kw.qweight, kw.scale,
             kw.zero if kw.zero is not None else kw.scale, ql.bias, got, ws, counters, m, 1000, k, x.stride(0),
             kw.qweight.stride(0), got.stride(0), A_INT8=xs is not None, HAS_ZERO=kw.zero is not None,
             GROUP_SIZE=kw.kernel_group, HAS_BIAS=True, ACT=act_code("silu"),
-            SPLIT=split, BLOCK_N=SK.SKINNY_BLOCK_N, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+            SPLIT=split, BLOCK_N=rows, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
         assert rel_err(got, want) < tol, (group, m)
         assert counters.eq(0).all()
 
 
+@pytest.mark.parametrize("m", [8, 16])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.int8])
-def test_w4_skinny_is_taken_and_repeats_bitwise(dtype):
+def test_w4_skinny_is_taken_and_repeats_bitwise(dtype, m):
     """quant_linear sends 2..16 tokens with INT4 weights to the split-K kernel on Hopper (4096 x 4096 splits
-    K), and its ordered sum of partials gives the same bits on every launch."""
+    K; up to 8 fp16 tokens on 32-channel mma.sync programs, otherwise 64-channel warpgroup ones), and its
+    ordered sum of partials gives the same bits on every launch."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the warpgroup MMA needs Hopper")
     from zeroquant.kernels import skinny_gemm as SK
 
-    ql, (x, xs), want = _skinny_case(4096, 4096, 128, False, 16, dtype)
+    ql, (x, xs), want = _skinny_case(4096, 4096, 128, False, m, dtype)
     kw = ql.kernel_weight()
     assert SK.skinny_ok(x, kw) and not SK.skinny_ok(x[:1], kw)
-    assert not SK.skinny_ok(torch.cat([x, x[:1]]), kw)
-    assert SK.skinny_split(kw, torch.cuda.get_device_properties(0).multi_processor_count) > 1
+    assert not SK.skinny_ok(x[:1].expand(17, -1), kw)
+    rows, per_sm = SK.skinny_tile(x)
+    assert rows == (SK.SKINNY_SYNC_BLOCK_N if dtype == torch.float16 and m <= 8 else SK.SKINNY_BLOCK_N)
+    assert SK.skinny_split(kw, torch.cuda.get_device_properties(0).multi_processor_count, rows, per_sm) > 1
     first = gemm.quant_linear(x, xs, kw, ql.bias, "silu")
     assert rel_err(first, want) < (1e-4 if xs is not None else 1e-3)
     for _ in range(50):

@@ -14,14 +14,19 @@ from .weight_format import KernelWeight
 
 # The small-M INT4 kernel's tile of output channels: the M side of one Hopper warpgroup MMA (64 x 16 x 16).
 SKINNY_BLOCK_N = 64
+# Half-precision tokens, up to 8 of them: 32 channels a program on 2 warps, whose dots Triton lowers to
+# mma.sync instead of the warpgroup MMA (fewer instructions a weight; bench/NOTES.md, session 22).
+SKINNY_SYNC_BLOCK_N = 32
+SKINNY_SYNC_MAX_M = 8
 
 
-def _skinny_cfg(bk, stages):
-    return triton.Config({"BLOCK_K": bk}, num_warps=4, num_stages=stages)
+def _skinny_cfg(bk, stages, warps=4):
+    return triton.Config({"BLOCK_K": bk}, num_warps=warps, num_stages=stages)
 
 
 # BLOCK_K 64 serves K that is a whole number of 64-channel chunks but not of 128.
 _SKINNY_CONFIGS = [_skinny_cfg(128, 3), _skinny_cfg(128, 2), _skinny_cfg(128, 4), _skinny_cfg(64, 4)]
+_SKINNY_SYNC_CONFIGS = [_skinny_cfg(128, 3, 2), _skinny_cfg(128, 4, 2), _skinny_cfg(64, 4, 2)]
 
 
 def _prune_skinny(configs, named_args, **kwargs):
@@ -61,8 +66,9 @@ def _w4_skinny_kernel(
     weights (bench/NOTES.md, kernel choices). Here a weight tile becomes q - zero in registers
     (_nibble_planes) straight into the MMA's register operand: int8 against INT8 tokens (each group's int32
     dot exact), fp16/bf16 against half-precision tokens. The group's scale multiplies the group's float32
-    dot instead of each weight. Tokens past M load as zeros. Program (n, s) covers 64 channels and the s-th
-    of SPLIT slices of K, so enough programs stream weights at once (_split_k_sum adds the slices).
+    dot instead of each weight. Tokens past M load as zeros. Program (n, s) covers BLOCK_N channels (64 on a
+    warpgroup; 32 on 2 warps, mma.sync) and the s-th of SPLIT slices of K, so enough programs stream weights
+    at once (_split_k_sum adds the slices).
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -128,26 +134,47 @@ def skinny_ok(a: torch.Tensor, w: KernelWeight) -> bool:
     return w.bits == 4 and 1 < a.shape[0] <= 16 and a.is_cuda and device_info(device_index(a))[0] >= 9
 
 
-def skinny_split(w: KernelWeight, sms: int) -> int:
-    """K slices per output tile: about five programs per SM, so all of them are resident at once (80
-    registers a thread) and keep enough weight loads in flight; at least 256 channels a slice (how flat the
-    optimum is: bench/NOTES.md, kernel choices)."""
-    tiles = triton.cdiv(w.out_features, SKINNY_BLOCK_N)
-    return max(1, min(round(5 * sms / tiles), w.in_features // 256, 16))
+# The same kernel on 2-warp mma.sync tiles (SKINNY_SYNC_BLOCK_N channels a program).
+_w4_skinny_sync_kernel = triton.autotune(
+    configs=_SKINNY_SYNC_CONFIGS,
+    key=["N", "K", "A_INT8", "HAS_ZERO", "GROUP_SIZE", "SPLIT"],
+    prune_configs_by={"early_config_prune": _prune_skinny},
+    do_bench=_gpu_time,
+)(_w4_skinny_kernel.fn)
+
+
+def skinny_tile(a: torch.Tensor) -> tuple[int, int]:
+    """(channels a program, programs per SM) for tokens a: 2-warp mma.sync programs for up to
+    SKINNY_SYNC_MAX_M half-precision tokens, about eight an SM; otherwise 4-warp warpgroup programs, about
+    five an SM, so all of them are resident at once (80 registers a thread)."""
+    if a.dtype != torch.int8 and a.shape[0] <= SKINNY_SYNC_MAX_M:
+        return SKINNY_SYNC_BLOCK_N, 8
+    return SKINNY_BLOCK_N, 5
+
+
+def skinny_split(w: KernelWeight, sms: int, rows: int = SKINNY_BLOCK_N, per_sm: int = 5) -> int:
+    """K slices per output tile of `rows` channels, so about per_sm programs run on each SM and keep enough
+    weight loads in flight; at least 256 channels a slice (how flat the optimum is: bench/NOTES.md, kernel
+    choices)."""
+    tiles = triton.cdiv(w.out_features, rows)
+    return max(1, min(round(per_sm * sms / tiles), w.in_features // 256, 16))
 
 
 def w4_skinny(a, xs, w: KernelWeight, bias, act, c, split: int | None = None) -> None:
-    """Launch _w4_skinny_kernel; xs: float32 per-token scales of int8 a, or None for fp16/bf16 a."""
+    """Launch the small-M INT4 kernel on skinny_tile's programs; xs: float32 per-token scales of int8 a, or
+    None for fp16/bf16 a."""
     m, k = a.shape
     n = w.out_features
-    tiles = triton.cdiv(n, SKINNY_BLOCK_N)
-    split = split or skinny_split(w, device_info(device_index(a))[1])
-    ws = torch.empty(split * tiles * SKINNY_BLOCK_N * 16, dtype=torch.float32, device=a.device) if split > 1 else c
-    _w4_skinny_kernel[(tiles, split)](
+    rows, per_sm = skinny_tile(a)
+    tiles = triton.cdiv(n, rows)
+    split = split or skinny_split(w, device_info(device_index(a))[1], rows, per_sm)
+    ws = torch.empty(split * tiles * rows * 16, dtype=torch.float32, device=a.device) if split > 1 else c
+    kernel = _w4_skinny_sync_kernel if rows == SKINNY_SYNC_BLOCK_N else _w4_skinny_kernel
+    kernel[(tiles, split)](
         a, xs if xs is not None else c, w.qweight, w.scale, w.zero if w.zero is not None else w.scale,
         bias if bias is not None else c, c, ws, split_counters(a.device, tiles), m, n, k, a.stride(0),
         w.qweight.stride(0), c.stride(0),
         A_INT8=xs is not None, HAS_ZERO=w.zero is not None, GROUP_SIZE=w.kernel_group,
-        HAS_BIAS=bias is not None, ACT=act_code(act), SPLIT=split, BLOCK_N=SKINNY_BLOCK_N,
+        HAS_BIAS=bias is not None, ACT=act_code(act), SPLIT=split, BLOCK_N=rows,
     )
 
