@@ -150,26 +150,19 @@ def _w4_step(k: int, group: int) -> int:
     return 128 if k % 128 == 0 and group % 128 == 0 else PACK
 
 
-def _w4_gemv_split(n: int, k: int, group: int, a: torch.Tensor, one_wave: bool = False) -> int:
-    """K slices per tile of rows, so about W4_PROGRAMS_PER_SM programs run on each SM; one_wave: at most that
-    many (two K steps in flight a program: bench/NOTES.md, session 22)."""
-    tiles = triton.cdiv(n, W4_BLOCK_N)
-    sms = device_info(device_index(a))[1]
-    per_sm = W4_PROGRAMS_PER_SM * sms / tiles
-    return max(1, min(int(per_sm) if one_wave else round(per_sm), k // _w4_step(k, group), MAX_SPLIT))
-
-
 def _w4_plan(a: torch.Tensor, n: int, k: int, group: int) -> tuple[int, int, int]:
-    """(split, step, unroll) of an INT4 GEMV launch. Programs with two K steps in flight take one wave of at
-    most W4_PROGRAMS_PER_SM an SM: a few programs past it cost fp16 q/k/v more than the extra slice saved,
-    while one-step programs gained from them (bench/NOTES.md, session 22). The split is then lowered to the
-    fewest slices with the same longest one, so no program gets an empty or stub slice (_k_slice cuts K in
-    whole iterations)."""
+    """(split, step, unroll) of an INT4 GEMV launch: K slices per tile of rows so that about
+    W4_PROGRAMS_PER_SM programs run on each SM. Programs with two K steps in flight take one wave of at most
+    that many: a few programs past it cost fp16 q/k/v more than the extra slice saved, while one-step programs
+    gained from them (bench/NOTES.md, session 22). The split is then lowered to the fewest slices with the same
+    longest one, so no program gets an empty or stub slice (_k_slice cuts K in whole iterations)."""
     step = _w4_step(k, group)
-    split = _w4_gemv_split(n, k, group, a)
+    per_sm = W4_PROGRAMS_PER_SM * device_info(device_index(a))[1] / triton.cdiv(n, W4_BLOCK_N)
+    most = min(k // step, MAX_SPLIT)
+    split = max(1, min(round(per_sm), most))
     unroll = _w4_unroll(a, k, step, split)
     if unroll == 2:
-        split = _w4_gemv_split(n, k, group, a, one_wave=True)
+        split = max(1, min(int(per_sm), most))
     iters = k // (step * unroll)
     return triton.cdiv(iters, triton.cdiv(iters, split)), step, unroll
 

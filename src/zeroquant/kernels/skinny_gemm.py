@@ -152,7 +152,7 @@ def skinny_tile(a: torch.Tensor) -> tuple[int, int]:
     return SKINNY_BLOCK_N, 5
 
 
-def skinny_split(w: KernelWeight, sms: int, rows: int = SKINNY_BLOCK_N, per_sm: int = 5) -> int:
+def skinny_split(w: KernelWeight, sms: int, rows: int, per_sm: int) -> int:
     """K slices per output tile of `rows` channels, so about per_sm programs run on each SM and keep enough
     weight loads in flight; at least 256 channels a slice (how flat the optimum is: bench/NOTES.md, kernel
     choices)."""
