@@ -48,12 +48,15 @@ def main() -> None:
             rows = [("fp16 cuBLAS", t, nbytes(x, w16) + m * n * 2)]
             xq, xs = rowwise.quantize_per_token(x)
             for name, bits, group, a8, scale_dtype in FORMATS:
-                kw = weights(k, n, bits, group, dev, scale_dtype or torch.float16)
+                kw = weights(k, n, bits, group, dev, scale_dtype or torch.float16, int8_tokens=a8)
                 a, a_scale = (xq, xs) if a8 else (x, None)
-                stored = [t for t in (kw.qweight, kw.scale, kw.zero) if t is not None]
+                # interleaved scales and zero points (float16 INT4) rotate as their one [G, N, 2] allocation
+                sz = [torch.stack((kw.scale, kw.zero), -1)] if kw.sz_step == 2 else [kw.scale, kw.zero]
+                stored = [t for t in (kw.qweight, *sz) if t is not None]
 
                 def run(q, s, *z, a=a, a_scale=a_scale, kw=kw):
-                    w = gemm.KernelWeight(q, s, z[0] if z else None, kw.bits, k, n, kw.group_size)
+                    s, z = (s[..., 0], s[..., 1]) if s.dim() == 3 else (s, z[0] if z else None)
+                    w = gemm.KernelWeight(q, s, z, kw.bits, k, n, kw.group_size)
                     return gemm.quant_linear(a, a_scale, w)
 
                 t = ms(run, *stored)

@@ -154,4 +154,5 @@ def test_load_builds_no_float_linears_and_keeps_ties(tmp_path, arch):
     stored = load_file(str(out / "model.safetensors"))
     for name, m in zq.quantized_modules(loaded).items():
         assert torch.equal(m.qweight, stored[f"{name}.qweight"])
-        assert m.w_scale.stride(0) == 1  # G-major, as the kernels read it in place
+        kw = m.kernel_weight()  # G-major (INT4: interleaved with the zero points), as the kernels read it in place
+        assert kw.scale.data_ptr() == m.w_scale.data_ptr() and kw.sz_step == (2 if m.wq.bits == 4 else 1)

@@ -133,13 +133,21 @@ def test_saved_fused_model_loads_fused(tmp_path, arch):
     assert torch.equal(model_output(q, ids), model_output(loaded, ids))
 
 
-def test_scales_are_stored_group_major():
-    """The kernels read scales as [G, N] rows: QuantLinear keeps them that way (no second GPU copy)."""
-    cfg = with_group_size(zq.PRESETS["w4a8"], 32)
+@pytest.mark.parametrize("preset", ["w4a16", "w4a8"])
+def test_scales_are_stored_group_major(preset):
+    """The kernels read scales as [G, N] rows: QuantLinear keeps them that way (no second GPU copy); W4A8's
+    float16 scales and zero points share one [G, N, 2] allocation (weight_format.interleave)."""
+    from zeroquant.kernels.weight_format import interleaved
+
+    cfg = with_group_size(zq.PRESETS[preset], 32)
     ql = zq.quantize(tiny_model("llama"), cfg, progress=False).model.layers[0].mlp.down_proj
     assert ql.w_scale.shape == (64, 4) and not ql.w_scale.is_contiguous()
-    assert ql.w_scale.t().is_contiguous() and ql.w_zero.t().is_contiguous()
-    assert ql.half().w_scale.t().is_contiguous() and ql.w_scale.dtype == torch.float16  # W4: stored float16
+    s, z = ql.half().w_scale.t(), ql.w_zero.t()
+    assert s.dtype == torch.float16  # W4: stored float16
+    if preset == "w4a8":
+        assert interleaved(s, z) and s.stride() == (2 * 64, 2)
+    else:
+        assert s.is_contiguous() and z.is_contiguous()
 
 
 def test_version1_checkpoint_int4_is_repacked(tmp_path):

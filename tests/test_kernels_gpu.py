@@ -4,11 +4,14 @@ Outputs are allocated from memory poisoned with 0xFF bytes (NaN in fp16/fp32), s
 fails to write shows up as NaN or a wrong integer; NaN never passes the checks.
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
 from kernel_cases import SHAPES, VARIANTS, quant_linear
 
 from zeroquant.kernels import reference as R
+from zeroquant.kernels.weight_format import interleave
 
 gemm = pytest.importorskip("zeroquant.kernels.gemm") if torch.cuda.is_available() else None
 
@@ -153,14 +156,15 @@ def test_quant_linear(m, k, n, name, bits, group, sym, a8):
 @pytest.mark.parametrize("m", [1, 16, 300])  # GEMV or small-M INT4, tile GEMM, TMA GEMM (per-channel W8A8)
 @pytest.mark.parametrize("name,bits,group,sym,a8", VARIANTS)
 def test_quant_linear_reads_fp16_scales(m, name, bits, group, sym, a8):
-    """Every GEMM family reads float16 scales and zero points in place and computes what the reference does
-    with them (float32 arithmetic after the load)."""
+    """Every GEMM family reads float16 scales and zero points in place (W4A8's interleaved) and computes what
+    the reference does with them (float32 arithmetic after the load)."""
     k, n = 4096, 1000
     ql = quant_linear(k, n, bits, group, sym, a8, "cuda", scale_dtype="float16").half()
     if gemm.KernelWeight.unsupported(k, bits, sym, ql.group_size):
         pytest.skip("format not on the kernels")
     kw = ql.kernel_weight()
     assert kw.scale.dtype == torch.float16 and kw.scale.data_ptr() == ql.w_scale.data_ptr()
+    assert kw.sz_step == (2 if bits == 4 and not sym and a8 else 1)  # W4A8 zero points interleaved with scales
     x = torch.randn(m, k, device="cuda", dtype=torch.float16)
     got, want = _run_gemm(ql, x, bits, a8)
     assert rel_err(got, want) < 2e-3
@@ -190,6 +194,14 @@ def _skinny_case(k, n, group, sym, m, dtype, scale_dtype="float16"):
     return ql, (x, None), R.apply_act(x.float() @ w.t() + ql.bias.float(), "silu")
 
 
+def _interleaved(kw):
+    """kw with its float16 scales and zero points interleaved (as W4A8 linears store them), for any tokens."""
+    s, z = interleave(kw.scale, kw.zero)
+    out = replace(kw, scale=s, zero=z)
+    assert out.sz_step == 2
+    return out
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("split", [1, 2, 3, 5])
 @pytest.mark.parametrize("cfg", range(7))
@@ -198,7 +210,7 @@ def test_w4_skinny_every_config_and_split(cfg, split, dtype):
     (64-channel warpgroup programs, 32-channel mma.sync ones) and each split of K (uneven ones too: 1536 / 128
     = 12 steps in 5 slices) against the exact result, and a short last group (576 = 4.5 groups of 128) where
     the configuration's steps divide K; the split-K counters are back to zero afterwards. Scales and zero
-    points in float16 (the INT4 presets' default) and float32."""
+    points in float16 (the INT4 presets' default: interleaved, read as one word a row) and float32."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the warpgroup MMA needs Hopper")
     from zeroquant.kernels import act_code
@@ -209,11 +221,14 @@ def test_w4_skinny_every_config_and_split(cfg, split, dtype):
     assert len(configs) == 7
     c, rows = configs[cfg]
     tol = {torch.float16: 1e-3, torch.bfloat16: 3e-3, torch.int8: 1e-4}[dtype]
-    cases = [(1536, 128, False, 16, "float16"), (1536, 64, True, 5, "float32"), (1536, -1, True, 2, "float16")]
+    cases = [(1536, 128, False, 16, "float16"), (1536, 64, True, 5, "float32"), (1536, -1, True, 2, "float16"),
+             (1536, -1, False, 3, "float16")]
     cases += [(576, 128, False, 7, "float32")] if 576 % c.kwargs["BLOCK_K"] == 0 else []
     for k, group, sym, m, scale_dtype in cases:
         ql, (x, xs), want = _skinny_case(k, 1000, group, sym, m, dtype, scale_dtype)
         kw = ql.kernel_weight()
+        if scale_dtype == "float16" and not sym:  # one word a row (SZ_WORD), whatever the tokens
+            kw = _interleaved(kw)
         poison_cuda_cache()
         got = torch.empty(m, 1000, device="cuda", dtype=ql.bias.dtype)
         tiles = -(-1000 // rows)
@@ -224,7 +239,8 @@ def test_w4_skinny_every_config_and_split(cfg, split, dtype):
             kw.zero if kw.zero is not None else kw.scale, ql.bias, got, ws, counters, m, 1000, k, x.stride(0),
             kw.qweight.stride(0), got.stride(0), A_INT8=xs is not None, HAS_ZERO=kw.zero is not None,
             GROUP_SIZE=kw.kernel_group, HAS_BIAS=True, ACT=act_code("silu"),
-            SPLIT=split, BLOCK_N=rows, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+            SPLIT=split, BLOCK_N=rows, SZ_WORD=kw.sz_step == 2, **c.kwargs, num_warps=c.num_warps,
+            num_stages=c.num_stages)
         assert rel_err(got, want) < tol, (group, m)
         assert counters.eq(0).all()
 
@@ -271,6 +287,8 @@ def test_w4_gemv(split, dtype, unroll):
                                        (1536, -1, False, "float16"), (576, 128, False, "float32")]:
         ql, (x, xs), want = _skinny_case(k, n, group, sym, 1, dtype, scale_dtype)
         kw = ql.kernel_weight()
+        if scale_dtype == "float16" and not sym:  # one word a row (SZ_WORD), whatever the tokens
+            kw = _interleaved(kw)
         if unroll == 2 and k % (2 * GV._w4_step(k, kw.kernel_group)):
             continue
         poison_cuda_cache()
@@ -281,8 +299,8 @@ def test_w4_gemv(split, dtype, unroll):
             kw.zero if kw.zero is not None else kw.scale, ql.bias, got, torch.empty(split * 1024, device="cuda"),
             counters, n, k, kw.qweight.stride(0), A_INT8=xs is not None, HAS_ZERO=kw.zero is not None,
             GROUP_SIZE=kw.kernel_group, HAS_BIAS=True, ACT=act_code("silu"), GLU=False,
-            STEP=GV._w4_step(k, kw.kernel_group), SPLIT=split, BLOCK_N=GV.W4_BLOCK_N, PDL=False, UNROLL=unroll,
-            num_warps=4)
+            STEP=GV._w4_step(k, kw.kernel_group), SPLIT=split, BLOCK_N=GV.W4_BLOCK_N, PDL=False,
+            SZ_WORD=kw.sz_step == 2, UNROLL=unroll, num_warps=4)
         assert rel_err(got, want) < tol, (k, group)
         assert counters.eq(0).all()
 
@@ -314,7 +332,7 @@ def test_w4_gemv_glu(split, dtype, unroll):
         x, got if xs is None else xs.reshape(-1), kw.qweight, kw.scale, kw.zero, ql.bias, got,
         torch.empty(split * 2048, device="cuda"), counters, n, k, kw.qweight.stride(0), A_INT8=xs is not None,
         HAS_ZERO=True, GROUP_SIZE=128, HAS_BIAS=True, ACT=act_code("silu"), GLU=True, STEP=128, SPLIT=split,
-        BLOCK_N=GV.W4_BLOCK_N, PDL=False, UNROLL=unroll, num_warps=4)
+        BLOCK_N=GV.W4_BLOCK_N, PDL=False, SZ_WORD=kw.sz_step == 2, UNROLL=unroll, num_warps=4)
     assert rel_err(got, want) < 3e-3
     assert counters.eq(0).all()
 

@@ -9,16 +9,20 @@ from tiny_models import model_output, tiny_input, tiny_model
 import zeroquant as zq
 from zeroquant import packing
 from zeroquant.fusion import EncoderAttention
+from zeroquant.kernels.weight_format import KernelWeight
 
 
-def three(bits, group, sym, a8):
+def three(bits, group, sym, a8, scale_dtype="float32"):
     torch.manual_seed(0)
-    return [quant_linear(256, n, bits, group, sym, a8, "cpu") for n in (96, 96, 64)]
+    return [quant_linear(256, n, bits, group, sym, a8, "cpu", scale_dtype=scale_dtype) for n in (96, 96, 64)]
 
 
+@pytest.mark.parametrize("scale_dtype", ["float32", "float16"])
 @pytest.mark.parametrize("name,bits,group,sym,a8", VARIANTS)
-def test_pack_keeps_outputs_and_state_dict(name, bits, group, sym, a8):
-    lins = three(bits, group, sym, a8)
+def test_pack_keeps_outputs_and_state_dict(name, bits, group, sym, a8, scale_dtype):
+    """Float16 W4A8 scales and zero points (interleaved in each linear) are interleaved in the pack too, and the
+    kernel format reads the packed halves in place."""
+    lins = three(bits, group, sym, a8, scale_dtype)
     x = torch.randn(5, 256)
     before = [m(x) for m in lins]
     states = [{k: v.clone() for k, v in m.state_dict().items()} for m in lins]
@@ -29,6 +33,10 @@ def test_pack_keeps_outputs_and_state_dict(name, bits, group, sym, a8):
     assert torch.equal(bases["qweight"], torch.cat([m.qweight for m in lins]))
     assert torch.equal(bases["w_scale"], torch.cat([m.w_scale for m in lins]).t())
     assert torch.equal(bases["bias"], torch.cat([m.bias for m in lins]))
+    kw = KernelWeight.from_quant(bases["qweight"], bases["w_scale"].t(),
+                                 None if bases["w_zero"] is None else bases["w_zero"].t(), bits, lins[0].group_size)
+    assert kw.scale.data_ptr() == bases["w_scale"].data_ptr()
+    assert kw.sz_step == (2 if bits == 4 and not sym and a8 and scale_dtype == "float16" else 1)
     for m, want, st in zip(lins, before, states, strict=True):
         assert torch.equal(m(x), want)
         sd = m.state_dict()

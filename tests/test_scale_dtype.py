@@ -9,7 +9,7 @@ from torch import nn
 import zeroquant as zq
 from zeroquant import QuantLinear, WeightQuant, ZeroQuantError
 from zeroquant import quant as Q
-from zeroquant.config import LinearRule, resolve_config
+from zeroquant.config import ActQuant, LinearRule, resolve_config
 from zeroquant.gptq import gptq_round
 
 
@@ -67,6 +67,44 @@ def test_half_model_keeps_each_scale_dtype():
     a, b = _linear("float32"), _linear("float16")
     nn.Sequential(a, b).half()
     assert a.w_scale.dtype == torch.float32 and b.w_scale.dtype == torch.float16
+
+
+@pytest.mark.parametrize("scale_dtype,bits,sym,a8,want", [
+    ("float16", 4, False, True, True), ("float16", 4, False, False, False), ("float32", 4, False, True, False),
+    ("float16", 4, True, True, False), ("float16", 8, True, True, False)])
+def test_w4a8_fp16_scales_are_interleaved_with_zero_points_through_moves(scale_dtype, bits, sym, a8, want):
+    """Float16 INT4 scales and zero points of a linear with INT8 tokens share one allocation, a row's pair side
+    by side (the small-M kernel reads it as one word), through model.half(), a device move (each buffer copied
+    alone, as .to() does) and load_state_dict; the kernel format reads them in place; the state dict holds
+    each tensor alone."""
+    from zeroquant.kernels.weight_format import interleaved
+
+    def build():
+        torch.manual_seed(0)
+        rule = LinearRule(WeightQuant(bits, 64, sym, scale_dtype=scale_dtype), ActQuant(8) if a8 else None)
+        return QuantLinear.from_float(nn.Linear(128, 48), rule)
+
+    ql = build()
+    ref = {k: v.clone() for k, v in ql.state_dict().items()}
+
+    def check():
+        s, z = ql.w_scale.t(), None if ql.w_zero is None else ql.w_zero.t()
+        assert interleaved(s, z) == want
+        kw = ql.kernel_weight()
+        assert kw.scale.data_ptr() == ql.w_scale.data_ptr() and kw.sz_step == (2 if want else 1)
+        sd = ql.state_dict()
+        assert all(torch.equal(sd[k], ref[k]) for k in ("w_scale", "w_zero") if k in ref)
+        assert all(v.untyped_storage().nbytes() == v.numel() * v.element_size() for v in sd.values())
+
+    check()
+    ql.half()
+    check()
+    ql._apply(lambda t: t.clone(memory_format=torch.contiguous_format))  # what a device move does to each view
+    check()
+    ql.load_state_dict({k: v.to(ql._buffers[k].dtype) for k, v in ref.items()})
+    check()
+    x = torch.randn(3, 128)
+    assert torch.equal(ql.float()(x), build().half().float()(x))
 
 
 def test_gptq_scales_are_fp16_values():

@@ -4,14 +4,18 @@ pack() moves each buffer of the QuantLinears (qweight, scales, zero points, bias
 leaves each linear a view of its part, so nothing is stored twice: the kernels read the [N1 + N2 + ..., K]
 weight, while every other path, the state dict and the parameter names see the linears as before.
 A device move gives each view its own copy again; packed_buffers() then returns None and cached_pack() packs
-anew. QuantLinear's state dict copies views out of a packed allocation, so checkpoints do not change.
+anew. Interleaved float16 scales and zero points (weight_format.interleave) stay interleaved in the pack.
+QuantLinear's state dict copies views out of a packed allocation, so checkpoints do not change.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
+from .kernels.weight_format import interleave, interleaved
 from .qlinear import QuantLinear
 
 # buffer, the dimension that holds the output channels in its storage, whether the buffer is a transposed
@@ -34,16 +38,20 @@ def _stored(t: torch.Tensor, flip: bool) -> torch.Tensor:
 
 @torch.no_grad()
 def pack(linears: list[QuantLinear]) -> None:
-    """Give the linears' buffers one allocation each (in place of their own)."""
+    """Give the linears' buffers one allocation each (in place of their own); scales and zero points that each
+    linear keeps interleaved (weight_format.interleave) share one interleaved allocation."""
+    bases = {name: None if linears[0]._buffers[name] is None
+             else torch.cat([_stored(m._buffers[name], flip) for m in linears], dim) for name, dim, flip in _LAYOUT}
+    first = linears[0]
+    if bases["w_zero"] is not None and interleaved(first.w_scale.t(), first.w_zero.t()):
+        bases["w_scale"], bases["w_zero"] = interleave(bases["w_scale"], bases["w_zero"])
     for name, dim, flip in _LAYOUT:
-        bufs = [m._buffers[name] for m in linears]
-        if bufs[0] is None:
+        if bases[name] is None:
             continue
-        base = torch.cat([_stored(b, flip) for b in bufs], dim)
         off = 0
-        for m, b in zip(linears, bufs, strict=True):
-            n = b.shape[0]
-            m._buffers[name] = _stored(base.narrow(dim, off, n), flip)
+        for m in linears:
+            n = m._buffers[name].shape[0]
+            m._buffers[name] = _stored(bases[name].narrow(dim, off, n), flip)
             off += n
 
 
@@ -53,8 +61,11 @@ def _base(bufs: list[torch.Tensor], dim: int, flip: bool) -> torch.Tensor | None
     shape = list(parts[0].shape)
     shape[dim] = sum(p.shape[dim] for p in parts)
     storage = parts[0].untyped_storage()
-    base = parts[0].new_empty(0).set_(storage, 0, shape)
-    if storage.nbytes() != base.numel() * base.element_size():
+    # every element, or every other one: one half of an interleaved scale / zero point allocation
+    step = parts[0].stride(-1) if parts[0].stride(-1) == 2 and flip else 1
+    strides = [step * math.prod(shape[i + 1:]) for i in range(len(shape))]
+    base = parts[0].new_empty(0).set_(storage, parts[0].storage_offset(), shape, strides)
+    if storage.nbytes() != step * base.numel() * base.element_size() or parts[0].storage_offset() >= step:
         return None
     off = 0
     for p in parts:

@@ -14,7 +14,7 @@ from .errors import ZeroQuantError
 from .handoff import QuantizedActivation
 from .kernels import ops
 from .kernels.reference import apply_act
-from .kernels.weight_format import KernelWeight
+from .kernels.weight_format import KernelWeight, interleavable, interleave, interleaved
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor:
@@ -70,11 +70,13 @@ class QuantLinear(nn.Module):
         else:
             self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=qdtype))
         # [N, G] tensors stored G-major (a transposed view): the kernels read [G, N] rows, so they use these
-        # buffers in place instead of keeping a second copy on the GPU. Saving writes them contiguous.
+        # buffers in place instead of keeping a second copy on the GPU. Float16 INT4 ones against INT8 tokens
+        # are interleaved (weight_format.interleavable). Saving writes them contiguous.
         sdtype = getattr(torch, weight.scale_dtype)
         self.register_buffer("w_scale", torch.ones(groups, out_features, dtype=sdtype).t())
         zero = None if weight.symmetric else torch.zeros(groups, out_features, dtype=sdtype).t()
         self.register_buffer("w_zero", zero)
+        self.scales_group_major()
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
         static = act is not None and not act.dynamic
         self.register_buffer("a_scale", torch.ones(()) if static else None)
@@ -88,7 +90,14 @@ class QuantLinear(nn.Module):
     SCALE_BUFFERS = ("w_scale", "w_zero", "a_scale", "a_zero")
 
     def scales_group_major(self) -> None:
-        """Store w_scale / w_zero G-major again (as built) after a loader assigned the file's [N, G] tensors."""
+        """Store w_scale / w_zero G-major (and interleaved where the format says so) again, after a loader
+        assigned the file's [N, G] tensors or a device move copied each on its own."""
+        s, z = self._buffers["w_scale"], self._buffers.get("w_zero")
+        if z is not None and interleavable(self.wq.bits, s.dtype, self.wq.symmetric, self.aq is not None):
+            if not interleaved(s.t(), z.t()):
+                s, z = interleave(s.t(), z.t())
+                self._buffers["w_scale"], self._buffers["w_zero"] = s.t(), z.t()
+            return
         for name in ("w_scale", "w_zero"):
             t = self._buffers.get(name)
             if t is not None and t.stride(0) != 1:
@@ -109,6 +118,7 @@ class QuantLinear(nn.Module):
         super()._apply(fn, recurse)
         for n, old in kept.items():
             self._buffers[n] = old.to(self._buffers[n].device)
+        self.scales_group_major()
         return self
 
     # ------------------------------------------------------------------------------------ construction

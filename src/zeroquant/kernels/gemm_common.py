@@ -58,6 +58,17 @@ def _w4_float(nib, z, s, HAS_ZERO: tl.constexpr):
 
 
 @triton.jit
+def _scale_zero_word(s_ptr, idx):
+    """(scale, zero point) in float32 at idx of interleaved float16 scales and zero points
+    (weight_format.interleave): one 32-bit word, the scale's bits low and the zero point's high. One 4-byte load
+    instead of two 2-byte ones; Triton's pipeliner streams it (cp.async) where it waited for the two
+    (bench/NOTES.md, session 23)."""
+    word = tl.load(s_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + idx)
+    s = (word & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return s, (word >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
 def _tied(z, s):
     """z + 0 * s in an opaque FMA: a K step's first math (on z) then needs s, so ptxas issues the scale's load
     with the others at the top of the step instead of sinking it to its use at the end, which cost the INT4

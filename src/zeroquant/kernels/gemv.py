@@ -14,6 +14,7 @@ from .gemm_common import (
     _gpu_time,
     _k_slice,
     _nibble_planes,
+    _scale_zero_word,
     _split_k_sum,
     _tied,
     split_counters,
@@ -265,13 +266,16 @@ def _after(wb, dep):
 
 @triton.jit
 def _w4_load(w_rows, s_ptr, z_ptr, x_lo, rn, k0, N, HAS_ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr,
-             BLOCK_N: tl.constexpr):
-    """The K step at k0's loads: weight bytes, the group's float32 scales and zero points (8 when symmetric),
-    and the token's channels for the low and the high nibbles."""
+             BLOCK_N: tl.constexpr, SZ_WORD: tl.constexpr):
+    """The K step at k0's loads: weight bytes, the group's float32 scales and zero points (8 when symmetric;
+    SZ_WORD: interleaved, one word a row), and the token's channels for the low and the high nibbles."""
     g = k0 // GROUP_SIZE if GROUP_SIZE > 0 else 0
     wb = tl.load(w_rows + k0 // 2)
-    s = tl.load(s_ptr + g * N + rn).to(tl.float32)
-    z = tl.load(z_ptr + g * N + rn).to(tl.float32) if HAS_ZERO else tl.full((BLOCK_N,), 8.0, tl.float32)
+    if SZ_WORD:
+        s, z = _scale_zero_word(s_ptr, g * N + rn)
+    else:
+        s = tl.load(s_ptr + g * N + rn).to(tl.float32)
+        z = tl.load(z_ptr + g * N + rn).to(tl.float32) if HAS_ZERO else tl.full((BLOCK_N,), 8.0, tl.float32)
     return wb, s, z, tl.load(x_lo + k0), tl.load(x_lo + k0 + PACK_C // 2)
 
 
@@ -305,7 +309,7 @@ def _w4_gemv_kernel(
     a_ptr, as_ptr, w_ptr, s_ptr, z_ptr, b_ptr, c_ptr, ws_ptr, cnt_ptr, N, K, stride_wn,
     A_INT8: tl.constexpr, HAS_ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACT: tl.constexpr, GLU: tl.constexpr, STEP: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
-    PDL: tl.constexpr, UNROLL: tl.constexpr = 1,
+    PDL: tl.constexpr, SZ_WORD: tl.constexpr, UNROLL: tl.constexpr = 1,
 ):
     """One token, INT4 weights, on CUDA cores: each thread reads 16-byte runs of its rows' packed weights,
     turns them into q - zero (fp16 tokens: packed fp16, _half_run_dots; bf16: float32, _nibble_floats; int8:
@@ -328,12 +332,12 @@ def _w4_gemv_kernel(
     acc = tl.zeros((BLOCK_N, BYTES // 16), dtype=tl.float32)
     k_beg, k_end = _k_slice(K, pid_k, SPLIT, STEP * UNROLL)
     for k0 in range(k_beg, k_end, STEP * UNROLL):
-        wb, s, z, xl, xh = _w4_load(w_rows, s_ptr, z_ptr, x_lo, rn, k0, N, HAS_ZERO, GROUP_SIZE, BLOCK_N)
+        wb, s, z, xl, xh = _w4_load(w_rows, s_ptr, z_ptr, x_lo, rn, k0, N, HAS_ZERO, GROUP_SIZE, BLOCK_N, SZ_WORD)
         if UNROLL == 2:
             # The second step's weights, scale and zero point are loaded with the first's and the first's math
             # waits for them too, so two steps' bytes are in flight at once (ptxas would sink their loads).
             wb1, s1, z1, xl1, xh1 = _w4_load(w_rows, s_ptr, z_ptr, x_lo, rn, k0 + STEP, N, HAS_ZERO, GROUP_SIZE,
-                                             BLOCK_N)
+                                             BLOCK_N, SZ_WORD)
             wb = _after(wb, wb1)
             s = _tied(_tied(s, s1), z1)
         acc = _w4_k_step(acc, wb, s, z, xl, xh, A_INT8, HALF_ACC, GROUP_SIZE, BLOCK_N, BYTES)
@@ -341,7 +345,8 @@ def _w4_gemv_kernel(
             acc = _w4_k_step(acc, wb1, s1, z1, xl1, xh1, A_INT8, HALF_ACC, GROUP_SIZE, BLOCK_N, BYTES)
     out = tl.sum(acc, 1)
     if GROUP_SIZE == 0:
-        out = out * (tl.load(s_ptr + rn).to(tl.float32) * (256.0 if HALF_ACC else 1.0))
+        s = _scale_zero_word(s_ptr, rn)[0] if SZ_WORD else tl.load(s_ptr + rn).to(tl.float32)
+        out = out * (s * (256.0 if HALF_ACC else 1.0))
     _gemv_epilogue(out, offs_n, rn, pid_n, pid_k, as_ptr, b_ptr, c_ptr, ws_ptr, cnt_ptr, N, A_INT8, HAS_BIAS, ACT,
                    GLU, SPLIT, BLOCK_N)
 
@@ -367,4 +372,4 @@ def gemv(a, xs, w: KernelWeight, bias, act, c, glu: bool = False) -> None:
         split, step, unroll = _w4_plan(a, n, k, w.kernel_group)
         _w4_gemv_kernel[(tiles(W4_BLOCK_N), split)](
             *args, **flags, HAS_ZERO=w.zero is not None, STEP=step, SPLIT=split, BLOCK_N=W4_BLOCK_N,
-            UNROLL=unroll, num_warps=4)
+            SZ_WORD=w.sz_step == 2, UNROLL=unroll, num_warps=4)

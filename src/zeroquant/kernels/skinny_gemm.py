@@ -7,7 +7,17 @@ import triton
 import triton.language as tl
 
 from . import act_code
-from .gemm_common import PACK_C, _exact_float, _gpu_time, _k_slice, _nibble_planes, _split_k_sum, _tied, split_counters
+from .gemm_common import (
+    PACK_C,
+    _exact_float,
+    _gpu_time,
+    _k_slice,
+    _nibble_planes,
+    _scale_zero_word,
+    _split_k_sum,
+    _tied,
+    split_counters,
+)
 from .launch import device_index, device_info
 from .rowwise import apply_act
 from .weight_format import KernelWeight
@@ -47,9 +57,20 @@ def _zero_operand(z_ptr, idx, s, HAS_ZERO: tl.constexpr, A_INT8: tl.constexpr, e
     return (_tied(z, s) + (128.0 if ety == tl.bfloat16 else 1024.0)).to(ety)
 
 
+@triton.jit
+def _word_zero_operand(s_ptr, idx, A_INT8: tl.constexpr, ety: tl.constexpr):
+    """(scale, _zero_operand's value) from interleaved scales and zero points: one word a row."""
+    s, z = _scale_zero_word(s_ptr, idx)
+    if A_INT8:
+        zo = z.to(tl.int8)
+    else:
+        zo = (z + (128.0 if ety == tl.bfloat16 else 1024.0)).to(ety)
+    return s, zo
+
+
 @triton.autotune(
     configs=_SKINNY_CONFIGS,
-    key=["N", "K", "A_INT8", "HAS_ZERO", "GROUP_SIZE", "SPLIT"],
+    key=["N", "K", "A_INT8", "HAS_ZERO", "GROUP_SIZE", "SPLIT", "SZ_WORD"],
     prune_configs_by={"early_config_prune": _prune_skinny},
     do_bench=_gpu_time,
 )
@@ -57,7 +78,7 @@ def _zero_operand(z_ptr, idx, s, HAS_ZERO: tl.constexpr, A_INT8: tl.constexpr, e
 def _w4_skinny_kernel(
     a_ptr, as_ptr, w_ptr, s_ptr, z_ptr, b_ptr, c_ptr, ws_ptr, cnt_ptr, M, N, K, stride_am, stride_wn, stride_cm,
     A_INT8: tl.constexpr, HAS_ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ACT: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACT: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SZ_WORD: tl.constexpr,
 ):
     """INT4 weights for M <= 16 (batched decode): C^T = W x^T, so the weights are the MMA's M side.
 
@@ -66,9 +87,9 @@ def _w4_skinny_kernel(
     weights (bench/NOTES.md, kernel choices). Here a weight tile becomes q - zero in registers
     (_nibble_planes) straight into the MMA's register operand: int8 against INT8 tokens (each group's int32
     dot exact), fp16/bf16 against half-precision tokens. The group's scale multiplies the group's float32
-    dot instead of each weight. Tokens past M load as zeros. Program (n, s) covers BLOCK_N channels (64 on a
-    warpgroup; 32 on 2 warps, mma.sync) and the s-th of SPLIT slices of K, so enough programs stream weights
-    at once (_split_k_sum adds the slices).
+    dot instead of each weight (SZ_WORD: scales interleaved with the zero points, one word a row). Tokens past M
+    load as zeros. Program (n, s) covers BLOCK_N channels (64 on a warpgroup; 32 on 2 warps, mma.sync) and the
+    s-th of SPLIT slices of K, so enough programs stream weights at once (_split_k_sum adds the slices).
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -89,8 +110,11 @@ def _w4_skinny_kernel(
 
     acc = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
     if GROUP_SIZE == 0:
-        s = tl.load(s_ptr + rn).to(tl.float32)
-        zo = _zero_operand(z_ptr, rn, s, HAS_ZERO, A_INT8, ety, BLOCK_N)
+        if SZ_WORD:
+            s, zo = _word_zero_operand(s_ptr, rn, A_INT8, ety)
+        else:
+            s = tl.load(s_ptr + rn).to(tl.float32)
+            zo = _zero_operand(z_ptr, rn, s, HAS_ZERO, A_INT8, ety, BLOCK_N)
     for k0 in range(k_beg, k_end, BLOCK_K):
         for j in tl.static_range(BLOCK_K // SUB):
             kj = k0 + j * SUB
@@ -99,8 +123,11 @@ def _w4_skinny_kernel(
             x_hi = tl.load(a_lo + kj + HALF, mask=x_mask, other=0)
             if GROUP_SIZE > 0:
                 g = kj // GROUP_SIZE
-                s = tl.load(s_ptr + g * N + rn).to(tl.float32)
-                zo = _zero_operand(z_ptr, g * N + rn, s, HAS_ZERO, A_INT8, ety, BLOCK_N)
+                if SZ_WORD:
+                    s, zo = _word_zero_operand(s_ptr, g * N + rn, A_INT8, ety)
+                else:
+                    s = tl.load(s_ptr + g * N + rn).to(tl.float32)
+                    zo = _zero_operand(z_ptr, g * N + rn, s, HAS_ZERO, A_INT8, ety, BLOCK_N)
             lo, hi = _nibble_planes(wb, zo, ety, BLOCK_N, SUB // 2)
             if A_INT8:
                 # |dot| <= SUB * 127 * 15 < 2^22: exact through _exact_float
@@ -137,7 +164,7 @@ def skinny_ok(a: torch.Tensor, w: KernelWeight) -> bool:
 # The same kernel on 2-warp mma.sync tiles (SKINNY_SYNC_BLOCK_N channels a program).
 _w4_skinny_sync_kernel = triton.autotune(
     configs=_SKINNY_SYNC_CONFIGS,
-    key=["N", "K", "A_INT8", "HAS_ZERO", "GROUP_SIZE", "SPLIT"],
+    key=["N", "K", "A_INT8", "HAS_ZERO", "GROUP_SIZE", "SPLIT", "SZ_WORD"],
     prune_configs_by={"early_config_prune": _prune_skinny},
     do_bench=_gpu_time,
 )(_w4_skinny_kernel.fn)
@@ -175,6 +202,6 @@ def w4_skinny(a, xs, w: KernelWeight, bias, act, c, split: int | None = None) ->
         bias if bias is not None else c, c, ws, split_counters(a.device, tiles), m, n, k, a.stride(0),
         w.qweight.stride(0), c.stride(0),
         A_INT8=xs is not None, HAS_ZERO=w.zero is not None, GROUP_SIZE=w.kernel_group,
-        HAS_BIAS=bias is not None, ACT=act_code(act), SPLIT=split, BLOCK_N=rows,
+        HAS_BIAS=bias is not None, ACT=act_code(act), SPLIT=split, BLOCK_N=rows, SZ_WORD=w.sz_step == 2,
     )
 

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from . import act_code
-from .gemm_common import _chunk, _exact_float, _gpu_time, _tile, _w4_float, _w4_int8
+from .gemm_common import _chunk, _exact_float, _gpu_time, _scale_zero_word, _tile, _w4_float, _w4_int8
 from .rowwise import apply_act
 from .weight_format import KernelWeight
 
@@ -67,7 +67,7 @@ def _qlinear_kernel(
     M, N, K, stride_am, stride_wn, stride_cm, M_BUCKET,
     A_INT8: tl.constexpr, W_BITS: tl.constexpr, HAS_ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, EVEN_K: tl.constexpr, CH: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SZ_WORD: tl.constexpr,
 ):
     pid_m, pid_n = _tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N)
 
@@ -90,17 +90,23 @@ def _qlinear_kernel(
         acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if GROUP_SIZE == 0:  # one scale (and zero) per output channel
-        s = tl.load(s_ptr + rn).to(tl.float32)
-        z = tl.load(z_ptr + rn).to(tl.float32) if HAS_ZERO else s
+    if GROUP_SIZE == 0:  # one scale (and zero) per output channel; SZ_WORD: interleaved, one word a row
+        if SZ_WORD:
+            s, z = _scale_zero_word(s_ptr, rn)
+        else:
+            s = tl.load(s_ptr + rn).to(tl.float32)
+            z = tl.load(z_ptr + rn).to(tl.float32) if HAS_ZERO else s
 
     for k0 in range(0, K, BLOCK_K):
         for j in tl.static_range(BLOCK_K // CH):
             kc = k0 + j * CH
             if GROUP_SIZE > 0:
                 g = kc // GROUP_SIZE
-                s = tl.load(s_ptr + g * N + rn).to(tl.float32)
-                z = tl.load(z_ptr + g * N + rn).to(tl.float32) if HAS_ZERO else s
+                if SZ_WORD:
+                    s, z = _scale_zero_word(s_ptr, g * N + rn)
+                else:
+                    s = tl.load(s_ptr + g * N + rn).to(tl.float32)
+                    z = tl.load(z_ptr + g * N + rn).to(tl.float32) if HAS_ZERO else s
             if W_BITS == 4:
                 wb = tl.load(w_cols + (kc // 2 + offs_h)[:, None])  # [HALF, BLOCK_N] bytes
                 a_lo = tl.load(a_rows + (kc + offs_h)[None, :])
@@ -150,5 +156,5 @@ def tile_gemm(a, xs, w: KernelWeight, bias, act, c) -> None:
         a, xs, w.qweight, w.scale, w.zero if w.zero is not None else w.scale, bias if bias is not None else c, c,
         m, n, k, a.stride(0), w.qweight.stride(0), c.stride(0), _m_bucket(m),
         A_INT8=a.dtype == torch.int8, W_BITS=w.bits, HAS_ZERO=w.zero is not None, GROUP_SIZE=w.kernel_group,
-        HAS_BIAS=bias is not None, ACT=act_code(act),
+        HAS_BIAS=bias is not None, ACT=act_code(act), SZ_WORD=w.sz_step == 2,
     )

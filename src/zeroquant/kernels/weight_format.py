@@ -2,7 +2,9 @@
 
 Pure PyTorch: QuantLinear asks whether its format runs on the kernels without importing Triton.
 Scales and zero points are read as [G, N], so one program's loads of a group's scales are contiguous;
-QuantLinear stores its [N, G] scale buffers G-major, so `KernelWeight.from_quant` copies nothing.
+QuantLinear stores its [N, G] scale buffers G-major, so `KernelWeight.from_quant` copies nothing. Float16 INT4
+scales and zero points are interleaved (`interleave`): one [G, N, 2] allocation, each row's scale and zero point
+side by side, so a kernel reads both as one 4-byte word.
 """
 
 from __future__ import annotations
@@ -30,6 +32,11 @@ class KernelWeight:
     in_features: int
     out_features: int
     group_size: int  # input channels per scale (in_features for one scale per row); the last group may be shorter
+
+    @property
+    def sz_step(self) -> int:
+        """Elements between one row's scale and the next: 2 where scales and zero points are interleaved."""
+        return self.scale.stride(1)
 
     @property
     def kernel_group(self) -> int:
@@ -71,12 +78,38 @@ class KernelWeight:
                 why = "8-bit kernel weights must be int8"
             if why:
                 raise ValueError(why)
-        # No copies when QuantLinear's buffers are in place: its scales are stored [G, N]-major already.
-        zero = None if w_zero is None else _stored(w_zero).t().contiguous()
-        return cls(qweight.contiguous(), _stored(w_scale).t().contiguous(), zero, bits, k, n, group_size)
+        # No copies when QuantLinear's buffers are in place: its scales are stored [G, N]-major already, float16
+        # INT4 ones interleaved with their zero points.
+        scale, zero = _stored(w_scale).t(), None if w_zero is None else _stored(w_zero).t()
+        if not (interleaved(scale, zero) and scale.stride(0) == 2 * n):
+            scale, zero = scale.contiguous(), None if zero is None else zero.contiguous()
+        return cls(qweight.contiguous(), scale, zero, bits, k, n, group_size)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.scale, self.zero) if t is not None)
+
+
+def interleavable(bits: int, scale_dtype: torch.dtype, symmetric: bool, int8_tokens: bool) -> bool:
+    """Whether a weight format's scales and zero points are stored interleaved: INT4 with float16 zero points
+    against INT8 tokens. Half-precision tokens keep separate buffers: their one-token GEMV, the fastest
+    decode path, ran 10-15% slower on interleaved ones (bench/NOTES.md, session 23)."""
+    return bits == 4 and scale_dtype == torch.float16 and not symmetric and int8_tokens
+
+
+def interleave(scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copies of [G, N] float16 scale and zero as the two halves of one [G, N, 2] allocation.
+
+    Why: the small-M INT4 kernel then reads a row's scale and zero point as one 4-byte word, which Triton's
+    pipeliner prefetches (cp.async) stages ahead; two 2-byte loads it issues in the step and waits for
+    (bench/NOTES.md, session 23). Same bytes as two [G, N] buffers."""
+    base = torch.stack((scale, zero), -1)
+    return base[..., 0], base[..., 1]
+
+
+def interleaved(scale: torch.Tensor, zero: torch.Tensor | None) -> bool:
+    """Whether [G, N] views scale and zero are the halves of one float16 [G, N', 2] allocation (N' >= N)."""
+    return (zero is not None and scale.dtype == zero.dtype == torch.float16 and scale.stride(1) == zero.stride(1) == 2
+            and scale.stride(0) == zero.stride(0) and zero.data_ptr() == scale.data_ptr() + 2)
 
 
 def _stored(t: torch.Tensor) -> torch.Tensor:
