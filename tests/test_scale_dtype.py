@@ -141,3 +141,13 @@ def test_compressed_tensors_export_writes_float32_scales(tmp_path):
     back = zq.load_quantized(tmp_path / "ct")
     ids = tiny_input()
     assert torch.equal(model_output(zq.set_mode(back, "ref"), ids), model_output(q, ids))
+
+
+def test_interleaved_needs_whole_aligned_words():
+    """A [G, N] pair counts as interleaved only where each row's scale and zero point form one 4-byte word."""
+    from zeroquant.kernels.weight_format import interleave, interleaved
+
+    s, z = interleave(torch.rand(3, 8, dtype=torch.float16), torch.rand(3, 8, dtype=torch.float16))
+    assert interleaved(s, z) and interleaved(s[:, 2:], z[:, 2:])
+    assert not interleaved(z[:, :-1], s[:, 1:])  # zero then next scale: adjacent, but straddling two words
+    assert not interleaved(s.contiguous(), z.contiguous()) and not interleaved(s.float(), z.float())

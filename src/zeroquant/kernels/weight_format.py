@@ -107,9 +107,11 @@ def interleave(scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 def interleaved(scale: torch.Tensor, zero: torch.Tensor | None) -> bool:
-    """Whether [G, N] views scale and zero are the halves of one float16 [G, N', 2] allocation (N' >= N)."""
+    """Whether [G, N] views scale and zero are the halves of one float16 [G, N', 2] allocation (N' >= N), each
+    pair a 4-byte-aligned word."""
     return (zero is not None and scale.dtype == zero.dtype == torch.float16 and scale.stride(1) == zero.stride(1) == 2
-            and scale.stride(0) == zero.stride(0) and zero.data_ptr() == scale.data_ptr() + 2)
+            and scale.stride(0) == zero.stride(0) and zero.data_ptr() == scale.data_ptr() + 2
+            and scale.data_ptr() % 4 == 0)
 
 
 def _stored(t: torch.Tensor) -> torch.Tensor:
