@@ -53,6 +53,14 @@ def _prune(configs, named_args, **kwargs):
 
 
 
+@triton.jit
+def _load_rows(ptrs, ok, MASK: tl.constexpr):
+    if MASK:
+        return tl.load(ptrs, mask=ok, other=0)
+    else:
+        return tl.load(ptrs)
+
+
 @triton.autotune(
     configs=_ALL,
     key=["M_BUCKET", "N", "K", "A_INT8", "W_BITS", "HAS_ZERO", "GROUP_SIZE"],
@@ -60,7 +68,9 @@ def _prune(configs, named_args, **kwargs):
     # Short timing runs: the ranking of configs is stable long before the default 100 ms.
     do_bench=_gpu_time,
 )
-@triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0, "CH": _chunk})
+@triton.heuristics(
+    {"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0, "CH": _chunk, "MASK_M": lambda a: a["M"] < a["BLOCK_M"]}
+)
 @triton.jit
 def _qlinear_kernel(
     a_ptr, as_ptr, w_ptr, s_ptr, z_ptr, b_ptr, c_ptr,
@@ -68,6 +78,7 @@ def _qlinear_kernel(
     A_INT8: tl.constexpr, W_BITS: tl.constexpr, HAS_ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, EVEN_K: tl.constexpr, CH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SZ_WORD: tl.constexpr,
+    MASK_M: tl.constexpr,
 ):
     pid_m, pid_n = _tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N)
 
@@ -78,6 +89,9 @@ def _qlinear_kernel(
     rn = offs_n % N
     a_rows = a_ptr + rm[:, None] * stride_am
     w_cols = w_ptr + rn[None, :].to(tl.int64) * stride_wn
+    # Fewer tokens than BLOCK_M (decode): the wrapped rows would fetch the same few tokens again, and every
+    # program fetches them from L2 at once, so rows past M are masked instead and not read at all.
+    a_ok = (offs_m < M)[:, None]
 
     # A BLOCK_K step is split into chunks of CH channels (see _chunk): one dot per chunk, its group's scale
     # applied to that dot; an INT4 chunk is two dots on unshuffled nibbles.
@@ -109,8 +123,8 @@ def _qlinear_kernel(
                     z = tl.load(z_ptr + g * N + rn).to(tl.float32) if HAS_ZERO else s
             if W_BITS == 4:
                 wb = tl.load(w_cols + (kc // 2 + offs_h)[:, None])  # [HALF, BLOCK_N] bytes
-                a_lo = tl.load(a_rows + (kc + offs_h)[None, :])
-                a_hi = tl.load(a_rows + (kc + HALF + offs_h)[None, :])
+                a_lo = _load_rows(a_rows + (kc + offs_h)[None, :], a_ok, MASK_M)
+                a_hi = _load_rows(a_rows + (kc + HALF + offs_h)[None, :], a_ok, MASK_M)
                 lo, hi = wb & 0xF, wb >> 4
                 if A_INT8:
                     part = tl.dot(a_lo, _w4_int8(lo, z, HAS_ZERO), out_dtype=tl.int32)
@@ -120,10 +134,13 @@ def _qlinear_kernel(
                     acc = tl.dot(a_hi, _w4_float(hi, z, s, HAS_ZERO).to(a_hi.dtype), acc)
             else:
                 if EVEN_K:
-                    a = tl.load(a_rows + (kc + offs_c)[None, :])
+                    a = _load_rows(a_rows + (kc + offs_c)[None, :], a_ok, MASK_M)
                     w = tl.load(w_cols + (kc + offs_c)[:, None])
                 else:
-                    a = tl.load(a_rows + (kc + offs_c)[None, :], mask=(kc + offs_c)[None, :] < K, other=0)
+                    k_ok = (kc + offs_c)[None, :] < K
+                    if MASK_M:
+                        k_ok = k_ok & a_ok
+                    a = tl.load(a_rows + (kc + offs_c)[None, :], mask=k_ok, other=0)
                     w = tl.load(w_cols + (kc + offs_c)[:, None], mask=(kc + offs_c)[:, None] < K, other=0)
                 if A_INT8:
                     part = tl.dot(a, w, out_dtype=tl.int32)
