@@ -41,14 +41,14 @@ def main() -> None:
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "copy_gb_s": bw / 1e9, "rows": []}
     for k, n in SHAPES:
-        for m in (1, 16):
+        for m in (1, 2, 8, 16):
             x = torch.randn(m, k, device=dev, dtype=torch.float16)
             w16 = torch.randn(k, n, device=dev, dtype=torch.float16)
             t = ms(lambda a, b: a @ b, x, w16)
             rows = [("fp16 cuBLAS", t, nbytes(x, w16) + m * n * 2)]
             xq, xs = rowwise.quantize_per_token(x)
             for name, bits, group, a8, scale_dtype in FORMATS:
-                kw = weights(k, n, bits, group, dev, scale_dtype or torch.float16, int8_tokens=a8)
+                kw = weights(k, n, bits, group, dev, scale_dtype or torch.float16)
                 a, a_scale = (xq, xs) if a8 else (x, None)
                 # interleaved scales and zero points (float16 INT4) rotate as their one [G, N, 2] allocation
                 sz = [torch.stack((kw.scale, kw.zero), -1)] if kw.sz_step == 2 else [kw.scale, kw.zero]
@@ -70,7 +70,8 @@ def main() -> None:
                       f"{r['fraction']:.2f}", flush=True)
             (out / "decode_roofline.json").write_text(json.dumps(res, indent=2))
     # the configurations the autotuners took for each shape (GEMV X_TILE: bench/NOTES.md, session 15)
-    for name, kernel in (("skinny_picks", skinny_gemm._w4_skinny_kernel), ("gemv_picks", gemv._gemv_kernel)):
+    for name, kernel in (("skinny_picks", skinny_gemm._w4_skinny_kernel),
+                         ("skinny_sync_picks", skinny_gemm._w4_skinny_sync_kernel), ("gemv_picks", gemv._gemv_kernel)):
         res[name] = {str(key): str(cfg) for key, cfg in kernel.cache.items()}
     (out / "decode_roofline.json").write_text(json.dumps(res, indent=2))
     lines = [f"device: {res['device']}, torch {res['torch']}, triton {res['triton']}; copy bandwidth "
