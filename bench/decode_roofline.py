@@ -3,7 +3,7 @@ activations) over its time, as a fraction of the device's copy bandwidth, all me
 
     python bench/decode_roofline.py [--out DIR]
 
-Llama-7B's MLP shapes (4096 x 11008, 11008 x 4096) and its attention projection (4096 x 4096), 1 and 16 tokens,
+Llama-7B's MLP shapes (4096 x 11008, 11008 x 4096) and its attention projection (4096 x 4096), 1, 2, 8 and 16 tokens,
 every format the presets use (INT4 with float16 and with float32 scales), beside cuBLAS FP16 at the same
 shapes. Writes decode_roofline.{json,md}.
 """
@@ -48,7 +48,7 @@ def main() -> None:
             rows = [("fp16 cuBLAS", t, nbytes(x, w16) + m * n * 2)]
             xq, xs = rowwise.quantize_per_token(x)
             for name, bits, group, a8, scale_dtype in FORMATS:
-                kw = weights(k, n, bits, group, dev, scale_dtype or torch.float16, int8_tokens=a8)
+                kw = weights(k, n, bits, group, dev, scale_dtype or torch.float16)
                 a, a_scale = (xq, xs) if a8 else (x, None)
                 # interleaved scales and zero points (float16 INT4) rotate as their one [G, N, 2] allocation
                 sz = [torch.stack((kw.scale, kw.zero), -1)] if kw.sz_step == 2 else [kw.scale, kw.zero]
