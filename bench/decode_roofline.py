@@ -17,7 +17,7 @@ import triton
 from kernel_table import ms, weights
 
 from zeroquant.benchmark import copy_bandwidth
-from zeroquant.kernels import gemm, gemv, rowwise, skinny_gemm
+from zeroquant.kernels import gemm, gemv, rowwise, skinny_gemm, tile_gemm
 
 SHAPES = [(4096, 11008), (11008, 4096), (4096, 4096)]  # (K, N)
 # (name, bits, group, int8 activations, INT4 scale dtype): the INT4 formats with float16 scales (the presets'
@@ -71,7 +71,8 @@ def main() -> None:
             (out / "decode_roofline.json").write_text(json.dumps(res, indent=2))
     # the configurations the autotuners took for each shape (GEMV X_TILE: bench/NOTES.md, session 15)
     for name, kernel in (("skinny_picks", skinny_gemm._w4_skinny_kernel),
-                         ("skinny_sync_picks", skinny_gemm._w4_skinny_sync_kernel), ("gemv_picks", gemv._gemv_kernel)):
+                         ("skinny_sync_picks", skinny_gemm._w4_skinny_sync_kernel), ("gemv_picks", gemv._gemv_kernel),
+                         ("tile_decode_picks", tile_gemm._qlinear_decode_kernel)):
         res[name] = {str(key): str(cfg) for key, cfg in kernel.cache.items()}
     (out / "decode_roofline.json").write_text(json.dumps(res, indent=2))
     lines = [f"device: {res['device']}, torch {res['torch']}, triton {res['triton']}; copy bandwidth "

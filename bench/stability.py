@@ -25,7 +25,8 @@ from zeroquant.kernels import gemv, skinny_gemm, tile_gemm, tma_gemm
 from zeroquant.runtime import GraphedForward, last_logits_only
 
 KERNELS = {"tma": tma_gemm._w8a8_tma_kernel, "tile": tile_gemm._qlinear_kernel,
-           "skinny": skinny_gemm._w4_skinny_kernel, "gemv": gemv._gemv_kernel}
+           "tile decode": tile_gemm._qlinear_decode_kernel, "skinny": skinny_gemm._w4_skinny_kernel,
+           "skinny sync": skinny_gemm._w4_skinny_sync_kernel, "gemv": gemv._gemv_kernel}
 
 
 def times_ms(fn, reps: int) -> list[float]:

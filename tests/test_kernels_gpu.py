@@ -250,14 +250,14 @@ def test_w4_skinny_is_taken_and_repeats_bitwise(dtype, m):
     kw = ql.kernel_weight()
     assert SK.skinny_ok(x, kw) and not SK.skinny_ok(x[:1], kw)
     assert not SK.skinny_ok(x[:1].expand(17, -1), kw)
-    rows, per_sm = SK.skinny_tile(x, kw)
+    rows, per_sm, fit = SK.skinny_tile(x, kw)
     assert kw.sz_step == 2  # mma.sync programs for up to 16 fp16 tokens on interleaved scales
     assert rows == (SK.SKINNY_SYNC_BLOCK_N if dtype == torch.float16 else SK.SKINNY_BLOCK_N)
     assert SK.skinny_tile(x, replace(kw, scale=kw.scale.contiguous(), zero=kw.zero.contiguous()))[0] == (
         SK.SKINNY_SYNC_BLOCK_N if dtype == torch.float16 and m <= 8 else SK.SKINNY_BLOCK_N)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    split = SK.skinny_split(kw, sms, rows, per_sm)
-    assert 1 < split and split * -(-4096 // rows) <= per_sm * sms  # split K, in one wave
+    split = SK.skinny_split(kw, sms, rows, per_sm, fit)
+    assert 1 < split and split * -(-4096 // rows) <= fit * sms  # split K, in one wave
     first = gemm.quant_linear(x, xs, kw, ql.bias, "silu")
     assert rel_err(first, want) < (1e-4 if xs is not None else 1e-3)
     for _ in range(50):

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from . import act_code
-from .gemm_common import _chunk, _exact_float, _gpu_time, _scale_zero_word, _tile, _w4_float, _w4_int8
+from .gemm_common import _chunk, _cold_gpu_time, _exact_float, _gpu_time, _scale_zero_word, _tile, _w4_float, _w4_int8
 from .rowwise import apply_act
 from .weight_format import KernelWeight
 
@@ -164,12 +164,22 @@ def _qlinear_kernel(
 
 
 
+# The same kernel for up to 16 tokens (decode), its configurations timed on weights read from HBM.
+_qlinear_decode_kernel = triton.autotune(
+    configs=_CONFIGS[16],
+    key=["N", "K", "A_INT8", "W_BITS", "HAS_ZERO", "GROUP_SIZE"],
+    prune_configs_by={"early_config_prune": _prune},
+    do_bench=_cold_gpu_time,
+)(_qlinear_kernel.fn)
+
+
 def tile_gemm(a, xs, w: KernelWeight, bias, act, c) -> None:
     """Launch _qlinear_kernel on a [M, K] (int8 with float32 per-token scales xs, or fp16/bf16 with xs = c)."""
     m, k = a.shape
     n = w.out_features
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-    _qlinear_kernel[grid](
+    kernel = _qlinear_decode_kernel if _m_bucket(m) == 16 else _qlinear_kernel
+    kernel[grid](
         a, xs, w.qweight, w.scale, w.zero if w.zero is not None else w.scale, bias if bias is not None else c, c,
         m, n, k, a.stride(0), w.qweight.stride(0), c.stride(0), _m_bucket(m),
         A_INT8=a.dtype == torch.int8, W_BITS=w.bits, HAS_ZERO=w.zero is not None, GROUP_SIZE=w.kernel_group,
