@@ -48,7 +48,7 @@ def main() -> None:
             rows = [("fp16 cuBLAS", t, nbytes(x, w16) + m * n * 2)]
             xq, xs = rowwise.quantize_per_token(x)
             for name, bits, group, a8, scale_dtype in FORMATS:
-                kw = weights(k, n, bits, group, dev, scale_dtype or torch.float16)
+                kw = weights(k, n, bits, group, dev, scale_dtype or torch.float16, int8_tokens=a8)
                 a, a_scale = (xq, xs) if a8 else (x, None)
                 # interleaved scales and zero points (float16 INT4) rotate as their one [G, N, 2] allocation
                 sz = [torch.stack((kw.scale, kw.zero), -1)] if kw.sz_step == 2 else [kw.scale, kw.zero]

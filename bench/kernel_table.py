@@ -69,9 +69,9 @@ def torch_w8a8(x, w8t, sw):
     return (y.float() * s * sw).half()
 
 
-def weights(k, n, bits, group, dev, int4_scale_dtype=torch.float16):
+def weights(k, n, bits, group, dev, int4_scale_dtype=torch.float16, int8_tokens=False):
     """Random kernel weights; INT4 scales and zero points in int4_scale_dtype (float16, as the W4 presets store
-    them, unless asked), interleaved where QuantLinear would."""
+    them, unless asked), interleaved where QuantLinear would for int8_tokens."""
     g = 1 if group < 0 else k // group
     scale = torch.rand(n, g, device=dev) * 1e-2 + 1e-3
     if bits == 8:
@@ -80,7 +80,7 @@ def weights(k, n, bits, group, dev, int4_scale_dtype=torch.float16):
     q = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=dev)
     zero = torch.randint(0, 16, (n, g), device=dev).float()
     s, z = scale.to(int4_scale_dtype), zero.to(int4_scale_dtype)
-    if interleavable(4, int4_scale_dtype, False):  # as QuantLinear stores them
+    if interleavable(4, int4_scale_dtype, False, int8_tokens):  # as QuantLinear stores them
         s, z = (t.t() for t in interleave(s.t(), z.t()))
     return gemm.KernelWeight.from_quant(q, s, z, 4, group if group > 0 else k)
 

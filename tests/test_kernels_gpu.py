@@ -11,6 +11,7 @@ import torch
 from kernel_cases import SHAPES, VARIANTS, quant_linear
 
 from zeroquant.kernels import reference as R
+from zeroquant.kernels.weight_format import interleave
 
 gemm = pytest.importorskip("zeroquant.kernels.gemm") if torch.cuda.is_available() else None
 
@@ -155,7 +156,7 @@ def test_quant_linear(m, k, n, name, bits, group, sym, a8):
 @pytest.mark.parametrize("m", [1, 16, 300])  # GEMV or small-M INT4, tile GEMM, TMA GEMM (per-channel W8A8)
 @pytest.mark.parametrize("name,bits,group,sym,a8", VARIANTS)
 def test_quant_linear_reads_fp16_scales(m, name, bits, group, sym, a8):
-    """Every GEMM family reads float16 scales and zero points in place (INT4's interleaved) and computes what
+    """Every GEMM family reads float16 scales and zero points in place (W4A8's interleaved) and computes what
     the reference does with them (float32 arithmetic after the load)."""
     k, n = 4096, 1000
     ql = quant_linear(k, n, bits, group, sym, a8, "cuda", scale_dtype="float16").half()
@@ -163,7 +164,7 @@ def test_quant_linear_reads_fp16_scales(m, name, bits, group, sym, a8):
         pytest.skip("format not on the kernels")
     kw = ql.kernel_weight()
     assert kw.scale.dtype == torch.float16 and kw.scale.data_ptr() == ql.w_scale.data_ptr()
-    assert kw.sz_step == (2 if bits == 4 and not sym else 1)  # INT4 zero points interleaved with scales
+    assert kw.sz_step == (2 if bits == 4 and not sym and a8 else 1)  # W4A8 zero points interleaved with scales
     x = torch.randn(m, k, device="cuda", dtype=torch.float16)
     got, want = _run_gemm(ql, x, bits, a8)
     assert rel_err(got, want) < 2e-3
@@ -193,6 +194,14 @@ def _skinny_case(k, n, group, sym, m, dtype, scale_dtype="float16"):
     return ql, (x, None), R.apply_act(x.float() @ w.t() + ql.bias.float(), "silu")
 
 
+def _interleaved(kw):
+    """kw with its float16 scales and zero points interleaved (as W4A8 linears store them), for any tokens."""
+    s, z = interleave(kw.scale, kw.zero)
+    out = replace(kw, scale=s, zero=z)
+    assert out.sz_step == 2
+    return out
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("split", [1, 2, 3, 5])
 @pytest.mark.parametrize("cfg", range(7))
@@ -218,7 +227,8 @@ def test_w4_skinny_every_config_and_split(cfg, split, dtype):
     for k, group, sym, m, scale_dtype in cases:
         ql, (x, xs), want = _skinny_case(k, 1000, group, sym, m, dtype, scale_dtype)
         kw = ql.kernel_weight()
-        assert (kw.sz_step == 2) == (scale_dtype == "float16" and not sym)  # one word a row (SZ_WORD)
+        if scale_dtype == "float16" and not sym:  # one word a row (SZ_WORD), whatever the tokens
+            kw = _interleaved(kw)
         poison_cuda_cache()
         got = torch.empty(m, 1000, device="cuda", dtype=ql.bias.dtype)
         tiles = -(-1000 // rows)
@@ -239,9 +249,8 @@ def test_w4_skinny_every_config_and_split(cfg, split, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.int8])
 def test_w4_skinny_is_taken_and_repeats_bitwise(dtype, m):
     """quant_linear sends 2..16 tokens with INT4 weights to the split-K kernel on Hopper (4096 x 4096 splits
-    K; fp16 tokens on 32-channel mma.sync programs, up to 8 of them unless the scales are interleaved, int8 on
-    64-channel warpgroup ones), split in one wave, and its ordered sum of partials gives the same bits on
-    every launch."""
+    K; up to 8 fp16 tokens on 32-channel mma.sync programs, otherwise 64-channel warpgroup ones), and its
+    ordered sum of partials gives the same bits on every launch."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the warpgroup MMA needs Hopper")
     from zeroquant.kernels import skinny_gemm as SK
@@ -250,14 +259,9 @@ def test_w4_skinny_is_taken_and_repeats_bitwise(dtype, m):
     kw = ql.kernel_weight()
     assert SK.skinny_ok(x, kw) and not SK.skinny_ok(x[:1], kw)
     assert not SK.skinny_ok(x[:1].expand(17, -1), kw)
-    rows, per_sm, fit = SK.skinny_tile(x, kw)
-    assert kw.sz_step == 2  # mma.sync programs for up to 16 fp16 tokens on interleaved scales
-    assert rows == (SK.SKINNY_SYNC_BLOCK_N if dtype == torch.float16 else SK.SKINNY_BLOCK_N)
-    assert SK.skinny_tile(x, replace(kw, scale=kw.scale.contiguous(), zero=kw.zero.contiguous()))[0] == (
-        SK.SKINNY_SYNC_BLOCK_N if dtype == torch.float16 and m <= 8 else SK.SKINNY_BLOCK_N)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    split = SK.skinny_split(kw, sms, rows, per_sm, fit)
-    assert 1 < split and split * -(-4096 // rows) <= fit * sms  # split K, in one wave
+    rows, per_sm = SK.skinny_tile(x)
+    assert rows == (SK.SKINNY_SYNC_BLOCK_N if dtype == torch.float16 and m <= 8 else SK.SKINNY_BLOCK_N)
+    assert SK.skinny_split(kw, torch.cuda.get_device_properties(0).multi_processor_count, rows, per_sm) > 1
     first = gemm.quant_linear(x, xs, kw, ql.bias, "silu")
     assert rel_err(first, want) < (1e-4 if xs is not None else 1e-3)
     for _ in range(50):
@@ -283,7 +287,8 @@ def test_w4_gemv(split, dtype, unroll):
                                        (1536, -1, False, "float16"), (576, 128, False, "float32")]:
         ql, (x, xs), want = _skinny_case(k, n, group, sym, 1, dtype, scale_dtype)
         kw = ql.kernel_weight()
-        assert (kw.sz_step == 2) == (scale_dtype == "float16" and not sym)  # one word a row (SZ_WORD)
+        if scale_dtype == "float16" and not sym:  # one word a row (SZ_WORD), whatever the tokens
+            kw = _interleaved(kw)
         if unroll == 2 and k % (2 * GV._w4_step(k, kw.kernel_group)):
             continue
         poison_cuda_cache()

@@ -20,7 +20,7 @@ def three(bits, group, sym, a8, scale_dtype="float32"):
 @pytest.mark.parametrize("scale_dtype", ["float32", "float16"])
 @pytest.mark.parametrize("name,bits,group,sym,a8", VARIANTS)
 def test_pack_keeps_outputs_and_state_dict(name, bits, group, sym, a8, scale_dtype):
-    """Float16 INT4 scales and zero points (interleaved in each linear) are interleaved in the pack too, and the
+    """Float16 W4A8 scales and zero points (interleaved in each linear) are interleaved in the pack too, and the
     kernel format reads the packed halves in place."""
     lins = three(bits, group, sym, a8, scale_dtype)
     x = torch.randn(5, 256)
@@ -36,7 +36,7 @@ def test_pack_keeps_outputs_and_state_dict(name, bits, group, sym, a8, scale_dty
     kw = KernelWeight.from_quant(bases["qweight"], bases["w_scale"].t(),
                                  None if bases["w_zero"] is None else bases["w_zero"].t(), bits, lins[0].group_size)
     assert kw.scale.data_ptr() == bases["w_scale"].data_ptr()
-    assert kw.sz_step == (2 if bits == 4 and not sym and scale_dtype == "float16" else 1)
+    assert kw.sz_step == (2 if bits == 4 and not sym and a8 and scale_dtype == "float16" else 1)
     for m, want, st in zip(lins, before, states, strict=True):
         assert torch.equal(m(x), want)
         sd = m.state_dict()

@@ -70,11 +70,11 @@ def test_half_model_keeps_each_scale_dtype():
 
 
 @pytest.mark.parametrize("scale_dtype,bits,sym,a8,want", [
-    ("float16", 4, False, True, True), ("float16", 4, False, False, True), ("float32", 4, False, True, False),
+    ("float16", 4, False, True, True), ("float16", 4, False, False, False), ("float32", 4, False, True, False),
     ("float16", 4, True, True, False), ("float16", 8, True, True, False)])
-def test_int4_fp16_scales_are_interleaved_with_zero_points_through_moves(scale_dtype, bits, sym, a8, want):
-    """Float16 INT4 scales and zero points share one allocation, a row's pair side by side (the INT4 kernels
-    read it as one word), through model.half(), a device move (each buffer copied
+def test_w4a8_fp16_scales_are_interleaved_with_zero_points_through_moves(scale_dtype, bits, sym, a8, want):
+    """Float16 INT4 scales and zero points of a linear with INT8 tokens share one allocation, a row's pair side
+    by side (the small-M kernel reads it as one word), through model.half(), a device move (each buffer copied
     alone, as .to() does) and load_state_dict; the kernel format reads them in place; the state dict holds
     each tensor alone."""
     from zeroquant.kernels.weight_format import interleaved

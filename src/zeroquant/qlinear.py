@@ -70,7 +70,7 @@ class QuantLinear(nn.Module):
         else:
             self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=qdtype))
         # [N, G] tensors stored G-major (a transposed view): the kernels read [G, N] rows, so they use these
-        # buffers in place instead of keeping a second copy on the GPU. Float16 INT4 zero points and their scales
+        # buffers in place instead of keeping a second copy on the GPU. Float16 INT4 ones against INT8 tokens
         # are interleaved (weight_format.interleavable). Saving writes them contiguous.
         sdtype = getattr(torch, weight.scale_dtype)
         self.register_buffer("w_scale", torch.ones(groups, out_features, dtype=sdtype).t())
@@ -93,7 +93,7 @@ class QuantLinear(nn.Module):
         """Store w_scale / w_zero G-major (and interleaved where the format says so) again, after a loader
         assigned the file's [N, G] tensors or a device move copied each on its own."""
         s, z = self._buffers["w_scale"], self._buffers.get("w_zero")
-        if z is not None and interleavable(self.wq.bits, s.dtype, self.wq.symmetric):
+        if z is not None and interleavable(self.wq.bits, s.dtype, self.wq.symmetric, self.aq is not None):
             if not interleaved(s.t(), z.t()):
                 s, z = interleave(s.t(), z.t())
                 self._buffers["w_scale"], self._buffers["w_zero"] = s.t(), z.t()

@@ -253,26 +253,15 @@ def _half_run_dots(wb, xl, xh, zl):
                                      is_pure=True, pack=16)
 
 
-# dep's first word, made a finite float, times 0, sign cleared: +0, OR-ed into wb's first word (bits unchanged).
-_OR_ZERO_OF = tl.constexpr(
-    "{ .reg .b32 t, zero; mov.b32 zero, 0; and.b32 t, $8, 0x3FFFFFFF; mul.rn.f32 t, t, zero;"
-    " and.b32 t, t, 0x7FFFFFFF; or.b32 $0, $4, t; mov.b32 $1, $5; mov.b32 $2, $6; mov.b32 $3, $7; }")
-
-
 @triton.jit
 def _after(wb, dep):
-    """wb (bytes [.., 16n]) made to depend on the first word of each 16-byte run of dep (bytes, same shape), its
-    bits unchanged, so dep's load is issued before wb's first use, where ptxas would otherwise sink it to its
-    own use."""
-    return tl.inline_asm_elementwise(_OR_ZERO_OF, "=r,=r,=r,=r,r,r,r,r,r,r,r,r", [wb, dep], dtype=tl.uint8,
-                                     is_pure=True, pack=16)
-
-
-@triton.jit
-def _after_tokens(wb, x):
-    """_after with token halves x (same shape as wb) as what wb depends on."""
-    return tl.inline_asm_elementwise(_OR_ZERO_OF, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r", [wb, x], dtype=tl.uint8,
-                                     is_pure=True, pack=16)
+    """wb (bytes [.., 16n]) made to depend on the first word of each 16-byte run of dep, its bits unchanged (OR
+    of +0: dep's word, made a finite float, times 0, sign cleared), so dep's load is issued before wb's first
+    use, where ptxas would otherwise sink it to its own use."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .b32 t, zero; mov.b32 zero, 0; and.b32 t, $8, 0x3FFFFFFF; mul.rn.f32 t, t, zero;"
+        " and.b32 t, t, 0x7FFFFFFF; or.b32 $0, $4, t; mov.b32 $1, $5; mov.b32 $2, $6; mov.b32 $3, $7; }",
+        "=r,=r,=r,=r,r,r,r,r,r,r,r,r", [wb, dep], dtype=tl.uint8, is_pure=True, pack=16)
 
 
 @triton.jit
@@ -350,9 +339,6 @@ def _w4_gemv_kernel(
             wb1, s1, z1, xl1, xh1 = _w4_load(w_rows, s_ptr, z_ptr, x_lo, rn, k0 + STEP, N, HAS_ZERO, GROUP_SIZE,
                                              BLOCK_N, SZ_WORD)
             wb = _after(wb, wb1)
-            if SZ_WORD and not A_INT8:
-                # On the word, ptxas sank the second step's token loads to mid-step (bench/NOTES.md, session 24).
-                wb = _after_tokens(_after_tokens(wb, xl1), xh1)
             s = _tied(_tied(s, s1), z1)
         acc = _w4_k_step(acc, wb, s, z, xl, xh, A_INT8, HALF_ACC, GROUP_SIZE, BLOCK_N, BYTES)
         if UNROLL == 2:

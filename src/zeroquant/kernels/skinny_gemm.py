@@ -170,24 +170,21 @@ _w4_skinny_sync_kernel = triton.autotune(
 )(_w4_skinny_kernel.fn)
 
 
-def skinny_tile(a: torch.Tensor, w: KernelWeight) -> tuple[int, int, int]:
-    """(channels a program, programs an SM to aim for, programs an SM that fit) for tokens a: 2-warp mma.sync
-    programs for half-precision tokens, up to SKINNY_SYNC_MAX_M of them, or up to 16 where w's scales and zero
-    points are interleaved (past 8 tokens they won only on the word: bench/NOTES.md, session 24), about eight
-    an SM of the ten that fit (94 registers a thread); otherwise 4-warp warpgroup programs, about five an SM of
-    the six that fit (80 registers a thread)."""
-    if a.dtype != torch.int8 and (a.shape[0] <= SKINNY_SYNC_MAX_M or w.sz_step == 2):
-        return SKINNY_SYNC_BLOCK_N, 8, 10
-    return SKINNY_BLOCK_N, 5, 6
+def skinny_tile(a: torch.Tensor) -> tuple[int, int]:
+    """(channels a program, programs per SM) for tokens a: 2-warp mma.sync programs for up to
+    SKINNY_SYNC_MAX_M half-precision tokens, about eight an SM; otherwise 4-warp warpgroup programs, about
+    five an SM, so all of them are resident at once (80 registers a thread)."""
+    if a.dtype != torch.int8 and a.shape[0] <= SKINNY_SYNC_MAX_M:
+        return SKINNY_SYNC_BLOCK_N, 8
+    return SKINNY_BLOCK_N, 5
 
 
-def skinny_split(w: KernelWeight, sms: int, rows: int, per_sm: int, fit: int) -> int:
+def skinny_split(w: KernelWeight, sms: int, rows: int, per_sm: int) -> int:
     """K slices per output tile of `rows` channels, so about per_sm programs run on each SM and keep enough
-    weight loads in flight, but never more than fit an SM at once: a second, partial wave was slower than
-    fewer slices (gate/up's 4096 x 22016: bench/NOTES.md, session 25); at least 256 channels a slice."""
+    weight loads in flight; at least 256 channels a slice (how flat the optimum is: bench/NOTES.md, kernel
+    choices)."""
     tiles = triton.cdiv(w.out_features, rows)
-    split = min(round(per_sm * sms / tiles), fit * sms // tiles)
-    return max(1, min(split, w.in_features // 256, 16))
+    return max(1, min(round(per_sm * sms / tiles), w.in_features // 256, 16))
 
 
 def w4_skinny(a, xs, w: KernelWeight, bias, act, c, split: int | None = None) -> None:
@@ -195,9 +192,9 @@ def w4_skinny(a, xs, w: KernelWeight, bias, act, c, split: int | None = None) ->
     None for fp16/bf16 a."""
     m, k = a.shape
     n = w.out_features
-    rows, per_sm, fit = skinny_tile(a, w)
+    rows, per_sm = skinny_tile(a)
     tiles = triton.cdiv(n, rows)
-    split = split or skinny_split(w, device_info(device_index(a))[1], rows, per_sm, fit)
+    split = split or skinny_split(w, device_info(device_index(a))[1], rows, per_sm)
     ws = torch.empty(split * tiles * rows * 16, dtype=torch.float32, device=a.device) if split > 1 else c
     kernel = _w4_skinny_sync_kernel if rows == SKINNY_SYNC_BLOCK_N else _w4_skinny_kernel
     kernel[(tiles, split)](

@@ -89,10 +89,11 @@ class KernelWeight:
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.scale, self.zero) if t is not None)
 
 
-def interleavable(bits: int, scale_dtype: torch.dtype, symmetric: bool) -> bool:
-    """Whether a weight format's scales and zero points are stored interleaved (interleave): INT4 with float16
-    zero points."""
-    return bits == 4 and scale_dtype == torch.float16 and not symmetric
+def interleavable(bits: int, scale_dtype: torch.dtype, symmetric: bool, int8_tokens: bool) -> bool:
+    """Whether a weight format's scales and zero points are stored interleaved: INT4 with float16 zero points
+    against INT8 tokens. Half-precision tokens keep separate buffers: their one-token GEMV, the fastest
+    decode path, ran 10-15% slower on interleaved ones (bench/NOTES.md, session 23)."""
+    return bits == 4 and scale_dtype == torch.float16 and not symmetric and int8_tokens
 
 
 def interleave(scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
