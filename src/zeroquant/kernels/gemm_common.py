@@ -22,23 +22,18 @@ def _gpu_time(fn, quantiles):
     return triton.testing.do_bench_cudagraph(fn, rep=20, quantiles=quantiles)
 
 
-@functools.cache
-def _l2_sweep(device: int) -> torch.Tensor:
-    """Twice the L2's bytes, read to evict it (_cold_gpu_time)."""
-    return torch.ones(torch.cuda.get_device_properties(device).L2_cache_size, dtype=torch.float16, device=device)
-
-
 def _cold_gpu_time(fn, quantiles):
     """_gpu_time with each call after a read of twice the L2, less that read's own time: the weights come from
     HBM, as a decoder layer's do in a model. Decode configurations measured warm ranked wrongly wherever the
     weights fit in L2 (bench/NOTES.md, session 25)."""
-    sweep = _l2_sweep(torch.cuda.current_device())
+    # Twice the L2's bytes, allocated per tuning run rather than held: ~100 MB on Hopper.
+    sweep = torch.ones(torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size,
+                       dtype=torch.float16, device="cuda")
     both = triton.testing.do_bench_cudagraph(lambda: (sweep.amax(), fn()), rep=20, quantiles=quantiles)
     alone = triton.testing.do_bench_cudagraph(sweep.amax, rep=20, quantiles=quantiles)
     if quantiles is None:
         return both - alone
     return [b - a for b, a in zip(both, alone, strict=True)]
-
 
 
 def _chunk(args: dict) -> int:

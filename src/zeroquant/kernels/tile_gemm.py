@@ -52,9 +52,9 @@ def _prune(configs, named_args, **kwargs):
     return keep or [_cfg(16 if args["M_BUCKET"] == 16 else 64, 64, 64, 4, 2)]
 
 
-
 @triton.jit
 def _load_rows(ptrs, ok, MASK: tl.constexpr):
+    """Token rows: where MASK, only the rows `ok` holds are read (the others are 0)."""
     if MASK:
         return tl.load(ptrs, mask=ok, other=0)
     else:
