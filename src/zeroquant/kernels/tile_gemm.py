@@ -7,6 +7,8 @@
 - A16 (W8A16, W4A16): weights are dequantized in registers to the activation dtype and fed to an fp16/bf16
   tensor-core dot with float32 accumulation.
 INT4 weights are packed two per byte and unpacked in registers, so only K/2 bytes per row leave memory.
+Up to 16 tokens (decode) launch _qlinear_decode_kernel: the same body, its configurations timed on weights read
+from HBM (_cold_gpu_time); more tokens _qlinear_kernel, timed back to back (_gpu_time).
 """
 
 from __future__ import annotations
@@ -161,7 +163,6 @@ def _qlinear_kernel(
     acc = apply_act(acc, ACT)
     c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
-
 
 
 # The same kernel for up to 16 tokens (decode), its configurations timed on weights read from HBM.
