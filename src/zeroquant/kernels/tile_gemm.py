@@ -41,7 +41,8 @@ _CONFIGS = {
     1024: [_cfg(128, 128, 128, 8, 3), _cfg(128, 256, 128, 8, 3), _cfg(256, 128, 128, 8, 3), _cfg(128, 128, 64, 4, 4),
            _cfg(128, 256, 64, 8, 4), _cfg(128, 128, 128, 4, 4)],
 }
-_ALL = [c for cs in _CONFIGS.values() for c in cs]
+# _qlinear_kernel's configurations: more than 16 tokens (decode has its own autotuner, _qlinear_decode_kernel).
+_PREFILL_CONFIGS = [c for m, cs in _CONFIGS.items() if m > 16 for c in cs]
 
 
 def _prune(configs, named_args, **kwargs):
@@ -64,7 +65,7 @@ def _load_rows(ptrs, ok, MASK: tl.constexpr):
 
 
 @triton.autotune(
-    configs=_ALL,
+    configs=_PREFILL_CONFIGS,
     key=["M_BUCKET", "N", "K", "A_INT8", "W_BITS", "HAS_ZERO", "GROUP_SIZE"],
     prune_configs_by={"early_config_prune": _prune},
     # Short timing runs: the ranking of configs is stable long before the default 100 ms.
