@@ -362,15 +362,15 @@ def test_quant_linear_glu(m, name, bits, group, sym, a8):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.int8])
 def test_one_or_two_tokens_int4_take_the_gemv_and_repeat_bitwise(dtype, n, m, monkeypatch):
     """quant_linear sends one or two tokens with INT4 weights to the INT4 GEMV, never to the small-M kernel
-    (4096 x 4096 splits K), and its ordered sum of partials gives the same bits on every launch; at 4096 x 8192
-    fp16 tokens take two K steps an iteration, elsewhere one."""
+    (4096 x 4096 splits K), and its ordered sum of partials gives the same bits on every launch; fp16 tokens take
+    two K steps an iteration at 4096 x 8192 and at two tokens, elsewhere one."""
     from zeroquant.kernels import gemv as GV
 
     ql, (x, xs), want = _skinny_case(4096, n, 128, False, m, dtype)
     kw = ql.kernel_weight()
     split, _, unroll = GV._w4_plan(x, n, 4096, 128)
     assert split > 1
-    assert (unroll == 2) == (dtype == torch.float16 and n == 8192)
+    assert (unroll == 2) == (dtype == torch.float16 and (n == 8192 or m == 2))
 
     def no_skinny(*args, **kwargs):
         raise AssertionError("one or two tokens went to the small-M kernel")
@@ -381,6 +381,20 @@ def test_one_or_two_tokens_int4_take_the_gemv_and_repeat_bitwise(dtype, n, m, mo
     for _ in range(50):
         assert torch.equal(gemm.quant_linear(x, xs, kw, ql.bias, "silu"), first)
     assert GV.split_counters(x.device, 1).eq(0).all()
+
+
+def test_two_bf16_tokens_with_int4_weights_take_the_small_m_kernel(monkeypatch):
+    """Two bf16 tokens stay on the small-M kernel (the GEMV is slower for them); one goes to the GEMV."""
+    from zeroquant.kernels import gemv as GV
+    from zeroquant.kernels import skinny_gemm as SK
+
+    ql, (x, _), want = _skinny_case(4096, 4096, 128, False, 2, torch.bfloat16)
+    kw = ql.kernel_weight()
+    assert not GV.gemv_ok(x, kw) and GV.gemv_ok(x[:1], kw)
+    taken = []
+    monkeypatch.setattr(gemm, "w4_skinny", lambda *a, **k: taken.append(1) or SK.w4_skinny(*a, **k))
+    got = gemm.quant_linear(x, None, kw, ql.bias, "silu")
+    assert taken and rel_err(got, want) < 3e-3
 
 
 @pytest.mark.parametrize("k, n", [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096), (4096, 11008)])

@@ -163,9 +163,10 @@ def _gemv_kernel(
 # autotuner's L2-hot measure picked configurations up to 14% slower (bench/NOTES.md, session 18).
 W4_BLOCK_N = 64
 W4_PROGRAMS_PER_SM = 8
-# Two tokens hold twice the token registers (fp16, two K steps: about 100 a thread in sm_90 SASS, against 68 for
-# one token), so about five programs fit an SM.
-W4_PROGRAMS_PER_SM_2 = 5
+# Two fp16 tokens hold twice the token registers (two K steps: about 100 a thread in sm_90 SASS, against 68 for
+# one token), so four programs fit an SM; two int8 tokens ran fastest at the one-token count (bench/NOTES.md,
+# session 26).
+W4_PROGRAMS_PER_SM_2 = 4
 
 
 def _w4_step(k: int, group: int) -> int:
@@ -175,13 +176,13 @@ def _w4_step(k: int, group: int) -> int:
 
 def _w4_plan(a: torch.Tensor, n: int, k: int, group: int) -> tuple[int, int, int]:
     """(split, step, unroll) of an INT4 GEMV launch: K slices per tile of rows so that about
-    W4_PROGRAMS_PER_SM programs (W4_PROGRAMS_PER_SM_2 for two tokens) run on each SM. Programs with two K
+    W4_PROGRAMS_PER_SM programs (W4_PROGRAMS_PER_SM_2 for two fp16 tokens) run on each SM. Programs with two K
     steps in flight take one wave of at most that many: a few programs past it cost fp16 q/k/v more than the
     extra slice saved, while one-step programs gained from them (bench/NOTES.md, session 22). The split is then
     lowered to the fewest slices with the same longest one, so no program gets an empty or stub slice (_k_slice
     cuts K in whole iterations)."""
     step = _w4_step(k, group)
-    programs = W4_PROGRAMS_PER_SM if a.shape[0] == 1 else W4_PROGRAMS_PER_SM_2
+    programs = W4_PROGRAMS_PER_SM_2 if a.shape[0] == 2 and a.dtype == torch.float16 else W4_PROGRAMS_PER_SM
     per_sm = programs * device_info(device_index(a))[1] / triton.cdiv(n, W4_BLOCK_N)
     most = min(k // step, MAX_SPLIT)
     split = max(1, min(round(per_sm), most))
@@ -194,10 +195,12 @@ def _w4_plan(a: torch.Tensor, n: int, k: int, group: int) -> tuple[int, int, int
 
 def _w4_unroll(a: torch.Tensor, k: int, step: int, split: int) -> int:
     """K steps an iteration of the INT4 GEMV takes (their loads in flight together): two for fp16 tokens where
-    every K slice gets at least two such pairs; one otherwise (bf16 tokens were no faster with two, and slices
-    of one pair were slower at 4096 x 4096: bench/NOTES.md, session 21)."""
-    pair = 2 * step
-    return 2 if a.dtype == torch.float16 and step == 128 and k % pair == 0 and k // (pair * split) >= 2 else 1
+    every K slice gets at least two such pairs (one pair for two tokens); one otherwise. bf16 tokens were no
+    faster with two; one token on slices of one pair was slower at 4096 x 4096, two tokens faster
+    (bench/NOTES.md, sessions 21 and 26)."""
+    pair, pairs = 2 * step, 2 if a.shape[0] == 1 else 1
+    fits = k % pair == 0 and k // (pair * split) >= pairs
+    return 2 if a.dtype == torch.float16 and step == 128 and fits else 1
 
 
 @triton.jit
@@ -427,8 +430,10 @@ def _w4_gemv_kernel(
 
 
 def gemv_ok(a: torch.Tensor, w: KernelWeight) -> bool:
-    """Whether the GEMVs take tokens a: one token, or two against INT4 weights; K a whole number of chunks."""
-    return a.shape[1] % 64 == 0 and (a.shape[0] == 1 or (a.shape[0] == 2 and w.bits == 4))
+    """Whether the GEMVs take tokens a: one token, or two fp16/int8 tokens against INT4 weights (two bf16 tokens
+    ran at 0.7x of the small-M kernel's speed: bench/NOTES.md, session 26); K a whole number of chunks."""
+    two = a.shape[0] == 2 and w.bits == 4 and a.dtype != torch.bfloat16
+    return a.shape[1] % 64 == 0 and (a.shape[0] == 1 or two)
 
 
 def gemv(a, xs, w: KernelWeight, bias, act, c, glu: bool = False) -> None:
