@@ -269,11 +269,12 @@ def test_w4_skinny_is_taken_and_repeats_bitwise(dtype, m):
     assert SK.split_counters(x.device, 1).eq(0).all()
 
 
+@pytest.mark.parametrize("tokens", [1, 2])
 @pytest.mark.parametrize("unroll", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("split", [1, 3])
-def test_w4_gemv(split, dtype, unroll):
-    """One token, INT4 weights on CUDA cores (W4A16 and W4A8), one or three K slices (uneven: 12 steps, or 9
+def test_w4_gemv(split, dtype, unroll, tokens):
+    """One or two tokens, INT4 weights on CUDA cores (W4A16 and W4A8), one or three K slices (uneven: 12 steps, or 9
     in the short-group case), one or two K steps an iteration (where K is a whole number of pairs), against
     the exact result: group 128 with zero points, group 64 symmetric, one scale per row, a short last group
     (576 = 4.5 groups of 128) and N = 1000 (a partial last tile); the split-K counters are back to zero
@@ -285,38 +286,40 @@ def test_w4_gemv(split, dtype, unroll):
     n = 1000
     for k, group, sym, scale_dtype in [(1536, 128, False, "float16"), (1536, 64, True, "float32"),
                                        (1536, -1, False, "float16"), (576, 128, False, "float32")]:
-        ql, (x, xs), want = _skinny_case(k, n, group, sym, 1, dtype, scale_dtype)
+        ql, (x, xs), want = _skinny_case(k, n, group, sym, tokens, dtype, scale_dtype)
         kw = ql.kernel_weight()
         if scale_dtype == "float16" and not sym:  # one word a row (SZ_WORD), whatever the tokens
             kw = _interleaved(kw)
         if unroll == 2 and k % (2 * GV._w4_step(k, kw.kernel_group)):
             continue
         poison_cuda_cache()
-        got = torch.empty(1, n, device="cuda", dtype=ql.bias.dtype)
+        got = torch.empty(tokens, n, device="cuda", dtype=ql.bias.dtype)
         counters = GV.split_counters(x.device, n)
         GV._w4_gemv_kernel[(-(-n // GV.W4_BLOCK_N), split)](
             x, got if xs is None else xs.reshape(-1), kw.qweight, kw.scale,
-            kw.zero if kw.zero is not None else kw.scale, ql.bias, got, torch.empty(split * 1024, device="cuda"),
-            counters, n, k, kw.qweight.stride(0), A_INT8=xs is not None, HAS_ZERO=kw.zero is not None,
-            GROUP_SIZE=kw.kernel_group, HAS_BIAS=True, ACT=act_code("silu"), GLU=False,
-            STEP=GV._w4_step(k, kw.kernel_group), SPLIT=split, BLOCK_N=GV.W4_BLOCK_N, PDL=False,
-            SZ_WORD=kw.sz_step == 2, UNROLL=unroll, num_warps=4)
+            kw.zero if kw.zero is not None else kw.scale, ql.bias, got,
+            torch.empty(tokens * split * 1024, device="cuda"), counters, n, k, kw.qweight.stride(0),
+            A_INT8=xs is not None, HAS_ZERO=kw.zero is not None, GROUP_SIZE=kw.kernel_group, HAS_BIAS=True,
+            ACT=act_code("silu"), GLU=False, STEP=GV._w4_step(k, kw.kernel_group), SPLIT=split,
+            BLOCK_N=GV.W4_BLOCK_N, PDL=False, SZ_WORD=kw.sz_step == 2, UNROLL=unroll, TOKENS=tokens,
+            stride_am=x.stride(0), stride_cm=got.stride(0), num_warps=4)
         assert rel_err(got, want) < tol, (k, group)
         assert counters.eq(0).all()
 
 
+@pytest.mark.parametrize("tokens", [1, 2])
 @pytest.mark.parametrize("unroll", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("split", [1, 3])
-def test_w4_gemv_glu(split, dtype, unroll):
-    """The INT4 GEMV with a gated MLP's epilogue: gate rows then up rows (2 x 1000: a partial last tile), each
-    program reading the gate and up rows of the same outputs, gives silu(gate) * up against
-    reference.gated_linear, with one or three K slices and one or two K steps an iteration."""
+def test_w4_gemv_glu(split, dtype, unroll, tokens):
+    """The INT4 GEMV (one or two tokens) with a gated MLP's epilogue: gate rows then up rows (2 x 1000: a
+    partial last tile), each program reading the gate and up rows of the same outputs, gives silu(gate) * up
+    against reference.gated_linear, with one or three K slices and one or two K steps an iteration."""
     from zeroquant.kernels import act_code
     from zeroquant.kernels import gemv as GV
 
     k, n = 1536, 2000
-    ql, (x, xs), _ = _skinny_case(k, n, 128, False, 1, dtype)
+    ql, (x, xs), _ = _skinny_case(k, n, 128, False, tokens, dtype)
     kw = ql.kernel_weight()
     if xs is None:  # exact dequantized weights (the reference path would round them to bf16 first)
         w = R.dequantize_weight(ql.qweight, ql.w_scale, ql.w_zero, 4, ql.group_size)
@@ -326,21 +329,23 @@ def test_w4_gemv_glu(split, dtype, unroll):
         want = R.gated_linear(x, xs, ql.qweight, ql.w_scale, ql.w_zero, 4, ql.group_size, ql.bias, "silu",
                               torch.float32)
     poison_cuda_cache()
-    got = torch.empty(1, n // 2, device="cuda", dtype=ql.bias.dtype)
+    got = torch.empty(tokens, n // 2, device="cuda", dtype=ql.bias.dtype)
     counters = GV.split_counters(x.device, n)
     GV._w4_gemv_kernel[(-(-n // GV.W4_BLOCK_N), split)](
         x, got if xs is None else xs.reshape(-1), kw.qweight, kw.scale, kw.zero, ql.bias, got,
-        torch.empty(split * 2048, device="cuda"), counters, n, k, kw.qweight.stride(0), A_INT8=xs is not None,
-        HAS_ZERO=True, GROUP_SIZE=128, HAS_BIAS=True, ACT=act_code("silu"), GLU=True, STEP=128, SPLIT=split,
-        BLOCK_N=GV.W4_BLOCK_N, PDL=False, SZ_WORD=kw.sz_step == 2, UNROLL=unroll, num_warps=4)
+        torch.empty(tokens * split * 2048, device="cuda"), counters, n, k, kw.qweight.stride(0),
+        A_INT8=xs is not None, HAS_ZERO=True, GROUP_SIZE=128, HAS_BIAS=True, ACT=act_code("silu"), GLU=True,
+        STEP=128, SPLIT=split, BLOCK_N=GV.W4_BLOCK_N, PDL=False, SZ_WORD=kw.sz_step == 2, UNROLL=unroll,
+        TOKENS=tokens, stride_am=x.stride(0), stride_cm=got.stride(0), num_warps=4)
     assert rel_err(got, want) < 3e-3
     assert counters.eq(0).all()
 
 
-@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize("m", [1, 2, 5])
 @pytest.mark.parametrize("name,bits,group,sym,a8", VARIANTS)
 def test_quant_linear_glu(m, name, bits, group, sym, a8):
-    """quant_linear(glu=True) in every format: one token in the GEMV's epilogue, five after the GEMM, against
+    """quant_linear(glu=True) in every format: one token (two with INT4 weights) in the GEMV's epilogue, more
+    after the GEMM, against
     reference.gated_linear (2 x 1000 rows)."""
     ql = quant_linear(1536, 2000, bits, group, sym, a8, "cuda").half()
     x = torch.randn(m, 1536, device="cuda", dtype=torch.float16)
@@ -352,22 +357,23 @@ def test_quant_linear_glu(m, name, bits, group, sym, a8):
     assert got.shape == (m, 1000) and rel_err(got, want) < 3e-3
 
 
+@pytest.mark.parametrize("m", [1, 2])
 @pytest.mark.parametrize("n", [4096, 8192])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.int8])
-def test_one_token_int4_takes_the_gemv_and_repeats_bitwise(dtype, n, monkeypatch):
-    """quant_linear sends one token with INT4 weights to the INT4 GEMV, never to the small-M kernel (4096 x
-    4096 splits K), and its ordered sum of partials gives the same bits on every launch; at 4096 x 8192 fp16
-    tokens take two K steps an iteration, elsewhere one."""
+def test_one_or_two_tokens_int4_take_the_gemv_and_repeat_bitwise(dtype, n, m, monkeypatch):
+    """quant_linear sends one or two tokens with INT4 weights to the INT4 GEMV, never to the small-M kernel
+    (4096 x 4096 splits K), and its ordered sum of partials gives the same bits on every launch; fp16 tokens take
+    two K steps an iteration at 4096 x 8192 and at two tokens, elsewhere one."""
     from zeroquant.kernels import gemv as GV
 
-    ql, (x, xs), want = _skinny_case(4096, n, 128, False, 1, dtype)
+    ql, (x, xs), want = _skinny_case(4096, n, 128, False, m, dtype)
     kw = ql.kernel_weight()
     split, _, unroll = GV._w4_plan(x, n, 4096, 128)
     assert split > 1
-    assert (unroll == 2) == (dtype == torch.float16 and n == 8192)
+    assert (unroll == 2) == (dtype == torch.float16 and (n == 8192 or m == 2))
 
     def no_skinny(*args, **kwargs):
-        raise AssertionError("one token went to the small-M kernel")
+        raise AssertionError("one or two tokens went to the small-M kernel")
 
     monkeypatch.setattr(gemm, "w4_skinny", no_skinny)
     first = gemm.quant_linear(x, xs, kw, ql.bias, "silu")
@@ -375,6 +381,20 @@ def test_one_token_int4_takes_the_gemv_and_repeats_bitwise(dtype, n, monkeypatch
     for _ in range(50):
         assert torch.equal(gemm.quant_linear(x, xs, kw, ql.bias, "silu"), first)
     assert GV.split_counters(x.device, 1).eq(0).all()
+
+
+def test_two_bf16_tokens_with_int4_weights_take_the_small_m_kernel(monkeypatch):
+    """Two bf16 tokens stay on the small-M kernel (the GEMV is slower for them); one goes to the GEMV."""
+    from zeroquant.kernels import gemv as GV
+    from zeroquant.kernels import skinny_gemm as SK
+
+    ql, (x, _), want = _skinny_case(4096, 4096, 128, False, 2, torch.bfloat16)
+    kw = ql.kernel_weight()
+    assert not GV.gemv_ok(x, kw) and GV.gemv_ok(x[:1], kw)
+    taken = []
+    monkeypatch.setattr(gemm, "w4_skinny", lambda *a, **k: taken.append(1) or SK.w4_skinny(*a, **k))
+    got = gemm.quant_linear(x, None, kw, ql.bias, "silu")
+    assert taken and rel_err(got, want) < 3e-3
 
 
 @pytest.mark.parametrize("k, n", [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096), (4096, 11008)])

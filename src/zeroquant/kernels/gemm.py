@@ -1,7 +1,7 @@
 """Quantized linear layers on the GPU: which GEMM family takes which shape (one dispatch).
 
-- gemv: one token (decode at batch 1), every format, on CUDA cores, split-K;
-- skinny_gemm: INT4 weights at 2..16 tokens on Hopper (batched decode), the weights as the MMA's M side, split-K;
+- gemv: one token (decode at batch 1), every format, and two tokens with INT4 weights, on CUDA cores, split-K;
+- skinny_gemm: INT4 weights at 3..16 tokens on Hopper (batched decode), the weights as the MMA's M side, split-K;
 - tma_gemm: prefill W8A8 with per-channel weights on Hopper, operands by TMA;
 - tile_gemm: everything else, every format, with a fused dequantizing epilogue.
 All of them apply the per-token activation scale, bias and activation in their epilogue. Why each shape
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from .gemv import gemv
+from .gemv import gemv, gemv_ok
 from .skinny_gemm import skinny_ok, w4_skinny
 from .tile_gemm import tile_gemm
 from .tma_gemm import tma_ok, w8a8_tma
@@ -35,7 +35,8 @@ def quant_linear(
 
     x: int8 [..., K] with float32 per-token x_scale [..., 1] (W8A8/W4A8), or fp16/bf16 with x_scale None.
     glu: W is a gated MLP's gate rows then its up rows, and the result is act(gate) * up [..., N / 2]
-    (twin: reference.gated_linear); one token runs it in the GEMV's epilogue, more tokens after the GEMM.
+    (twin: reference.gated_linear); the GEMV (one token, or two with INT4 weights) runs it in its epilogue,
+    more tokens after the GEMM.
     """
     k = x.shape[-1]
     if k != w.in_features:
@@ -48,19 +49,19 @@ def quant_linear(
     if a.stride(-1) != 1:
         a = a.contiguous()
     m = a.shape[0]
-    one_token = m == 1 and k % 64 == 0  # the GEMV's shapes
+    on_gemv = gemv_ok(a, w)
     dtype = out_dtype if a_int8 else x.dtype
-    if glu and not one_token:  # the product after the GEMM
+    if glu and not on_gemv:  # the product after the GEMM
         return reference.glu(quant_linear(x, x_scale, w, bias, None, out_dtype), act, dtype)
     n = w.out_features // 2 if glu else w.out_features
     c = torch.empty((m, n), dtype=dtype, device=x.device)
     if m == 0:
         return c.reshape(*lead, n)
     xs = x_scale.reshape(-1).float().contiguous() if a_int8 else c
-    if skinny_ok(a, w):
-        w4_skinny(a, xs if a_int8 else None, w, bias, act, c)
-    elif one_token:
+    if on_gemv:
         gemv(a, xs, w, bias, act, c, glu)
+    elif skinny_ok(a, w):
+        w4_skinny(a, xs if a_int8 else None, w, bias, act, c)
     elif a_int8 and tma_ok(a, w):
         w8a8_tma(a, xs, w, bias, act, c)
     else:
