@@ -1,7 +1,9 @@
 """Quantized linear layers on the GPU: which GEMM family takes which shape (one dispatch).
 
-- gemv: one token (decode at batch 1), every format, and two tokens with INT4 weights, on CUDA cores, split-K;
-- skinny_gemm: INT4 weights at 3..16 tokens on Hopper (batched decode), the weights as the MMA's M side, split-K;
+- gemv: one token (decode at batch 1), every format, and two fp16/int8 tokens with INT4 weights, on CUDA cores,
+  split-K;
+- skinny_gemm: INT4 weights at 3..16 tokens (2..16 bf16) on Hopper (batched decode), the weights as the MMA's M
+  side, split-K;
 - tma_gemm: prefill W8A8 with per-channel weights on Hopper, operands by TMA;
 - tile_gemm: everything else, every format, with a fused dequantizing epilogue.
 All of them apply the per-token activation scale, bias and activation in their epilogue. Why each shape
@@ -35,7 +37,7 @@ def quant_linear(
 
     x: int8 [..., K] with float32 per-token x_scale [..., 1] (W8A8/W4A8), or fp16/bf16 with x_scale None.
     glu: W is a gated MLP's gate rows then its up rows, and the result is act(gate) * up [..., N / 2]
-    (twin: reference.gated_linear); the GEMV (one token, or two with INT4 weights) runs it in its epilogue,
+    (twin: reference.gated_linear); the GEMV (one token, or two fp16/int8 with INT4 weights) runs it in its epilogue,
     more tokens after the GEMM.
     """
     k = x.shape[-1]

@@ -1,5 +1,5 @@
 """The GEMVs on CUDA cores: one token (M = 1), INT8 weights (_gemv_kernel) and INT4 weights (_w4_gemv_kernel,
-which also takes two tokens)."""
+which also takes two fp16 or int8 tokens)."""
 
 from __future__ import annotations
 
