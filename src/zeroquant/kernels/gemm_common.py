@@ -82,6 +82,19 @@ def _scale_zero_word(s_ptr, idx):
 
 
 @triton.jit
+def _scale_zero(s_ptr, z_ptr, group_row, rn, HAS_ZERO: tl.constexpr, SZ_WORD: tl.constexpr):
+    """Rows rn's float32 scales and zero points (8 when symmetric) in the group whose [G, N] row starts at
+    group_row: one word a row where they are interleaved (SZ_WORD, _scale_zero_word), else from their separate
+    buffers. The tile GEMM and the INT4 GEMV compile to the same SASS through it as with their own loads; the
+    small-M kernel keeps its own (through this helper its SASS changed, unmeasured: bench/NOTES.md, session 26)."""
+    if SZ_WORD:
+        return _scale_zero_word(s_ptr, group_row + rn)
+    s = tl.load(s_ptr + group_row + rn).to(tl.float32)
+    z = tl.load(z_ptr + group_row + rn).to(tl.float32) if HAS_ZERO else tl.full(rn.shape, 8.0, tl.float32)
+    return s, z
+
+
+@triton.jit
 def _tied(z, s):
     """z + 0 * s in an opaque FMA: a K step's first math (on z) then needs s, so ptxas issues the scale's load
     with the others at the top of the step instead of sinking it to its use at the end, which cost the INT4

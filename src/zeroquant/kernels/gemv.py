@@ -15,7 +15,7 @@ from .gemm_common import (
     _gpu_time,
     _k_slice,
     _nibble_planes,
-    _scale_zero_word,
+    _scale_zero,
     _split_k_sum,
     _tied,
     split_counters,
@@ -313,16 +313,12 @@ def _after(wb, dep):
 
 @triton.jit
 def _w4_load(w_rows, s_ptr, z_ptr, x_lo, rn, k0, N, HAS_ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr,
-             BLOCK_N: tl.constexpr, SZ_WORD: tl.constexpr):
+             SZ_WORD: tl.constexpr):
     """The K step at k0's loads: weight bytes, the group's float32 scales and zero points (8 when symmetric;
     SZ_WORD: interleaved, one word a row), and the token's channels for the low and the high nibbles."""
     g = k0 // GROUP_SIZE if GROUP_SIZE > 0 else 0
     wb = tl.load(w_rows + k0 // 2)
-    if SZ_WORD:
-        s, z = _scale_zero_word(s_ptr, g * N + rn)
-    else:
-        s = tl.load(s_ptr + g * N + rn).to(tl.float32)
-        z = tl.load(z_ptr + g * N + rn).to(tl.float32) if HAS_ZERO else tl.full((BLOCK_N,), 8.0, tl.float32)
+    s, z = _scale_zero(s_ptr, z_ptr, g * N, rn, HAS_ZERO, SZ_WORD)
     return wb, s, z, tl.load(x_lo + k0), tl.load(x_lo + k0 + PACK_C // 2)
 
 
@@ -405,13 +401,13 @@ def _w4_gemv_kernel(
     acc_b = acc  # the second token's (TOKENS == 2)
     k_beg, k_end = _k_slice(K, pid_k, SPLIT, STEP * UNROLL)
     for k0 in range(k_beg, k_end, STEP * UNROLL):
-        wb, s, z, xl, xh = _w4_load(w_rows, s_ptr, z_ptr, x_lo, rn, k0, N, HAS_ZERO, GROUP_SIZE, BLOCK_N, SZ_WORD)
+        wb, s, z, xl, xh = _w4_load(w_rows, s_ptr, z_ptr, x_lo, rn, k0, N, HAS_ZERO, GROUP_SIZE, SZ_WORD)
         xl_b, xh_b = _second_token(x_lo, k0, stride_am, xl, xh, TOKENS)
         if UNROLL == 2:
             # The second step's weights, scale and zero point are loaded with the first's and the first's math
             # waits for them too, so two steps' bytes are in flight at once (ptxas would sink their loads).
             wb1, s1, z1, xl1, xh1 = _w4_load(w_rows, s_ptr, z_ptr, x_lo, rn, k0 + STEP, N, HAS_ZERO, GROUP_SIZE,
-                                             BLOCK_N, SZ_WORD)
+                                             SZ_WORD)
             xl1_b, xh1_b = _second_token(x_lo, k0 + STEP, stride_am, xl1, xh1, TOKENS)
             wb = _after(wb, wb1)
             s = _tied(_tied(s, s1), z1)
@@ -422,8 +418,7 @@ def _w4_gemv_kernel(
                                     BLOCK_N, BYTES, TOKENS)
     out, out_b = tl.sum(acc, 1), tl.sum(acc_b, 1)
     if GROUP_SIZE == 0:
-        s = _scale_zero_word(s_ptr, rn)[0] if SZ_WORD else tl.load(s_ptr + rn).to(tl.float32)
-        s = s * (256.0 if HALF_ACC else 1.0)
+        s = _scale_zero(s_ptr, z_ptr, 0, rn, False, SZ_WORD)[0] * (256.0 if HALF_ACC else 1.0)
         out, out_b = out * s, out_b * s
     _gemv_epilogue(out, out_b, offs_n, rn, pid_n, pid_k, as_ptr, b_ptr, c_ptr, stride_cm, ws_ptr, cnt_ptr, N, A_INT8,
                    HAS_BIAS, ACT, GLU, SPLIT, BLOCK_N, TOKENS)

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from . import act_code
-from .gemm_common import _chunk, _cold_gpu_time, _exact_float, _gpu_time, _scale_zero_word, _tile, _w4_float, _w4_int8
+from .gemm_common import _chunk, _cold_gpu_time, _exact_float, _gpu_time, _scale_zero, _tile, _w4_float, _w4_int8
 from .rowwise import apply_act
 from .weight_format import KernelWeight
 
@@ -107,23 +107,14 @@ def _qlinear_kernel(
         acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if GROUP_SIZE == 0:  # one scale (and zero) per output channel; SZ_WORD: interleaved, one word a row
-        if SZ_WORD:
-            s, z = _scale_zero_word(s_ptr, rn)
-        else:
-            s = tl.load(s_ptr + rn).to(tl.float32)
-            z = tl.load(z_ptr + rn).to(tl.float32) if HAS_ZERO else s
+    if GROUP_SIZE == 0:  # one scale (and zero) per output channel
+        s, z = _scale_zero(s_ptr, z_ptr, 0, rn, HAS_ZERO, SZ_WORD)
 
     for k0 in range(0, K, BLOCK_K):
         for j in tl.static_range(BLOCK_K // CH):
             kc = k0 + j * CH
             if GROUP_SIZE > 0:
-                g = kc // GROUP_SIZE
-                if SZ_WORD:
-                    s, z = _scale_zero_word(s_ptr, g * N + rn)
-                else:
-                    s = tl.load(s_ptr + g * N + rn).to(tl.float32)
-                    z = tl.load(z_ptr + g * N + rn).to(tl.float32) if HAS_ZERO else s
+                s, z = _scale_zero(s_ptr, z_ptr, kc // GROUP_SIZE * N, rn, HAS_ZERO, SZ_WORD)
             if W_BITS == 4:
                 wb = tl.load(w_cols + (kc // 2 + offs_h)[:, None])  # [HALF, BLOCK_N] bytes
                 a_lo = _load_rows(a_rows + (kc + offs_h)[None, :], a_ok, MASK_M)
