@@ -2,8 +2,10 @@
 
 - gemv: one token (decode at batch 1), every format, and two fp16/int8 tokens with INT4 weights, on CUDA cores,
   split-K;
-- skinny_gemm: INT4 weights at 3..16 tokens (2..16 bf16) on Hopper (batched decode), the weights as the MMA's M
-  side, split-K;
+- skinny_mma: INT4 weights at 3..16 fp16 tokens on Hopper (batched decode) in Gluon, the weights unpacked straight
+  into mma.sync's register operand, split-K; group sizes that are multiples of 128, separate scale buffers;
+- skinny_gemm: INT4 weights at 3..16 tokens (2..16 bf16) on Hopper, the other formats and token types, the weights
+  as the MMA's M side, split-K;
 - tma_gemm: prefill W8A8 with per-channel weights on Hopper, operands by TMA;
 - tile_gemm: everything else, every format, with a fused dequantizing epilogue.
 All of them apply the per-token activation scale, bias and activation in their epilogue. Why each shape
@@ -17,6 +19,7 @@ import torch
 from . import reference
 from .gemv import gemv, gemv_ok
 from .skinny_gemm import skinny_ok, w4_skinny
+from .skinny_mma import mma_ok, w4a16_mma
 from .tile_gemm import tile_gemm
 from .tma_gemm import tma_ok, w8a8_tma
 from .weight_format import KernelWeight
@@ -62,6 +65,8 @@ def quant_linear(
     xs = x_scale.reshape(-1).float().contiguous() if a_int8 else c
     if on_gemv:
         gemv(a, xs, w, bias, act, c, glu)
+    elif mma_ok(a, w):
+        w4a16_mma(a, w, bias, act, c)
     elif skinny_ok(a, w):
         w4_skinny(a, xs if a_int8 else None, w, bias, act, c)
     elif a_int8 and tma_ok(a, w):
