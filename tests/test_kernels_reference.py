@@ -84,3 +84,26 @@ def test_reference_attention_fully_masked_row_is_zero():
     keep[..., 2, :] = False  # query 2 may attend to nothing
     out = R.attention(q, k, v, keep, 0.5)
     assert torch.equal(out[:, :, 2], torch.zeros(1, 2, 8)) and torch.isfinite(out).all()
+
+
+def test_small_m_mma_channel_relabelling_keeps_the_dot():
+    """The Gluon small-M kernel's K relabelling (weight_format.MMA_A_ORDER / MMA_B_ORDER): a 128-channel step's
+    nibbles in the order its unpack leaves them and the tokens in stored order, each permuted to the operand's
+    columns, give the dot in stored order; a wrong order (the two swapped) does not."""
+    from zeroquant.kernels.weight_format import MMA_A_ORDER, MMA_B_ORDER
+
+    torch.manual_seed(0)
+    rows, tokens = 16, 5
+    q = torch.randint(0, 16, (rows, 128), dtype=torch.int16)
+    x = torch.randn(tokens, 128, dtype=torch.float64)
+    packed = Q.pack_int4(q, symmetric=False).to(torch.int16).view(rows, 16, 2, 2)  # [rows, word, p, q] bytes
+    nib = torch.stack((packed & 15, packed >> 4), -1).transpose(2, 3)  # [rows, word, q, p, h]
+
+    def operands(a_order, b_order):
+        a = nib.reshape(rows, *[2] * 7).permute(a_order).reshape(rows, 128).double()
+        return a, x.reshape(tokens, *[2] * 7).permute(b_order).reshape(128, tokens)
+
+    a, b = operands(MMA_A_ORDER, MMA_B_ORDER)
+    assert torch.allclose(a @ b, q.double() @ x.t())
+    a, b = operands(MMA_B_ORDER, MMA_A_ORDER)
+    assert not torch.allclose(a @ b, q.double() @ x.t())

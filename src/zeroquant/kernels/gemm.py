@@ -19,10 +19,14 @@ import torch
 from . import reference
 from .gemv import gemv, gemv_ok
 from .skinny_gemm import skinny_ok, w4_skinny
-from .skinny_mma import mma_ok, w4a16_mma
 from .tile_gemm import tile_gemm
 from .tma_gemm import tma_ok, w8a8_tma
 from .weight_format import KernelWeight
+
+try:  # Gluon as in Triton 3.6; with an older Triton, fp16 tokens take skinny_gemm like every other format
+    from .skinny_mma import mma_ok, w4a16_mma
+except (ImportError, AttributeError):
+    mma_ok = w4a16_mma = None
 
 __all__ = ["KernelWeight", "quant_linear"]
 
@@ -65,7 +69,7 @@ def quant_linear(
     xs = x_scale.reshape(-1).float().contiguous() if a_int8 else c
     if on_gemv:
         gemv(a, xs, w, bias, act, c, glu)
-    elif mma_ok(a, w):
+    elif mma_ok is not None and mma_ok(a, w):
         w4a16_mma(a, w, bias, act, c)
     elif skinny_ok(a, w):
         w4_skinny(a, xs if a_int8 else None, w, bias, act, c)

@@ -31,13 +31,15 @@ from . import act_code
 from .gemm_common import _split_k_sum, split_counters
 from .launch import device_index, device_info, pdl_flags
 from .rowwise import apply_act
-from .weight_format import KernelWeight
+from .weight_format import MMA_A_ORDER, MMA_B_ORDER, KernelWeight
 
 # Output channels a program (two m16 tiles on each of 4 warps), K per step, cp.async ring depth. With at most
 # 128 registers a thread (maxnreg) four programs fit an SM; the split plan counts on that.
 ROWS, WARPS, STEP, STAGES, MAX_REGS = 128, 4, 128, 3, 128
 MIN_STEPS = 4
 PROGRAMS_PER_SM = 65536 // (MAX_REGS * 32 * WARPS)
+_A_ORDER = gl.constexpr(MMA_A_ORDER)
+_B_ORDER = gl.constexpr(MMA_B_ORDER)
 
 
 @functools.cache
@@ -80,23 +82,24 @@ def _unpack(w2, zlo, zhi):
 @gluon.jit
 def _a_operand(wb, z, ROWS: gl.constexpr, A_L: gl.constexpr):
     """A step's words [ROWS, 16] (word 4t + w of thread t) and the rows' zero points -> the mma A operand
-    [ROWS, 128]. A word's byte 2p + q, high nibble or not (h), is operand column k' = (w1 w0 h p t1 t0 q)."""
+    [ROWS, 128] (weight_format.MMA_A_ORDER: a word's byte 2p + q, high nibble or not (h), is operand column
+    (w1 w0 h p t1 t0 q))."""
     zlo = gl.broadcast((z + 1024.0).to(gl.float16)[:, None], wb)[0]
     zhi = gl.broadcast((-64.0 - z).to(gl.float16)[:, None], wb)[0]
     lo0, lo1, hi0, hi1 = _unpack(gl.join(wb, wb), gl.join(zlo, zlo), gl.join(zhi, zhi))
     t = gl.join(gl.join(lo0, lo1), gl.join(hi0, hi1))  # [ROWS, 16, q, p, h]
-    t = gl.permute(gl.reshape(t, [ROWS, 2, 2, 2, 2, 2, 2, 2]), [0, 3, 4, 7, 6, 1, 2, 5])
+    t = gl.permute(gl.reshape(t, [ROWS, 2, 2, 2, 2, 2, 2, 2]), _A_ORDER.value)
     return gl.convert_layout(gl.reshape(t, [ROWS, 128]), A_L, assert_trivial=True)
 
 
 @gluon.jit
 def _b_operand(xw, B_L: gl.constexpr):
-    """A step's tokens as words [16, 64] -> the mma B operand [128, 16], columns named as _a_operand's: stored
-    channel 64 t1 + 32 h + 16 t0 + 4 w + 2 p + q. Words, not fp16 pairs, come out of shared memory: loaded as
+    """A step's tokens as words [16, 64] -> the mma B operand [128, 16], columns named as _a_operand's
+    (weight_format.MMA_B_ORDER: stored channel 64 t1 + 32 h + 16 t0 + 4 w + 2 p + q). Words, not fp16 pairs, come out of shared memory: loaded as
     fp16 the pairs were split across registers (a PRMT each)."""
     x = gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r", [gl.join(xw, xw)], dtype=gl.float16, is_pure=True,
                                   pack=2)
-    t = gl.permute(gl.reshape(x, [16, 2, 2, 2, 2, 2, 2, 2]), [4, 5, 2, 6, 1, 3, 7, 0])
+    t = gl.permute(gl.reshape(x, [16, 2, 2, 2, 2, 2, 2, 2]), _B_ORDER.value)
     return gl.convert_layout(gl.reshape(t, [128, 16]), B_L, assert_trivial=True)
 
 

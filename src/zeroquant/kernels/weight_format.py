@@ -20,6 +20,14 @@ from .. import quant as Q
 # shuffle, and each half feeds its own dot against a contiguous slice of the activations.
 PACK = Q.INT4_CHUNK
 
+# The Gluon small-M kernel (skinny_mma) relabels the channels of each 128-channel step so that a thread's
+# unpacked weights are its MMA operand registers (why: that module's docstring). Its A operand starts as the
+# unpacked nibbles [rows, t1, t0, w1, w0, q, p, h] (word 4t + w of a row's 16, byte 2p + q of the word, h: the
+# high nibble), its B operand as the tokens' stored channels [tokens, t1, h, t0, w1, w0, p, q]; these
+# permutations bring both to the operand's column order (w1 w0 h p t1 t0 q), B with the tokens last.
+MMA_A_ORDER = (0, 3, 4, 7, 6, 1, 2, 5)
+MMA_B_ORDER = (4, 5, 2, 6, 1, 3, 7, 0)
+
 
 @dataclass(frozen=True)
 class KernelWeight:
