@@ -95,8 +95,8 @@ def _a_operand(wb, z, ROWS: gl.constexpr, A_L: gl.constexpr):
 @gluon.jit
 def _b_operand(xw, B_L: gl.constexpr):
     """A step's tokens as words [16, 64] -> the mma B operand [128, 16], columns named as _a_operand's
-    (weight_format.MMA_B_ORDER: stored channel 64 t1 + 32 h + 16 t0 + 4 w + 2 p + q). Words, not fp16 pairs, come out of shared memory: loaded as
-    fp16 the pairs were split across registers (a PRMT each)."""
+    (weight_format.MMA_B_ORDER: stored channel 64 t1 + 32 h + 16 t0 + 4 w + 2 p + q). Words, not fp16 pairs,
+    come out of shared memory: loaded as fp16 the pairs were split across registers (a PRMT each)."""
     x = gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r", [gl.join(xw, xw)], dtype=gl.float16, is_pure=True,
                                   pack=2)
     t = gl.permute(gl.reshape(x, [16, 2, 2, 2, 2, 2, 2, 2]), _B_ORDER.value)
