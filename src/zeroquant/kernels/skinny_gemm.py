@@ -1,4 +1,7 @@
-"""The small-M INT4 GEMM (batched decode, 2..16 tokens, Hopper): the weights as the MMA's M side, split-K."""
+"""The small-M INT4 GEMM (batched decode, 2..16 tokens, Hopper): the weights as the MMA's M side, split-K.
+
+bf16 and int8 tokens, and fp16 tokens in the formats skinny_mma (the Gluon kernel, faster for them) does not
+take; gemm.quant_linear chooses."""
 
 from __future__ import annotations
 
