@@ -29,7 +29,7 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from . import act_code
 from .gemm_common import _split_k_sum, split_counters
-from .launch import device_index, device_info, pdl_flags
+from .launch import device_index, device_info, pdl_flags, wait_for_producer
 from .rowwise import apply_act
 from .weight_format import MMA_A_ORDER, MMA_B_ORDER, KernelWeight
 
@@ -104,15 +104,6 @@ def _b_operand(xw, B_L: gl.constexpr):
 
 
 @gluon.jit
-def _pdl_wait():
-    """Block until the kernel before has completed and its writes are visible; then let the next one launch
-    (launch.wait_for_producer, written for Gluon)."""
-    gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
-    gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
-                              is_pure=False, pack=1)
-
-
-@gluon.jit
 def _w4a16_mma_kernel(
     a_ptr, w_ptr, s_ptr, z_ptr, b_ptr, c_ptr, ws_ptr, cnt_ptr, M, N, K, stride_am, stride_wn, stride_cm,
     HAS_ZERO: gl.constexpr, GROUP_SIZE: gl.constexpr, HAS_BIAS: gl.constexpr, ACT: gl.constexpr,
@@ -153,8 +144,7 @@ def _w4a16_mma_kernel(
             kj = k_beg + j * 128
             cp.async_copy_global_to_shared(wsm.index(j), w_ptrs + kj // 8, mask=w_all & (kj < k_end))
             cp.commit_group()
-    if PDL:  # before any token load, workspace or counter use, and store
-        _pdl_wait()
+    wait_for_producer(PDL)  # before any token load, workspace or counter use, and store
     if k_beg < k_end:
         for j in gl.static_range(STAGES - 1):
             kj = k_beg + j * 128
