@@ -6,9 +6,9 @@ its writes are visible. What it saves is the launch and ramp-up gap between depe
 attention kernels use it, each calling `wait_for_producer` before its first global load or store, so
 nothing reads an input early or overwrites a buffer still being read.
 
-The GEMMs are pickier: eager prefill was slower with PDL on them in most processes, so the TMA GEMM and
-the GEMV take it only while a CUDA graph is captured, where it helped; the tile GEMM (decode at batch 16)
-never does, since it was slower with it there too (bench/NOTES.md, kernel choices).
+The GEMMs are pickier: eager prefill was slower with PDL on them in most processes, so the TMA GEMM, the
+GEMV and the Gluon small-M INT4 GEMM take it only while a CUDA graph is captured, where it helped; the tile
+GEMM (decode at batch 16) never does, since it was slower with it there too (bench/NOTES.md, kernel choices).
 """
 
 from __future__ import annotations
