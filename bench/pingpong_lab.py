@@ -1,0 +1,59 @@
+"""Branch bert-pingpong, first GPU run: the warp-specialized ping-pong W8A8 GEMM (kernels/tma_pingpong.py) against
+the TMA GEMM (kernels/tma_gemm.py, autotuned) on BERT-large's and Llama-7B's prefill shapes: the same bits
+first (both compute acc * channel scale * token scale in that order), then GPU time (CUDA-graph replays), each
+configuration. Prints a table last; writes pingpong_lab.json to --out (default bench/results).
+
+    python bench/pingpong_lab.py [--out DIR]
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import triton
+
+from zeroquant.kernels import rowwise, tma_gemm, tma_pingpong
+from zeroquant.kernels.weight_format import KernelWeight
+
+SHAPES = [(4096, 1024, 3072), (4096, 1024, 1024), (4096, 1024, 4096), (4096, 4096, 1024),  # BERT-large 32 x 128
+          (4096, 4096, 12288), (4096, 4096, 22016), (4096, 11008, 4096)]  # Llama-7B 8 x 512
+CONFIGS = [((128, 128, 128), 4, 232), ((128, 128, 64), 6, 232), ((128, 128, 128), 4, 240)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench/results")
+    out = Path(ap.parse_args().out)
+    out.mkdir(parents=True, exist_ok=True)
+    res = {"device": torch.cuda.get_device_name(), "rows": []}
+    lines = []
+    t0 = time.time()
+    for m, k, n in SHAPES:
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        a, xs = rowwise.quantize_per_token(x)
+        xs = xs.reshape(-1).float()
+        q = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda")
+        w = KernelWeight.from_quant(q, torch.rand(n, 1, device="cuda") * 1e-2, None, 8, k)
+        bias = torch.randn(n, device="cuda", dtype=torch.float16)
+        want = torch.empty(m, n, device="cuda", dtype=torch.float16)
+        tma_gemm.w8a8_tma(a, xs, w, bias, "gelu", want)
+        base = triton.testing.do_bench_cudagraph(lambda: tma_gemm.w8a8_tma(a, xs, w, bias, None, want), rep=50)
+        row = [f"{m}x{k}x{n}", f"tma {base * 1e3:.1f} us ({2 * m * n * k / base / 1e9:.0f} TOPS)"]
+        for block, stages, regs in CONFIGS:
+            got = torch.full((m, n), float("nan"), device="cuda", dtype=torch.float16)
+            tma_pingpong.w8a8_pingpong(a, xs, w, bias, "gelu", got, block, stages, regs)
+            same = bool(torch.equal(got, want))
+            t = triton.testing.do_bench_cudagraph(
+                lambda: tma_pingpong.w8a8_pingpong(a, xs, w, bias, None, got, block, stages, regs), rep=50)
+            res["rows"].append({"m": m, "k": k, "n": n, "block": block, "stages": stages, "consumer_regs": regs,
+                                "same_bits": same, "us": t * 1e3, "tma_us": base * 1e3})
+            row.append(f"{block}/{stages}/{regs}: {t * 1e3:.1f} us ({base / t:.2f}x){'' if same else ' DIFFERS'}")
+            json.dump(res, open(out / "pingpong_lab.json", "w"), indent=1)
+        lines.append("; ".join(row))
+        print(lines[-1], f"[{time.time() - t0:.0f}s]", flush=True)
+
+
+if __name__ == "__main__":
+    main()
