@@ -30,6 +30,10 @@ from .launch import device_index, device_info, pdl_flags
 from .rowwise import apply_act
 from .weight_format import KernelWeight
 
+# 4 default warps (consumer 0) + 1 producer + 4 (consumer 1), counted as 12 warps: registers a thread before
+# the partitions re-balance them (the producer drops to 24, the consumers share the rest).
+MAX_REGS = 65536 // (12 * 32) // 8 * 8
+
 
 @gluon.jit
 def _slot(i, k, k_steps, STAGES: gl.constexpr):
@@ -174,4 +178,4 @@ def w8a8_pingpong(a, xs, w: KernelWeight, bias, act, c, block=(128, 128, 128), s
     _w8a8_pingpong_kernel[grid](
         a_desc, w_desc, c_desc, xs, w.scale, bias if bias is not None else c, m, n, k,
         HAS_BIAS=bias is not None, ACT=act_code(act), STAGES=stages, CONSUMER_REGS=consumer_regs, num_warps=4,
-        **pdl_flags(a, graph_only=True))
+        maxnreg=MAX_REGS, **pdl_flags(a, graph_only=True))
