@@ -26,7 +26,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from . import act_code
 from .gemm_common import _tile
-from .launch import device_index, device_info, pdl_flags
+from .launch import device_index, device_info, pdl_flags, wait_for_producer
 from .rowwise import apply_act
 from .weight_format import KernelWeight
 
@@ -141,9 +141,7 @@ def _w8a8_pingpong_kernel(a_desc, w_desc, c_desc, as_ptr, s_ptr, b_ptr, M, N, K,
         mbarrier.init(empty.index(s), count=1)
     for r in gl.static_range(2):
         mbarrier.init(order.index(r), count=1)
-    if PDL:  # before any load of the tokens (the parent region runs before every partition)
-        gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False,
-                                  pack=1)
+    wait_for_producer(PDL)  # before any load of the tokens (the parent region runs before every partition)
     descs = (a_desc, w_desc, c_desc)
     bars = (ready, empty, order)
     bufs = (a_bufs, w_bufs, c_bufs)
