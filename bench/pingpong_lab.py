@@ -1,4 +1,4 @@
-"""Branch bert-pingpong, first GPU run: the warp-specialized ping-pong W8A8 GEMM (kernels/tma_pingpong.py) against
+"""The warp-specialized ping-pong W8A8 GEMM (kernels/tma_pingpong.py) against
 the TMA GEMM (kernels/tma_gemm.py, autotuned) on BERT-large's and Llama-7B's prefill shapes: the same bits
 first (both compute acc * channel scale * token scale in that order), then GPU time (CUDA-graph replays), each
 configuration. Prints a table last; writes pingpong_lab.json to --out (default bench/results).
@@ -18,8 +18,11 @@ from zeroquant.kernels import rowwise, tma_gemm, tma_pingpong
 from zeroquant.kernels.weight_format import KernelWeight
 
 SHAPES = [(4096, 1024, 3072), (4096, 1024, 1024), (4096, 1024, 4096), (4096, 4096, 1024),  # BERT-large 32 x 128
-          (4096, 4096, 12288), (4096, 4096, 22016), (4096, 11008, 4096)]  # Llama-7B 8 x 512
-CONFIGS = [((128, 128, 128), 4, 232), ((128, 128, 64), 6, 232), ((128, 128, 128), 4, 240)]
+          (4096, 4096, 12288), (4096, 4096, 22016), (4096, 11008, 4096),  # Llama-7B 8 x 512
+          (512, 1024, 4096), (1024, 4096, 1024), (300, 4096, 11008)]  # shorter prompts
+# (tile, ring stages, consumer registers, scales loaded before the main loop)
+CONFIGS = [((128, 128, 128), 4, 232, False), ((128, 128, 128), 4, 232, True), ((128, 128, 128), 5, 232, False),
+           ((128, 128, 128), 5, 232, True)]
 
 
 def main() -> None:
@@ -39,17 +42,19 @@ def main() -> None:
         bias = torch.randn(n, device="cuda", dtype=torch.float16)
         want = torch.empty(m, n, device="cuda", dtype=torch.float16)
         tma_gemm.w8a8_tma(a, xs, w, bias, "gelu", want)
-        base = triton.testing.do_bench_cudagraph(lambda: tma_gemm.w8a8_tma(a, xs, w, bias, None, want), rep=50)
+        spare = torch.empty_like(want)
+        base = triton.testing.do_bench_cudagraph(lambda: tma_gemm.w8a8_tma(a, xs, w, bias, None, spare), rep=50)
         row = [f"{m}x{k}x{n}", f"tma {base * 1e3:.1f} us ({2 * m * n * k / base / 1e9:.0f} TOPS)"]
-        for block, stages, regs in CONFIGS:
+        for block, stages, regs, early in CONFIGS:
             got = torch.full((m, n), float("nan"), device="cuda", dtype=torch.float16)
-            tma_pingpong.w8a8_pingpong(a, xs, w, bias, "gelu", got, block, stages, regs)
+            tma_pingpong.w8a8_pingpong(a, xs, w, bias, "gelu", got, block, stages, regs, early)
             same = bool(torch.equal(got, want))
             t = triton.testing.do_bench_cudagraph(
-                lambda: tma_pingpong.w8a8_pingpong(a, xs, w, bias, None, got, block, stages, regs), rep=50)
+                lambda: tma_pingpong.w8a8_pingpong(a, xs, w, bias, None, spare, block, stages, regs, early), rep=50)
             res["rows"].append({"m": m, "k": k, "n": n, "block": block, "stages": stages, "consumer_regs": regs,
-                                "same_bits": same, "us": t * 1e3, "tma_us": base * 1e3})
-            row.append(f"{block}/{stages}/{regs}: {t * 1e3:.1f} us ({base / t:.2f}x){'' if same else ' DIFFERS'}")
+                                "early_scales": early, "same_bits": same, "us": t * 1e3, "tma_us": base * 1e3})
+            name = f"{stages}{'e' if early else ''}"
+            row.append(f"{name}: {t * 1e3:.1f} us ({base / t:.2f}x){'' if same else ' DIFFERS'}")
             json.dump(res, open(out / "pingpong_lab.json", "w"), indent=1)
         lines.append("; ".join(row))
         print(lines[-1], f"[{time.time() - t0:.0f}s]", flush=True)

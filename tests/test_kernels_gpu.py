@@ -616,24 +616,34 @@ def test_quant_linear_matches_quantlinear_reference_path():
 
 
 @pytest.mark.parametrize("m, k, n", [(4096, 1024, 3072), (1000, 256, 520), (4096, 4096, 1024)])
-def test_w8a8_pingpong_matches_the_tma_gemm_bitwise(m, k, n):
-    """Branch bert-pingpong: the warp-specialized ping-pong W8A8 GEMM gives the TMA GEMM's bits (same int32 sums,
-    same epilogue order), with a partial last row tile (1000 tokens), fewer K steps than ring slots (256) and
-    every program taking several tiles; bias and GELU in the epilogue."""
+def test_w8a8_pingpong_matches_the_tma_gemm_bitwise(m, k, n, monkeypatch):
+    """The warp-specialized ping-pong W8A8 GEMM gives the TMA GEMM's bits (same int32 sums, same epilogue order),
+    with a partial last row tile (1000 tokens), fewer K steps than ring slots (256) and every program taking
+    several tiles; bias and GELU in the epilogue, scales loaded after the main loop or before it. The dispatch
+    takes it for fp16 outputs and leaves float32 outputs to the TMA GEMM."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("Hopper kernel")
     from zeroquant.kernels import rowwise, tma_gemm, tma_pingpong
 
     x = torch.randn(m, k, device="cuda", dtype=torch.float16)
     a, xs = rowwise.quantize_per_token(x)
-    xs = xs.reshape(-1).float()
     w = gemm.KernelWeight.from_quant(torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda"),
                                      torch.rand(n, 1, device="cuda") * 1e-2, None, 8, k)
     bias = torch.randn(n, device="cuda", dtype=torch.float16)
     want = torch.empty(m, n, device="cuda", dtype=torch.float16)
-    tma_gemm.w8a8_tma(a, xs, w, bias, "gelu", want)
-    for block, stages in [((128, 128, 128), 4), ((128, 128, 64), 6)]:
+    tma_gemm.w8a8_tma(a, xs.reshape(-1).float(), w, bias, "gelu", want)
+    for block, stages, early in [((128, 128, 128), 4, False), ((128, 128, 128), 5, True), ((128, 128, 64), 6, False)]:
         poison_cuda_cache()
         got = torch.empty(m, n, device="cuda", dtype=torch.float16)
-        tma_pingpong.w8a8_pingpong(a, xs, w, bias, "gelu", got, block, stages)
-        assert torch.equal(got, want), (block, stages)
+        tma_pingpong.w8a8_pingpong(a, xs.reshape(-1).float(), w, bias, "gelu", got, block, stages, early=early)
+        assert torch.equal(got, want), (block, stages, early)
+    taken = []
+
+    def spy(*args):
+        taken.append(args[-1].dtype)
+        tma_pingpong.w8a8_pingpong(*args)
+
+    monkeypatch.setattr(gemm, "w8a8_pingpong", spy)
+    assert torch.equal(gemm.quant_linear(a, xs, w, bias, "gelu"), want)
+    gemm.quant_linear(a, xs, w, bias, "gelu", torch.float32)
+    assert taken == [torch.float16]

@@ -6,7 +6,9 @@
   into mma.sync's register operand, split-K; group sizes that are multiples of 128, separate scale buffers;
 - skinny_gemm: INT4 weights at 3..16 tokens (2..16 bf16) on Hopper, the other formats and token types, the weights
   as the MMA's M side, split-K;
-- tma_gemm: prefill W8A8 with per-channel weights on Hopper, operands by TMA;
+- tma_pingpong: prefill W8A8 with per-channel weights and 16-bit outputs on Hopper in Gluon, warp-specialized (one
+  TMA producer warp, two consumer warpgroups on alternate tiles, each one's epilogue under the other's MMAs);
+- tma_gemm: the same shapes with other outputs, or on a Triton without Gluon, operands by TMA;
 - tile_gemm: everything else, every format, with a fused dequantizing epilogue.
 All of them apply the per-token activation scale, bias and activation in their epilogue. Why each shape
 goes where it goes: bench/NOTES.md (kernel choices).
@@ -27,6 +29,10 @@ try:  # Gluon as in Triton 3.6; with an older Triton, fp16 tokens take skinny_ge
     from .skinny_mma import mma_ok, w4a16_mma
 except (ImportError, AttributeError):
     mma_ok = w4a16_mma = None
+try:  # Gluon's Hopper warp specialization (Triton 3.6); without it prefill W8A8 takes the TMA GEMM alone
+    from .tma_pingpong import pingpong_ok, w8a8_pingpong
+except (ImportError, AttributeError):
+    pingpong_ok = w8a8_pingpong = None
 
 __all__ = ["KernelWeight", "quant_linear"]
 
@@ -74,7 +80,10 @@ def quant_linear(
     elif skinny_ok(a, w):
         w4_skinny(a, xs if a_int8 else None, w, bias, act, c)
     elif a_int8 and tma_ok(a, w):
-        w8a8_tma(a, xs, w, bias, act, c)
+        if pingpong_ok is not None and pingpong_ok(c):
+            w8a8_pingpong(a, xs, w, bias, act, c)
+        else:
+            w8a8_tma(a, xs, w, bias, act, c)
     else:
         tile_gemm(a, xs, w, bias, act, c)
     return c.reshape(*lead, n)

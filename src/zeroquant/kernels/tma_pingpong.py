@@ -1,5 +1,4 @@
-"""Prefill W8A8 with per-channel weights on Hopper as a warp-specialized ping-pong GEMM (Gluon). Experiment
-(branch bert-pingpong): not in gemm.quant_linear's dispatch until measured.
+"""Prefill W8A8 with per-channel weights and 16-bit outputs on Hopper as a warp-specialized ping-pong GEMM (Gluon).
 
 Why: at K = 1024 (BERT-large) the TMA GEMM (tma_gemm) spends about a third of each tile outside its eight K
 steps (loads before the first MMA, the epilogue and store after the last; bench/NOTES.md, session 23). Here one
@@ -43,7 +42,8 @@ def _slot(i, k, k_steps, STAGES: gl.constexpr):
 
 
 @gluon.jit
-def _producer(descs, bars, bufs, ptrs, M, N, K, HAS_BIAS: gl.constexpr, ACT: gl.constexpr, ROLE: gl.constexpr):
+def _producer(descs, bars, bufs, ptrs, M, N, K, HAS_BIAS: gl.constexpr, ACT: gl.constexpr, EARLY: gl.constexpr,
+              ROLE: gl.constexpr):
     """One warp: TMA loads of every K step of the program's tiles, in order, each into the next free slot."""
     a_desc, w_desc, c_desc = descs
     ready, empty, order = bars
@@ -67,14 +67,29 @@ def _producer(descs, bars, bufs, ptrs, M, N, K, HAS_BIAS: gl.constexpr, ACT: gl.
 
 
 @gluon.jit
-def _consumer(descs, bars, bufs, ptrs, M, N, K, HAS_BIAS: gl.constexpr, ACT: gl.constexpr, ROLE: gl.constexpr):
+def _epilogue_vectors(ptrs, pid_m, pid_n, M, N, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HAS_BIAS: gl.constexpr,
+                      ACC: gl.constexpr):
+    """A tile's channel scales, token scales and bias (float32; the bias is the channel scales where there is
+    none, never read)."""
+    as_ptr, s_ptr, b_ptr = ptrs
+    offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ACC))
+    offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, ACC))
+    s_n = gl.load(s_ptr + offs_n % N).to(gl.float32)
+    b_n = s_n
+    if HAS_BIAS:
+        b_n = gl.load(b_ptr + offs_n % N).to(gl.float32)
+    return s_n, gl.load(as_ptr + offs_m % M), b_n
+
+
+@gluon.jit
+def _consumer(descs, bars, bufs, ptrs, M, N, K, HAS_BIAS: gl.constexpr, ACT: gl.constexpr, EARLY: gl.constexpr,
+              ROLE: gl.constexpr):
     """One warpgroup: the program's tiles ROLE, ROLE + 2, ...: int32 accumulation by warpgroup MMA from the ring
     (one MMA in flight; a slot is released once the MMA reading it has completed), then the epilogue (token
     and channel scales, bias, activation) stored by TMA from this consumer's own output buffer."""
     a_desc, w_desc, c_desc = descs
     ready, empty, order = bars
     a_bufs, w_bufs, c_bufs = bufs
-    as_ptr, s_ptr, b_ptr = ptrs
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
@@ -95,6 +110,8 @@ def _consumer(descs, bars, bufs, ptrs, M, N, K, HAS_BIAS: gl.constexpr, ACT: gl.
             mbarrier.wait(order.index(0), j & 1)
         else:
             mbarrier.wait(order.index(1), (j + 1) & 1, pred=j > 0)
+        if EARLY:  # the epilogue's scales and bias in flight under the main loop
+            s_n, s_m, b_n = _epilogue_vectors(ptrs, pid_m, pid_n, M, N, BLOCK_M, BLOCK_N, HAS_BIAS, ACC)
         acc = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, ACC)
         prev = 0
         for k in range(k_steps):
@@ -108,12 +125,12 @@ def _consumer(descs, bars, bufs, ptrs, M, N, K, HAS_BIAS: gl.constexpr, ACT: gl.
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         mbarrier.arrive(empty.index(prev))
 
-        offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ACC))
-        offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, ACC))
-        out = acc.to(gl.float32) * gl.load(s_ptr + offs_n % N).to(gl.float32)[None, :]
-        out = out * gl.load(as_ptr + offs_m % M)[:, None]
+        if not EARLY:
+            s_n, s_m, b_n = _epilogue_vectors(ptrs, pid_m, pid_n, M, N, BLOCK_M, BLOCK_N, HAS_BIAS, ACC)
+        out = acc.to(gl.float32) * s_n[None, :]
+        out = out * s_m[:, None]
         if HAS_BIAS:
-            out += gl.load(b_ptr + offs_n % N).to(gl.float32)[None, :]
+            out += b_n[None, :]
         out = apply_act(out, ACT)
         tma.store_wait(pendings=0)  # this buffer's previous tile has left
         c_smem.store(out.to(c_desc.dtype))
@@ -126,7 +143,8 @@ def _consumer(descs, bars, bufs, ptrs, M, N, K, HAS_BIAS: gl.constexpr, ACT: gl.
 
 @gluon.jit
 def _w8a8_pingpong_kernel(a_desc, w_desc, c_desc, as_ptr, s_ptr, b_ptr, M, N, K, HAS_BIAS: gl.constexpr,
-                          ACT: gl.constexpr, STAGES: gl.constexpr, PDL: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+                          ACT: gl.constexpr, STAGES: gl.constexpr, EARLY: gl.constexpr, PDL: gl.constexpr,
+                          CONSUMER_REGS: gl.constexpr):
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
@@ -146,21 +164,20 @@ def _w8a8_pingpong_kernel(a_desc, w_desc, c_desc, as_ptr, s_ptr, b_ptr, M, N, K,
     bars = (ready, empty, order)
     bufs = (a_bufs, w_bufs, c_bufs)
     ptrs = (as_ptr, s_ptr, b_ptr)
-    gl.warp_specialize([(_consumer, (descs, bars, bufs, ptrs, M, N, K, HAS_BIAS, ACT, 0)),
-                        (_producer, (descs, bars, bufs, ptrs, M, N, K, HAS_BIAS, ACT, 1)),
-                        (_consumer, (descs, bars, bufs, ptrs, M, N, K, HAS_BIAS, ACT, 1))],
+    gl.warp_specialize([(_consumer, (descs, bars, bufs, ptrs, M, N, K, HAS_BIAS, ACT, EARLY, 0)),
+                        (_producer, (descs, bars, bufs, ptrs, M, N, K, HAS_BIAS, ACT, EARLY, 1)),
+                        (_consumer, (descs, bars, bufs, ptrs, M, N, K, HAS_BIAS, ACT, EARLY, 1))],
                        [1, 4], [24, CONSUMER_REGS])
 
 
-def pingpong_ok(a: torch.Tensor, w: KernelWeight) -> bool:
-    """What tma_gemm.tma_ok asks (large-M per-channel W8A8, TMA-legal operands on Hopper)."""
-    from .tma_gemm import tma_ok
-
-    return tma_ok(a, w)
+def pingpong_ok(c: torch.Tensor) -> bool:
+    """Whether the output takes this kernel once tma_gemm.tma_ok holds: the two consumers' output tiles fit
+    shared memory beside the ring only in 16 bits."""
+    return c.dtype in (torch.float16, torch.bfloat16)
 
 
 def w8a8_pingpong(a, xs, w: KernelWeight, bias, act, c, block=(128, 128, 128), stages: int = 4,
-                  consumer_regs: int = 232) -> None:
+                  consumer_regs: int = 232, early: bool = False) -> None:
     """Launch one persistent program an SM (fewer where there are fewer tiles)."""
     m, k = a.shape
     n = w.out_features
@@ -175,5 +192,5 @@ def w8a8_pingpong(a, xs, w: KernelWeight, bias, act, c, block=(128, 128, 128), s
     grid = (min(tiles, device_info(device_index(a))[1]),)
     _w8a8_pingpong_kernel[grid](
         a_desc, w_desc, c_desc, xs, w.scale, bias if bias is not None else c, m, n, k,
-        HAS_BIAS=bias is not None, ACT=act_code(act), STAGES=stages, CONSUMER_REGS=consumer_regs, num_warps=4,
-        maxnreg=MAX_REGS, **pdl_flags(a, graph_only=True))
+        HAS_BIAS=bias is not None, ACT=act_code(act), STAGES=stages, EARLY=early, CONSUMER_REGS=consumer_regs,
+        num_warps=4, maxnreg=MAX_REGS, **pdl_flags(a, graph_only=True))
