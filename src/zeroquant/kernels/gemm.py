@@ -6,9 +6,11 @@
   into mma.sync's register operand, split-K; group sizes that are multiples of 128, separate scale buffers;
 - skinny_gemm: INT4 weights at 3..16 tokens (2..16 bf16) on Hopper, the other formats and token types, the weights
   as the MMA's M side, split-K;
-- tma_pingpong: prefill W8A8 with per-channel weights and 16-bit outputs on Hopper in Gluon, warp-specialized (one
-  TMA producer warp, two consumer warpgroups on alternate tiles, each one's epilogue under the other's MMAs);
-- tma_gemm: the same shapes with other outputs, or on a Triton without Gluon, operands by TMA;
+- tma_pingpong: prefill W8A8 (512 tokens and more) with per-channel weights and 16-bit outputs on Hopper in
+  Gluon, warp-specialized (one TMA producer warp, two consumer warpgroups on alternate tiles, each one's epilogue
+  under the other's MMAs);
+- tma_gemm: prefill W8A8 with per-channel weights on Hopper from 257 tokens where tma_pingpong does not take it
+  (fewer tokens, float32 outputs, a Triton without Gluon), operands by TMA;
 - tile_gemm: everything else, every format, with a fused dequantizing epilogue.
 All of them apply the per-token activation scale, bias and activation in their epilogue. Why each shape
 goes where it goes: bench/NOTES.md (kernel choices).
@@ -80,7 +82,7 @@ def quant_linear(
     elif skinny_ok(a, w):
         w4_skinny(a, xs if a_int8 else None, w, bias, act, c)
     elif a_int8 and tma_ok(a, w):
-        if pingpong_ok is not None and pingpong_ok(c):
+        if pingpong_ok is not None and pingpong_ok(a, c):
             w8a8_pingpong(a, xs, w, bias, act, c)
         else:
             w8a8_tma(a, xs, w, bias, act, c)

@@ -170,15 +170,17 @@ def _w8a8_pingpong_kernel(a_desc, w_desc, c_desc, as_ptr, s_ptr, b_ptr, M, N, K,
                        [1, 4], [24, CONSUMER_REGS])
 
 
-def pingpong_ok(c: torch.Tensor) -> bool:
-    """Whether the output takes this kernel once tma_gemm.tma_ok holds: the two consumers' output tiles fit
-    shared memory beside the ring only in 16 bits."""
-    return c.dtype in (torch.float16, torch.bfloat16)
+def pingpong_ok(a: torch.Tensor, c: torch.Tensor) -> bool:
+    """Whether a GEMM tma_gemm.tma_ok takes runs here: 512 tokens or more (below, the autotuned TMA GEMM's
+    other tile shapes win: bench/NOTES.md), and a 16-bit output (the two consumers' output tiles fit shared
+    memory beside the ring only in 16 bits)."""
+    return a.shape[0] >= 512 and c.dtype in (torch.float16, torch.bfloat16)
 
 
-def w8a8_pingpong(a, xs, w: KernelWeight, bias, act, c, block=(128, 128, 128), stages: int = 4,
-                  consumer_regs: int = 232, early: bool = False) -> None:
-    """Launch one persistent program an SM (fewer where there are fewer tiles)."""
+def w8a8_pingpong(a, xs, w: KernelWeight, bias, act, c, block=(128, 128, 128), stages: int = 5,
+                  consumer_regs: int = 232, early: bool | None = None) -> None:
+    """Launch one persistent program an SM (fewer where there are fewer tiles). early: load the epilogue's
+    scales before each main loop (default: at 1024 tokens or fewer, where it measured faster)."""
     m, k = a.shape
     n = w.out_features
     bm, bn, bk = block
@@ -190,6 +192,7 @@ def w8a8_pingpong(a, xs, w: KernelWeight, bias, act, c, block=(128, 128, 128), s
     c_desc = TensorDescriptor.from_tensor(c, [bm, bn], layouts["c"])
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     grid = (min(tiles, device_info(device_index(a))[1]),)
+    early = m <= 1024 if early is None else early
     _w8a8_pingpong_kernel[grid](
         a_desc, w_desc, c_desc, xs, w.scale, bias if bias is not None else c, m, n, k,
         HAS_BIAS=bias is not None, ACT=act_code(act), STAGES=stages, EARLY=early, CONSUMER_REGS=consumer_regs,
