@@ -40,12 +40,12 @@ _TMA_CONFIGS = [_tma_cfg(*c) for c in [
 
 @triton.autotune(
     configs=_TMA_CONFIGS,
-    key=["M_BUCKET", "N", "K", "HAS_BIAS", "ACT"],
+    key=["M_BUCKET", "N", "K", "OUT_BYTES", "HAS_BIAS", "ACT"],
     do_bench=_gpu_time,
 )
 @triton.jit
 def _w8a8_tma_kernel(
-    a_desc, w_desc, c_desc, as_ptr, s_ptr, b_ptr, M, N, K, M_BUCKET,
+    a_desc, w_desc, c_desc, as_ptr, s_ptr, b_ptr, M, N, K, M_BUCKET, OUT_BYTES,
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PERSIST: tl.constexpr, PDL: tl.constexpr,
 ):
@@ -53,7 +53,8 @@ def _w8a8_tma_kernel(
     engine, out-of-range parts zero-filled), which frees the warps' load instructions and registers for the
     MMAs (faster than the pointer-based _qlinear_kernel at M = 4096: bench/NOTES.md). One int32 accumulator,
     the same epilogue, stored by TMA. Each program takes tiles pid, pid + programs, ... (one tile unless
-    PERSIST)."""
+    PERSIST). OUT_BYTES, the output's element size, is only an autotune key: a configuration that fits shared
+    memory beside a 16-bit output tile may not beside a float32 one."""
     wait_for_producer(PDL)
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     for t in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=PERSIST):
@@ -98,7 +99,7 @@ def w8a8_tma(a, xs, w: KernelWeight, bias, act, c, config: triton.Config | None 
     descs = {name: TensorDescriptor(t, list(t.shape), list(t.stride()), [16, 16])
              for name, t in (("a_desc", a), ("w_desc", w.qweight), ("c_desc", c))}
     m_bucket = min(triton.next_power_of_2(m), 16384)
-    args = (*descs.values(), xs, w.scale, bias if bias is not None else c, m, n, k, m_bucket)
+    args = (*descs.values(), xs, w.scale, bias if bias is not None else c, m, n, k, m_bucket, c.element_size())
     flags = {"HAS_BIAS": bias is not None, "ACT": act_code(act), **pdl_flags(a, graph_only=True)}
     if config is None:
         _w8a8_tma_kernel[grid](*args, **flags)
