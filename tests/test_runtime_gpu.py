@@ -36,7 +36,8 @@ def test_graph_decoder_matches_generate(preset, batch):
     assert torch.equal(dec.generate(ids, 32), want)  # replays after a fresh prefill
 
 
-@pytest.mark.parametrize("seq", [32, 80])  # 128 tokens: the tile GEMM; 320: the TMA GEMM, with PDL in the graph
+# 128 tokens: the tile GEMM; 320: the TMA GEMM; 640: the ping-pong GEMM; PDL in the graph
+@pytest.mark.parametrize("seq", [32, 80, 160])
 def test_graphed_encoder_matches_eager(seq):
     torch.manual_seed(0)
     m = T.BertModel(T.BertConfig(intermediate_size=512, **DIMS)).eval()
