@@ -1,21 +1,16 @@
 """The warp-specialized ping-pong W8A8 GEMM (kernels/tma_pingpong.py) against
 the TMA GEMM (kernels/tma_gemm.py, autotuned) on BERT-large's and Llama-7B's prefill shapes: the same bits
 first (both compute acc * channel scale * token scale in that order), then GPU time (CUDA-graph replays), each
-configuration. Prints a table last; writes pingpong_lab.json to --out (default bench/results).
+configuration. Prints a table last; writes pingpong_lab.json and .md to --out (default bench/results).
 
     python bench/pingpong_lab.py [--out DIR]
+    python bench/pingpong_lab.py --md-from bench/results/pingpong_lab.json   # only the markdown, from a run's JSON
 """
 
 import argparse
 import json
 import time
 from pathlib import Path
-
-import torch
-import triton
-
-from zeroquant.kernels import rowwise, tma_gemm, tma_pingpong
-from zeroquant.kernels.weight_format import KernelWeight
 
 SHAPES = [(4096, 1024, 3072), (4096, 1024, 1024), (4096, 1024, 4096), (4096, 4096, 1024),  # BERT-large 32 x 128
           (4096, 4096, 12288), (4096, 4096, 22016), (4096, 11008, 4096),  # Llama-7B 8 x 512
@@ -25,10 +20,40 @@ CONFIGS = [((128, 128, 128), 4, 232, False), ((128, 128, 128), 4, 232, True), ((
            ((128, 128, 128), 5, 232, True)]
 
 
+def markdown(res: dict) -> str:
+    """One line a shape: the TMA GEMM's time and each configuration's, with its ratio."""
+    names = {}
+    for r in res["rows"]:
+        names.setdefault(f"{r['stages']} stages{', scales early' if r['early_scales'] else ''}", None)
+    lines = [f"device: {res['device']}; us, GPU time by CUDA-graph replays; ratio = TMA GEMM time / ping-pong time", "",
+             "| M x K x N | TMA GEMM (autotuned) | " + " | ".join(names) + " |", "|---" * (2 + len(names)) + "|"]
+    shapes = {}
+    for r in res["rows"]:
+        shapes.setdefault((r["m"], r["k"], r["n"]), []).append(r)
+    for (m, k, n), rows in shapes.items():
+        cells = [f"{r['us']:.1f} ({r['tma_us'] / r['us']:.2f}x){'' if r['same_bits'] else ' differs'}" for r in rows]
+        lines.append(f"| {m} x {k} x {n} | {rows[0]['tma_us']:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/results")
-    out = Path(ap.parse_args().out)
+    ap.add_argument("--md-from", metavar="JSON", help="write the markdown of this run's JSON beside it and stop")
+    args = ap.parse_args()
+    if args.md_from:
+        Path(args.md_from).with_suffix(".md").write_text(markdown(json.load(open(args.md_from))))
+        return
+    measure(Path(args.out))
+
+
+def measure(out: Path) -> None:
+    import torch  # here, so --md-from runs without a GPU stack
+    import triton
+
+    from zeroquant.kernels import rowwise, tma_gemm, tma_pingpong
+    from zeroquant.kernels.weight_format import KernelWeight
+
     out.mkdir(parents=True, exist_ok=True)
     res = {"device": torch.cuda.get_device_name(), "rows": []}
     lines = []
@@ -56,6 +81,7 @@ def main() -> None:
             name = f"{stages}{'e' if early else ''}"
             row.append(f"{name}: {t * 1e3:.1f} us ({base / t:.2f}x){'' if same else ' DIFFERS'}")
             json.dump(res, open(out / "pingpong_lab.json", "w"), indent=1)
+            (out / "pingpong_lab.md").write_text(markdown(res))
         lines.append("; ".join(row))
         print(lines[-1], f"[{time.time() - t0:.0f}s]", flush=True)
 
