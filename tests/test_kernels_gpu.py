@@ -648,3 +648,20 @@ def test_w8a8_pingpong_matches_the_tma_gemm_bitwise(m, k, n, monkeypatch):
     gemm.quant_linear(a, xs, w, bias, "gelu", torch.float32)
     gemm.quant_linear(a[:511], xs[:511], w, bias, "gelu")
     assert taken == [torch.float16]
+
+
+def test_w8a8_pingpong_bf16_output_matches_the_tma_gemm_bitwise():
+    """bf16 models: the ping-pong GEMM writes bf16 with the TMA GEMM's bits, and the dispatch takes it."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("Hopper kernel")
+    from zeroquant.kernels import rowwise, tma_gemm
+
+    m, k, n = 1000, 1024, 1040
+    a, xs = rowwise.quantize_per_token(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+    w = gemm.KernelWeight.from_quant(torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda"),
+                                     torch.rand(n, 1, device="cuda") * 1e-2, None, 8, k)
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    want = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+    tma_gemm.w8a8_tma(a, xs.reshape(-1).float(), w, bias, "silu", want)
+    assert gemm.pingpong_ok(a, want)
+    assert torch.equal(gemm.quant_linear(a, xs, w, bias, "silu", torch.bfloat16), want)
