@@ -164,6 +164,8 @@ def _w8a8_pingpong_kernel(a_desc, w_desc, c_desc, as_ptr, s_ptr, b_ptr, M, N, K,
     bars = (ready, empty, order)
     bufs = (a_bufs, w_bufs, c_bufs)
     ptrs = (as_ptr, s_ptr, b_ptr)
+    # Every partition takes the same arguments (Gluon's warp_specialize asks for one tuple shape); ROLE tells
+    # the two consumers apart.
     gl.warp_specialize([(_consumer, (descs, bars, bufs, ptrs, M, N, K, HAS_BIAS, ACT, EARLY, 0)),
                         (_producer, (descs, bars, bufs, ptrs, M, N, K, HAS_BIAS, ACT, EARLY, 1)),
                         (_consumer, (descs, bars, bufs, ptrs, M, N, K, HAS_BIAS, ACT, EARLY, 1))],
