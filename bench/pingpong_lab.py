@@ -1,7 +1,7 @@
 """The warp-specialized ping-pong W8A8 GEMM (kernels/tma_pingpong.py) against
 the TMA GEMM (kernels/tma_gemm.py, autotuned) on BERT-large's and Llama-7B's prefill shapes: the same bits
 first (both compute acc * channel scale * token scale in that order), then GPU time (CUDA-graph replays), each
-configuration. Prints a table last; writes pingpong_lab.json and .md to --out (default bench/results).
+configuration. Prints a line a shape; writes pingpong_lab.json and .md to --out (default bench/results) after each.
 
     python bench/pingpong_lab.py [--out DIR]
     python bench/pingpong_lab.py --md-from bench/results/pingpong_lab.json   # only the markdown, from a run's JSON
@@ -56,7 +56,6 @@ def measure(out: Path) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     res = {"device": torch.cuda.get_device_name(), "rows": []}
-    lines = []
     t0 = time.time()
     for m, k, n in SHAPES:
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
@@ -82,8 +81,7 @@ def measure(out: Path) -> None:
             row.append(f"{name}: {t * 1e3:.1f} us ({base / t:.2f}x){'' if same else ' DIFFERS'}")
             json.dump(res, open(out / "pingpong_lab.json", "w"), indent=1)
             (out / "pingpong_lab.md").write_text(markdown(res))
-        lines.append("; ".join(row))
-        print(lines[-1], f"[{time.time() - t0:.0f}s]", flush=True)
+        print("; ".join(row), f"[{time.time() - t0:.0f}s]", flush=True)
 
 
 if __name__ == "__main__":
