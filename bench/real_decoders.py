@@ -18,6 +18,7 @@ import argparse
 import json
 import platform
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -27,9 +28,22 @@ from zeroquant.evaluate import perplexity, read_text
 from zeroquant.lkd_data import lkd_batches
 
 INT4 = ["w4a16", "w4/8-a16", "w4/8-a8"]
-METHODS = ["rtn", "lkd-text", "lkd-self", "lkd-random", "gptq", "gptq+lkd-text"]
+METHODS = ["rtn", "gptq", "autoround", "lkd-text", "lkd-self", "gptq+lkd-text", "gptq+lkd-self"]
 ROWS = ([("fp", "-"), ("w8a8-static", "rtn"), ("w8a8", "rtn")] + [(p, m) for p in INT4 for m in METHODS]
         + [("rtn-w4", "rtn")])
+# --ablation: LKD (text) with every input stream and every set of trained values, per INT4 preset
+ABLATION = [f"lkd-text:{i}/{t}" for i in ("fp", "quantized", "mixed") for t in ("rounding", "weights", "all")]
+
+
+def parse_method(method: str) -> tuple[bool, str | None, dict]:
+    """'gptq+lkd-text:fp/weights' -> (GPTQ rounding?, LKD data kind or None, LKDConfig overrides)."""
+    gptq = method.startswith("gptq")
+    lkd = method.split("+")[-1] if "lkd" in method else None
+    if lkd is None:
+        return gptq, None, {}
+    kind, _, variant = lkd.removeprefix("lkd-").partition(":")
+    over = dict(zip(("inputs", "train"), variant.split("/"), strict=True)) if variant else {}
+    return gptq, kind, over
 
 
 def row_key(preset: str, method: str) -> str:
@@ -53,10 +67,14 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, help="cap on evaluated tokens (default: the whole text)")
     p.add_argument("--batch", type=int, default=4, help="perplexity windows per forward")
     p.add_argument("--samples", type=int, default=128, help="calibration / LKD sequences (default 128)")
-    p.add_argument("--data-len", type=int, default=128, help="calibration / LKD sequence length (default 128)")
-    p.add_argument("--lkd-steps", type=int, default=400)
-    p.add_argument("--lkd-lr", type=float, default=3e-5)
+    p.add_argument("--data-len", type=int, default=2048, help="calibration / LKD sequence length (default 2048)")
+    p.add_argument("--gptq-len", type=int, help="GPTQ-only rows: calibration sequence length (default: --data-len)")
+    p.add_argument("--lkd-steps", type=int, default=200)
+    p.add_argument("--lkd-inputs", default="quantized")
+    p.add_argument("--lkd-train", default="rounding")
     p.add_argument("--rows", help="comma-separated 'preset method' keys to run (default: all)")
+    p.add_argument("--presets", help="comma-separated presets whose rows run (default: all)")
+    p.add_argument("--ablation", action="store_true", help="also LKD (text) with each input stream and trained set")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--resume", help="JSON of an earlier run: its rows are kept and not re-run")
     p.add_argument("--out", required=True, help="output prefix: OUT.json, OUT.md")
@@ -68,36 +86,43 @@ def main() -> None:
     model, tok = zq.load_fp_model(args.model, args.device)
     load_s = time.perf_counter() - t0
     text = read_text(args.text) if args.text else self_text(model, tok, args.self_text, args.seq_len, seed=1234)
-    data_t0 = time.perf_counter()
     sources = {"text": args.calib or "self", "self": "self", "random": "random"}
     made: dict[str, list] = {}
 
-    def data(kind: str) -> list:  # made on first use: self-written text takes a while
-        if kind not in made:
-            made[kind] = lkd_batches(sources[kind], model, tok, args.samples, args.data_len, seed=0)
-        return made[kind]
+    data_min: dict[str, float] = {}
 
-    data_min = (time.perf_counter() - data_t0) / 60
-    lkd = zq.LKDConfig(steps=args.lkd_steps, lr=args.lkd_lr)
+    def data(kind: str, length: int) -> list:  # made on first use: self-written text takes a while
+        if (kind, length) not in made:
+            t = time.perf_counter()
+            made[kind, length] = lkd_batches(sources[kind], model, tok, args.samples, length, seed=0)
+            data_min[f"{kind} x {length}"] = (time.perf_counter() - t) / 60
+        return made[kind, length]
+
+    lkd = zq.LKDConfig(steps=args.lkd_steps, inputs=args.lkd_inputs, train=args.lkd_train)
 
     meta = {"model": str(args.model), "text": args.text or f"self-written, {args.self_text} sequences",
             "calib": args.calib or "self-written", "seq_len": args.seq_len, "samples": args.samples,
-            "data_len": args.data_len, "lkd": vars(lkd), "device": args.device,
+            "data_len": args.data_len, "gptq_len": args.gptq_len, "lkd": asdict(lkd), "device": args.device,
             "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
             "torch": torch.__version__, "load_s": load_s, "data_min": data_min}
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
     rows: dict[str, dict] = {}
     if args.resume and Path(args.resume).exists():
         rows = {r["key"]: r for r in json.loads(Path(args.resume).read_text())["rows"]}
     wanted = set(args.rows.split(",")) if args.rows else None
+    presets = set(args.presets.split(",")) if args.presets else None
+    plan = ROWS + ([(p, m) for p in INT4 for m in ABLATION] if args.ablation else [])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
         out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": list(rows.values())}, indent=2))
 
-    for preset, method in ROWS:
+    for preset, method in plan:
         key = row_key(preset, method)
-        if key in rows or (wanted is not None and key not in wanted):
+        skip = (wanted is not None and key not in wanted) or (presets is not None and preset not in presets | {"fp"})
+        if key in rows or skip or method == "autoround":  # the AutoRound row: bench/peer_autoround.py --merge
             continue
         t0 = time.perf_counter()
         row = {"key": key, "preset": preset, "method": method}
@@ -105,15 +130,25 @@ def main() -> None:
             if preset == "fp":
                 q = model
             else:
-                name = preset + ("+gptq" if method.startswith("gptq") else "")
-                use_lkd = "lkd" in method
-                calib = data(method.rsplit("-", 1)[1] if use_lkd else "text")
-                q = zq.quantize(model, name, calib_data=calib, tokenizer=tok, lkd=lkd if use_lkd else None,
-                                progress=False)
+                gptq, kind, over = parse_method(method)
+                cfg = None if kind is None else replace(lkd, **over)
+                length = args.data_len if kind else (args.gptq_len or args.data_len)
+                calib = data(kind or "text", length)
+                t0 = time.perf_counter()  # the data's own time is in meta["data_min"]
+                if args.device.startswith("cuda"):
+                    torch.cuda.reset_peak_memory_stats()
+                q = zq.quantize(model, preset + ("+gptq" if gptq else ""), calib_data=calib, tokenizer=tok,
+                                lkd=cfg, progress=False)
+                if cfg is not None:
+                    row["lkd"] = {"inputs": cfg.inputs, "train": cfg.train,
+                                  "held_apart_recovered": sum(r["recovered"] for r in q.zeroquant_lkd)
+                                  / len(q.zeroquant_lkd)}
             t1 = time.perf_counter()
             r = perplexity(q, tok, text, args.seq_len, args.max_tokens, args.batch, progress=False)
             row.update(ppl=r["ppl"], tokens=r["tokens"], quant_min=(t1 - t0) / 60,
                        eval_min=(time.perf_counter() - t1) / 60)
+            if args.device.startswith("cuda"):
+                row["peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
             if q is not model:
                 del q
         except Exception as e:  # noqa: BLE001 - a failed row keeps its error; the others still run
@@ -133,10 +168,13 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     fp = by.get(row_key("fp", "-"), {}).get("ppl")
     lines = [f"model {meta['model']}, text {meta['text']}, {meta['device_name']} ({meta['device']}), torch "
              f"{meta['torch']}; calibration / LKD data: {meta['samples']} x {meta['data_len']} tokens "
-             f"(text = {meta['calib']}); LKD {meta['lkd']['steps']} steps/block, lr {meta['lkd']['lr']}",
+             f"(text = {meta['calib']}); LKD {meta['lkd']['steps']} steps/block, inputs {meta['lkd']['inputs']}, "
+             f"trains {meta['lkd']['train']} (rows marked :inputs/train differ)",
              "", "| scheme | rounding / LKD data | perplexity | vs FP | gap recovered | tokens | quantize min | "
              "eval min |", "|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: ROWS.index((r["preset"], r["method"]))):
+    order = ROWS + [(p, m) for p in INT4 for m in ABLATION]
+    for r in sorted(rows, key=lambda r: order.index((r["preset"], r["method"])) if (r["preset"], r["method"])
+                    in order else len(order)):
         if "error" in r:
             lines.append(f"| {r['preset']} | {r['method']} | {r['error']} | | | | | |")
             continue

@@ -9,7 +9,7 @@ import zeroquant as zq
 from zeroquant import quant as Q
 from zeroquant.config import resolve_config
 from zeroquant.gptq import InputHessians, gptq_round
-from zeroquant.lkd import FakeQuantLinear
+from zeroquant.lkd import FakeQuantLinear, Start
 
 RULES = [zq.WeightQuant(4, 64, False), zq.WeightQuant(4, 128, True), zq.WeightQuant(4, -1, False),
          zq.WeightQuant(8, -1, True), zq.WeightQuant(3, 48, False)]
@@ -75,10 +75,12 @@ def test_fake_quant_linear_starts_from_gptqs_integers():
     rule = zq.LinearRule(zq.WeightQuant(4, 64, False), None, rounding="gptq")
     x = _correlated_inputs(96, 256)
     init = gptq_round(lin.weight, 2 * x.t() @ x / 256, rule.weight)
-    fq = FakeQuantLinear(lin, rule, init=init)
-    assert torch.equal(fq.weight.detach(), init.weight) and not torch.equal(init.weight, lin.weight.detach())
-    ql = fq.to_quant_linear()
-    assert torch.equal(ql.int_weight(), init.q) and torch.allclose(ql.w_scale, init.scale)
+    for train in ("rounding", "weights"):
+        fq = FakeQuantLinear(lin, rule, start=Start(init.weight, init.scale, init.zero), train=train)
+        assert torch.equal(fq.weight.detach(), init.weight) and not torch.equal(init.weight, lin.weight.detach())
+        ql = fq.to_quant_linear()
+        assert torch.equal(ql.int_weight(), init.q) and torch.equal(ql.w_scale.float(), init.scale)
+        assert torch.equal(ql.w_zero, init.zero)
 
 
 def test_quantize_with_gptq_needs_data_and_beats_rtn_on_a_model(tmp_path):

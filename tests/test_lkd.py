@@ -10,7 +10,7 @@ import zeroquant as zq
 from zeroquant.api import find_targets
 from zeroquant.lkd import FakeQuantLinear
 
-FAST = dict(steps=60, lr=1e-4)
+FAST = dict(steps=60, holdout=0.0)  # tiny random models: judge on the training batches
 
 
 def _lkd(model, preset="w4a8", seed=0, **kw):
@@ -47,60 +47,84 @@ def test_lkd_deterministic_with_seed():
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_one_block_matches_hand_written_loop():
+def test_frozen_linear_computes_what_training_computed_last():
+    """After sign steps that move offsets and clipping, the frozen QuantLinear holds exactly the integers,
+    scales and zero points of the last training forward, and its fake-quant output is the same bitwise."""
     torch.manual_seed(0)
-    model = T.LlamaForCausalLM(T.LlamaConfig(**{**CONFIGS["llama"]().to_dict(), "num_hidden_layers": 1})).eval()
-    batches = [{"input_ids": tiny_input(4, 16, seed=s)} for s in (1, 2)]
-    cfg = zq.LKDConfig(steps=10, lr=3e-5, train_scales=True, scale_lr_mult=1.0)
-    ours = zq.quantize(model, "w4/8-a8", calib_data=batches, lkd=cfg, progress=False)
-    assert not ours.zeroquant_lkd[0]["kept_start"]  # training lowered the loss: its result is kept
-
-    # hand-written: capture block inputs, fake-quant copy, Adam on MSE, then freeze to integers
-    block = model.model.layers[0]
-    inputs = []
-    h = block.register_forward_pre_hook(lambda m, a, k: inputs.append((a, k)), with_kwargs=True)
-    with torch.no_grad():
-        for b in batches:
-            model(**b, use_cache=False)
-    h.remove()
-    import copy
-
-    student = copy.deepcopy(block)
-    targets = find_targets(model, zq.PRESETS["w4/8-a8"])
-    fqs = {}
-    for t in targets:
-        fqs[t.local] = FakeQuantLinear(student.get_submodule(t.local), t.rule)
-        student.set_submodule(t.local, fqs[t.local])
-    params = [p for m in fqs.values() for p in (m.weight, m.bias) if p is not None]
-    scales = [m.w_scale for m in fqs.values()]
-    opt = torch.optim.Adam([{"params": params, "lr": 3e-5}, {"params": scales, "lr": 3e-5}])
-    with torch.no_grad():
-        teacher = [block(a[0], *a[1:], **{k: v for k, v in kw.items() if k != "past_key_values"})
-                   for a, kw in inputs]
-        teacher = [t[0] if isinstance(t, tuple) else t for t in teacher]
-    for step in range(10):
-        a, kw = inputs[step % 2]
-        kw = {k: v for k, v in kw.items() if k != "past_key_values"}
-        out = student(a[0], *a[1:], **kw)
-        out = out[0] if isinstance(out, tuple) else out
-        loss = F.mse_loss(out.float(), teacher[step % 2].float())
-        opt.zero_grad()
+    lin = torch.nn.Linear(192, 16)
+    rule = zq.LinearRule(zq.WeightQuant(4, 64, False, scale_dtype="float16"), zq.ActQuant(8))
+    fq = FakeQuantLinear(lin, rule, train="all")
+    x = torch.randn(4, 192)
+    for _ in range(5):
+        loss = fq(x).square().mean()
+        fq.zero_grad()
         loss.backward()
-        opt.step()
-    mine = {t.name: fqs[t.local].to_quant_linear() for t in targets}
-    theirs = zq.quantized_modules(ours)
-    for name, ql in mine.items():
-        assert torch.equal(ql.qweight, theirs[name].qweight), name
-        assert torch.allclose(ql.w_scale, theirs[name].w_scale), name
+        with torch.no_grad():
+            for p in fq.sign_params():
+                p.add_(p.grad.sign(), alpha=-0.2)
+            fq.weight.add_(fq.weight.grad.sign(), alpha=-1e-3)
+        fq.project()
+    with torch.no_grad():
+        q, s, z = fq.quantized()
+        y = fq(x)
+    assert fq.offset.abs().max() <= 0.5 and 0.5 <= fq.clip_lo.min() <= fq.clip_hi.max() <= 1.0
+    assert not torch.equal(fq.clip_hi, torch.ones_like(fq.clip_hi))  # clipping moved
+    ql = fq.to_quant_linear()
+    ql.mode = "fake"
+    assert torch.equal(ql.int_weight().float(), q) and torch.equal(ql.w_scale.float(), s)
+    assert torch.equal(ql.w_zero.float(), z)
+    with torch.no_grad():
+        assert torch.equal(ql(x), y)
+
+
+def test_rounding_start_is_round_to_nearest():
+    lin = torch.nn.Linear(96, 8)
+    for preset in ("w4a16", "w8a8", "w8a8-static"):
+        rule = zq.PRESETS[preset].mlp
+        rtn = zq.QuantLinear.from_float(lin, rule, (torch.tensor(-1.0), torch.tensor(1.0)))
+        ql = FakeQuantLinear(lin, rule, (torch.tensor(-1.0), torch.tensor(1.0))).to_quant_linear()
+        assert torch.equal(ql.qweight, rtn.qweight) and torch.equal(ql.w_scale, rtn.w_scale), preset
+
+
+def test_input_streams():
+    """The first block reads the model's own embeddings in every mode; from the second on, "quantized" reads
+    the quantized blocks' outputs, so it trains (and ends) differently from the paper's "fp" inputs."""
+    model = tiny_model("llama")
+    runs = {m: _lkd(model, "w4a16", inputs=m) for m in ("fp", "quantized", "mixed")}
+    q = {m: zq.quantized_modules(r) for m, r in runs.items()}
+    first = [n for n in q["fp"] if ".layers.0." in n]
+    second = [n for n in q["fp"] if ".layers.1." in n]
+    assert all(torch.equal(q["fp"][n].qweight, q["quantized"][n].qweight) for n in first)
+    assert any(not torch.equal(q["fp"][n].qweight, q["quantized"][n].qweight) for n in second)
+    assert any(not torch.equal(q["mixed"][n].qweight, q["quantized"][n].qweight) for n in first + second)
+    again = zq.quantized_modules(_lkd(model, "w4a16", inputs="mixed"))
+    assert all(torch.equal(again[n].qweight, q["mixed"][n].qweight) for n in again)
+
+
+def test_best_iterate_is_judged_on_held_apart_batches():
+    from zeroquant.lkd import _split
+
+    assert _split(16, 0.125) == (list(range(14)), [14, 15])
+    assert _split(2, 0.125) == ([0], [1])
+    assert _split(1, 0.125) == ([0], [0])
+    q = _lkd(tiny_model("gpt2"), holdout=0.25)
+    assert all(r["judged_on"] == "held-apart" and r["mse_after"] <= r["mse_before"] for r in q.zeroquant_lkd)
+
+
+def test_bad_config():
+    for bad in (dict(inputs="teacher"), dict(train="scales"), dict(steps=-1), dict(holdout=1.0)):
+        with pytest.raises(zq.ZeroQuantError):
+            zq.LKDConfig(**bad)
 
 
 def test_block_that_training_worsens_keeps_its_start():
-    """A learning rate far too high makes the block worse on its own data: LKD then keeps the integers it
-    started from (round-to-nearest here) rather than the damaged ones."""
+    """A learning rate far too high makes the block worse: LKD then keeps the integers it started from
+    (round-to-nearest here) rather than the damaged ones."""
     torch.manual_seed(0)
     model = T.LlamaForCausalLM(T.LlamaConfig(**{**CONFIGS["llama"]().to_dict(), "num_hidden_layers": 1})).eval()
     batches = [{"input_ids": tiny_input(4, 16, seed=s)} for s in (1, 2)]
-    ours = zq.quantize(model, "w4/8-a8", calib_data=batches, lkd=zq.LKDConfig(steps=10, lr=3e-3), progress=False)
+    cfg = zq.LKDConfig(steps=10, train="weights", weight_lr=1.0, clip=False)
+    ours = zq.quantize(model, "w4/8-a8", calib_data=batches, lkd=cfg, progress=False)
     row = ours.zeroquant_lkd[0]
     assert row["kept_start"] and row["mse_after"] == row["mse_before"]
     rtn = zq.quantized_modules(zq.quantize(model, "w4/8-a8", progress=False))
@@ -119,10 +143,10 @@ def test_only_one_block_trains_at_a_time(monkeypatch):
         return real_step(self, *a, **k)
 
     monkeypatch.setattr(torch.optim.Adam, "step", step)
-    zq.quantize(model, "w4a8", calib_data=tiny_input(4, 16), lkd=zq.LKDConfig(steps=3), inplace=True,
-                progress=False)
-    # 7 linears per llama block: weight + scale each (no biases); none of the model's own params train
-    assert seen and all(n == 14 and not model_grad for n, model_grad in seen)
+    zq.quantize(model, "w4a8", calib_data=tiny_input(4, 16), lkd=zq.LKDConfig(steps=3, train="weights"),
+                inplace=True, progress=False)
+    # 7 linears per llama block, their master weights (no biases); none of the model's own params train
+    assert seen and all(n == 7 and not model_grad for n, model_grad in seen)
     assert len(seen) == 2 * 3
 
 

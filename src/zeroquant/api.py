@@ -146,15 +146,8 @@ def quantize(
 
     static = {t.name: t.module for t in targets if t.rule.act is not None and not t.rule.act.dynamic}
     ranges = collect_input_ranges(model, static, batches, progress) if static else {}
-    if lkd is not None:
-        from .lkd import distill
-
-        distill(model, targets, batches, lkd, ranges, allow_generic=allow_generic, progress=progress)
-    elif cfg.uses_gptq:
-        from .gptq import gptq_quantize
-
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        gptq_quantize(model, targets, batches, ranges, device, allow_generic, progress)
+    if lkd is not None or cfg.uses_gptq:
+        _blockwise(model, targets, batches, ranges, lkd, cfg.uses_gptq, allow_generic, progress)
     else:
         for t in tqdm(targets, desc=f"quantizing ({cfg.name})", disable=not progress, leave=False):
             ql = QuantLinear.from_float(t.module, t.rule, ranges.get(t.name))
@@ -164,6 +157,36 @@ def quantize(
     model.zeroquant_config = cfg
     model.zeroquant_generic = allow_generic
     return model
+
+
+def _blockwise(model: nn.Module, targets: list[Target], batches, ranges: dict, lkd, gptq: bool,
+               allow_generic: bool, progress: bool) -> None:
+    """GPTQ and/or distillation, one block at a time over the shared block runner. With both, each block's
+    distillation starts from GPTQ's integers, rounded on the same inputs the student reads."""
+    from .blockwise import run_blocks
+    from .gptq import gptq_starts, gptq_step
+
+    blocks = get_blocks(model, allow_generic)
+    if lkd is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        run_blocks(blocks, model, batches, gptq_step(targets, ranges), device, carry_fp=False, desc="GPTQ",
+                   progress=progress)
+        return
+    from .lkd import Start, check_finite, lkd_step
+
+    def gptq_start(block: nn.Module, inputs, stream) -> dict[str, Start]:
+        ts = [t for t in targets if t.block == inputs.index]
+        return {n: Start(r.weight, r.scale, r.zero) for n, r in gptq_starts(ts, block, inputs, stream).items()}
+
+    device = torch.device(lkd.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    table: list[dict] = []
+    model.requires_grad_(False)
+    step = lkd_step(targets, lkd, ranges, device, table, gptq_start if gptq else None,
+                    progress, len(blocks))
+    run_blocks(blocks, model, batches, step, device, carry_quantized=lkd.inputs != "fp", desc="LKD",
+               progress=progress)
+    model.zeroquant_lkd = table
+    check_finite(table)
 
 
 def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:

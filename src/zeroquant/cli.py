@@ -90,20 +90,21 @@ def cmd_quantize(args) -> None:
     if args.lkd:  # the distillation data calibrates too
         from .evaluate import format_table
         from .lkd import LKDConfig
+        from .lkd import report as lkd_report
 
-        lkd = LKDConfig(steps=args.lkd_steps, lr=args.lkd_lr, train_scales=not args.lkd_freeze_scales,
-                        seed=args.seed)
+        lkd = LKDConfig(steps=args.lkd_steps, lr=args.lkd_lr, weight_lr=args.lkd_weight_lr, inputs=args.lkd_inputs,
+                        train=args.lkd_train, clip=not args.lkd_freeze_scales, seed=args.seed)
         calib = lkd_batches(args.lkd_data, model, tok, args.lkd_samples, args.lkd_seq_len, seed=args.seed)
     else:
         calib = _calib_data(args.calib, texts, args.calib_samples, model, tok)
         if (cfg.uses_gptq or cfg.uses_smoothing) and calib is None:  # data-free: text the model writes itself
-            calib = lkd_batches("self", model, tok, args.lkd_samples, args.lkd_seq_len, seed=args.seed)
+            calib = lkd_batches("self", model, tok, args.lkd_samples, 128, seed=args.seed)
         elif cfg.needs_calibration and calib is None:
             raise ZeroQuantError(f"preset {cfg.name!r} uses static activation scales: pass --calib FILE")
     qmodel = quantize(model, cfg, calib_data=calib, tokenizer=tok, inplace=True, allow_generic=args.generic,
                       lkd=lkd)
     if lkd is not None:
-        extra["lkd_report.json"] = {"data": args.lkd_data, "config": vars(lkd), "blocks": qmodel.zeroquant_lkd}
+        extra["lkd_report.json"] = {"data": args.lkd_data, **lkd_report(lkd, qmodel.zeroquant_lkd)}
         print(format_table(qmodel.zeroquant_lkd))
     out = save_quantized(qmodel, args.output, tokenizer=tok, extra=extra, format=args.format)
     print(f"saved {cfg.name} model to {out} ({args.format})")
@@ -260,11 +261,23 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--lkd-data", default="self", metavar="FILE|self|random",
                    help="distillation data: a text/jsonl file, text the model generates itself (default), "
                    "or random token ids")
-    q.add_argument("--lkd-steps", type=int, default=400, help="optimizer steps per block (default 400)")
-    q.add_argument("--lkd-lr", type=float, default=3e-5, help="learning rate (default 3e-5)")
-    q.add_argument("--lkd-samples", type=int, default=128, help="distillation sequences (default 128)")
-    q.add_argument("--lkd-seq-len", type=int, default=128, help="distillation sequence length (default 128)")
-    q.add_argument("--lkd-freeze-scales", action="store_true", help="train weights only, not their scales")
+    q.add_argument("--lkd-inputs", choices=("quantized", "fp", "mixed"), default="quantized",
+                   help="what each block's student reads: the quantized model's own input to the block (default; "
+                   "it learns to correct the error of the blocks before it), the FP model's (the paper), or a "
+                   "random element-wise mix of the two")
+    q.add_argument("--lkd-train", choices=("rounding", "weights", "all"), default="rounding",
+                   help="what trains: rounding offsets and clipping by signed gradient (default), the master "
+                   "weights by straight-through Adam (the paper), or all of them")
+    q.add_argument("--lkd-steps", type=int, default=200, help="steps per block, one batch of 8 sequences each "
+                   "(default 200)")
+    q.add_argument("--lkd-lr", type=float, default=None,
+                   help="step size of the rounding offsets and clipping (default 1/steps), decayed linearly")
+    q.add_argument("--lkd-weight-lr", type=float, default=3e-5, help="Adam learning rate of the master weights "
+                   "(--lkd-train weights/all; default 3e-5)")
+    q.add_argument("--lkd-samples", type=int, default=128, help="distillation sequences (default 128; 1/8 of them "
+                   "are held apart to pick each block's best iterate)")
+    q.add_argument("--lkd-seq-len", type=int, default=2048, help="distillation sequence length (default 2048)")
+    q.add_argument("--lkd-freeze-scales", action="store_true", help="learn no clipping: keep the starting scales")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--format", choices=("zeroquant", "compressed-tensors"), default="zeroquant",
                    help="checkpoint format: zeroquant's own (default), or compressed-tensors for vLLM, SGLang and "

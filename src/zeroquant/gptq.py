@@ -18,7 +18,9 @@ import torch
 from torch import nn
 
 from . import quant as Q
+from .blockwise import call_block
 from .config import WeightQuant
+from .qlinear import QuantLinear, linear_weight
 
 DAMP = 0.01  # fraction of H's mean diagonal added to it, so the inverse exists and is well conditioned
 BLOCK = 128  # columns per lazy update
@@ -142,43 +144,37 @@ def gptq_round(
     return GPTQResult(q.to(Q.storage_dtype(wq.bits, wq.symmetric)), scale, zero, before)
 
 
-def batch_masks(batches) -> list[torch.Tensor | None]:
-    """Each calibration batch's attention mask (None where it has none: every token counts)."""
-    return [b.get("attention_mask") if isinstance(b, dict) else None for b in batches]
+def gptq_starts(targets: list, block: nn.Module, inputs, stream) -> dict:
+    """GPTQ's rounding of the GPTQ-rule linears among `targets` (api.Target of one block), from the Hessians
+    of their inputs when `block` runs on `stream` (a blockwise.Hidden); name in the block -> GPTQResult."""
+    mods = {t.local: block.get_submodule(t.local) for t in targets if t.rule.rounding == "gptq"}
+    if not mods:
+        return {}
+    rules = {t.local: t.rule for t in targets}
+    with torch.no_grad(), InputHessians(mods) as hs:
+        for i, mask in enumerate(inputs.masks):
+            hs.only(mask)
+            call_block(block, stream.get(i), *inputs.ctx[i])
+    return {n: gptq_round(linear_weight(m), hs.hessians[n], rules[n].weight) for n, m in mods.items()}
 
 
-@torch.no_grad()
-def gptq_quantize(model: nn.Module, targets, batches, ranges: dict, device: torch.device,
-                  allow_generic: bool = False, progress: bool = True) -> None:
-    """Replace `targets` (api.Target) in `model` with QuantLinear, block by block: each block's GPTQ linears
-    are rounded with the Hessian of their inputs on `batches`, the others round to nearest, and the
-    quantized block's outputs are the next block's inputs (so later blocks correct what earlier ones lost).
-    Only the current block and the cached hidden states are on `device`."""
-    from tqdm.auto import tqdm
-
-    from .adapters import get_blocks
-    from .blockwise import call_block, capture_block_inputs, to_device
-    from .qlinear import QuantLinear, linear_weight
-
-    blocks = get_blocks(model, allow_generic)
+def gptq_step(targets: list, ranges: dict):
+    """A blockwise.Step that replaces each block's `targets` with QuantLinear: GPTQ-rule linears rounded with
+    the Hessian of the quantized model's inputs to them (so later blocks correct what earlier ones lost), the
+    others to nearest."""
     by_block: dict[int, list] = {}
     for t in targets:
         by_block.setdefault(t.block, []).append(t)
-    ctx = [to_device(c, device) for c in capture_block_inputs(model, blocks[0], batches)]
-    hidden = [a[0] for a, _ in ctx]
-    for k, block in enumerate(tqdm(blocks, desc="GPTQ", disable=not progress, leave=False)):
-        home = next(block.parameters()).device
-        block.to(device)
-        ts = by_block.get(k, [])
-        with InputHessians({t.local: t.module for t in ts if t.rule.rounding == "gptq"}) as hs:
-            for (a, kw), h, mask in zip(ctx, hidden, batch_masks(batches), strict=True):
-                hs.only(mask)
-                call_block(block, h, a, kw)
-        hessians = hs.hessians
+
+    @torch.no_grad()
+    def step(block: nn.Module, inputs, _fp_out) -> nn.Module:
+        ts = by_block.get(inputs.index, [])
+        rounded = gptq_starts(ts, block, inputs, inputs.quant)
         for t in ts:
             ql = QuantLinear.from_float(t.module, t.rule, ranges.get(t.name))
-            if t.local in hessians:
-                ql.set_int_weight(*gptq_round(linear_weight(t.module), hessians[t.local], t.rule.weight)[:3])
+            if t.local in rounded:
+                ql.set_int_weight(*rounded[t.local][:3])
             block.set_submodule(t.local, ql)
-        hidden = [call_block(block, h, a, kw) for (a, kw), h in zip(ctx, hidden, strict=True)]
-        block.to(home)
+        return block
+
+    return step

@@ -76,16 +76,26 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 
 
 def fake_quantize(
-    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool
+    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool,
+    offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Quantize-dequantize with the straight-through estimator.
 
-    Gradients reach `x` (zero outside the clamp range) and, when it requires grad, `scale`
-    (LSQ-style), which is what layer-wise distillation trains.
+    Gradients reach `x` (zero outside the clamp range), `scale` and `zero` when they require grad (LSQ-style),
+    and `offset`, a learned shift of each value before rounding (AutoRound's rounding offsets), all of
+    which layer-wise distillation can train.
     """
+    return ((fake_quantize_int(x, scale, zero, bits, symmetric, offset) - zero) * scale).to(x.dtype)
+
+
+def fake_quantize_int(
+    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool,
+    offset: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The integers of `fake_quantize` (as floats, straight-through gradients)."""
     qmin, qmax = qrange(bits, symmetric)
-    q = torch.clamp(round_ste(x / scale) + zero, qmin, qmax)
-    return ((q - zero) * scale).to(x.dtype)
+    v = x / scale if offset is None else x / scale + offset
+    return torch.clamp(round_ste(v) + zero, qmin, qmax)
 
 
 # ---------------------------------------------------------------------------------------------- weights

@@ -20,10 +20,9 @@ from tqdm.auto import tqdm
 
 from . import quant as Q
 from .adapters import get_arch, get_blocks, smoothing_pairs
-from .blockwise import call_block, capture_block_inputs, to_device
+from .blockwise import batch_masks, call_block, capture_block_inputs, to_device
 from .calib import Batch
 from .config import LinearRule
-from .gptq import batch_masks
 from .qlinear import is_linear, linear_weight
 
 ALPHAS = tuple(round(0.05 * i, 2) for i in range(1, 20))
