@@ -7,7 +7,6 @@ import transformers as T
 from tiny_models import CONFIGS, tiny_input, tiny_model
 
 import zeroquant as zq
-from zeroquant.api import find_targets
 from zeroquant.lkd import FakeQuantLinear
 
 FAST = dict(steps=60, holdout=0.0)  # tiny random models: judge on the training batches

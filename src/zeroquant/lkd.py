@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -270,6 +271,7 @@ def lkd_step(targets: list, cfg: LKDConfig, ranges: dict, device: torch.device, 
         by_block.setdefault(t.block, []).append(t)
 
     def step(teacher: nn.Module, inputs: BlockInputs, fp_out: Hidden) -> nn.Module:
+        t0 = time.perf_counter()
         ts = by_block.get(inputs.index, [])
         stream = inputs.fp if cfg.inputs == "fp" else inputs.quant
         starts = start(teacher, inputs, stream) if start is not None and ts else {}
@@ -284,9 +286,14 @@ def lkd_step(targets: list, cfg: LKDConfig, ranges: dict, device: torch.device, 
         block.train(False)  # no dropout: the target is the deterministic FP block
         if fq:
             desc = f"LKD block {inputs.index + 1}/{n_blocks or '?'}"
-            table.append(_train(_Student(block, inputs, fp_out, cfg, fq, device), cfg, desc, progress))
+            row = _train(_Student(block, inputs, fp_out, cfg, fq, device), cfg, desc, progress)
         for name, m in fq.items():
             block.set_submodule(name, m.to_quant_linear())
+        if fq:
+            row["seconds"] = time.perf_counter() - t0
+            if device.type == "cuda":
+                row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            table.append(row)
         return block.to(dtype).requires_grad_(False)  # QuantLinear keeps its scales' dtype through the cast
 
     return step
@@ -297,6 +304,10 @@ def check_finite(table: list[dict]) -> None:
         raise ZeroQuantError("distillation diverged (non-finite loss); lower the learning rate")
 
 
+TIMINGS = ("seconds", "peak_gib")
+
+
 def report(cfg: LKDConfig, table: list[dict]) -> dict:
-    """What a checkpoint records of its distillation: the settings and each block's held-apart error."""
-    return {"config": asdict(cfg), "blocks": table}
+    """What a checkpoint records of its distillation: the settings and each block's held-apart error (not its
+    time or memory, so that seeded runs write identical files)."""
+    return {"config": asdict(cfg), "blocks": [{k: v for k, v in r.items() if k not in TIMINGS} for r in table]}

@@ -47,14 +47,28 @@ def _random_ids(n: int, seq_len: int, vocab: int, tokenizer, gen: torch.Generato
     return ids
 
 
+def _generation_batch(model: nn.Module, seq_len: int, n: int, batch_size: int) -> int:
+    """Sequences sampled at once: on a GPU as many as a quarter of its free memory holds the KV cache of (each
+    decoding step costs about the same for 1 or 128 sequences); on the CPU `batch_size`."""
+    device = model_device(model)
+    if device.type != "cuda":
+        return batch_size
+    c = model.config
+    heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    per_seq = 2 * c.num_hidden_layers * heads * head_dim * seq_len * next(model.parameters()).element_size()
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(batch_size, min(n, int(free // 4 // per_seq)))
+
+
 @torch.no_grad()
-def _self_generated(model: nn.Module, tokenizer, n: int, seq_len: int, batch_size: int,
-                    gen: torch.Generator, temperature: float = 1.0, rounds: int = 8) -> torch.Tensor:
+def _self_generated(model: nn.Module, tokenizer, n: int, seq_len: int, batch_size: int, gen: torch.Generator,
+                    temperature: float = 1.0, top_p: float = 1.0, rounds: int = 8) -> torch.Tensor:
     """Text the FP model writes itself (the paper's data-free setting).
 
-    Causal LMs sample autoregressively from their own distribution, starting from a random token.
-    Encoders refine random ids: each round re-samples 30% of positions from the model's own token
-    distribution (its MLM head when it has one, else the tied input embedding matrix as output layer).
+    Causal LMs sample autoregressively from their own distribution (temperature, nucleus top_p), starting
+    from a random token. Encoders refine random ids: each round re-samples 30% of positions from the model's
+    own token distribution (its MLM head when it has one, else the tied input embedding matrix as output layer).
     """
     device = model_device(model)
     emb = model.get_input_embeddings().weight
@@ -62,14 +76,17 @@ def _self_generated(model: nn.Module, tokenizer, n: int, seq_len: int, batch_siz
     banned = torch.ones(vocab, dtype=torch.bool)
     banned[_allowed_ids(tokenizer, vocab)] = False
     banned = banned.to(device)
+    causal = is_causal_lm(model)
+    if causal:
+        batch_size = _generation_batch(model, seq_len, n, batch_size)
     out = []
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))  # generate() uses global RNG
     for i in range(0, n, batch_size):
         b = min(batch_size, n - i)
-        if is_causal_lm(model):
+        if causal:
             start = torch.randint(0, vocab, (b, 1), generator=gen).to(device)
             ids = model.generate(start, attention_mask=torch.ones_like(start), do_sample=True, top_k=0,
-                                 temperature=temperature, max_length=seq_len, min_length=seq_len,
+                                 top_p=top_p, temperature=temperature, max_length=seq_len, min_length=seq_len,
                                  pad_token_id=0)
             out.append(ids.cpu())
             continue
@@ -88,14 +105,15 @@ def _self_generated(model: nn.Module, tokenizer, n: int, seq_len: int, batch_siz
 
 
 def lkd_batches(source: str, model: nn.Module, tokenizer=None, num_sequences: int = 128, seq_len: int = 128,
-                batch_size: int = 8, seed: int = 0) -> list[Batch]:
-    """Batches for distillation from `source`: a text/jsonl file path, "self" or "random"."""
+                batch_size: int = 8, seed: int = 0, temperature: float = 1.0, top_p: float = 1.0) -> list[Batch]:
+    """Batches for distillation from `source`: a text/jsonl file path, "self" (sampled with `temperature`
+    and nucleus `top_p`) or "random"."""
     gen = torch.Generator().manual_seed(seed)
     vocab = model.get_input_embeddings().weight.shape[0]
     if source == "random":
         ids = _random_ids(num_sequences, seq_len, vocab, tokenizer, gen)
     elif source == "self":
-        ids = _self_generated(model, tokenizer, num_sequences, seq_len, batch_size, gen)
+        ids = _self_generated(model, tokenizer, num_sequences, seq_len, batch_size, gen, temperature, top_p)
     else:
         if not os.path.isfile(source):
             raise ZeroQuantError(f"LKD data must be a file, 'self' or 'random'; got {source!r}")
