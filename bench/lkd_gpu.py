@@ -52,7 +52,7 @@ def main() -> None:
         blocks = q.zeroquant_lkd
         per_block = sum(r["seconds"] for r in blocks) / len(blocks)
         rows.append({"preset": preset, "wall_s": wall, "s_per_block": per_block,
-                     "blocks": [{k: r[k] for k in ("block", "seconds", "peak_gib", "best_step")} for r in blocks],
+                     "blocks": [{k: r.get(k) for k in ("block", "seconds", "peak_gib", "best_step")} for r in blocks],
                      "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
                      "extrapolated_32_min": (wall + (32 - args.blocks) * per_block) / 60})
         print(json.dumps(rows[-1]), flush=True)
