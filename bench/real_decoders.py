@@ -28,7 +28,7 @@ from zeroquant.evaluate import perplexity, read_text
 from zeroquant.lkd_data import lkd_batches
 
 INT4 = ["w4a16", "w4/8-a16", "w4/8-a8"]
-METHODS = ["rtn", "gptq", "autoround", "lkd-text", "lkd-self", "gptq+lkd-text", "gptq+lkd-self"]
+METHODS = ["rtn", "gptq-128", "gptq", "autoround", "lkd-text", "lkd-self", "gptq+lkd-text", "gptq+lkd-self"]
 ROWS = ([("fp", "-"), ("w8a8-static", "rtn"), ("w8a8", "rtn")] + [(p, m) for p in INT4 for m in METHODS]
         + [("rtn-w4", "rtn")])
 # --ablation: LKD (text) with every input stream and every set of trained values, per INT4 preset
@@ -68,7 +68,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4, help="perplexity windows per forward")
     p.add_argument("--samples", type=int, default=128, help="calibration / LKD sequences (default 128)")
     p.add_argument("--data-len", type=int, default=2048, help="calibration / LKD sequence length (default 2048)")
-    p.add_argument("--gptq-len", type=int, help="GPTQ-only rows: calibration sequence length (default: --data-len)")
+    p.add_argument("--gptq-len", type=int, help="'gptq' rows: calibration sequence length (default: --data-len; "
+                   "'gptq-128' rows: 128, as GPTQ's earlier rows here)")
     p.add_argument("--lkd-steps", type=int, default=200)
     p.add_argument("--lkd-inputs", default="quantized")
     p.add_argument("--lkd-train", default="rounding")
@@ -132,7 +133,7 @@ def main() -> None:
             else:
                 gptq, kind, over = parse_method(method)
                 cfg = None if kind is None else replace(lkd, **over)
-                length = args.data_len if kind else (args.gptq_len or args.data_len)
+                length = args.data_len if kind else 128 if method == "gptq-128" else (args.gptq_len or args.data_len)
                 calib = data(kind or "text", length)
                 t0 = time.perf_counter()  # the data's own time is in meta["data_min"]
                 if args.device.startswith("cuda"):

@@ -105,7 +105,7 @@ def test_quantize_with_gptq_needs_data_and_beats_rtn_on_a_model(tmp_path):
 def test_gptq_then_lkd_is_seeded_and_no_worse_than_gptq():
     model = tiny_model("opt")
     calib = tiny_input(8, 32, seed=3)
-    lkd = zq.LKDConfig(steps=30, lr=1e-3, device="cpu")
+    lkd = zq.LKDConfig(steps=30, device="cpu")
     a = zq.quantize(model, "w4a8+gptq", calib_data=calib, lkd=lkd, progress=False)
     b = zq.quantize(model, "w4a8+gptq", calib_data=calib, lkd=lkd, progress=False)
     ids = tiny_input(2, 32, seed=9)
