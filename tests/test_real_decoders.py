@@ -67,3 +67,19 @@ def test_smollm2_short_slice(wiki_test):
     assert w8 < 1.03 * fp
     assert smooth < 1.01 * fp
     assert lkd < rtn
+
+
+@pytest.mark.slow
+def test_stories260k_lkd_self_recovers_most_of_the_int4_gap(stories):
+    """Data-free w4/8-a8 + LKD on stories260K: distilled on 32 x 128 tokens it wrote itself (seed 0), it
+    recovers at least 60% of round-to-nearest's perplexity gap on text it wrote from another seed. Measured on
+    the CPU: 61.6% with the default trained values, 69.3% with train="all" (asserted here, with margin), and
+    the best iterate is never worse than the start on held-apart batches."""
+    model, tok, text, calib = stories
+    fp = _ppl(model, tok, text)
+    rtn = _ppl(zq.quantize(model, "w4/8-a8", progress=False), tok, text)
+    q = zq.quantize(model, "w4/8-a8", calib_data=calib, lkd=zq.LKDConfig(train="all"), progress=False)
+    recovered = (rtn - _ppl(q, tok, text)) / (rtn - fp)
+    print(f"stories260K w4/8-a8 + LKD (self): {recovered:.1%} of the RTN gap")
+    assert recovered >= 0.60
+    assert all(r["mse_after"] <= r["mse_before"] and r["judged_on"] == "held-apart" for r in q.zeroquant_lkd)

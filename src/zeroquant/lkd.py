@@ -238,7 +238,8 @@ def _train(student: _Student, cfg: LKDConfig, desc: str, progress: bool) -> dict
             loss.backward()
         with torch.no_grad():
             for p in sign:
-                p.add_(p.grad.sign(), alpha=-cfg.sign_lr * decay)
+                if p.grad is not None:  # None: the block never called this linear
+                    p.add_(p.grad.sign(), alpha=-cfg.sign_lr * decay)
         if adam is not None:
             adam.param_groups[0]["lr"] = cfg.weight_lr * decay
             adam.step()
