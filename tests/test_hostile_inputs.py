@@ -286,3 +286,112 @@ def test_saved_files_follow_the_umask(q4_saved, tmp_path):
         os.umask(old)
     assert out.stat().st_mode & 0o777 == 0o755
     assert {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()} == {f.name: 0o644 for f in out.iterdir()}
+
+
+# ---------------------------------------------------------------- 3-5. damaged checkpoints: load and info
+
+
+def _edit_tensors(d, edit):
+    t = load_file(d / "model.safetensors")
+    edit(t)
+    save_file(t, d / "model.safetensors", metadata={"format": "pt"})
+
+
+def _edit_manifest(d, edit):
+    m = json.loads((d / "quantization.json").read_text())
+    edit(m)
+    (d / "quantization.json").write_text(json.dumps(m))
+
+
+DOWN = "model.layers.1.mlp.down_proj"
+
+
+def _damage(d, case):
+    w = d / "model.safetensors"
+    if case == "no_weights_file":
+        w.unlink()
+    elif case == "truncated":
+        w.write_bytes(w.read_bytes()[: w.stat().st_size - 100])
+    elif case == "empty":
+        w.write_bytes(b"")
+    elif case == "corrupt":
+        w.write_bytes(b"\xff" * 4096)
+    elif case == "missing_tensor":
+        _edit_tensors(d, lambda t: t.pop(f"{DOWN}.qweight"))
+    elif case == "zero_scale":
+        _edit_tensors(d, lambda t: t[f"{DOWN}.w_scale"].__setitem__((0, 0), 0))
+    elif case == "zero_point_200":
+        _edit_tensors(d, lambda t: t[f"{DOWN}.w_zero"].__setitem__((0, 0), 200))
+    elif case == "no_weight_spec":
+        _edit_manifest(d, lambda m: m["modules"][DOWN].pop("weight"))
+    elif case == "modules_null":
+        _edit_manifest(d, lambda m: m.__setitem__("modules", None))
+    elif case == "autoconfig":
+        _edit_manifest(d, lambda m: m.__setitem__("model_class", "AutoConfig"))
+
+
+DAMAGE = {
+    "no_weights_file": "has no model.safetensors",
+    "truncated": "not a readable safetensors file",
+    "empty": "not a readable safetensors file",
+    "corrupt": "not a readable safetensors file",
+    "missing_tensor": f"missing ['{DOWN}.qweight']",
+    "zero_scale": f"{DOWN}.w_scale holds zero or negative scales",
+    "zero_point_200": f"{DOWN}.w_zero holds zero points outside the integers 0..15 of 4 bits (e.g. 200)",
+    "no_weight_spec": f"module {DOWN}: KeyError: 'weight'",
+    "modules_null": '"modules" must map module names to their specs, got null',
+    "autoconfig": "model_class: AutoConfig is not a transformers model class",
+}
+
+
+@pytest.mark.parametrize("case", DAMAGE)
+def test_damaged_checkpoint_load_is_one_line(case, q4):
+    _damage(q4, case)
+    with pytest.raises(zq.ZeroQuantError) as e:
+        zq.load_quantized(q4)
+    assert DAMAGE[case] in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("case", DAMAGE)
+def test_info_says_damaged(case, q4, capsys):
+    _damage(q4, case)
+    rc, so, err = run(["info", q4], capsys)
+    assert_one_line_error(rc, err, DAMAGE[case])
+    assert so == ""
+    if case not in ("modules_null", "autoconfig"):  # manifest-level errors are the reader's own
+        assert "damaged checkpoint" in err
+
+
+@pytest.mark.parametrize("storage,expect", [
+    ("pack-quantized", "64 values of 3 bits pack into 6 int32 words"),
+    ("int-quantized", r"outside -4\.\.3 of the 3 bits its config says"),
+])
+def test_compressed_tensors_bits_must_fit_the_integers(storage, expect, tmp_path, capsys):
+    """A config claiming 3 bits over 8-bit integers, packed (unpacking would read other bits) or as int8."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    ct = tmp_path / "ct"
+    args = ["quantize", STORIES, "--preset", "w8a16", "-o", ct, "--format", "compressed-tensors", "--device", "cpu"]
+    assert run(args, capsys)[0] == 0
+    cfg = json.loads((ct / "config.json").read_text())
+    for g in cfg["quantization_config"]["config_groups"].values():
+        g["weights"]["num_bits"], g["format"] = 3, storage
+    (ct / "config.json").write_text(json.dumps(cfg))
+    if storage == "int-quantized":
+        def unpack(t):
+            for name in [n for n in t if n.endswith(".weight_packed")]:
+                prefix = name.removesuffix("_packed")
+                t[prefix] = unpack_from_int32(t.pop(name), 8, torch.Size(t.pop(f"{prefix}_shape").tolist()))
+        _edit_tensors(ct, unpack)
+    with pytest.raises(zq.ZeroQuantError, match=expect):
+        zq.load_quantized(ct)
+
+
+def test_truncated_compressed_tensors_info_says_damaged(tmp_path, capsys):
+    ct = tmp_path / "ct"
+    args = ["quantize", STORIES, "--preset", "w8a16", "-o", ct, "--format", "compressed-tensors", "--device", "cpu"]
+    assert run(args, capsys)[0] == 0
+    w = ct / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:-10])
+    rc, _, err = run(["info", ct], capsys)
+    assert_one_line_error(rc, err, "damaged checkpoint")

@@ -292,12 +292,25 @@ def read_manifest(path: str | os.PathLike) -> dict:
     missing = [k for k in MANIFEST_KEYS if k not in manifest]
     if missing:
         raise ZeroQuantError(f"{f}: missing {', '.join(missing)}")
+    modules = manifest["modules"]
+    if not isinstance(modules, dict) or not all(isinstance(v, dict) for v in modules.values()):
+        raise ZeroQuantError(f"{f}: \"modules\" must map module names to their specs, got {_kind(modules)}")
+    for key in ("preset", "model_class", "dtype"):
+        if not isinstance(manifest[key], str):
+            raise ZeroQuantError(f"{f}: \"{key}\" must be a string, got {_kind(manifest[key])}")
+    if not isinstance(manifest["config"], dict):
+        raise ZeroQuantError(f"{f}: \"config\" must be an object, got {_kind(manifest['config'])}")
     return manifest
+
+
+def _kind(v) -> str:
+    return "null" if v is None else type(v).__name__
 
 
 def _check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], where: str | Path) -> None:
     """One line naming `where` and the tensor when a tensor has another shape or dtype than the model expects,
-    or a scale is not finite (unexpected names are reported with the missing ones, by _assign)."""
+    or holds values its quantization cannot (_check_values) (unexpected names are reported with the missing
+    ones, by _assign)."""
     expected = model.state_dict()
     for name, t in tensors.items():
         want = expected.get(name)
@@ -306,8 +319,42 @@ def _check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], where: st
         if t.shape != want.shape or t.dtype != want.dtype:
             raise ZeroQuantError(f"{where}: {name} is {t.dtype} {list(t.shape)}, the model expects "
                                  f"{want.dtype} {list(want.shape)}")
-        if name.rsplit(".", 1)[-1] in QuantLinear.SCALE_BUFFERS and not torch.isfinite(t).all():
-            raise ZeroQuantError(f"{where}: {name} holds NaN or infinite values")
+        if not t.is_meta and t.numel():
+            _check_values(model, name, t, where)
+
+
+def _int_range(bits: int, symmetric: bool) -> tuple[int, int]:
+    """Stored integers a layer of `bits` accepts: the restricted range zeroquant writes, and -2^(b-1) as
+    compressed-tensors writes symmetric values."""
+    lo, hi = Q.qrange(bits, symmetric)
+    return (lo - 1 if symmetric else lo), hi
+
+
+def _check_values(model: nn.Module, name: str, t: torch.Tensor, where: str | Path) -> None:
+    """Scales must be finite and positive, zero points integers in their bits' range, and unpacked integer
+    weights within their bits: a file breaking these loads and runs, silently wrong."""
+    prefix, _, buf = name.rpartition(".")
+    if buf not in (*QuantLinear.SCALE_BUFFERS, "qweight"):
+        return
+    m = model.get_submodule(prefix)
+    if not isinstance(m, QuantLinear):
+        return
+    if buf in QuantLinear.SCALE_BUFFERS and not torch.isfinite(t).all():
+        raise ZeroQuantError(f"{where}: {name} holds NaN or infinite values")
+    if buf in ("w_scale", "a_scale") and not (t > 0).all():
+        raise ZeroQuantError(f"{where}: {name} holds zero or negative scales ({t.min().item():g})")
+    if buf in ("w_zero", "a_zero"):
+        spec = m.wq if buf == "w_zero" else m.aq
+        lo, hi = Q.qrange(spec.bits, spec.symmetric)
+        tf = t.float()
+        if (tf != tf.round()).any() or tf.min() < lo or tf.max() > hi:
+            raise ZeroQuantError(f"{where}: {name} holds zero points outside the integers {lo}..{hi} of "
+                                 f"{spec.bits} bits (e.g. {tf[(tf < lo) | (tf > hi) | (tf != tf.round())][0]:g})")
+    if buf == "qweight" and not m.packed and m.wq.bits < 8:
+        lo, hi = _int_range(m.wq.bits, m.wq.symmetric)
+        if t.min() < lo or t.max() > hi:
+            raise ZeroQuantError(f"{where}: {name} holds integers in {t.min().item()}..{t.max().item()}, outside "
+                                 f"{lo}..{hi} of the {m.wq.bits} bits its config says")
 
 
 def _read_checked(model: nn.Module, file: Path, device: torch.device) -> dict[str, torch.Tensor]:
@@ -363,6 +410,8 @@ def _model_class(name: str) -> type:
     cls = getattr(transformers, name, None)
     if cls is None:
         raise ZeroQuantError(f"transformers has no class {name}; upgrade transformers")
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise ZeroQuantError(f"{name} is not a transformers model class (e.g. LlamaForCausalLM)")
     return cls
 
 
@@ -376,12 +425,16 @@ def _assign(model: nn.Module, tensors: dict[str, torch.Tensor], file: Path) -> N
                              f"unexpected {sorted(unexpected)[:5]}")
 
 
-def _load_zeroquant(path: Path, device: torch.device) -> tuple[nn.Module, QuantConfig]:
+def _zeroquant_skeleton(path: Path) -> tuple[nn.Module, dict]:
+    """The model a zeroquant checkpoint describes, every tensor on the meta device, and its manifest."""
     from .config import ActQuant, WeightQuant
 
     manifest = read_manifest(path)
     hf_config = _hf_config(path)
-    cls = _model_class(manifest["model_class"])
+    try:
+        cls = _model_class(manifest["model_class"])
+    except ZeroQuantError as e:
+        raise ZeroQuantError(f"{path / QUANT_FILE}: model_class: {e}") from None
     dtype = getattr(torch, str(manifest["dtype"]), None)
     if not isinstance(dtype, torch.dtype):
         raise ZeroQuantError(f"{path / QUANT_FILE}: unknown dtype {manifest['dtype']!r}")
@@ -394,13 +447,85 @@ def _load_zeroquant(path: Path, device: torch.device) -> tuple[nn.Module, QuantC
             model.set_submodule(name, ql)
         except (KeyError, TypeError, AttributeError, ZeroQuantError) as e:
             raise ZeroQuantError(f"{path / QUANT_FILE}: module {name}: {type(e).__name__}: {e}") from None
+    return model, manifest
+
+
+def _manifest_config(path: Path, manifest: dict) -> QuantConfig:
+    try:
+        return QuantConfig.from_dict(manifest["config"])
+    except (KeyError, TypeError, AttributeError, ZeroQuantError) as e:
+        raise ZeroQuantError(f"{path / QUANT_FILE}: config: {type(e).__name__}: {e}") from None
+
+
+def _weights_file(path: Path) -> Path:
     file = path / WEIGHTS_FILE
-    if not file.exists():
+    if not file.is_file():
         raise ZeroQuantError(f"{path} has no {WEIGHTS_FILE}")
+    return file
+
+
+def _load_zeroquant(path: Path, device: torch.device) -> tuple[nn.Module, QuantConfig]:
+    model, manifest = _zeroquant_skeleton(path)
+    cfg = _manifest_config(path, manifest)
+    file = _weights_file(path)
     _assign(model, _read_checked(model, file, device), file)
     if manifest.get("version", 1) < 2:
         _repack_v1_int4(model)
-    return model, QuantConfig.from_dict(manifest["config"])
+    return model, cfg
+
+
+# safetensors' dtype names
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def _header_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors without reading its weights: meta tensors of the header's shapes and
+    dtypes, but scales and zero points (small) read, to check their values. Fails in one line on a file that is
+    empty, truncated or not safetensors."""
+    from safetensors import SafetensorError, safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(file), "pt") as f:
+            for name in f.keys():
+                if name.rpartition(".")[2] in QuantLinear.SCALE_BUFFERS:
+                    out[name] = f.get_tensor(name)
+                    continue
+                sl = f.get_slice(name)
+                dtype = _ST_DTYPES.get(sl.get_dtype())
+                if dtype is None:
+                    raise ZeroQuantError(f"{file}: {name} has dtype {sl.get_dtype()}, which zeroquant never writes")
+                out[name] = torch.empty(sl.get_shape(), dtype=dtype, device="meta")
+    except (SafetensorError, OSError) as e:
+        raise ZeroQuantError(f"{file}: not a readable safetensors file ({e})") from None
+    return out
+
+
+def _missing_unexpected(model: nn.Module, names: set[str]) -> tuple[list[str], list[str]]:
+    """State-dict names the file lacks (a tied pair counts once) and file names the model has no place for."""
+    expected = set(model.state_dict())
+    ties = getattr(model, "all_tied_weights_keys", None) or {}
+    partners = {**ties, **{s: t for t, s in ties.items()}}
+    missing = sorted(n for n in expected - names if partners.get(n) not in names)
+    return missing, sorted(names - expected)
+
+
+def verify_checkpoint(path: str | os.PathLike) -> dict:
+    """Check a zeroquant checkpoint without loading its weights: the manifest, and the weights file's header
+    (every tensor present, with the shape and dtype the manifest implies) and its scales and zero points.
+    Returns the manifest; raises ZeroQuantError naming what is damaged."""
+    p = Path(path)
+    model, manifest = _zeroquant_skeleton(p)
+    _manifest_config(p, manifest)
+    file = _weights_file(p)
+    tensors = _header_tensors(file)
+    _check_tensors(model, tensors, file)
+    missing, unexpected = _missing_unexpected(model, set(tensors))
+    if missing or unexpected:
+        raise ZeroQuantError(f"{file} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return manifest
 
 
 def _load_compressed(path: Path, device: torch.device) -> tuple[nn.Module, QuantConfig]:

@@ -189,6 +189,7 @@ def _info_compressed(path: Path) -> None:
     from .compressed_format import read_config
 
     qc = read_config(path)
+    _check_safetensors_files(path)
     print(f"format:        compressed-tensors ({qc.get('format')}), written by compressed-tensors {qc.get('version')}")
     for name, g in qc.get("config_groups", {}).items():
         w, a = g.get("weights") or {}, g.get("input_activations")
@@ -202,12 +203,31 @@ def _info_compressed(path: Path) -> None:
     print(f"weights file:  {size / 1e6:.2f} MB")
 
 
+def _check_safetensors_files(path: Path) -> None:
+    """Every weights file of a compressed-tensors checkpoint opens and its header covers the file."""
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ZeroQuantError(f"damaged checkpoint: {path} has no .safetensors file")
+    for f in files:
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise ZeroQuantError(f"damaged checkpoint: {f}: not a readable safetensors file ({e})") from None
+
+
 def cmd_info(args) -> None:
-    from .checkpoint import WEIGHTS_FILE, checkpoint_format, read_manifest
+    from .checkpoint import WEIGHTS_FILE, checkpoint_format, read_manifest, verify_checkpoint
 
     if checkpoint_format(args.out_dir) == "compressed-tensors":
         return _info_compressed(Path(args.out_dir))
-    m = read_manifest(args.out_dir)
+    read_manifest(args.out_dir)  # not a checkpoint at all: its own message
+    try:  # what info summarises must be what a load would find
+        m = verify_checkpoint(args.out_dir)
+    except ZeroQuantError as e:
+        raise ZeroQuantError(f"damaged checkpoint: {e}") from None
     mods = m["modules"]
     by_kind: dict[str, int] = {}
     for spec in mods.values():
