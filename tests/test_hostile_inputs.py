@@ -395,3 +395,10 @@ def test_truncated_compressed_tensors_info_says_damaged(tmp_path, capsys):
     w.write_bytes(w.read_bytes()[:-10])
     rc, _, err = run(["info", ct], capsys)
     assert_one_line_error(rc, err, "damaged checkpoint")
+
+
+@pytest.mark.parametrize("args", [["--preset", "w4a16+smooth"], ["--preset", "w8a16", "--smooth", "0.5"]])
+def test_smoothing_a_weight_only_preset_is_refused(args, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("zeroquant.cli.load_fp_model", _no_load)
+    rc, _, err = run(["quantize", STORIES, *args, "-o", tmp_path / "q", "--device", "cpu"], capsys)
+    assert_one_line_error(rc, err, "does nothing for")
