@@ -402,3 +402,15 @@ def test_smoothing_a_weight_only_preset_is_refused(args, tmp_path, monkeypatch, 
     monkeypatch.setattr("zeroquant.cli.load_fp_model", _no_load)
     rc, _, err = run(["quantize", STORIES, *args, "-o", tmp_path / "q", "--device", "cpu"], capsys)
     assert_one_line_error(rc, err, "does nothing for")
+
+
+def test_identical_saves_are_identical_bytes(q4_saved, tmp_path):
+    """safetensors orders __metadata__ by a per-process hash: the save sorts it, so a checkpoint's sha256
+    identifies it."""
+    model = zq.load_quantized(q4_saved, fuse=False)
+    a, b = (zq.save_quantized(model, tmp_path / n) for n in ("a", "b"))
+    for f in a.iterdir():
+        assert f.read_bytes() == (b / f.name).read_bytes(), f.name
+    raw = (a / "model.safetensors").read_bytes()
+    meta = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])["__metadata__"]
+    assert list(meta) == sorted(meta) and len(meta) >= 2

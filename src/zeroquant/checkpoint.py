@@ -194,6 +194,25 @@ def _write_atomically(out: Path, fill) -> Path:
     return out
 
 
+def _sort_metadata(file: Path) -> None:
+    """safetensors writes __metadata__ (ours, and the names of tied tensors save_model dropped) from a Rust
+    HashMap, in an order that changes from run to run: sort it in place (the same bytes in another order) so
+    identical runs write identical files a user can check by hash."""
+    with open(file, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        raw = f.read(n)
+        header = json.loads(raw)
+        meta = header.get("__metadata__")
+
+        def dump(h: dict) -> bytes:  # serde_json's compact form, padded with spaces as safetensors pads
+            return json.dumps(h, separators=(",", ":"), ensure_ascii=False).encode().ljust(n)
+
+        if not meta or dump(header) != raw:  # another writer's formatting: leave the file as written
+            return
+        f.seek(8)
+        f.write(dump({**header, "__metadata__": dict(sorted(meta.items()))}))
+
+
 def _write_hf_files(model: nn.Module, tmp: Path, tokenizer) -> None:
     """config.json, generation_config.json and the tokenizer, as the source model had them."""
     model.config.save_pretrained(tmp)
@@ -236,6 +255,7 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None,
     else:
         def fill(tmp: Path) -> None:
             save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "zeroquant": str(FORMAT_VERSION)})
+            _sort_metadata(tmp / WEIGHTS_FILE)
             (tmp / QUANT_FILE).write_text(json.dumps(manifest, indent=2))
 
     def write(tmp: Path) -> None:
