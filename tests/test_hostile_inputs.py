@@ -215,7 +215,7 @@ def test_non_utf8_text_is_one_line(flag, content, tmp_path, story, monkeypatch, 
 def test_cuda_without_a_gpu_fails_first(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("zeroquant.cli.load_fp_model", _no_load)
     rc, _, err = run(["quantize", STORIES, "-o", tmp_path / "q", "--device", "cuda"], capsys)
-    assert_one_line_error(rc, err, "no CUDA GPU is available here")
+    assert_one_line_error(rc, err, "device cuda: no CUDA GPU is available here")
 
 
 # ---------------------------------------------------------------- 6. options that mislead
@@ -414,3 +414,36 @@ def test_identical_saves_are_identical_bytes(q4_saved, tmp_path):
     raw = (a / "model.safetensors").read_bytes()
     meta = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])["__metadata__"]
     assert list(meta) == sorted(meta) and len(meta) >= 2
+
+
+# ---------------------------------------------------------------- the Python API
+
+
+@pytest.fixture(scope="module")
+def stories_fp():
+    return zq.load_fp_model(STORIES)
+
+
+@pytest.mark.parametrize("data,expect", [
+    (42, "calibration data of type int"),
+    (torch.rand(2, 64), "token ids must be integers, got a torch.float32 tensor"),
+    (torch.full((2, 64), 512), "the model's vocabulary is 0..511"),
+    ([torch.full((1, 64), -1)], "span -1..-1"),
+    ("no/such/valid.txt", "is no file"),
+])
+def test_api_refuses_calibration_data_it_cannot_use(data, expect, stories_fp):
+    model, tok = stories_fp
+    with pytest.raises(zq.ZeroQuantError, match=re.escape(expect)):
+        zq.quantize(model, "w8a8-static", calib_data=data, tokenizer=tok, progress=False)
+
+
+def test_api_calibration_data_may_be_a_path(stories_fp, story):
+    model, tok = stories_fp
+    q = zq.quantize(model, "w8a8-static", calib_data=str(story), tokenizer=tok, progress=False)
+    assert all(m.a_scale.item() > 0 for m in zq.quantized_modules(q).values())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_api_load_on_cuda_without_a_gpu_is_one_line(q4_saved):
+    with pytest.raises(zq.ZeroQuantError, match="device cuda: no CUDA GPU is available here"):
+        zq.load_quantized(q4_saved, device="cuda")

@@ -24,7 +24,7 @@ from .api import quantized_modules
 from .config import QuantConfig
 from .errors import ZeroQuantError
 from .fusion import fuse as fuse_ops
-from .hf import model_tokenizer
+from .hf import check_device, model_tokenizer
 from .qlinear import QuantLinear
 
 QUANT_FILE = "quantization.json"
@@ -619,7 +619,7 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
 
     fuse: apply zeroquant.fusion (norm -> quant, activation -> epilogue), as quantize() does.
     """
-    p, dev = Path(path), torch.device(device)
+    p, dev = Path(path), torch.device(check_device(device))
     if checkpoint_format(p) == "compressed-tensors":
         model, cfg = _load_compressed(p, dev)
     else:

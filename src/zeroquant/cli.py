@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from .errors import ZeroQuantError
-from .hf import load_fp_model, one_line
+from .hf import check_device, load_fp_model, one_line
 
 EPILOG = """presets:
   w8a8         INT8 per-channel weights, INT8 token-wise dynamic activations (ZeroQuant)
@@ -30,22 +30,11 @@ Embeddings, norms and the LM head stay in floating point."""
 
 def _default_device(arg: str | None) -> str:
     """--device, checked before any work: a CUDA device this machine has, or the CPU."""
+    if arg:
+        return check_device(arg)
     import torch
 
-    if not arg:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(arg)
-    except RuntimeError:
-        raise ZeroQuantError(f"--device {arg}: expected cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ZeroQuantError(f"--device {arg}: no CUDA GPU is available here (use --device cpu)")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ZeroQuantError(f"--device {arg}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type != "cpu":
-        raise ZeroQuantError(f"--device {arg}: expected cpu, cuda or cuda:N")
-    return arg
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _positive_int(v: str) -> int:

@@ -53,6 +53,25 @@ def _source(path: str) -> tuple[Path, dict]:
     return p, {}
 
 
+def check_device(device) -> str:
+    """A device name checked before any work: the CPU, or a CUDA device this machine has (torch's own errors
+    come late, as a pin_memory or 'not compiled with CUDA' traceback)."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ZeroQuantError(f"device {device!r}: expected cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ZeroQuantError(f"device {device}: no CUDA GPU is available here (use cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ZeroQuantError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise ZeroQuantError(f"device {device}: expected cpu, cuda or cuda:N")
+    return str(device)
+
+
 def one_line(e: BaseException) -> str:
     """An exception's message on one line (transformers' and tokenizers' span several)."""
     return " ".join(str(e).split()) or type(e).__name__
