@@ -253,16 +253,17 @@ def test_missing_tokenizer_fails_before_the_weights_when_data_is_needed(fp, tmp_
 # ---------------------------------------------------------------- 7. leftovers and modes
 
 
-def test_sigterm_during_save_cleans_up(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_during_save_cleans_up(sig, tmp_path, monkeypatch, capsys):
     real = checkpoint.save_model
 
     def killed(*a, **k):
         real(*a, **k)
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), sig)
 
     monkeypatch.setattr(checkpoint, "save_model", killed)
     rc, _, err = run(["quantize", STORIES, "-o", tmp_path / "q", "--device", "cpu"], capsys)
-    assert rc == 130 and last_line(err) == "zeroquant: interrupted (SIGTERM)"
+    assert rc == 130 and last_line(err) == f"zeroquant: interrupted ({sig.name})"
     assert list(tmp_path.iterdir()) == []
     assert signal.getsignal(signal.SIGTERM) is not _raise_interrupt  # main put the previous handler back
 

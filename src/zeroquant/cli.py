@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         if args.debug:
             raise
-        print(f"zeroquant: interrupted ({e or 'SIGINT'})", file=sys.stderr)
+        print(f"zeroquant: interrupted ({str(e) or 'SIGINT'})", file=sys.stderr)
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
