@@ -165,14 +165,14 @@ def _move_into(out: Path, tmp: Path) -> None:
     earlier save of ours wrote that this one did not (quantization.json when the new checkpoint is
     compressed-tensors) are removed, so the directory reads as one checkpoint."""
     new = {f.name for f in tmp.iterdir()}
-    if _is_checkpoint(out):
-        for f in out.iterdir():
-            if f.name in OWN_FILES and f.name not in new and f.is_file():
-                f.unlink()
+    stale = [f for f in out.iterdir() if f.name in OWN_FILES and f.name not in new and f.is_file()]
+    ours = _is_checkpoint(out)  # before the moves: a directory --overwrite let us write into keeps its files
     last = ("config.json", QUANT_FILE)  # the files that say what the directory is go in last
     for name in sorted(new, key=lambda n: (n in last, n)):
         os.replace(tmp / name, out / name)
     tmp.rmdir()
+    for f in stale if ours else []:
+        f.unlink()
 
 
 def _write_atomically(out: Path, fill) -> Path:
