@@ -448,3 +448,12 @@ def test_api_calibration_data_may_be_a_path(stories_fp, story):
 def test_api_load_on_cuda_without_a_gpu_is_one_line(q4_saved):
     with pytest.raises(zq.ZeroQuantError, match="device cuda: no CUDA GPU is available here"):
         zq.load_quantized(q4_saved, device="cuda")
+
+
+def test_unused_tensors_are_one_warning_line(fp, tmp_path, capsys):
+    _edit_tensors(fp, lambda t: t.__setitem__("extra.head.weight", torch.zeros(4)))
+    rc, _, err = run(["quantize", fp, "--preset", "w8a16", "-o", tmp_path / "q", "--device", "cpu"], capsys)
+    assert rc == 0
+    warnings = [line for line in re.split(r"[\r\n]", err) if line.startswith("zeroquant: warning: ")]
+    assert len(warnings) == 1 and "1 tensor(s) the model does not use, ignored: extra.head.weight" in warnings[0]
+    assert "UNEXPECTED" not in err

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
 from pathlib import Path
 
 from torch import nn
@@ -103,6 +104,11 @@ def _check_loading_info(path: str | os.PathLike, info: dict) -> None:
     if mismatched:
         raise ZeroQuantError(f"the weights in {path} have other shapes than its config.json says: "
                              f"{', '.join(mismatched[:5])}")
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    if unexpected:  # a head the class has no use for (an MLM head under BertModel): say so, in one line
+        more = f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else ""
+        print(f"zeroquant: warning: {path} holds {len(unexpected)} tensor(s) the model does not use, ignored: "
+              f"{', '.join(unexpected[:3])}{more}", file=sys.stderr)
 
 
 def _load_tokenizer(d: Path, path, extra: dict):
