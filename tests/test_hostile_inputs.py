@@ -10,6 +10,7 @@ import signal
 
 import pytest
 import torch
+import transformers
 from conftest import ASSETS
 from safetensors.torch import load_file, save_file
 
@@ -457,3 +458,14 @@ def test_unused_tensors_are_one_warning_line(fp, tmp_path, capsys):
     warnings = [line for line in re.split(r"[\r\n]", err) if line.startswith("zeroquant: warning: ")]
     assert len(warnings) == 1 and "1 tensor(s) the model does not use, ignored: extra.head.weight" in warnings[0]
     assert "UNEXPECTED" not in err
+
+
+def test_saving_a_meta_device_model_is_one_line_and_writes_nothing(tmp_path):
+    from tiny_models import CONFIGS
+
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(CONFIGS["llama"]())
+    q = zq.quantize(model, "w8a16", progress=False)
+    with pytest.raises(zq.ZeroQuantError, match="is on the meta device"):
+        zq.save_quantized(q, tmp_path / "q")
+    assert list(tmp_path.iterdir()) == []

@@ -250,6 +250,9 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None,
         raise ZeroQuantError(f"unknown checkpoint format {format!r}; choose one of {', '.join(FORMATS)}")
     out = check_output_dir(out_dir, overwrite=overwrite)
     manifest = quant_manifest(model)
+    meta = next((n for n, t in model.state_dict().items() if t.is_meta), None)
+    if meta is not None:  # a model built under init_empty_weights: nothing to write
+        raise ZeroQuantError(f"{meta} is on the meta device (it holds no data): load real weights before saving")
     if format == "compressed-tensors":
         fill = _compressed_writer(model)
     else:
