@@ -200,7 +200,7 @@ def test_disk_full_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys)
 
 
 @pytest.mark.parametrize("content", ["café olé naïve déjà vu. ".encode("latin-1") * 50, bytes(range(256)) * 8,
-                                     b"\x00\x01binary\x00" * 100])
+                                     b"\x00\x01binary\x00" * 100], ids=["latin1", "binary", "nul"])
 @pytest.mark.parametrize("flag", ["--text", "--calib"])
 def test_non_utf8_text_is_one_line(flag, content, tmp_path, story, monkeypatch, capsys):
     bad = tmp_path / "bad.txt"
