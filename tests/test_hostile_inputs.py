@@ -469,3 +469,10 @@ def test_saving_a_meta_device_model_is_one_line_and_writes_nothing(tmp_path):
     with pytest.raises(zq.ZeroQuantError, match="is on the meta device"):
         zq.save_quantized(q, tmp_path / "q")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_eval_json_under_a_missing_directory_fails_before_the_work(story, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("zeroquant.cli.load_fp_model", _no_load)
+    rc, _, err = run(["eval", STORIES, "--text", story, "--presets", "w8a8", "--json", tmp_path / "no" / "r.json",
+                      "--device", "cpu"], capsys)
+    assert_one_line_error(rc, err, "does not exist")

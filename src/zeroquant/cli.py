@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -56,6 +57,19 @@ def _positive_float(v: str) -> float:
     if not x > 0 or x == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {v}")
     return x
+
+
+def _check_report_file(path: str | None, flag: str) -> None:
+    """A --json/--md file is written after all the work: fail now if it cannot be."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise ZeroQuantError(f"{flag} {path} is a directory; name a file")
+    if not p.resolve().parent.is_dir():
+        raise ZeroQuantError(f"{flag} {path}: directory {p.resolve().parent} does not exist")
+    if (p.exists() and not os.access(p, os.W_OK)) or not os.access(p.resolve().parent, os.W_OK | os.X_OK):
+        raise ZeroQuantError(f"{flag} {path}: not writable")
 
 
 def _calib_texts(path: str | None, n: int) -> list[str] | None:
@@ -157,6 +171,7 @@ def cmd_eval(args) -> None:
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
     configs = [resolve_config(p) for p in presets]
     device = _default_device(args.device)
+    _check_report_file(args.json, "--json")
     text = read_text(args.text)
     calib = _calib_texts(args.calib, args.calib_samples)
     if calib is None and any(c.needs_data for c in configs):
@@ -246,6 +261,8 @@ def cmd_bench(args) -> None:
             raise ZeroQuantError(f"--{name.replace('_', '-')} must be at least 1")
     if args.gen_len < 0:
         raise ZeroQuantError("--gen-len must be 0 or more")
+    _check_report_file(args.json, "--json")
+    _check_report_file(args.md, "--md")
     s = BenchSettings(model_dir=args.model_dir, config=args.config, layers=args.layers,
                       presets=[p.strip() for p in args.preset.split(",") if p.strip()], batch=args.batch,
                       prompt_len=args.prompt_len, gen_len=args.gen_len, compile=args.compile,
