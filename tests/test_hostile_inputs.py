@@ -270,14 +270,16 @@ def test_signal_during_save_cleans_up(sig, tmp_path, monkeypatch, capsys):
 
 
 def test_stale_temp_dirs_of_dead_saves_are_removed(q4_saved, tmp_path):
-    dead = tmp_path / ".q.tmp-999999999-abcd"  # no such pid
+    dead = tmp_path / ".q.tmp-999999999-abcd_123"  # no such pid
     old_style = tmp_path / ".q.tmp-k2j4h5g6"  # mkdtemp's name before the pid was in it
-    live = tmp_path / f".q.tmp-{os.getppid()}-efgh"  # a running process's save
-    for d in (dead, old_style, live):
+    old_swap = tmp_path / ".q.old-999999999"
+    live = tmp_path / f".q.tmp-{os.getppid()}-efgh4567"  # a running process's save
+    users = tmp_path / ".q.tmp-notes"  # not a name a save gives
+    for d in (dead, old_style, old_swap, live, users):
         d.mkdir()
         (d / "model.safetensors").write_bytes(b"partial")
     zq.save_quantized(zq.load_quantized(q4_saved, fuse=False), tmp_path / "q")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "q"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, users.name, "q"])
 
 
 def test_saved_files_follow_the_umask(q4_saved, tmp_path):
@@ -476,3 +478,8 @@ def test_eval_json_under_a_missing_directory_fails_before_the_work(story, tmp_pa
     rc, _, err = run(["eval", STORIES, "--text", story, "--presets", "w8a8", "--json", tmp_path / "no" / "r.json",
                       "--device", "cpu"], capsys)
     assert_one_line_error(rc, err, "does not exist")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(zq.ZeroQuantError, match="not a zeroquant checkpoint"):
+        main(["info", str(tmp_path), "--debug"])

@@ -144,17 +144,17 @@ def _pid_alive(pid: int) -> bool:
 
 def _remove_stale_temps(out: Path) -> None:
     """Temp directories of saves to `out` that were killed (SIGKILL, power loss) before they could clean up:
-    ours by name (".NAME.tmp-PID-..." or an older ".NAME.tmp-..."/".NAME.old-PID") and holding plain files
-    only, and no live process owns them."""
-    import glob
+    ours by their exact name (".NAME.tmp-PID-XXXXXXXX" as mkdtemp completes it, the older ".NAME.tmp-XXXXXXXX"
+    and ".NAME.old-PID"), holding plain files only, and no live process owns them."""
+    import re
 
-    pattern = f".{glob.escape(out.name)}."
-    for p in out.parent.glob(pattern + "*"):
-        kind, _, rest = p.name[len(pattern):].partition("-")
-        if kind not in ("tmp", "old") or not p.is_dir() or p.is_symlink():
+    name = re.compile(re.escape(f".{out.name}.") + r"(?:tmp-(?:(\d+)-)?[a-z0-9_]{8}|old-(\d+))")
+    for p in out.parent.iterdir():
+        m = name.fullmatch(p.name)
+        if m is None or not p.is_dir() or p.is_symlink():
             continue
-        pid = rest.split("-")[0]
-        if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
+        pid = m.group(1) or m.group(2)
+        if pid is not None and int(pid) != os.getpid() and _pid_alive(int(pid)):
             continue
         if all(f.is_file() and not f.is_symlink() for f in p.iterdir()):
             shutil.rmtree(p, ignore_errors=True)
