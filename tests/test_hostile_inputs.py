@@ -483,3 +483,11 @@ def test_eval_json_under_a_missing_directory_fails_before_the_work(story, tmp_pa
 def test_debug_shows_the_traceback(tmp_path):
     with pytest.raises(zq.ZeroQuantError, match="not a zeroquant checkpoint"):
         main(["info", str(tmp_path), "--debug"])
+
+
+def test_a_model_quantized_by_another_tool_is_refused(fp, tmp_path, capsys):
+    cfg = json.loads((fp / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (fp / "config.json").write_text(json.dumps(cfg))
+    rc, _, err = run(["quantize", fp, "-o", tmp_path / "q", "--device", "cpu"], capsys)
+    assert_one_line_error(rc, err, "is already quantized (gptq")

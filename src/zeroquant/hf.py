@@ -4,6 +4,7 @@ here."""
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import sys
@@ -90,6 +91,14 @@ def refuse_quantized_dir(path: str | os.PathLike) -> None:
     if is_compressed_dir(p):
         raise ZeroQuantError(f"{path} is a compressed-tensors quantized checkpoint, not a floating-point model: "
                              "give the original model")
+    try:
+        qc = json.loads((p / "config.json").read_text()).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return  # the config reader says what is wrong with it
+    if qc:  # GPTQ, AWQ, bitsandbytes, FP8...: already quantized
+        method = qc.get("quant_method", "unknown method") if isinstance(qc, dict) else "unknown method"
+        raise ZeroQuantError(f"{path} is already quantized ({method}, config.json's quantization_config), not a "
+                             "floating-point model: give the original model")
 
 
 def _check_loading_info(path: str | os.PathLike, info: dict) -> None:
