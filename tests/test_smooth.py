@@ -111,7 +111,8 @@ def test_config_errors():
     with pytest.raises(zq.ZeroQuantError, match="unknown preset"):
         resolve_config("w8a8+smoothly")
     assert resolve_config("w4/8-a8-g64+gptq+smooth").smooth == "auto"
-    assert not resolve_config("w4a16+smooth").uses_smoothing  # weight-only: nothing to smooth
+    with pytest.raises(zq.ZeroQuantError, match=r"\+smooth does nothing for 'w4a16'"):
+        resolve_config("w4a16+smooth")  # weight-only: nothing to smooth, so the name must not say it was
 
 
 def test_stories260k_smooth_no_worse_than_w8a8(stories):

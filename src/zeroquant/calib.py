@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -33,13 +34,48 @@ def to_batches(
 ) -> list[Batch]:
     """Normalise calibration data into a list of {"input_ids", ["attention_mask", ...]} batches.
 
-    Accepts a list of strings (tokenized with `tokenizer`, else with the model's own tokenizer when the
-    model was loaded from a directory), a tensor of token ids ([T] or [B, T]), or a list of already
-    tokenized batches (dicts or id tensors).
+    Accepts the path of a text file (its sentences), a list of strings (tokenized with `tokenizer`, else with
+    the model's own tokenizer when the model was loaded from a directory), a tensor of integer token ids
+    ([T] or [B, T]), or a list of already tokenized batches (dicts or id tensors); anything else, and ids
+    outside the model's vocabulary, are refused.
     """
+    batches = _to_batches(data, tokenizer, model, seq_len, batch_size)
+    vocab = _vocab_size(model)
+    for b in batches:
+        _check_ids(b.get("input_ids"), vocab)
+    return batches
+
+
+def _vocab_size(model: nn.Module | None) -> int | None:
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if get is not None else None
+    return getattr(emb, "num_embeddings", None)
+
+
+def _check_ids(ids, vocab: int | None) -> None:
+    """Token ids must be an integer tensor within the vocabulary: floats would be truncated silently, and an
+    id past the embedding table is an IndexError deep inside the model."""
+    if not isinstance(ids, torch.Tensor):
+        raise ZeroQuantError(f"calibration input_ids must be a tensor of token ids, got {type(ids).__name__}")
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise ZeroQuantError(f"calibration token ids must be integers, got a {ids.dtype} tensor")
+    if ids.numel() and (ids.min() < 0 or (vocab is not None and ids.max() >= vocab)):
+        raise ZeroQuantError(f"calibration token ids span {ids.min().item()}..{ids.max().item()}; the model's "
+                             f"vocabulary is 0..{vocab - 1 if vocab is not None else '?'}")
+
+
+def _to_batches(data, tokenizer, model, seq_len: int, batch_size: int) -> list[Batch]:
     if data is None:
         raise ZeroQuantError("no calibration data given")
+    if isinstance(data, (str, os.PathLike)):  # iterating a path would calibrate on its characters
+        if not os.path.isfile(data):
+            raise ZeroQuantError(f"calibration data {str(data)!r} is no file: pass a file path, a list of texts "
+                                 "(a single text as [text]), token ids or batches")
+        from .evaluate import read_text, sentences
+
+        data = sentences(read_text(data))
     if isinstance(data, torch.Tensor):
+        _check_ids(data, None)
         ids = data.long()
         if ids.dim() == 1:
             n = ids.numel() // seq_len
@@ -47,6 +83,11 @@ def to_batches(
                 raise ZeroQuantError(f"need at least {seq_len} token ids, got {ids.numel()}")
             ids = ids[: n * seq_len].reshape(n, seq_len)
         return [{"input_ids": ids[i : i + batch_size]} for i in range(0, ids.shape[0], batch_size)]
+    if isinstance(data, Mapping) and "input_ids" in data:  # one batch, e.g. a tokenizer's output
+        data = [dict(data)]
+    if not isinstance(data, Iterable) or isinstance(data, (bytes, Mapping)):
+        raise ZeroQuantError(f"calibration data of type {type(data).__name__}: pass a file path, a list of texts, "
+                             "token ids or batches")
     data = list(data)
     if not data:
         raise ZeroQuantError("calibration data is empty")

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
 from .errors import ZeroQuantError
-from .hf import load_fp_model
+from .hf import check_device, load_fp_model, one_line
 
 EPILOG = """presets:
   w8a8         INT8 per-channel weights, INT8 token-wise dynamic activations (ZeroQuant)
@@ -28,11 +30,46 @@ Embeddings, norms and the LM head stay in floating point."""
 
 
 def _default_device(arg: str | None) -> str:
+    """--device, checked before any work: a CUDA device this machine has, or the CPU."""
     if arg:
-        return arg
+        return check_device(arg)
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _positive_int(v: str) -> int:
+    """argparse type for counts and lengths: 0 or less would silently mean 'all' or 'none'."""
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def _positive_float(v: str) -> float:
+    try:
+        x = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {v!r}") from None
+    if not x > 0 or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {v}")
+    return x
+
+
+def _check_report_file(path: str | None, flag: str) -> None:
+    """A --json/--md file is written after all the work: fail now if it cannot be."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise ZeroQuantError(f"{flag} {path} is a directory; name a file")
+    if not p.resolve().parent.is_dir():
+        raise ZeroQuantError(f"{flag} {path}: directory {p.resolve().parent} does not exist")
+    if (p.exists() and not os.access(p, os.W_OK)) or not os.access(p.resolve().parent, os.W_OK | os.X_OK):
+        raise ZeroQuantError(f"{flag} {path}: not writable")
 
 
 def _calib_texts(path: str | None, n: int) -> list[str] | None:
@@ -68,7 +105,7 @@ def _alpha(v: str) -> float | str:
 
 def cmd_quantize(args) -> None:
     from .api import quantize
-    from .checkpoint import save_quantized
+    from .checkpoint import check_output_dir, save_quantized
     from .config import resolve_config, with_group_size, with_rounding, with_smoothing
     from .lkd_data import lkd_batches
 
@@ -80,12 +117,19 @@ def cmd_quantize(args) -> None:
     if args.smooth is not None:
         cfg = with_smoothing(cfg, args.smooth)
     device = _default_device(args.device)
-    model, tok = load_fp_model(args.model_dir, device, args.generic)
+    check_output_dir(args.output, sources=(args.model_dir,), overwrite=args.overwrite)
+    texts = _calib_texts(args.calib, args.calib_samples)  # a bad file fails before the model is loaded
+    if args.lkd and args.lkd_data not in ("self", "random"):
+        from .evaluate import read_text
+
+        read_text(args.lkd_data)
+    # round-to-nearest reads no data: it needs no tokenizer (one found beside the model is still saved)
+    needs_tok = args.lkd or args.calib is not None or cfg.needs_data
+    model, tok = load_fp_model(args.model_dir, device, args.generic, tokenizer=needs_tok)
     if args.format == "compressed-tensors":  # refuse an unexportable scheme before the quantization work
         from .compressed_format import check_exportable
 
         check_exportable(model, cfg, args.generic)
-    texts = _calib_texts(args.calib, args.calib_samples)
     lkd, extra = None, {}
     if args.lkd:  # the distillation data calibrates too
         from .evaluate import format_table
@@ -106,15 +150,17 @@ def cmd_quantize(args) -> None:
     if lkd is not None:
         extra["lkd_report.json"] = {"data": args.lkd_data, **lkd_report(lkd, qmodel.zeroquant_lkd)}
         print(format_table(qmodel.zeroquant_lkd))
-    out = save_quantized(qmodel, args.output, tokenizer=tok, extra=extra, format=args.format)
+    out = save_quantized(qmodel, args.output, tokenizer=tok, extra=extra, format=args.format,
+                         overwrite=args.overwrite)
     print(f"saved {cfg.name} model to {out} ({args.format})")
 
 
 def cmd_export(args) -> None:
-    from .checkpoint import load_quantized, save_quantized
+    from .checkpoint import check_output_dir, load_quantized, save_quantized
 
+    check_output_dir(args.output, sources=(args.quant_dir,), overwrite=args.overwrite)
     model = load_quantized(args.quant_dir, fuse=False)
-    out = save_quantized(model, args.output, format="compressed-tensors")
+    out = save_quantized(model, args.output, format="compressed-tensors", overwrite=args.overwrite)
     print(f"wrote {model.zeroquant_config.name} from {args.quant_dir} as compressed-tensors to {out}")
 
 
@@ -125,12 +171,14 @@ def cmd_eval(args) -> None:
 
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
     configs = [resolve_config(p) for p in presets]
+    device = _default_device(args.device)
+    _check_report_file(args.json, "--json")
     text = read_text(args.text)
     calib = _calib_texts(args.calib, args.calib_samples)
     if calib is None and any(c.needs_data for c in configs):
         raise ZeroQuantError("static, +gptq and +smooth presets need --calib FILE (never calibrate on the evaluation "
                              "text)")
-    model, tok = load_fp_model(args.model_dir, _default_device(args.device), args.generic)
+    model, tok = load_fp_model(args.model_dir, device, args.generic)
     settings = EvalSettings(max_sentences=args.max_sentences, max_tokens=args.max_tokens,
                             seq_len=args.seq_len, batch_size=args.batch_size)
     calib = _calib_data(args.calib, calib, args.calib_samples, model, tok)
@@ -146,6 +194,7 @@ def _info_compressed(path: Path) -> None:
     from .compressed_format import read_config
 
     qc = read_config(path)
+    _check_safetensors_files(path)
     print(f"format:        compressed-tensors ({qc.get('format')}), written by compressed-tensors {qc.get('version')}")
     for name, g in qc.get("config_groups", {}).items():
         w, a = g.get("weights") or {}, g.get("input_activations")
@@ -159,12 +208,31 @@ def _info_compressed(path: Path) -> None:
     print(f"weights file:  {size / 1e6:.2f} MB")
 
 
+def _check_safetensors_files(path: Path) -> None:
+    """Every weights file of a compressed-tensors checkpoint opens and its header covers the file."""
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ZeroQuantError(f"damaged checkpoint: {path} has no .safetensors file")
+    for f in files:
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise ZeroQuantError(f"damaged checkpoint: {f}: not a readable safetensors file ({e})") from None
+
+
 def cmd_info(args) -> None:
-    from .checkpoint import WEIGHTS_FILE, checkpoint_format, read_manifest
+    from .checkpoint import WEIGHTS_FILE, checkpoint_format, read_manifest, verify_checkpoint
 
     if checkpoint_format(args.out_dir) == "compressed-tensors":
         return _info_compressed(Path(args.out_dir))
-    m = read_manifest(args.out_dir)
+    read_manifest(args.out_dir)  # not a checkpoint at all: its own message
+    try:  # what info summarises must be what a load would find
+        m = verify_checkpoint(args.out_dir)
+    except ZeroQuantError as e:
+        raise ZeroQuantError(f"damaged checkpoint: {e}") from None
     mods = m["modules"]
     by_kind: dict[str, int] = {}
     for spec in mods.values():
@@ -194,6 +262,8 @@ def cmd_bench(args) -> None:
             raise ZeroQuantError(f"--{name.replace('_', '-')} must be at least 1")
     if args.gen_len < 0:
         raise ZeroQuantError("--gen-len must be 0 or more")
+    _check_report_file(args.json, "--json")
+    _check_report_file(args.md, "--md")
     s = BenchSettings(model_dir=args.model_dir, config=args.config, layers=args.layers,
                       presets=[p.strip() for p in args.preset.split(",") if p.strip()], batch=args.batch,
                       prompt_len=args.prompt_len, gen_len=args.gen_len, compile=args.compile,
@@ -239,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="quantize every linear in the blocks of an architecture without an adapter")
         sp.add_argument("--calib", metavar="FILE",
                         help="text file for calibration (static, GPTQ and smoothed presets); never the evaluation text")
-        sp.add_argument("--calib-samples", type=int, default=256,
+        sp.add_argument("--calib-samples", type=_positive_int, default=256,
                         help="calibration sentences (encoders) or 128-token windows (causal LMs); default 256")
 
     q = sub.add_parser("quantize", help="quantize a model and save it", epilog=EPILOG,
@@ -268,20 +338,24 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--lkd-train", choices=("rounding", "weights", "all"), default="rounding",
                    help="what trains: rounding offsets and clipping by signed gradient (default), the master "
                    "weights by straight-through Adam (the paper), or all of them")
-    q.add_argument("--lkd-steps", type=int, default=200, help="steps per block, one batch of 8 sequences each "
-                   "(default 200)")
-    q.add_argument("--lkd-lr", type=float, default=None,
+    q.add_argument("--lkd-steps", type=_positive_int, default=200,
+                   help="steps per block, one batch of 8 sequences each (default 200)")
+    q.add_argument("--lkd-lr", type=_positive_float, default=None,
                    help="step size of the rounding offsets and clipping (default 1/steps), decayed linearly")
-    q.add_argument("--lkd-weight-lr", type=float, default=3e-5, help="Adam learning rate of the master weights "
-                   "(--lkd-train weights/all; default 3e-5)")
-    q.add_argument("--lkd-samples", type=int, default=128, help="distillation sequences (default 128; 1/8 of them "
-                   "are held apart to pick each block's best iterate)")
-    q.add_argument("--lkd-seq-len", type=int, default=2048, help="distillation sequence length (default 2048)")
+    q.add_argument("--lkd-weight-lr", type=_positive_float, default=3e-5,
+                   help="Adam learning rate of the master weights (--lkd-train weights/all; default 3e-5)")
+    q.add_argument("--lkd-samples", type=_positive_int, default=128,
+                   help="distillation sequences (default 128; 1/8 of them are held apart to pick each block's best "
+                   "iterate)")
+    q.add_argument("--lkd-seq-len", type=_positive_int, default=2048,
+                   help="distillation sequence length (default 2048)")
     q.add_argument("--lkd-freeze-scales", action="store_true", help="learn no clipping: keep the starting scales")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--format", choices=("zeroquant", "compressed-tensors"), default="zeroquant",
                    help="checkpoint format: zeroquant's own (default), or compressed-tensors for vLLM, SGLang and "
                    "transformers (see `zeroquant export`)")
+    q.add_argument("--overwrite", action="store_true", help="write into a non-empty -o directory that is not a "
+                   "checkpoint (files zeroquant does not write are kept)")
     common(q)
     q.set_defaults(func=cmd_quantize)
 
@@ -293,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "reads the result back onto zeroquant's kernels.")
     x.add_argument("quant_dir", help="a directory written by `zeroquant quantize`")
     x.add_argument("-o", "--output", required=True, help="directory to write the compressed-tensors model to")
+    x.add_argument("--overwrite", action="store_true", help="write into a non-empty -o directory that is not a "
+                   "checkpoint (files zeroquant does not write are kept)")
     x.set_defaults(func=cmd_export)
 
     e = sub.add_parser("eval", help="FP vs presets on a text file: perplexity (LMs) or fidelity (encoders)",
@@ -301,10 +377,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--text", required=True, help="evaluation text file (e.g. wikitext-2 test.txt)")
     e.add_argument("--presets", default="w8a8,w8a8-static,w4/8-a16,rtn-w4",
                    help="comma-separated presets (default: w8a8,w8a8-static,w4/8-a16,rtn-w4)")
-    e.add_argument("--max-sentences", type=int, default=2000, help="encoder sentences (default 2000)")
-    e.add_argument("--max-tokens", type=int, default=None, help="causal LM: cap on evaluated tokens")
-    e.add_argument("--seq-len", type=int, default=None, help="causal LM window (default min(1024, max positions))")
-    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--max-sentences", type=_positive_int, default=2000, help="encoder sentences (default 2000)")
+    e.add_argument("--max-tokens", type=_positive_int, default=None, help="causal LM: cap on evaluated tokens")
+    e.add_argument("--seq-len", type=_positive_int, default=None,
+                   help="causal LM window (default min(1024, max positions))")
+    e.add_argument("--batch-size", type=_positive_int, default=64)
     e.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     common(e)
     e.set_defaults(func=cmd_eval)
@@ -339,16 +416,35 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="describe a saved quantized model (either format)")
     i.add_argument("out_dir")
     i.set_defaults(func=cmd_info)
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    for sp in sub.choices.values():  # also after the command; SUPPRESS keeps a top-level --debug
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error")
     return p
+
+
+def _raise_interrupt(signum, frame) -> None:
+    """SIGTERM (kill, a job scheduler's time limit) cleans up as Ctrl-C does: saves remove their temp dirs."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         args.func(args)
-    except ZeroQuantError as e:
-        print(f"zeroquant: error: {e}", file=sys.stderr)
+    except (ZeroQuantError, OSError) as e:  # OSError: files and disks the user names (no space, permissions)
+        if args.debug:
+            raise
+        print(f"zeroquant: error: {one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        if args.debug:
+            raise
+        print(f"zeroquant: interrupted ({str(e) or 'SIGINT'})", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

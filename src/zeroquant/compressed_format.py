@@ -272,8 +272,13 @@ def import_buffers(prefix: str, ql: QuantLinear, fmt: str, file: dict[str, torch
     if f"{prefix}.weight_g_idx" in file:
         raise ZeroQuantError(f"{where}: {prefix}.weight_g_idx: activation-ordered groups have no zeroquant kernel")
     def unpack(name: str, shape: list[int], dim: int) -> torch.Tensor:
+        t = get(name)
+        words = -(-shape[dim] * w.bits // 32)  # a config whose num_bits lies unpacks garbage of the right shape
+        if t.dim() != 2 or t.shape[dim] != words:
+            raise ZeroQuantError(f"{where}: {prefix}.{name} is {list(t.shape)}: {shape[dim]} values of {w.bits} bits "
+                                 f"pack into {words} int32 words (does the config's num_bits match the tensors?)")
         try:
-            return unpack_from_int32(get(name), w.bits, torch.Size(shape), packed_dim=dim)
+            return unpack_from_int32(t, w.bits, torch.Size(shape), packed_dim=dim)
         except (RuntimeError, ValueError) as e:
             raise ZeroQuantError(f"{where}: {prefix}.{name} does not unpack to {shape}: {e}") from None
 
@@ -281,6 +286,10 @@ def import_buffers(prefix: str, ql: QuantLinear, fmt: str, file: dict[str, torch
     q = unpack("weight_packed", [n, k], 1) if packed else get("weight")
     if q.shape != (n, k) or q.dtype != torch.int8:
         raise ZeroQuantError(f"{where}: {prefix} weight is {q.dtype} {list(q.shape)}, expected int8 [{n}, {k}]")
+    lo, hi = -(1 << (w.bits - 1)), (1 << (w.bits - 1)) - 1  # compressed-tensors' signed range, either symmetry
+    if q.numel() and (q.min() < lo or q.max() > hi):  # packing would wrap them: a silently different model
+        raise ZeroQuantError(f"{where}: {prefix} weight holds integers in {q.min().item()}..{q.max().item()}, "
+                             f"outside {lo}..{hi} of the {w.bits} bits its config says")
     scale = get("weight_scale").float()
     scale = scale.reshape(1, 1).expand(n, 1) if w.per_tensor else scale
     if scale.shape != (n, groups):

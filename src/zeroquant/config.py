@@ -202,7 +202,12 @@ def with_scale_dtype(config: QuantConfig, scale_dtype: str) -> QuantConfig:
 
 
 def with_smoothing(config: QuantConfig, smooth: float | str = "auto") -> QuantConfig:
-    """The same config with SmoothQuant smoothing ("auto": alpha searched per site; or a fixed alpha)."""
+    """The same config with SmoothQuant smoothing ("auto": alpha searched per site; or a fixed alpha). Refused
+    for a weight-only config: smoothing moves activation outliers into weights, which helps only where
+    activations are quantized, and the name would record a step that never ran."""
+    if not any(r.act is not None for r in (config.attention, config.mlp)):
+        raise ZeroQuantError(f"+smooth does nothing for {config.name!r}: it quantizes no activations (smoothing "
+                             "applies to presets with INT8 activations, e.g. w8a8+smooth)")
     tag = "+smooth" if smooth == "auto" else f"+smooth{smooth:g}"
     return replace(config, smooth=smooth, name=config.name + tag)
 

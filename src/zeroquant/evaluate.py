@@ -19,8 +19,14 @@ from .hf import has_mlm_head, is_causal_lm
 def read_text(path: str | os.PathLike) -> str:
     if not os.path.isfile(path):
         raise ZeroQuantError(f"text file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ZeroQuantError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                             "convert it first, e.g. iconv -f latin1 -t utf-8") from None
+    if "\x00" in text:  # valid UTF-8 but no text: tokenizing it would calibrate or score on garbage
+        raise ZeroQuantError(f"{path} holds NUL bytes: a binary file, not text")
     if not text.strip():
         raise ZeroQuantError(f"text file is empty: {path}")
     return text
