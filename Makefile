@@ -22,7 +22,7 @@ demo: install
 	HF_HUB_OFFLINE=1 zeroquant eval $(MINILM) --text $(WIKI)/test.txt --calib $(WIKI)/valid.txt \
 		--max-sentences $(if $(FULL),2000,300) --presets w8a8,w8a8-static,w4/8-a16,rtn-w4
 	$(if $(FULL),HF_HUB_OFFLINE=1 $(PY) bench/real_decoders.py --model $(ASSETS)/stories260K --self-text 64 \
-		--seq-len 256 --batch 16 --out out/stories260k_self,)
+		--seq-len 256 --batch 16 --data-len 256 --out out/stories260k_self,)
 
 smol-path:  # where the SmolLM2 GGUF file is: SMOL=$$(make -s smol-path)
 	@echo $(SMOL)
