@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 import zeroquant as zq
 from zeroquant import checkpoint
 from zeroquant.cli import _raise_interrupt, main
+from zeroquant.config import resolve_config
 
 STORIES = ASSETS / "stories260K"
 pytestmark = pytest.mark.skipif(not STORIES.exists(), reason="../shared/assets/stories260K not found")
@@ -228,11 +229,34 @@ def test_cuda_without_a_gpu_fails_first(tmp_path, monkeypatch, capsys):
     ["eval", STORIES, "--text", "t.txt", "--calib-samples", "0"],
     ["quantize", STORIES, "-o", "q", "--lkd", "--lkd-steps", "-1"],
     ["quantize", STORIES, "-o", "q", "--lkd", "--lkd-lr", "0"],
+    ["quantize", STORIES, "-o", "q", "--lkd", "--lkd-weight-lr=-1e-5"],
+    ["quantize", STORIES, "-o", "q", "--seed", "-1"],
+    ["quantize", STORIES, "-o", "q", "--seed", str(2**70)],
 ])
 def test_numeric_options_are_range_checked(args, capsys):
     with pytest.raises(SystemExit) as e:
         main([str(a) for a in args])
     assert e.value.code == 2 and "must be" in capsys.readouterr().err
+
+
+def test_errors_are_builtin_kinds_too():
+    """Callers can catch the matching builtin: bad values are ValueErrors, unusable paths OSErrors."""
+    with pytest.raises(ValueError, match="unknown preset|preset"):
+        resolve_config("w5a5")
+    with pytest.raises(OSError, match="not found") as e:
+        zq.load_fp_model("/nonexistent/model")
+    assert isinstance(e.value, zq.PathError) and isinstance(e.value, zq.ZeroQuantError)
+
+
+def test_quantizing_a_quantized_or_unloaded_model_is_refused():
+    model, _ = zq.load_fp_model(STORIES)
+    q = zq.quantize(model, "w8a16", progress=False)
+    with pytest.raises(zq.ZeroQuantError, match="already quantized"):
+        zq.quantize(q, "w4a16", progress=False)
+    with torch.device("meta"):
+        empty = transformers.LlamaForCausalLM(model.config)
+    with pytest.raises(zq.ZeroQuantError, match="meta device"):
+        zq.quantize(empty, "w8a16", progress=False)
 
 
 def test_round_to_nearest_needs_no_tokenizer(fp, tmp_path, capsys):
@@ -465,9 +489,7 @@ def test_unused_tensors_are_one_warning_line(fp, tmp_path, capsys):
 def test_saving_a_meta_device_model_is_one_line_and_writes_nothing(tmp_path):
     from tiny_models import CONFIGS
 
-    with torch.device("meta"):
-        model = transformers.LlamaForCausalLM(CONFIGS["llama"]())
-    q = zq.quantize(model, "w8a16", progress=False)
+    q = zq.quantize(transformers.LlamaForCausalLM(CONFIGS["llama"]()), "w8a16", progress=False).to("meta")
     with pytest.raises(zq.ZeroQuantError, match="is on the meta device"):
         zq.save_quantized(q, tmp_path / "q")
     assert list(tmp_path.iterdir()) == []

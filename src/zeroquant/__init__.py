@@ -3,7 +3,7 @@
 from .api import quantize, quantized_modules, set_mode
 from .checkpoint import load_quantized, save_quantized
 from .config import PRESETS, ActQuant, LinearRule, QuantConfig, WeightQuant
-from .errors import ZeroQuantError
+from .errors import PathError, ZeroQuantError
 from .fusion import fuse
 from .hf import load_fp_model
 from .lkd import LKDConfig
@@ -18,6 +18,7 @@ __all__ = [
     "QuantConfig",
     "QuantLinear",
     "WeightQuant",
+    "PathError",
     "ZeroQuantError",
     "fuse",
     "lkd_batches",

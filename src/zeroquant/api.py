@@ -124,6 +124,10 @@ def quantize(
     fuse: fold norms into token-wise quantization and MLP activations into GEMM epilogues
         (zeroquant.fusion); same numbers on the reference path, fewer kernels on CUDA.
     """
+    if quantized_modules(model):
+        raise ZeroQuantError("the model is already quantized by zeroquant: quantize its floating-point original")
+    if any(p.is_meta for p in model.parameters()):
+        raise ZeroQuantError("the model's weights are on the meta device (never loaded): load them first")
     cfg = check_config(model, config, allow_generic)
     needs_data = cfg.needs_data or lkd is not None
     batches = None

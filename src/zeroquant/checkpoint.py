@@ -22,7 +22,7 @@ from torch import nn
 from . import quant as Q
 from .api import quantized_modules
 from .config import QuantConfig
-from .errors import ZeroQuantError
+from .errors import PathError, ZeroQuantError
 from .fusion import fuse as fuse_ops
 from .hf import check_device, model_tokenizer
 from .qlinear import QuantLinear
@@ -103,17 +103,17 @@ def check_output_dir(out_dir: str | os.PathLike, sources: tuple = (), overwrite:
         if out == src or out in src.parents:
             raise ZeroQuantError(f"output {out_dir} is the input {src} or holds it: name another directory")
     if out.exists() and not out.is_dir():
-        raise ZeroQuantError(f"output {out_dir} exists and is not a directory")
+        raise PathError(f"output {out_dir} exists and is not a directory")
     if out.is_dir() and not overwrite and not _replaceable(out):
         raise ZeroQuantError(f"output {out} is not empty and not a zeroquant checkpoint: name a new directory, or "
                              "pass --overwrite (overwrite=True) to write into it (its other files are kept)")
     base = _nearest_existing(out)
     if not base.is_dir():
-        raise ZeroQuantError(f"cannot create {out}: {base} is a file, not a directory")
+        raise PathError(f"cannot create {out}: {base} is a file, not a directory")
     try:  # os.access says yes to root on a read-only mount: try it
         Path(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=base)).rmdir()
     except OSError as e:
-        raise ZeroQuantError(f"cannot write to {base}: {e.strerror or e}") from None
+        raise PathError(f"cannot write to {base}: {e.strerror or e}") from None
     return out
 
 
@@ -270,7 +270,7 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None,
     try:
         return _write_atomically(out, write)
     except OSError as e:  # disk full, quota, permissions: the temp directory is gone, `out` is as it was
-        raise ZeroQuantError(f"cannot write {out}: {e.strerror or e}; nothing was written") from None
+        raise PathError(f"cannot write {out}: {e.strerror or e}; nothing was written") from None
 
 
 def _compressed_writer(model: nn.Module):
@@ -300,7 +300,7 @@ def read_manifest(path: str | os.PathLike) -> dict:
     p = Path(path)
     f = p / QUANT_FILE
     if not p.is_dir():
-        raise ZeroQuantError(f"{p} is not a directory")
+        raise PathError(f"{p} is not a directory")
     if not f.exists():
         raise ZeroQuantError(f"{p} is not a zeroquant checkpoint (no {QUANT_FILE})")
     try:

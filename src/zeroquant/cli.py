@@ -9,7 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .errors import ZeroQuantError
+from .errors import PathError, ZeroQuantError
 from .hf import check_device, load_fp_model, one_line
 
 EPILOG = """presets:
@@ -49,6 +49,17 @@ def _positive_int(v: str) -> int:
     return n
 
 
+def _seed(v: str) -> int:
+    """argparse type for seeds: what every generator takes (torch refuses seeds past 64 bits in a traceback)."""
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {v!r}") from None
+    if not 0 <= n < 2**32:
+        raise argparse.ArgumentTypeError(f"must be in 0..{2**32 - 1}, got {n}")
+    return n
+
+
 def _positive_float(v: str) -> float:
     try:
         x = float(v)
@@ -67,7 +78,7 @@ def _check_report_file(path: str | None, flag: str) -> None:
     if p.is_dir():
         raise ZeroQuantError(f"{flag} {path} is a directory; name a file")
     if not p.resolve().parent.is_dir():
-        raise ZeroQuantError(f"{flag} {path}: directory {p.resolve().parent} does not exist")
+        raise PathError(f"{flag} {path}: directory {p.resolve().parent} does not exist")
     if (p.exists() and not os.access(p, os.W_OK)) or not os.access(p.resolve().parent, os.W_OK | os.X_OK):
         raise ZeroQuantError(f"{flag} {path}: not writable")
 
@@ -350,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--lkd-seq-len", type=_positive_int, default=2048,
                    help="distillation sequence length (default 2048)")
     q.add_argument("--lkd-freeze-scales", action="store_true", help="learn no clipping: keep the starting scales")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=_seed, default=0, help="seed of the distillation data and training (default 0)")
     q.add_argument("--format", choices=("zeroquant", "compressed-tensors"), default="zeroquant",
                    help="checkpoint format: zeroquant's own (default), or compressed-tensors for vLLM, SGLang and "
                    "transformers (see `zeroquant export`)")
@@ -407,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "torchao-int8wo, torchao-int4wo, torchao-int8dq; needs it installed")
     b.add_argument("--no-save", action="store_true", help="do not save each quantized model to measure its file")
     b.add_argument("--reps", type=int, default=3, help="timed repetitions, median reported (default 3)")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=_seed, default=0)
     b.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     b.add_argument("--json", metavar="FILE", help="also write settings and rows as JSON")
     b.add_argument("--md", metavar="FILE", help="also write the printed table as markdown")

@@ -230,9 +230,11 @@ def resolve_config(config: QuantConfig | str) -> QuantConfig:
     if plus and last.startswith("smooth"):
         alpha = last.removeprefix("smooth")
         try:
-            return with_smoothing(resolve_config(base), float(alpha) if alpha else "auto")
+            value = float(alpha) if alpha else "auto"
         except ValueError:
-            pass
+            value = None  # not an alpha: the name falls through to the unknown-preset error
+        if value is not None:
+            return with_smoothing(resolve_config(base), value)
     if key in PRESETS:
         return PRESETS[key]
     base, _, suffix = key.rpartition("-")

@@ -12,13 +12,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calib import model_device, move, tokenize_texts
-from .errors import ZeroQuantError
+from .errors import PathError, ZeroQuantError
 from .hf import has_mlm_head, is_causal_lm
 
 
 def read_text(path: str | os.PathLike) -> str:
     if not os.path.isfile(path):
-        raise ZeroQuantError(f"text file not found: {path}")
+        raise PathError(f"text file not found: {path}")
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()

@@ -13,7 +13,7 @@ from pathlib import Path
 from torch import nn
 
 from .adapters import arch_for
-from .errors import ZeroQuantError
+from .errors import PathError, ZeroQuantError
 
 
 def is_causal_lm(model: nn.Module) -> bool:
@@ -47,7 +47,7 @@ def _source(path: str) -> tuple[Path, dict]:
     if p.is_file() and p.suffix.lower() == ".gguf":
         return p.parent, {"gguf_file": p.name}
     if not p.exists():
-        raise ZeroQuantError(f"model directory not found: {path}")
+        raise PathError(f"model directory not found: {path}")
     if not p.is_dir():
         raise ZeroQuantError(f"{path} is neither a Hugging Face model directory nor a .gguf file")
     if not (p / "config.json").exists():
