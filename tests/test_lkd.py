@@ -209,3 +209,10 @@ def test_lkd_on_half_precision_model_keeps_dtypes_and_reloads(tmp_path):
     ids = tiny_input()
     with torch.no_grad():
         assert torch.equal(q(ids).logits, zq.load_quantized(tmp_path / "q")(ids).logits)
+
+
+def test_default_data_is_as_long_as_the_model_takes():
+    """128 x 2,048 tokens by default, clamped to the positions the model takes (128 for the tiny GPT-2)."""
+    model = tiny_model("gpt2")
+    batches = zq.lkd_batches("random", model, num_sequences=16)
+    assert len(batches) == 2 and batches[0]["input_ids"].shape == (8, model.config.max_position_embeddings)

@@ -104,10 +104,13 @@ def _self_generated(model: nn.Module, tokenizer, n: int, seq_len: int, batch_siz
     return torch.cat(out)
 
 
-def lkd_batches(source: str, model: nn.Module, tokenizer=None, num_sequences: int = 128, seq_len: int = 128,
+def lkd_batches(source: str, model: nn.Module, tokenizer=None, num_sequences: int = 128, seq_len: int = 2048,
                 batch_size: int = 8, seed: int = 0, temperature: float = 1.0, top_p: float = 1.0) -> list[Batch]:
     """Batches for distillation from `source`: a text/jsonl file path, "self" (sampled with `temperature`
-    and nucleus `top_p`) or "random"."""
+    and nucleus `top_p`) or "random". Sequences are `seq_len` tokens, or as long as the model takes when
+    that is shorter; a text file gives as many whole sequences as it holds, up to `num_sequences`."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    seq_len = min(seq_len, limit) if isinstance(limit, int) and limit > 0 else seq_len
     gen = torch.Generator().manual_seed(seed)
     vocab = model.get_input_embeddings().weight.shape[0]
     if source == "random":
