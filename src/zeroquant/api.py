@@ -115,10 +115,11 @@ def quantize(
     """Quantize `model` the ZeroQuant way and return it.
 
     config: a QuantConfig or a preset name ("w8a8", "w4/8-a8", ...; see zeroquant.PRESETS).
-    calib_data: list of strings, tensor of token ids, or list of tokenized batches. Needed by static
-        activation baselines, GPTQ rounding, smoothing and distillation (`lkd`); other presets need none.
-    lkd: an LKDConfig to run layer-by-layer distillation of each quantized block from its FP self; rules
-        with GPTQ rounding start each block's distillation from GPTQ's integers.
+    calib_data: a text file's path, a list of strings, a tensor of token ids, or a list of tokenized batches
+        (zq.lkd_batches makes them). Needed by static activation baselines, GPTQ rounding, smoothing and
+        distillation (`lkd`); other presets need none.
+    lkd: an LKDConfig to distil each quantized block toward its FP self, one block at a time (zeroquant.lkd,
+        docs/lkd.md); with GPTQ rules each block's distillation starts from GPTQ's integers.
     inplace: modify and return `model` itself; by default a copy is quantized and `model` is untouched.
     allow_generic: quantize every linear inside the blocks of an architecture without an adapter.
     fuse: fold norms into token-wise quantization and MLP activations into GEMM epilogues
