@@ -38,26 +38,26 @@ def _default_device(arg: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _positive_int(v: str) -> int:
-    """argparse type for counts and lengths: 0 or less would silently mean 'all' or 'none'."""
-    try:
-        n = int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
+def _int_option(lo: int, hi: int | None, what: str):
+    """argparse type for an integer in [lo, hi]."""
+
+    def parse(v: str) -> int:
+        try:
+            n = int(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {v!r}") from None
+        if n < lo or (hi is not None and n > hi):
+            raise argparse.ArgumentTypeError(f"must be at least {lo}, got {n}" if hi is None
+                                             else f"must be in {lo}..{hi}, got {n}")
+        return n
+
+    return parse
 
 
-def _seed(v: str) -> int:
-    """argparse type for seeds: what every generator takes (torch refuses seeds past 64 bits in a traceback)."""
-    try:
-        n = int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer seed, got {v!r}") from None
-    if not 0 <= n < 2**32:
-        raise argparse.ArgumentTypeError(f"must be in 0..{2**32 - 1}, got {n}")
-    return n
+# counts and lengths: 0 or less would silently mean 'all' or 'none'
+_positive_int = _int_option(1, None, "a positive integer")
+# seeds: what every generator takes (torch refuses seeds past 64 bits in a traceback)
+_seed = _int_option(0, 2**32 - 1, "an integer seed")
 
 
 def _positive_float(v: str) -> float:
