@@ -8,6 +8,7 @@ from .fusion import fuse
 from .hf import load_fp_model
 from .lkd import LKDConfig
 from .lkd_data import lkd_batches
+from .provenance import version
 from .qlinear import QuantLinear
 
 __all__ = [
@@ -29,4 +30,4 @@ __all__ = [
     "save_quantized",
     "set_mode",
 ]
-__version__ = "0.1.0"
+__version__ = version()

@@ -25,6 +25,7 @@ from .config import QuantConfig
 from .errors import PathError, ZeroQuantError
 from .fusion import fuse as fuse_ops
 from .hf import check_device, model_tokenizer
+from .provenance import version
 from .qlinear import QuantLinear
 
 QUANT_FILE = "quantization.json"
@@ -235,7 +236,7 @@ def _skeleton(cls: type, hf_config, dtype: torch.dtype) -> nn.Module:
 
 
 def save_quantized(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, extra: dict | None = None,
-                   format: str = "zeroquant", overwrite: bool = False) -> Path:
+                   format: str = "zeroquant", overwrite: bool = False, provenance: dict | None = None) -> Path:
     """Write the quantized model to `out_dir` atomically (temp dir + rename): a failure leaves nothing.
 
     format: "zeroquant" (quantization.json + model.safetensors, read by zq.load_quantized) or
@@ -245,11 +246,13 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None,
     `overwrite` is set; files a save did not write are kept either way. The current directory and paths
     under a file are refused (check_output_dir).
     `extra` files (name -> JSON-able object) are written beside the model, e.g. a distillation report.
+    `provenance` (zeroquant.provenance: how the model was made) goes into quantization.json with the version.
     """
     if format not in FORMATS:
         raise ZeroQuantError(f"unknown checkpoint format {format!r}; choose one of {', '.join(FORMATS)}")
     out = check_output_dir(out_dir, overwrite=overwrite)
     manifest = quant_manifest(model)
+    manifest["provenance"] = {"zeroquant": version(), **(provenance or {})}
     meta = next((n for n, t in model.state_dict().items() if t.is_meta), None)
     if meta is not None:  # a model built under init_empty_weights: nothing to write
         raise ZeroQuantError(f"{meta} is on the meta device (it holds no data): load real weights before saving")

@@ -161,8 +161,18 @@ def cmd_quantize(args) -> None:
     if lkd is not None:
         extra["lkd_report.json"] = {"data": args.lkd_data, **lkd_report(lkd, qmodel.zeroquant_lkd)}
         print(format_table(qmodel.zeroquant_lkd))
+    from dataclasses import asdict
+
+    from .provenance import data_record
+
+    source = args.lkd_data if args.lkd else (args.calib if calib is not None and args.calib else "self")
+    made = {"model": Path(args.model_dir).name, "preset": cfg.name,
+            "options": {"group_size": args.group_size, "gptq": args.gptq, "smooth": args.smooth,
+                        "generic": args.generic, "format": args.format},
+            "data": data_record(source, calib), "lkd": None if lkd is None else asdict(lkd), "seed": args.seed,
+            "processes": 1}
     out = save_quantized(qmodel, args.output, tokenizer=tok, extra=extra, format=args.format,
-                         overwrite=args.overwrite)
+                         overwrite=args.overwrite, provenance=made)
     print(f"saved {cfg.name} model to {out} ({args.format})")
 
 
@@ -259,6 +269,10 @@ def cmd_info(args) -> None:
     for k, v in sorted(by_kind.items()):
         print(f"  {v:4d} x {k}")
     print(f"weights file:  {size / 1e6:.2f} MB")
+    if isinstance(m.get("provenance"), dict):
+        from .provenance import describe
+
+        print("\n".join(describe(m["provenance"])))
 
 
 def cmd_bench(args) -> None:
