@@ -216,3 +216,21 @@ def test_default_data_is_as_long_as_the_model_takes():
     model = tiny_model("gpt2")
     batches = zq.lkd_batches("random", model, num_sequences=16)
     assert len(batches) == 2 and batches[0]["input_ids"].shape == (8, model.config.max_position_embeddings)
+
+
+def test_one_batch_is_split_to_judge_on_held_apart_sequences():
+    from zeroquant.calib import split_batch
+
+    ids, mask = tiny_input(5, 8, seed=1), torch.ones(5, 8, dtype=torch.long)
+    a, b = split_batch({"input_ids": ids, "attention_mask": mask})
+    assert torch.equal(torch.cat([a["input_ids"], b["input_ids"]]), ids) and a["attention_mask"].shape == (3, 8)
+    one = {"input_ids": ids[:1]}
+    assert len(split_batch(one)) == 1 and split_batch(one)[0] is one
+    q = zq.quantize(tiny_model("llama"), "w4a16", calib_data=[{"input_ids": ids}], lkd=zq.LKDConfig(steps=5),
+                    progress=False)
+    assert all(r["judged_on"] == "held-apart" for r in q.zeroquant_lkd)
+
+
+def test_short_runs_take_small_sign_steps():
+    assert zq.LKDConfig(steps=20).sign_lr == 0.005 and zq.LKDConfig(steps=1000).sign_lr == 0.001
+    assert zq.LKDConfig(steps=20, lr=0.05).sign_lr == 0.05

@@ -10,7 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import block_linears, get_arch, get_blocks
-from .calib import Batch, model_device, move, to_batches
+from .calib import Batch, model_device, move, split_batch, to_batches
 from .config import LinearRule, QuantConfig, resolve_config
 from .errors import ZeroQuantError
 from .fusion import fuse as fuse_ops
@@ -184,6 +184,8 @@ def _blockwise(model: nn.Module, targets: list[Target], batches, ranges: dict, l
         return {n: Start(r.weight, r.scale, r.zero) for n, r in gptq_starts(ts, block, inputs, stream).items()}
 
     device = torch.device(lkd.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if len(batches) == 1 and lkd.holdout > 0:  # keep sequences apart to judge the best iterate on
+        batches = split_batch(batches[0])
     table: list[dict] = []
     model.requires_grad_(False)
     step = lkd_step(targets, lkd, ranges, device, table, gptq_start if gptq else None,

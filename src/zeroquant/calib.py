@@ -110,6 +110,20 @@ def _to_batches(data, tokenizer, model, seq_len: int, batch_size: int) -> list[B
     return out
 
 
+def split_batch(batch: Batch) -> list[Batch]:
+    """A batch of two or more sequences as two batches (the first holding the extra one); one sequence stays."""
+    n = batch["input_ids"].shape[0] if batch["input_ids"].dim() > 1 else 1
+    if n < 2:
+        return [batch]
+    half = (n + 1) // 2
+
+    def rows(sl: slice) -> Batch:
+        return {k: v[sl] if isinstance(v, torch.Tensor) and v.dim() > 1 and v.shape[0] == n else v
+                for k, v in batch.items()}
+
+    return [rows(slice(0, half)), rows(slice(half, n))]
+
+
 def move(batch: Batch, device: torch.device | str) -> Batch:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 

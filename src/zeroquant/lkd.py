@@ -38,12 +38,13 @@ from .qlinear import QuantLinear, linear_weight
 INPUTS = ("fp", "quantized", "mixed")
 TRAIN = ("rounding", "weights", "all")
 CLIP_MIN = 0.5  # a group's range may shrink to half its extent, never grow (its extreme weights then clamp)
+MAX_SIGN_LR = 0.005  # AutoRound's step at its 200 steps
 
 
 @dataclass
 class LKDConfig:
     steps: int = 200  # optimizer steps per block, one calibration batch a step
-    lr: float | None = None  # rounding offsets and clipping factors (sign steps); None: 1 / steps
+    lr: float | None = None  # rounding offsets and clipping factors (sign steps); None: 1 / steps, at most 0.005
     weight_lr: float = 3e-5  # master weights and biases (Adam), with train="weights" or "all"
     inputs: str = "quantized"  # fp | quantized | mixed
     train: str = "rounding"  # rounding | weights | all
@@ -65,7 +66,9 @@ class LKDConfig:
 
     @property
     def sign_lr(self) -> float:
-        return self.lr if self.lr is not None else 1.0 / max(self.steps, 1)
+        """Long runs take smaller steps (their sum stays about half a level); short ones keep 0.005: at 1/steps
+        a 20-step run moved every clipping factor 5% a step and wrecked SmolLM2 (docs/lkd.md)."""
+        return self.lr if self.lr is not None else min(1.0 / max(self.steps, 1), MAX_SIGN_LR)
 
 
 class Start(NamedTuple):
