@@ -37,3 +37,20 @@ def test_cli_records_and_info_prints_provenance(tmp_path, capsys):
     assert p["data"]["sha256"] == hashlib.sha256(calib.read_bytes()).hexdigest() and p["data"]["sequences"] == 4
     rc, out, _ = run(["info", tmp_path / "a"], capsys)
     assert rc == 0 and "made by:       zeroquant" in out and "c.txt (4 sequences" in out and "gptq=True" in out
+
+
+def test_identical_cli_runs_write_identical_files(tmp_path, capsys):
+    """RTN, +gptq --calib and --lkd: two runs, the same bytes in every file (sha256 identifies a checkpoint)."""
+    calib = tmp_path / "c.txt"
+    calib.write_text("Once upon a time, there was a little girl named Lily. She loved to play outside. " * 60)
+    variants = {"rtn": ["--preset", "w4a16"], "gptq": ["--preset", "w4a16", "--gptq", "--calib", calib],
+                "lkd": ["--preset", "w4/8-a8", "--lkd", "--lkd-data", calib, "--lkd-steps", "5", "--lkd-samples",
+                        "4", "--lkd-seq-len", "64"]}
+    for name, args in variants.items():
+        outs = [tmp_path / f"{name}{i}" for i in range(2)]
+        for out in outs:
+            assert run(["quantize", STORIES, *args, "-o", out, "--device", "cpu"], capsys)[0] == 0
+        files = sorted(f.name for f in outs[0].iterdir())
+        assert files == sorted(f.name for f in outs[1].iterdir()) and "model.safetensors" in files
+        for f in files:
+            assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), (name, f)
