@@ -183,7 +183,7 @@ def attention(
     if sq == 1:
         _decode_attention(q, k, v, m, ms, o, kind, hk, scale, block_d)
         return o.transpose(1, 2)
-    # 128 x 64 tiles, 8 warps, 2 stages: the fastest tiling measured for BERT-large's heads (bench/NOTES.md).
+    # 128 x 64 tiles, 8 warps, 2 stages: the fastest tiling measured for BERT-large's heads (docs/history.md).
     block_m = 64 if sq <= 64 else 128
     _attn_kernel[(triton.cdiv(sq, block_m), b * h)](
         q, k, v, m if m is not None else q, o,
@@ -198,7 +198,7 @@ def attention(
 
 # Keys a decode program reads per step, and its warps: of 3 x 5 x 2 (BLOCK_N, split, warps) variants at 1 x 192,
 # 1 x 1024 and 16 x 192 (batch x keys, 32 heads), 64 keys with 4 warps and about 4 programs per SM was the
-# fastest or within 2% at each (bench/NOTES.md, session 20).
+# fastest or close to it at each (docs/history.md).
 DECODE_BLOCK_N = 64
 DECODE_WARPS = 4
 DECODE_PROGRAMS_PER_SM = 4

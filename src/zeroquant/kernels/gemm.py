@@ -13,7 +13,7 @@
   (fewer tokens, float32 outputs, a Triton without Gluon), operands by TMA;
 - tile_gemm: everything else, every format, with a fused dequantizing epilogue.
 All of them apply the per-token activation scale, bias and activation in their epilogue. Why each shape
-goes where it goes: bench/NOTES.md (kernel choices).
+goes where it goes: docs/kernels.md (measurements: docs/history.md).
 """
 
 from __future__ import annotations

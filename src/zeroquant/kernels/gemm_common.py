@@ -18,14 +18,14 @@ def _gpu_time(fn, quantiles):
     """The autotuners' measure: back-to-back CUDA-graph replays, so the inputs sit in L2 as they do in a model
     (the activation was just written by the op before). triton's do_bench flushes L2 before every call; its
     ranking of close configurations changed from one process to the next, and so did whole-model times
-    (bench/NOTES.md, kernel choices)."""
+    (docs/history.md, kernel choices)."""
     return triton.testing.do_bench_cudagraph(fn, rep=20, quantiles=quantiles)
 
 
 def _cold_gpu_time(fn, quantiles):
     """_gpu_time with each call after a read of twice the L2, less that read's own time: the weights come from
     HBM, as a decoder layer's do in a model. Decode configurations measured warm ranked wrongly wherever the
-    weights fit in L2 (bench/NOTES.md, session 25)."""
+    weights fit in L2 (docs/history.md)."""
     # Twice the L2's bytes, allocated per tuning run rather than held: ~100 MB on Hopper.
     sweep = torch.ones(torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size,
                        dtype=torch.float16, device="cuda")
@@ -75,7 +75,7 @@ def _scale_zero_word(s_ptr, idx):
     """(scale, zero point) in float32 at idx of interleaved float16 scales and zero points
     (weight_format.interleave): one 32-bit word, the scale's bits low and the zero point's high. One 4-byte load
     instead of two 2-byte ones; Triton's pipeliner streams it (cp.async) where it waited for the two
-    (bench/NOTES.md, session 23)."""
+    (docs/kernels.md)."""
     word = tl.load(s_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + idx)
     s = (word & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     return s, (word >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
@@ -86,7 +86,7 @@ def _scale_zero(s_ptr, z_ptr, group_row, rn, HAS_ZERO: tl.constexpr, SZ_WORD: tl
     """Rows rn's float32 scales and zero points (8 when symmetric) in the group whose [G, N] row starts at
     group_row: one word a row where they are interleaved (SZ_WORD, _scale_zero_word), else from their separate
     buffers. The tile GEMM and the INT4 GEMV compile to the same SASS through it as with their own loads; the
-    small-M kernel keeps its own (through this helper its SASS changed, unmeasured: bench/NOTES.md, session 26)."""
+    small-M kernel keeps its own (through this helper its SASS changed, unmeasured: docs/history.md)."""
     if SZ_WORD:
         return _scale_zero_word(s_ptr, group_row + rn)
     s = tl.load(s_ptr + group_row + rn).to(tl.float32)
@@ -98,7 +98,7 @@ def _scale_zero(s_ptr, z_ptr, group_row, rn, HAS_ZERO: tl.constexpr, SZ_WORD: tl
 def _tied(z, s):
     """z + 0 * s in an opaque FMA: a K step's first math (on z) then needs s, so ptxas issues the scale's load
     with the others at the top of the step instead of sinking it to its use at the end, which cost the INT4
-    GEMV a second wait on memory every step (bench/NOTES.md, session 21)."""
+    GEMV a second wait on memory every step (docs/kernels.md)."""
     return tl.inline_asm_elementwise("fma.rn.f32 $0, $2, 0f00000000, $1;", "=r,r,r", [z, s], dtype=tl.float32,
                                      is_pure=True, pack=1)
 
@@ -110,7 +110,7 @@ def _nibble_planes(wb, zo, ety: tl.constexpr, ROWS: tl.constexpr, BYTES: tl.cons
     fp16, 128 + zero in bf16).
 
     Why inline PTX: 32-bit logic works on four bytes at once, where Triton's byte-wise ops took several
-    instructions per weight and bounded the kernel by instruction issue, not bandwidth (bench/NOTES.md,
+    instructions per weight and bounded the kernel by instruction issue, not bandwidth (docs/history.md,
     kernel choices). int8: 0x80 | nibble minus the zero point cannot borrow across bytes (0x71..0x8F), and
     xor 0x80 turns the result into q - zero in two's complement. Half precision: nibbles are spread to the
     16-bit lanes (prmt) and OR-ed into the mantissa of 1024 (fp16, 0x6400) or 128 (bf16, 0x4300), which gives

@@ -26,8 +26,8 @@ from .weight_format import PACK, KernelWeight
 
 # X_TILE: load the token as a [BLOCK_N, BLOCK_K] tile, every row the
 # same K slice, so it arrives in the weight slab's layout; otherwise it is loaded once a step and the compiler
-# moves it into that layout through shared memory, with barriers. Neither won at every shape (bench/NOTES.md,
-# session 15), so the autotuner measures both.
+# moves it into that layout through shared memory, with barriers. Neither won at every shape (docs/history.md),
+# so the autotuner measures both.
 _GEMV_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "X_TILE": xt}, num_warps=w)
     for bn, bk, w in [(16, 256, 4), (32, 256, 4), (8, 256, 4), (16, 512, 4), (8, 512, 4), (4, 1024, 4),
@@ -45,7 +45,7 @@ def _prune_gemv(configs, named_args, **kwargs):
 
 def _gemv_split(args: dict) -> int:
     """K slices per tile of rows: up to 8 programs per SM, so enough weight loads are in flight when N alone
-    gives few tiles (11008 x 4096 read at half the bandwidth without; bench/NOTES.md, kernel choices)."""
+    gives few tiles (docs/history.md, kernel choices)."""
     tiles = triton.cdiv(args["N"], args["BLOCK_N"])
     sms = device_info(device_index(args["a_ptr"]))[1]
     return max(1, min(8 * sms // tiles, args["K"] // args["BLOCK_K"], MAX_SPLIT))
@@ -158,14 +158,13 @@ def _gemv_kernel(
                    ACT, GLU, SPLIT, BLOCK_N, 1)
 
 
-# The INT4 GEMV's one configuration: 64 rows a program (two rows a thread), about 8 programs per SM. Within 4%
-# of the best of 31 configurations at every Llama-7B decode shape with the weights read from memory; the
-# autotuner's L2-hot measure picked configurations up to 14% slower (bench/NOTES.md, session 18).
+# The INT4 GEMV's one configuration: 64 rows a program (two rows a thread), about 8 programs per SM. Close to
+# the best configuration at every Llama-7B decode shape with the weights read from memory, where the
+# autotuner's L2-hot measure picked slower ones (docs/history.md).
 W4_BLOCK_N = 64
 W4_PROGRAMS_PER_SM = 8
-# Two fp16 tokens hold twice the token registers (two K steps: about 100 a thread in sm_90 SASS, against 68 for
-# one token), so four programs fit an SM; two int8 tokens ran fastest at the one-token count (bench/NOTES.md,
-# session 26).
+# Two fp16 tokens hold twice the token registers (two K steps), so four programs fit an SM; two int8 tokens ran
+# fastest at the one-token count (docs/history.md).
 W4_PROGRAMS_PER_SM_2 = 4
 
 
@@ -178,7 +177,7 @@ def _w4_plan(a: torch.Tensor, n: int, k: int, group: int) -> tuple[int, int, int
     """(split, step, unroll) of an INT4 GEMV launch: K slices per tile of rows so that about
     W4_PROGRAMS_PER_SM programs (W4_PROGRAMS_PER_SM_2 for two fp16 tokens) run on each SM. Programs with two K
     steps in flight take one wave of at most that many: a few programs past it cost fp16 q/k/v more than the
-    extra slice saved, while one-step programs gained from them (bench/NOTES.md, session 22). The split is then
+    extra slice saved, while one-step programs gained from them (docs/history.md). The split is then
     lowered to the fewest slices with the same longest one, so no program gets an empty or stub slice (_k_slice
     cuts K in whole iterations)."""
     step = _w4_step(k, group)
@@ -197,7 +196,7 @@ def _w4_unroll(a: torch.Tensor, k: int, step: int, split: int) -> int:
     """K steps an iteration of the INT4 GEMV takes (their loads in flight together): two for fp16 tokens where
     every K slice gets at least two such pairs (one pair for two tokens); one otherwise. bf16 tokens were no
     faster with two; one token on slices of one pair was slower at 4096 x 4096, two tokens faster
-    (bench/NOTES.md, sessions 21 and 26)."""
+    (docs/history.md)."""
     pair, pairs = 2 * step, 2 if a.shape[0] == 1 else 1
     fits = k % pair == 0 and k // (pair * split) >= pairs
     return 2 if a.dtype == torch.float16 and step == 128 and fits else 1
@@ -340,7 +339,7 @@ def _w4_k_step(acc, acc1, wb, s, z, xl, xh, xl1, xh1, A_INT8: tl.constexpr, HALF
     if A_INT8:
         # INT8 tokens: q - zero as int8 four to a register (_nibble_planes), two dp4a per four bytes; the
         # step's int32 dot (|dot| <= 128 * 127 * 15 < 2^22) is exact through _exact_float. The zero point is
-        # not tied to the scale: int8 tokens measured no better tied (bench/NOTES.md, session 21).
+        # not tied to the scale: int8 tokens measured no better tied (docs/history.md).
         lo, hi = _nibble_planes(wb, z.to(tl.int8), tl.int8, BLOCK_N, BYTES)
         part = _exact_float(tl.sum(tl.reshape(_dp4a(lo, xl, hi, xh), (BLOCK_N, BYTES // 16, 16)), 2))
         if TOKENS == 2:
@@ -426,7 +425,7 @@ def _w4_gemv_kernel(
 
 def gemv_ok(a: torch.Tensor, w: KernelWeight) -> bool:
     """Whether the GEMVs take tokens a: one token, or two fp16/int8 tokens against INT4 weights (two bf16 tokens
-    ran at 0.7x of the small-M kernel's speed: bench/NOTES.md, session 26); K a whole number of chunks."""
+    run faster on the small-M kernel: docs/kernels.md); K a whole number of chunks."""
     two = a.shape[0] == 2 and w.bits == 4 and a.dtype != torch.bfloat16
     return a.shape[1] % 64 == 0 and (a.shape[0] == 1 or two)
 

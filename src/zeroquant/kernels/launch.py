@@ -8,7 +8,7 @@ nothing reads an input early or overwrites a buffer still being read.
 
 The GEMMs are pickier: eager prefill was slower with PDL on them in most processes, so the TMA GEMM, the
 GEMV and the Gluon small-M INT4 GEMM take it only while a CUDA graph is captured, where it helped; the tile
-GEMM (decode at batch 16) never does, since it was slower with it there too (bench/NOTES.md, kernel choices).
+GEMM (decode at batch 16) never does, since it was slower with it there too (docs/history.md, kernel choices).
 """
 
 from __future__ import annotations

@@ -82,7 +82,7 @@ def token_scale(absmax, qeps):
 def to_int8(y, scale, inv):
     """round_half_even(y / scale) as int8, inv = div_rn(1, scale). Per element, y / scale is y * inv plus one
     FMA correction from the exact residual, the correctly rounded quotient in all but rare last-ulp cases
-    (div_rn per element made GELU + quant compute-bound: bench/NOTES.md). Rounding:
+    (div_rn per element made GELU + quant compute-bound: docs/history.md, kernel choices). Rounding:
     adding 1.5 * 2^23 leaves no fraction bits, so the float add rounds half to even like torch.round, and
     the sum's low mantissa bits are the integer itself (two's complement): its low byte is the int8, with
     no float -> int conversion. No clamp to [-127, 127] is needed: |y| <= absmax and scale = RN(absmax /
@@ -152,7 +152,7 @@ def _launch(x, *, norm=NORM_NONE, weight=None, bias=None, eps=0.0, act=None, gat
     r2 = _rows(residual, k) if residual is not None else x2
     block = triton.next_power_of_2(k)
     # Activation rows (no y store) were fastest with 4 warps per 4096 columns; norms' y stores and two
-    # reductions want more warps in flight (bench/NOTES.md, kernel choices).
+    # reductions want more warps in flight (docs/history.md, kernel choices).
     warps = max(1, min(16, block // (1024 if act else 512)))
     if m:
         _row_quant_kernel[(m,)](

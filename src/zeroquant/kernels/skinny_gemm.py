@@ -28,7 +28,7 @@ from .weight_format import KernelWeight
 # The small-M INT4 kernel's tile of output channels: the M side of one Hopper warpgroup MMA (64 x 16 x 16).
 SKINNY_BLOCK_N = 64
 # Half-precision tokens, up to 8 of them: 32 channels a program on 2 warps, whose dots Triton lowers to
-# mma.sync instead of the warpgroup MMA (fewer instructions a weight; bench/NOTES.md, session 22).
+# mma.sync instead of the warpgroup MMA (fewer instructions a weight; docs/kernels.md).
 SKINNY_SYNC_BLOCK_N = 32
 SKINNY_SYNC_MAX_M = 8
 
@@ -52,8 +52,8 @@ def _zero_operand(z_ptr, idx, s, HAS_ZERO: tl.constexpr, A_INT8: tl.constexpr, e
                   BLOCK_N: tl.constexpr):
     """What _nibble_planes subtracts from a row's nibbles: the zero point (8 when symmetric) as int8, or the
     half-precision magic base plus the zero point. For half-precision tokens the zero point is tied to the
-    group's scale s (_tied), so both load at the top of the step; int8 tokens were slower tied (bench/NOTES.md,
-    session 22)."""
+    group's scale s (_tied), so both load at the top of the step; int8 tokens were slower tied
+    (docs/history.md)."""
     z = tl.load(z_ptr + idx).to(tl.float32) if HAS_ZERO else tl.full((BLOCK_N,), 8.0, tl.float32)
     if A_INT8:
         return z.to(tl.int8)
@@ -87,7 +87,7 @@ def _w4_skinny_kernel(
 
     Why not _qlinear_kernel: with the tokens as M, Hopper's warpgroup MMA (M = 64) cannot be used, and every
     weight was scaled in float32 before the dot; at M = 16 that kernel ran no faster than cuBLAS on FP16
-    weights (bench/NOTES.md, kernel choices). Here a weight tile becomes q - zero in registers
+    weights (docs/history.md, kernel choices). Here a weight tile becomes q - zero in registers
     (_nibble_planes) straight into the MMA's register operand: int8 against INT8 tokens (each group's int32
     dot exact), fp16/bf16 against half-precision tokens. The group's scale multiplies the group's float32
     dot instead of each weight (SZ_WORD: scales interleaved with the zero points, one word a row). Tokens past M
@@ -160,7 +160,7 @@ def _w4_skinny_kernel(
 
 def skinny_ok(a: torch.Tensor, w: KernelWeight) -> bool:
     """INT4 weights, 2..16 tokens, on Hopper+ (the warpgroup MMA's register operand). One token goes to the
-    INT4 GEMV, which reads the weights 1.3-1.4x faster (bench/NOTES.md, session 18)."""
+    INT4 GEMV, which reads the weights faster (docs/kernels.md)."""
     return w.bits == 4 and 1 < a.shape[0] <= 16 and a.is_cuda and device_info(device_index(a))[0] >= 9
 
 
@@ -184,7 +184,7 @@ def skinny_tile(a: torch.Tensor) -> tuple[int, int]:
 
 def skinny_split(w: KernelWeight, sms: int, rows: int, per_sm: int) -> int:
     """K slices per output tile of `rows` channels, so about per_sm programs run on each SM and keep enough
-    weight loads in flight; at least 256 channels a slice (how flat the optimum is: bench/NOTES.md, kernel
+    weight loads in flight; at least 256 channels a slice (how flat the optimum is: docs/history.md, kernel
     choices)."""
     tiles = triton.cdiv(w.out_features, rows)
     return max(1, min(round(per_sm * sms / tiles), w.in_features // 256, 16))

@@ -2,10 +2,10 @@
 16-byte weight load is unpacked straight into mma.sync's register operand, split-K.
 
 Why Gluon and not Triton: the operand's register layout is ours to choose here. Triton's small-M kernel
-(skinny_gemm) moved weight bytes into the MMA's layout two bytes at a time (LDS.U16 + PRMT), ~3.7
-instructions a weight; this one takes ~2.4, and its loads are a cp.async ring that the weights (which do not
-depend on the kernel before) start filling before the programmatic-dependent-launch wait. bench/NOTES.md,
-session 27, has the measurements.
+(skinny_gemm) moved weight bytes into the MMA's layout two bytes at a time (LDS.U16 + PRMT); this one takes
+fewer instructions a weight, and its loads are a cp.async ring that the weights (which do not depend on the
+kernel before) start filling before the programmatic-dependent-launch wait. Design: docs/kernels.md;
+measurements: docs/history.md.
 
 The trick is relabelling K. A thread of mma.m16n8k16 holds, for its rows, the operand's columns 2t, 2t+1,
 2t+8, 2t+9 of every 16 (t = lane % 4). The dot sums over K, so any bijection between the MMA's column index
@@ -204,7 +204,7 @@ def mma_split(n: int, k: int, sms: int) -> int:
     """K slices a tile of ROWS channels gets: as many as one wave of PROGRAMS_PER_SM an SM holds, at least
     MIN_STEPS steps each (a program's loads before its first step and its split-K sum after the last cost about
     a step each), then the fewest slices with the same longest one (fewer partials to add). How the time went
-    with the split: bench/NOTES.md, session 27."""
+    with the split: docs/history.md ("The split")."""
     steps = k // STEP
     split = max(1, min(PROGRAMS_PER_SM * sms // triton.cdiv(n, ROWS), steps // MIN_STEPS, 16))
     return triton.cdiv(steps, triton.cdiv(steps, split))

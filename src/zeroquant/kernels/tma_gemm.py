@@ -31,7 +31,7 @@ def _tma_cfg(bm, bn, bk, warps, stages, persist=False):
 
 # Persistent configs (one program per SM looping over tiles) win where K is short and N long (BERT-large's
 # FFN1): the flattened loop issues the next tile's loads while this tile's epilogue runs. One tile per
-# program wins at K = 4096 and up (bench/NOTES.md, kernel choices). 128 x 256 x 128 with 4 stages
+# program wins at K = 4096 and up (docs/history.md, kernel choices). 128 x 256 x 128 with 4 stages
 # does not fit shared memory next to the TMA store's 64 KiB output tile.
 _TMA_CONFIGS = [_tma_cfg(*c) for c in [
     (128, 256, 128, 8, 3), (256, 128, 128, 8, 3), (128, 128, 128, 8, 4), (128, 128, 128, 4, 4), (128, 256, 64, 8, 4),
@@ -51,8 +51,8 @@ def _w8a8_tma_kernel(
 ):
     """Prefill W8A8 with per-channel weights: the int8 x int8 tiles arrive by TMA (Hopper's bulk copy
     engine, out-of-range parts zero-filled), which frees the warps' load instructions and registers for the
-    MMAs (faster than the pointer-based _qlinear_kernel at M = 4096: bench/NOTES.md). One int32 accumulator,
-    the same epilogue, stored by TMA. Each program takes tiles pid, pid + programs, ... (one tile unless
+    MMAs (faster than the pointer-based _qlinear_kernel at M = 4096: docs/history.md, kernel choices). One int32
+    accumulator, the same epilogue, stored by TMA. Each program takes tiles pid, pid + programs, ... (one tile unless
     PERSIST). OUT_BYTES, the output's element size, is only an autotune key: a configuration that fits shared
     memory beside a 16-bit output tile may not beside a float32 one."""
     wait_for_producer(PDL)

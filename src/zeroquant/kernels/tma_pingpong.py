@@ -1,7 +1,7 @@
 """Prefill W8A8 with per-channel weights and 16-bit outputs on Hopper as a warp-specialized ping-pong GEMM (Gluon).
 
-Why: at K = 1024 (BERT-large) the TMA GEMM (tma_gemm) spends about a third of each tile outside its eight K
-steps (loads before the first MMA, the epilogue and store after the last; bench/NOTES.md, session 23). Here one
+Why: at K = 1024 (BERT-large) the TMA GEMM (tma_gemm) spends much of each tile outside its eight K steps
+(loads before the first MMA, the epilogue and store after the last; docs/kernels.md). Here one
 warp issues every TMA load for all of the program's tiles into a STAGES-deep ring, and two consumer warpgroups
 take alternate tiles: while one runs its epilogue the other's MMAs run, and the loads of a tile are in flight
 before its consumer reaches it. Stage g of the ring holds K step g % k_steps of the program's tile g // k_steps,
@@ -174,7 +174,7 @@ def _w8a8_pingpong_kernel(a_desc, w_desc, c_desc, as_ptr, s_ptr, b_ptr, M, N, K,
 
 def pingpong_ok(a: torch.Tensor, c: torch.Tensor) -> bool:
     """Whether a GEMM tma_gemm.tma_ok takes runs here: 512 tokens or more (below, the autotuned TMA GEMM's
-    other tile shapes win: bench/NOTES.md), and a 16-bit output (the two consumers' output tiles fit shared
+    other tile shapes win: docs/kernels.md), and a 16-bit output (the two consumers' output tiles fit shared
     memory beside the ring only in 16 bits)."""
     return a.shape[0] >= 512 and c.dtype in (torch.float16, torch.bfloat16)
 

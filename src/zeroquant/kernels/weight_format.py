@@ -99,8 +99,8 @@ class KernelWeight:
 
 def interleavable(bits: int, scale_dtype: torch.dtype, symmetric: bool, int8_tokens: bool) -> bool:
     """Whether a weight format's scales and zero points are stored interleaved: INT4 with float16 zero points
-    against INT8 tokens. Half-precision tokens keep separate buffers: their one-token GEMV, the fastest
-    decode path, ran 10-15% slower on interleaved ones (bench/NOTES.md, session 23)."""
+    against INT8 tokens. Half-precision tokens keep separate buffers: on interleaved ones their decode was no
+    faster end to end (docs/kernels.md)."""
     return bits == 4 and scale_dtype == torch.float16 and not symmetric and int8_tokens
 
 
@@ -109,7 +109,7 @@ def interleave(scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, t
 
     Why: the small-M INT4 kernel then reads a row's scale and zero point as one 4-byte word, which Triton's
     pipeliner prefetches (cp.async) stages ahead; two 2-byte loads it issues in the step and waits for
-    (bench/NOTES.md, session 23). Same bytes as two [G, N] buffers."""
+    (docs/kernels.md). Same bytes as two [G, N] buffers."""
     base = torch.stack((scale, zero), -1)
     return base[..., 0], base[..., 1]
 
