@@ -123,15 +123,15 @@ class QuantConfig:
                    smooth=d.get("smooth"))
 
 
-# INT8 weights: one scale per output channel. With 256 levels, groups buy almost nothing (MiniLM w8a8 mean
-# cosine 0.99760 at g128 vs 0.99745 per channel, README), while a per-channel scale factors out of the
-# integer dot product: the INT8 GEMM accumulates all of K in int32 and scales once, 1.5-2x faster in prefill
-# than converting and scaling every 128-channel group (bench/NOTES.md). ZeroQuant's own kernels scale per
-# output row too. Group-wise INT8 stays one suffix away: "w8a8-g128".
+# INT8 weights: one scale per output channel. With 256 levels, groups buy almost no accuracy (MiniLM w8a8,
+# docs/results.md), while a per-channel scale factors out of the integer dot product: the INT8 GEMM accumulates
+# all of K in int32 and scales once, where a group-wise one converts and scales every 128-channel group, which
+# makes prefill slower (docs/history.md, "Why the gaps"). ZeroQuant's own kernels scale per output row too.
+# Group-wise INT8 stays one suffix away: "w8a8-g128".
 W8 = WeightQuant(bits=8, group_size=-1, symmetric=True)
 # INT4 keeps a zero point: with only 16 levels, an asymmetric grid wastes none on a skewed group. Its group
 # scales and zero points are stored in float16: 0.25 bits a weight instead of 0.5, at no measured accuracy
-# cost (README, "Presets"; bench/results/scale_dtype.md). INT8 keeps float32: one scale per row costs nothing.
+# cost (docs/results.md, "INT4 scales in float16 or float32"). INT8 keeps float32: one scale per row costs nothing.
 W4 = WeightQuant(bits=4, group_size=128, symmetric=False, scale_dtype="float16")
 A8 = ActQuant(bits=8, dynamic=True)
 

@@ -119,7 +119,7 @@ class FusedAct(nn.Module):
     """An MLP activation whose output feeds one INT8-activation linear: on CUDA, one row kernel reads the
     first linear's output, applies the activation, writes only its token-wise INT8 form, and hands that to
     the second linear. In the first GEMM's epilogue erf GELU stalls the tensor cores; here it adds a little
-    to a pass the quantization needs anyway (bench/NOTES.md, kernel choices).
+    to a pass the quantization needs anyway (docs/history.md, kernel choices).
 
     The float activation is never written: the adapter's mlp_act entry says the consumer is its only
     reader, so forward returns a QuantizedActivation holding only the INT8 form (zeroquant.handoff); any
@@ -278,8 +278,8 @@ class EncoderAttention(nn.Module):
         return super()._apply(fn, recurse)
 
     def _packed_projection(self, x: torch.Tensor) -> list[torch.Tensor] | None:
-        """q, k and v from one GEMM over their packed weights (zeroquant.packing; faster than three: bench/NOTES.md),
-        packing them on first use; None where the kernels cannot."""
+        """q, k and v from one GEMM over their packed weights (zeroquant.packing; faster than three GEMMs:
+        docs/history.md, kernel choices), packing them on first use; None where the kernels cannot."""
         lins = [getattr(self, n) for n in self.names]
         packed = packing.cached_pack(self, lins, x)
         return None if packed is None else packed_linears(packed, lins, x)

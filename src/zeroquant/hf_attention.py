@@ -1,7 +1,7 @@
 """Decoder attention on zeroquant's kernel inside Hugging Face models, through transformers' AttentionInterface.
 
 A decode step asks attention for one query per head against the whole KV cache. torch's SDPA runs that as a
-flash kernel built for many queries (bench/NOTES.md, session 19); kernels.attention has a one-query kernel
+flash kernel built for many queries (docs/history.md); kernels.attention has a one-query kernel
 that reads the cache and the model's mask in place. `use_kernel_attention` registers `kernel_attention`
 under ATTENTION and points the model's config at it; transformers then calls it in every attention module
 that goes through the interface, with the mask SDPA would get (the mask function is SDPA's). It sends one
