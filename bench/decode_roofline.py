@@ -69,7 +69,7 @@ def main() -> None:
                 print(f"{k:6d} x {n:6d} m={m:2d} {name:17s} {r['us']:7.1f} us {r['mbytes']:7.1f} MB "
                       f"{r['fraction']:.2f}", flush=True)
             (out / "decode_roofline.json").write_text(json.dumps(res, indent=2))
-    # the configurations the autotuners took for each shape (GEMV X_TILE: bench/NOTES.md, session 15)
+    # the configurations the autotuners took for each shape (GEMV X_TILE: docs/history.md)
     for name, kernel in (("skinny_picks", skinny_gemm._w4_skinny_kernel),
                          ("skinny_sync_picks", skinny_gemm._w4_skinny_sync_kernel), ("gemv_picks", gemv._gemv_kernel),
                          ("tile_decode_picks", tile_gemm._qlinear_decode_kernel)):

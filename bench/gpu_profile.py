@@ -11,7 +11,7 @@ per forward and the total; the total is what a CUDA graph leaves once host launc
 time goes between the GEMMs.
 
 --host adds the host side of an eager forward, op by op (self CPU time): what to cut where the wall time is
-above the GPU time (bench/NOTES.md, session 14: eager Llama-7B prefill).
+above the GPU time (docs/history.md: eager Llama-7B prefill).
 """
 
 import argparse

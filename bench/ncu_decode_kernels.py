@@ -1,5 +1,5 @@
 """The one-token decode kernels at Llama-7B's 4096 x 11008, for Nsight Compute: each runs once inside a profiled
-range, after its autotuning (bench/results/ncu_int4_decode.json, bench/NOTES.md session 17).
+range, after its autotuning (bench/results/ncu_int4_decode.json, docs/history.md).
 
     ncu --clock-control none --profile-from-start off --section WarpStateStats --section SourceCounters \\
         --section Occupancy -o int4 python bench/ncu_decode_kernels.py

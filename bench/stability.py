@@ -83,7 +83,7 @@ def main() -> None:
             graphed = GraphedForward(model, **inputs, **kwargs)
             graph = times_ms(lambda: graphed(**inputs), a.reps)
             # Last, and only once a process: after a profiler session every launch pays CUPTI's callbacks
-            # (eager rows measured after it took 137-139 ms against 91-98 before)
+            # (eager rows measured after it were far slower: docs/history.md)
             gpu = kernel_ms(lambda: model(**inputs, **kwargs)) if i == a.rows - 1 else None
         row = {"row": i, "gpu_before": state, "eager_ms": summary(eager), "eager_kernel_ms": gpu,
                "graph_ms": summary(graph), "picks": picks()}
