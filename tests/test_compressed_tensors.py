@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import ASSETS
+from conftest import ASSETS, missing_asset
 from safetensors import safe_open
 from tiny_models import model_output, tiny_input, tiny_model
 
@@ -27,7 +27,7 @@ def load_model(name: str):
     MLP is 172 wide, so its INT4 groups are per output channel."""
     if name == "stories260k":
         if not (STORIES / "config.json").exists():
-            pytest.skip("../shared/assets/stories260K not found")
+            missing_asset("../shared/assets/stories260K")
         return AutoModelForCausalLM.from_pretrained(STORIES).eval(), "-ch"
     return tiny_model(name), "-g32"
 

@@ -11,7 +11,7 @@ import signal
 import pytest
 import torch
 import transformers
-from conftest import ASSETS
+from conftest import ASSETS, missing_asset
 from safetensors.torch import load_file, save_file
 
 import zeroquant as zq
@@ -20,7 +20,13 @@ from zeroquant.cli import _raise_interrupt, main
 from zeroquant.config import resolve_config
 
 STORIES = ASSETS / "stories260K"
-pytestmark = pytest.mark.skipif(not STORIES.exists(), reason="../shared/assets/stories260K not found")
+
+
+@pytest.fixture(autouse=True)
+def _needs_stories():
+    if not STORIES.exists():
+        missing_asset("../shared/assets/stories260K")
+
 STORY = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park. " * 40
 
 

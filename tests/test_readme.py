@@ -5,15 +5,14 @@ path and the text files they name are swapped for stories260K and small wikitext
 runs in a temporary directory.
 """
 
-import os
 import re
 import shlex
 from pathlib import Path
 
 import pytest
+from conftest import ASSETS, missing_asset
 
 ROOT = Path(__file__).resolve().parent.parent
-ASSETS = Path(os.environ.get("ZEROQUANT_ASSETS", ROOT.parent / "shared" / "assets"))
 STORIES = ASSETS / "stories260K"
 WIKI = ASSETS / "wikitext-2"
 
@@ -29,7 +28,7 @@ def quickstart_block(kind: str) -> str:
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
     if not STORIES.is_dir() or not WIKI.is_dir():
-        pytest.fail(f"the shared assets are missing: {STORIES} and {WIKI} (set ZEROQUANT_ASSETS)")
+        missing_asset(f"the shared assets {STORIES} and {WIKI}")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     # small real text: calibration from valid.txt, evaluation from test.txt

