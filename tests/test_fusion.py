@@ -4,13 +4,11 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 from tiny_models import model_output, tiny_input, tiny_model
 from torch import nn
 
 import zeroquant as zq
 from zeroquant import checkpoint
-from zeroquant import quant as Q
 from zeroquant.config import LinearRule, QuantConfig, WeightQuant, with_group_size
 from zeroquant.fusion import FusedAct, FusedNorm, GatedMLP, ResidualNorm, fuse
 
@@ -150,19 +148,11 @@ def test_scales_are_stored_group_major(preset):
         assert s.is_contiguous() and z.is_contiguous()
 
 
-def test_version1_checkpoint_int4_is_repacked(tmp_path):
-    model, ids = tiny_model("llama"), tiny_input()
-    q = zq.quantize(model, "w4/8-a16", progress=False)
-    out = zq.save_quantized(q, tmp_path / "q")
-    # rewrite the file as version 1 wrote it: INT4 bytes hold adjacent channel pairs
-    f = out / checkpoint.WEIGHTS_FILE
-    tensors = load_file(str(f))
-    for name, m in zq.quantized_modules(q).items():
-        if m.packed:
-            u = Q.unpack_int4(m.qweight, symmetric=False).to(torch.int16)
-            tensors[f"{name}.qweight"] = (u[:, 0::2] | (u[:, 1::2] << 4)).to(torch.uint8)
-    save_file(tensors, str(f), metadata={"format": "pt"})
+def test_version1_checkpoint_is_refused(tmp_path):
+    """Version 1 (INT4 in adjacent channel pairs) was never released: it is refused, not repacked."""
+    out = zq.save_quantized(zq.quantize(tiny_model("llama"), "w4/8-a16", progress=False), tmp_path / "q")
     manifest = json.loads((out / checkpoint.QUANT_FILE).read_text())
     manifest["version"] = 1
     (out / checkpoint.QUANT_FILE).write_text(json.dumps(manifest))
-    assert torch.equal(model_output(q, ids), model_output(zq.load_quantized(out), ids))
+    with pytest.raises(zq.ZeroQuantError, match="format version 1; this zeroquant reads version 2"):
+        zq.load_quantized(out)

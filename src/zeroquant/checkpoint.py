@@ -313,8 +313,9 @@ def read_manifest(path: str | os.PathLike) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != "zeroquant":
         raise ZeroQuantError(f"{f}: not a zeroquant manifest (no \"format\": \"zeroquant\")")
     version = manifest.get("version", 1)
-    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
-        raise ZeroQuantError(f"{f}: format version {version!r}; this zeroquant reads versions 1 to {FORMAT_VERSION}")
+    if version != FORMAT_VERSION:  # version 1 (INT4 in adjacent pairs) was never released: nothing reads it
+        raise ZeroQuantError(f"{f}: format version {version!r}; this zeroquant reads version {FORMAT_VERSION}: "
+                             "quantize the model again")
     missing = [k for k in MANIFEST_KEYS if k not in manifest]
     if missing:
         raise ZeroQuantError(f"{f}: missing {', '.join(missing)}")
@@ -388,14 +389,6 @@ def _read_checked(model: nn.Module, file: Path, device: torch.device) -> dict[st
     tensors = _read_file(file, device)
     _check_tensors(model, tensors, file)
     return tensors
-
-
-@torch.no_grad()
-def _repack_v1_int4(model: nn.Module) -> None:
-    """Version-1 checkpoints packed INT4 as adjacent pairs; rewrite them in the current layout."""
-    for m in quantized_modules(model).values():
-        if m.packed:
-            m.qweight.copy_(Q.pack_int4(Q.unpack_int4_pairs(m.qweight), symmetric=False))
 
 
 def _retie(model: nn.Module) -> None:
@@ -495,8 +488,6 @@ def _load_zeroquant(path: Path, device: torch.device) -> tuple[nn.Module, QuantC
     cfg = _manifest_config(path, manifest)
     file = _weights_file(path)
     _assign(model, _read_checked(model, file, device), file)
-    if manifest.get("version", 1) < 2:
-        _repack_v1_int4(model)
     return model, cfg
 
 

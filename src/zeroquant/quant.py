@@ -221,12 +221,6 @@ def unpack_int4(p: torch.Tensor, symmetric: bool) -> torch.Tensor:
     return u.to(torch.uint8)
 
 
-def unpack_int4_pairs(p: torch.Tensor) -> torch.Tensor:
-    """Raw nibbles of the version-1 checkpoint layout (byte j = channels 2j | 2j+1 << 4)."""
-    p16 = p.to(torch.int16)
-    return torch.stack([p16 & 0xF, (p16 >> 4) & 0xF], dim=-1).flatten(-2).to(torch.uint8)
-
-
 def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Exact integer a [M, K] @ b[N, K]^T -> int32 [M, N].
 
