@@ -137,14 +137,15 @@ Step = Callable[[nn.Module, BlockInputs, Hidden | None], nn.Module]
 
 
 def run_blocks(blocks: nn.ModuleList, model: nn.Module, batches: list[Batch], step: Step, device: torch.device,
-               carry_fp: bool = True, carry_quantized: bool = True, desc: str = "blocks",
-               progress: bool = True) -> None:
+               carry_fp: bool = True, carry_quantized: bool = True, fp_after_step: bool = False,
+               desc: str = "blocks", progress: bool = True) -> None:
     """Quantize `blocks` in place, one at a time on `device`: step(block, inputs, fp_outputs) for each.
 
     Two streams of hidden states can flow: with carry_fp the FP model's (each FP block's output feeds the next
     and is the step's target), with carry_quantized the quantized model's (each quantized block's output feeds
     the next, so a later block sees, and can correct, the error built up before it). A stream not carried is
-    None. Blocks go back to where they lived when done.
+    None. With fp_after_step the step changes the FP model itself (smoothing): it gets no targets, and the FP
+    stream advances through the block it returns. Blocks go back to where they lived when done.
     """
     if not (carry_fp or carry_quantized):
         raise ValueError("run_blocks needs at least one stream of hidden states")
@@ -162,11 +163,11 @@ def run_blocks(blocks: nn.ModuleList, model: nn.Module, batches: list[Batch], st
         home = next(block.parameters()).device
         block.to(device)
         inputs = BlockInputs(k, ctx, fp, quant, masks)
-        targets = inputs.outputs(block, fp) if fp is not None else None
+        targets = inputs.outputs(block, fp) if fp is not None and not fp_after_step else None
         new = step(block, inputs, targets)
         if quant is not None:
             quant = inputs.outputs(new, quant)
-        fp = targets
+        fp = inputs.outputs(new, fp) if fp is not None and fp_after_step else targets
         blocks[k] = new.to(home)
         if new is not block:
             block.to(home)

@@ -16,11 +16,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import quant as Q
 from .adapters import get_arch, get_blocks, smoothing_pairs
-from .blockwise import batch_masks, call_block, capture_block_inputs, to_device
+from .blockwise import BlockInputs, call_block, run_blocks
 from .calib import Batch
 from .config import LinearRule
 from .qlinear import is_linear, linear_weight
@@ -160,34 +159,32 @@ def smooth_model(model: nn.Module, rules: dict[str, LinearRule], batches: list[B
     blocks = get_blocks(model, allow_generic)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     n_stat = len(batches) - max(1, len(batches) // 4)
-    captured = capture_block_inputs(model, blocks[0], batches)
-    masks = batch_masks(batches)
-    ctx = [(to_device(a, device), to_device(k, device)) for a, k in captured]
-    del captured
-    hidden = [a[0] for a, _ in ctx]
-    report = []
+    report: list[dict] = []
     g = torch.Generator().manual_seed(0)
-    for i, block in enumerate(tqdm(blocks, desc="smoothing", disable=not progress, leave=False)):
-        home = next(block.parameters()).device
-        block.to(device)
-        if pairs[i]:
-            seen = _Inputs(block, pairs[i])
-            for j, ((a, kw), h, mask) in enumerate(zip(ctx, hidden, masks, strict=True)):
-                seen.mask = mask
-                for held_apart in ((False, True) if len(batches) == 1 else (j >= n_stat,)):
-                    seen.held_apart = held_apart
-                    call_block(block, h, a, kw)
-            seen.close()
-            for p in pairs[i]:
-                x = torch.cat(seen.sample[p.source])
-                x = x[torch.randperm(x.shape[0], generator=g)[:SAMPLE_TOKENS].to(x.device)]
-                weights = [linear_weight(block.get_submodule(c)).detach().float() for c in p.consumers]
-                amax = seen.amax[p.source]
-                wmax = weight_max(weights)
-                a = choose_alpha(x, amax, wmax, weights, p.rules, alpha)
-                if a is not None:
-                    fold(block, p, smooth_scales(amax, wmax, a))
-                report.append({"block": i, "source": p.source, "alpha": a})
-        hidden = [call_block(block, h, a, kw) for (a, kw), h in zip(ctx, hidden, strict=True)]
-        block.to(home)
+
+    def step(block: nn.Module, inputs: BlockInputs, _targets) -> nn.Module:
+        i = inputs.index
+        if not pairs[i]:
+            return block
+        seen = _Inputs(block, pairs[i])
+        for j, mask in enumerate(inputs.masks):
+            seen.mask = mask
+            for held_apart in ((False, True) if len(batches) == 1 else (j >= n_stat,)):
+                seen.held_apart = held_apart
+                call_block(block, inputs.fp.get(j), *inputs.ctx[j])
+        seen.close()
+        for p in pairs[i]:
+            x = torch.cat(seen.sample[p.source])
+            x = x[torch.randperm(x.shape[0], generator=g)[:SAMPLE_TOKENS].to(x.device)]
+            weights = [linear_weight(block.get_submodule(c)).detach().float() for c in p.consumers]
+            amax = seen.amax[p.source]
+            wmax = weight_max(weights)
+            a = choose_alpha(x, amax, wmax, weights, p.rules, alpha)
+            if a is not None:
+                fold(block, p, smooth_scales(amax, wmax, a))
+            report.append({"block": i, "source": p.source, "alpha": a})
+        return block
+
+    run_blocks(blocks, model, batches, step, device, carry_quantized=False, fp_after_step=True, desc="smoothing",
+               progress=progress)
     return report
