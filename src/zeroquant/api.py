@@ -10,7 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import block_linears, get_arch, get_blocks
-from .calib import Batch, model_device, move, split_batch, to_batches
+from .calib import Batch, model_device, split_batch, to_batches
 from .config import LinearRule, QuantConfig, resolve_config
 from .errors import ZeroQuantError
 from .fusion import fuse as fuse_ops
@@ -71,11 +71,16 @@ def validate_targets(targets: list[Target]) -> None:
 
 
 @torch.no_grad()
-def collect_input_ranges(
-    model: nn.Module, modules: dict[str, nn.Module], batches: list[Batch], progress: bool = True
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Min/max of each module's input over the calibration batches (static per-tensor baseline)."""
+def collect_input_ranges(model: nn.Module, targets: list[Target], batches: list[Batch], allow_generic: bool = False,
+                         progress: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Min/max of each target's input over the calibration batches (static per-tensor baseline), block by block
+    over the shared block runner; full name -> (min, max)."""
+    from .blockwise import call_block, run_blocks
+
     ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    by_block: dict[int, list[Target]] = {}
+    for t in targets:
+        by_block.setdefault(t.block, []).append(t)
 
     def hook(name):
         def fn(_mod, args):
@@ -87,14 +92,19 @@ def collect_input_ranges(
 
         return fn
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
-    device = model_device(model)
-    try:
-        for b in tqdm(batches, desc="calibrating", disable=not progress, leave=False):
-            model(**move(b, device))
-    finally:
-        for h in handles:
-            h.remove()
+    def step(block: nn.Module, inputs, _targets) -> nn.Module:
+        ts = by_block.get(inputs.index, [])
+        handles = [block.get_submodule(t.local).register_forward_pre_hook(hook(t.name)) for t in ts]
+        try:
+            for j in range(len(inputs.ctx) if ts else 0):
+                call_block(block, inputs.fp.get(j), *inputs.ctx[j])
+        finally:
+            for h in handles:
+                h.remove()
+        return block
+
+    run_blocks(get_blocks(model, allow_generic), model, batches, step, model_device(model), carry_quantized=False,
+               fp_after_step=True, desc="calibrating", progress=progress)
     return ranges
 
 
@@ -149,8 +159,8 @@ def quantize(
         model.zeroquant_smooth = smooth_model(model, {t.name: t.rule for t in targets}, batches, alpha,
                                               allow_generic, progress)
 
-    static = {t.name: t.module for t in targets if t.rule.act is not None and not t.rule.act.dynamic}
-    ranges = collect_input_ranges(model, static, batches, progress) if static else {}
+    static = [t for t in targets if t.rule.act is not None and not t.rule.act.dynamic]
+    ranges = collect_input_ranges(model, static, batches, allow_generic, progress) if static else {}
     if lkd is not None or cfg.uses_gptq:
         _blockwise(model, targets, batches, ranges, lkd, cfg.uses_gptq, allow_generic, progress)
     else:
