@@ -113,6 +113,16 @@ def hidden_fits(example: torch.Tensor, n: int, streams: int, device: torch.devic
     return example.numel() * example.element_size() * n * streams <= fraction * free
 
 
+def memory_in_use(device: torch.device) -> str:
+    """The process's peak host memory and, on a GPU, the memory allocated there now: for progress bars."""
+    import resource
+
+    text = f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB"
+    if device.type == "cuda":
+        text += f", GPU {torch.cuda.memory_allocated(device) / 2**30:.1f} GiB"
+    return text
+
+
 @dataclass
 class BlockInputs:
     """What a step sees of block k: per batch, the block's other arguments (masks, positions, rotary
@@ -158,7 +168,8 @@ def run_blocks(blocks: nn.ModuleList, model: nn.Module, batches: list[Batch], st
     fp = Hidden(first, device, on_host) if carry_fp else None
     quant = Hidden(first, device, on_host) if carry_quantized else None
     del first
-    for k in tqdm(range(len(blocks)), desc=desc, disable=not progress, leave=False):
+    bar = tqdm(range(len(blocks)), desc=desc, disable=not progress, leave=False, unit="block")
+    for k in bar:
         block = blocks[k]
         home = next(block.parameters()).device
         block.to(device)
@@ -173,3 +184,5 @@ def run_blocks(blocks: nn.ModuleList, model: nn.Module, batches: list[Batch], st
             block.to(home)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        if progress:
+            bar.set_postfix_str(memory_in_use(device), refresh=False)
