@@ -39,6 +39,14 @@ def block_linears_of(model: nn.Module, allow_generic: bool = False):
             yield f"{prefix}.{i}.{local}", i, local, kind, module
 
 
+def by_block(targets: list[Target]) -> dict[int, list[Target]]:
+    """Targets grouped by the index of their block, for the block runner's steps."""
+    out: dict[int, list[Target]] = {}
+    for t in targets:
+        out.setdefault(t.block, []).append(t)
+    return out
+
+
 def linear_kinds(model: nn.Module, allow_generic: bool = False) -> dict[str, str]:
     """Full name -> module kind ("attention" or "mlp") of every quantizable linear of the blocks."""
     return {name: kind for name, _, _, kind, _ in block_linears_of(model, allow_generic)}
@@ -73,14 +81,11 @@ def validate_targets(targets: list[Target]) -> None:
 @torch.no_grad()
 def collect_input_ranges(model: nn.Module, targets: list[Target], batches: list[Batch], allow_generic: bool = False,
                          progress: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Min/max of each target's input over the calibration batches (static per-tensor baseline), block by block
-    over the shared block runner; full name -> (min, max)."""
-    from .blockwise import call_block, run_blocks
+    """Min/max of each target's input over the calibration batches (static per-tensor baseline), seen as the
+    block runner carries the FP model's hidden states through each block; full name -> (min, max)."""
+    from .blockwise import run_blocks
 
     ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    by_block: dict[int, list[Target]] = {}
-    for t in targets:
-        by_block.setdefault(t.block, []).append(t)
 
     def hook(name):
         def fn(_mod, args):
@@ -92,19 +97,13 @@ def collect_input_ranges(model: nn.Module, targets: list[Target], batches: list[
 
         return fn
 
-    def step(block: nn.Module, inputs, _targets) -> nn.Module:
-        ts = by_block.get(inputs.index, [])
-        handles = [block.get_submodule(t.local).register_forward_pre_hook(hook(t.name)) for t in ts]
-        try:
-            for j in range(len(inputs.ctx) if ts else 0):
-                call_block(block, inputs.fp.get(j), *inputs.ctx[j])
-        finally:
-            for h in handles:
-                h.remove()
-        return block
-
-    run_blocks(get_blocks(model, allow_generic), model, batches, step, model_device(model), carry_quantized=False,
-               fp_after_step=True, desc="calibrating", progress=progress)
+    handles = [t.module.register_forward_pre_hook(hook(t.name)) for t in targets]
+    try:
+        run_blocks(get_blocks(model, allow_generic), model, batches, lambda block, _inputs, _targets: block,
+                   model_device(model), carry_quantized=False, desc="calibrating", progress=progress)
+    finally:
+        for h in handles:
+            h.remove()
     return ranges
 
 
@@ -182,15 +181,16 @@ def _blockwise(model: nn.Module, targets: list[Target], batches, ranges: dict, l
     from .gptq import gptq_starts, gptq_step
 
     blocks = get_blocks(model, allow_generic)
+    grouped = by_block(targets)
     if lkd is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        run_blocks(blocks, model, batches, gptq_step(targets, ranges), device, carry_fp=False, desc="GPTQ",
+        run_blocks(blocks, model, batches, gptq_step(grouped, ranges), device, carry_fp=False, desc="GPTQ",
                    progress=progress)
         return
     from .lkd import Start, check_finite, lkd_step
 
     def gptq_start(block: nn.Module, inputs, stream) -> dict[str, Start]:
-        ts = [t for t in targets if t.block == inputs.index]
+        ts = grouped.get(inputs.index, [])
         return {n: Start(r.weight, r.scale, r.zero) for n, r in gptq_starts(ts, block, inputs, stream).items()}
 
     device = torch.device(lkd.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -198,8 +198,7 @@ def _blockwise(model: nn.Module, targets: list[Target], batches, ranges: dict, l
         batches = split_batch(batches[0])
     table: list[dict] = []
     model.requires_grad_(False)
-    step = lkd_step(targets, lkd, ranges, device, table, gptq_start if gptq else None,
-                    progress, len(blocks))
+    step = lkd_step(grouped, lkd, ranges, device, table, gptq_start if gptq else None, progress, len(blocks))
     run_blocks(blocks, model, batches, step, device, carry_quantized=lkd.inputs != "fp", desc="LKD",
                progress=progress)
     model.zeroquant_lkd = table

@@ -96,9 +96,6 @@ class Hidden:
     def __len__(self) -> int:
         return len(self.items)
 
-    def __iter__(self):
-        return (self.get(i) for i in range(len(self.items)))
-
     def map(self, fn: Callable[[int, torch.Tensor], torch.Tensor]) -> Hidden:
         """A new store of fn(i, hidden_i) for every batch, kept where this one is."""
         return Hidden([fn(i, self.get(i)) for i in range(len(self.items))], self.device, self.on_host)

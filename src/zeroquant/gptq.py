@@ -158,14 +158,10 @@ def gptq_starts(targets: list, block: nn.Module, inputs, stream) -> dict:
     return {n: gptq_round(linear_weight(m), hs.hessians[n], rules[n].weight) for n, m in mods.items()}
 
 
-def gptq_step(targets: list, ranges: dict):
-    """A blockwise.Step that replaces each block's `targets` with QuantLinear: GPTQ-rule linears rounded with
-    the Hessian of the quantized model's inputs to them (so later blocks correct what earlier ones lost), the
-    others to nearest."""
-    by_block: dict[int, list] = {}
-    for t in targets:
-        by_block.setdefault(t.block, []).append(t)
-
+def gptq_step(by_block: dict[int, list], ranges: dict):
+    """A blockwise.Step that replaces each block's targets (api.Target, grouped by block index) with
+    QuantLinear: GPTQ-rule linears rounded with the Hessian of the quantized model's inputs to them (so later
+    blocks correct what earlier ones lost), the others to nearest."""
     @torch.no_grad()
     def step(block: nn.Module, inputs, _fp_out) -> nn.Module:
         ts = by_block.get(inputs.index, [])

@@ -264,15 +264,13 @@ def _train(student: _Student, cfg: LKDConfig, desc: str, progress: bool) -> dict
 StartFn = Callable[[nn.Module, BlockInputs, Hidden], dict[str, Start]]
 
 
-def lkd_step(targets: list, cfg: LKDConfig, ranges: dict, device: torch.device, table: list[dict],
+def lkd_step(by_block: dict[int, list], cfg: LKDConfig, ranges: dict, device: torch.device, table: list[dict],
              start: StartFn | None = None, progress: bool = True, n_blocks: int | None = None):
-    """A blockwise.Step that distills each block's `targets` (api.Target) and appends its row to `table`.
+    """A blockwise.Step that distills each block's targets (api.Target, grouped by block index) and appends its
+    row to `table`.
 
     The student trains in float32 (or bfloat16 autocast on CUDA); the finished block is cast back to the
     teacher's dtype, its QuantLinear scales keeping their own."""
-    by_block: dict[int, list] = {}
-    for t in targets:
-        by_block.setdefault(t.block, []).append(t)
 
     def step(teacher: nn.Module, inputs: BlockInputs, fp_out: Hidden) -> nn.Module:
         t0 = time.perf_counter()
@@ -291,9 +289,8 @@ def lkd_step(targets: list, cfg: LKDConfig, ranges: dict, device: torch.device, 
         if fq:
             desc = f"LKD block {inputs.index + 1}/{n_blocks or '?'}"
             row = _train(_Student(block, inputs, fp_out, cfg, fq, device), cfg, desc, progress)
-        for name, m in fq.items():
-            block.set_submodule(name, m.to_quant_linear())
-        if fq:
+            for name, m in fq.items():
+                block.set_submodule(name, m.to_quant_linear())
             row["seconds"] = time.perf_counter() - t0
             if device.type == "cuda":
                 row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
