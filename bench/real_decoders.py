@@ -73,7 +73,9 @@ def main() -> None:
     p.add_argument("--lkd-steps", type=int, default=200)
     p.add_argument("--lkd-inputs", default="quantized")
     p.add_argument("--lkd-train", default="rounding")
-    p.add_argument("--rows", help="comma-separated 'preset method' keys to run (default: all)")
+    p.add_argument("--rows", help="comma-separated 'preset method' keys to run (default: all); a method "
+                   "'lkd-self~T/P/L' is LKD on self-written text sampled at temperature T, top_p P, sequences of "
+                   "L tokens (as many tokens in all as the default data)")
     p.add_argument("--presets", help="comma-separated presets whose rows run (default: all)")
     p.add_argument("--ablation", action="store_true", help="also LKD (text) with each input stream and trained set")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -95,7 +97,13 @@ def main() -> None:
     def data(kind: str, length: int) -> list:  # made on first use: self-written text takes a while
         if (kind, length) not in made:
             t = time.perf_counter()
-            made[kind, length] = lkd_batches(sources[kind], model, tok, args.samples, length, seed=0)
+            if kind.startswith("self~"):  # sampling sweep: as many tokens as the default, other settings
+                temp, top_p, seq = (float(v) for v in kind.removeprefix("self~").split("/"))
+                n = args.samples * length // int(seq)
+                made[kind, length] = lkd_batches("self", model, tok, n, int(seq), seed=0, temperature=temp,
+                                                 top_p=top_p)
+            else:
+                made[kind, length] = lkd_batches(sources[kind], model, tok, args.samples, length, seed=0)
             data_min[f"{kind} x {length}"] = (time.perf_counter() - t) / 60
         return made[kind, length]
 
@@ -114,6 +122,7 @@ def main() -> None:
     wanted = set(args.rows.split(",")) if args.rows else None
     presets = set(args.presets.split(",")) if args.presets else None
     plan = ROWS + ([(p, m) for p in INT4 for m in ABLATION] if args.ablation else [])
+    plan += [tuple(k.split(" ", 1)) for k in sorted(wanted or ()) if tuple(k.split(" ", 1)) not in plan]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
