@@ -16,8 +16,8 @@ import torch
 import triton
 from kernel_table import ms, weights
 
-from zeroquant.benchmark import copy_bandwidth
 from zeroquant.kernels import gemm, gemv, rowwise, skinny_gemm, tile_gemm
+from zeroquant.tools.benchmark import copy_bandwidth
 
 SHAPES = [(4096, 11008), (11008, 4096), (4096, 4096)]  # (K, N)
 # (name, bits, group, int8 activations, INT4 scale dtype): the INT4 formats with float16 scales (the presets'

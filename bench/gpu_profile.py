@@ -1,12 +1,12 @@
 """Where the GPU time of one forward goes: FP16 vs each preset, kernel by kernel (torch.profiler).
 
-Random weights of a named shape (zeroquant.benchmark.RANDOM_CONFIGS), one forward over [B, T] tokens
+Random weights of a named shape (zeroquant.tools.benchmark.RANDOM_CONFIGS), one forward over [B, T] tokens
 (causal LMs: the prompt pass, no cache). Prints, per variant, the summed GPU time of each kernel family
 per forward and the total; the total is what a CUDA graph leaves once host launch cost is gone.
 
     python bench/gpu_profile.py --config bert-large --batch 32 --seq 128 --presets w8a8,w8a8-g128 [--json F]
 
---decode N profiles N replays of the one-token decode step instead (zeroquant.runtime.GreedyDecoder after a
+--decode N profiles N replays of the one-token decode step instead (zeroquant.tools.runtime.GreedyDecoder after a
 --seq-token prompt; --compile compiles the step as `zeroquant bench --compile` does): where a decode step's
 time goes between the GEMMs.
 
@@ -25,8 +25,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from zeroquant.api import quantize
-from zeroquant.benchmark import BenchSettings, build_model, wall_times
-from zeroquant.runtime import GraphedForward, GreedyDecoder
+from zeroquant.tools.benchmark import BenchSettings, build_model, wall_times
+from zeroquant.tools.runtime import GraphedForward, GreedyDecoder
 
 
 def family(name: str) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import triton
 
-from zeroquant import quant as Q
+from zeroquant.core import quant as Q
 from zeroquant.kernels import gemm, rowwise, tile_gemm
 from zeroquant.kernels.weight_format import interleavable, interleave
 

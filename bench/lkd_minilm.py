@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 import zeroquant as zq
-from zeroquant.evaluate import cosine_stats, pooled_embeddings, read_text, sentences
+from zeroquant.tools.evaluate import cosine_stats, pooled_embeddings, read_text, sentences
 
 
 def main():

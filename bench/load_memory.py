@@ -45,10 +45,10 @@ def write_checkpoint(out: Path, preset: str) -> None:
 
     import zeroquant as zq
     from zeroquant.api import find_targets
-    from zeroquant.benchmark import random_config
-    from zeroquant.qlinear import QuantLinear
+    from zeroquant.nn.qlinear import QuantLinear
+    from zeroquant.tools.benchmark import random_config
 
-    cfg = zq.config.resolve_config(preset)
+    cfg = zq.core.config.resolve_config(preset)
     with init_empty_weights():
         model = LlamaForCausalLM(random_config("llama-7b")).half()
     g = torch.Generator().manual_seed(0)

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from zeroquant import quant as Q
+from zeroquant.core import quant as Q
 from zeroquant.kernels import gemm, rowwise
 
 

@@ -82,9 +82,9 @@ from pathlib import Path
 import torch
 
 import zeroquant as zq
+from zeroquant.algorithms.lkd_data import lkd_batches
 from zeroquant.api import linear_kinds
-from zeroquant.evaluate import perplexity, read_text
-from zeroquant.lkd_data import lkd_batches
+from zeroquant.tools.evaluate import perplexity, read_text
 
 
 def stub_datasets() -> bool:

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 import zeroquant as zq
-from zeroquant.evaluate import perplexity, read_text
-from zeroquant.lkd_data import lkd_batches
+from zeroquant.algorithms.lkd_data import lkd_batches
+from zeroquant.tools.evaluate import perplexity, read_text
 
 
 def llmcompressor_gptq(model, tok, windows: torch.Tensor, scheme: str | int, bypass: bool = False) -> torch.nn.Module:

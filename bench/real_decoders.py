@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 import zeroquant as zq
-from zeroquant.evaluate import perplexity, read_text
-from zeroquant.lkd_data import lkd_batches
+from zeroquant.algorithms.lkd_data import lkd_batches
+from zeroquant.tools.evaluate import perplexity, read_text
 
 INT4 = ["w4a16", "w4/8-a16", "w4/8-a8"]
 METHODS = ["rtn", "gptq-128", "gptq", "autoround", "lkd-text", "lkd-self", "gptq+lkd-text", "gptq+lkd-self"]

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 import zeroquant as zq
-from zeroquant.config import resolve_config
-from zeroquant.evaluate import cosine_stats, perplexity, pooled_embeddings, read_text, sentences
-from zeroquant.lkd_data import lkd_batches
-from zeroquant.qlinear import QuantLinear
+from zeroquant.algorithms.lkd_data import lkd_batches
+from zeroquant.core.config import resolve_config
+from zeroquant.nn.qlinear import QuantLinear
+from zeroquant.tools.evaluate import cosine_stats, perplexity, pooled_embeddings, read_text, sentences
 
 PRESETS = ["w4a16", "w4/8-a8", "w4a16+gptq", "w4/8-a8+gptq"]
 SCALES = ["fp32scale", "fp16scale"]

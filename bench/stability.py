@@ -20,9 +20,9 @@ import torch
 import triton
 
 from zeroquant.api import quantize
-from zeroquant.benchmark import BenchSettings, build_model, wall_times
 from zeroquant.kernels import gemv, skinny_gemm, tile_gemm, tma_gemm
-from zeroquant.runtime import GraphedForward, last_logits_only
+from zeroquant.tools.benchmark import BenchSettings, build_model, wall_times
+from zeroquant.tools.runtime import GraphedForward, last_logits_only
 
 KERNELS = {"tma": tma_gemm._w8a8_tma_kernel, "tile": tile_gemm._qlinear_kernel,
            "tile decode": tile_gemm._qlinear_decode_kernel, "skinny": skinny_gemm._w4_skinny_kernel,

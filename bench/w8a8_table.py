@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 import zeroquant as zq
-from zeroquant.evaluate import EvalSettings, evaluate_model, format_table, read_text
-from zeroquant.hf import is_causal_lm
-from zeroquant.peers import torchao_quantize
+from zeroquant.models.hf import is_causal_lm
+from zeroquant.tools.evaluate import EvalSettings, evaluate_model, format_table, read_text
+from zeroquant.tools.peers import torchao_quantize
 
 ROWS = ["fp", "w8a8", "w8a8+smooth", "w8a8 lkd", "w8a8+smooth lkd", "torchao-int8dq"]
 # torchao's INT8 paths are built for bfloat16: on an fp16 model its int8dq row gave NaN perplexity (H200), so on

@@ -59,7 +59,7 @@ def stories():
     """stories260K with text it wrote itself (its tokenizer does not cover wikitext) and its own calibration
     windows, written from another seed."""
     import zeroquant as zq
-    from zeroquant.lkd_data import lkd_batches
+    from zeroquant.algorithms.lkd_data import lkd_batches
 
     path = ASSETS / "stories260K"
     if not path.exists():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from zeroquant.config import ActQuant, LinearRule, WeightQuant
-from zeroquant.qlinear import QuantLinear
+from zeroquant.core.config import ActQuant, LinearRule, WeightQuant
+from zeroquant.nn.qlinear import QuantLinear
 
 # (name, bits, group_size, symmetric, int8 activations)
 VARIANTS = [

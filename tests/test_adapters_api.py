@@ -4,8 +4,8 @@ import transformers as T
 from tiny_models import CONFIGS, LINEARS_PER_BLOCK, model_output, tiny_input, tiny_model
 
 import zeroquant as zq
-from zeroquant.adapters import ARCHITECTURES, get_blocks
-from zeroquant.config import QuantConfig
+from zeroquant.core.config import QuantConfig
+from zeroquant.models.adapters import ARCHITECTURES, get_blocks
 
 
 def _rel(a, b):
@@ -103,7 +103,7 @@ def test_calib_forms_give_same_static_scales():
 
 
 def test_real_bert_with_string_calibration(minilm, wiki_valid):
-    from zeroquant.evaluate import sentences
+    from zeroquant.tools.evaluate import sentences
 
     model, tok = minilm
     texts = sentences(wiki_valid, 32)

@@ -8,8 +8,8 @@ from test_kernels_gpu import poison_cuda_cache, rel_err
 
 import zeroquant as zq
 from zeroquant.api import set_mode
-from zeroquant.fusion import EncoderAttention
 from zeroquant.kernels import reference as R
+from zeroquant.nn.fusion import EncoderAttention
 
 pytestmark = pytest.mark.gpu
 
@@ -60,7 +60,7 @@ def test_decode_attention_matches_reference(b, h, hk, sk, mask, dtype):
     """One query per head against a static KV cache [B, HK, Sk, D] with grouped heads (the decode kernel,
     one to several key slices merged by the last program); batch 0's keys all masked (b > 1) gives zeros."""
     from zeroquant.kernels import attention
-    from zeroquant.kernels.gemm_common import split_counters
+    from zeroquant.kernels.triton.gemm_common import split_counters
 
     d = 128
     q = torch.randn(b, 1, h, d, device="cuda", dtype=dtype).transpose(1, 2)
@@ -82,10 +82,10 @@ def test_decode_attention_matches_reference(b, h, hk, sk, mask, dtype):
 
 def test_decoder_on_kernel_attention_gives_sdpa_logits():
     """A Llama with grouped K/V heads, greedy decode on a static cache: the decode steps' attention on the
-    kernel (zeroquant.hf_attention) gives SDPA's tokens and logits."""
+    kernel (zeroquant.models.hf_attention) gives SDPA's tokens and logits."""
     from tiny_models import tiny_model
 
-    from zeroquant import hf_attention
+    from zeroquant.models import hf_attention
 
     torch.manual_seed(0)
     model = tiny_model("llama").to("cuda", torch.float16).eval()
@@ -137,7 +137,7 @@ def test_bert_with_padding_on_attention_kernel(attn_impl):
 def test_bert_qkv_packed_on_first_forward_and_after_a_move(preset):
     """The first CUDA forward packs each layer's q/k/v into one allocation (one GEMM); a device move undoes it
     and the next forward packs again; outputs match the reference path throughout."""
-    from zeroquant import packing
+    from zeroquant.nn import packing
 
     torch.manual_seed(0)
     cfg = T.BertConfig(vocab_size=1000, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,

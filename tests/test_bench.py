@@ -1,4 +1,4 @@
-"""zeroquant bench and zeroquant.runtime on CPU (the CUDA-graph rows are covered by GPU tests)."""
+"""zeroquant bench and zeroquant.tools.runtime on CPU (the CUDA-graph rows are covered by GPU tests)."""
 
 import json
 
@@ -7,10 +7,10 @@ import torch
 from tiny_models import tiny_input, tiny_model
 
 import zeroquant as zq
-from zeroquant import benchmark
-from zeroquant.cli import main
-from zeroquant.config import resolve_config
-from zeroquant.runtime import GreedyDecoder
+from zeroquant.core.config import resolve_config
+from zeroquant.tools import benchmark
+from zeroquant.tools.cli import main
+from zeroquant.tools.runtime import GreedyDecoder
 
 
 @pytest.fixture(scope="module")
@@ -59,12 +59,12 @@ def test_compiled_decoder_matches_generate(preset, monkeypatch):
 def test_step_bytes_counts_weights_and_filled_cache():
     model = tiny_model("llama")  # untied head: the input embedding table is not read, bar one row a token
     cfg = model.config
-    weights = zq.evaluate.weight_bytes(model)  # parameters and buffers (rotary frequencies)
+    weights = zq.tools.evaluate.weight_bytes(model)  # parameters and buffers (rotary frequencies)
     emb = model.get_input_embeddings().weight
     kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
     assert benchmark.step_bytes(model, 3, 10.5) == weights - emb.numel() * 4 + 3 * 10.5 * kv
     tied = tiny_model("gpt2")  # GPT-2's head is its embedding table: read whole every step
-    assert benchmark.step_bytes(tied, 1, 0) == zq.evaluate.weight_bytes(tied)
+    assert benchmark.step_bytes(tied, 1, 0) == zq.tools.evaluate.weight_bytes(tied)
 
 
 def test_bench_cli_tiny_model(llama_dir, tmp_path, capsys):

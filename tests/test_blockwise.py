@@ -5,8 +5,8 @@ import torch
 from tiny_models import tiny_input, tiny_model
 
 import zeroquant as zq
-import zeroquant.blockwise as B
-from zeroquant.adapters import get_blocks
+import zeroquant.algorithms.blockwise as B
+from zeroquant.models.adapters import get_blocks
 
 
 def _run(model, carry_fp=True, carry_quantized=True):

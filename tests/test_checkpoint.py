@@ -6,7 +6,7 @@ from safetensors import safe_open
 from tiny_models import model_output, tiny_input, tiny_model
 
 import zeroquant as zq
-from zeroquant import checkpoint
+from zeroquant.formats import checkpoint
 
 
 @pytest.mark.parametrize("arch,preset", [("gpt2", "w4/8-a8"), ("llama", "w4a16"), ("bert", "w8a8-static"),
@@ -128,7 +128,7 @@ def test_damaged_checkpoint_is_one_clear_error(tmp_path, case, expect):
 
 @pytest.mark.parametrize("case", ["not_json", "version"])
 def test_cli_info_on_damaged_manifest_exits_2(tmp_path, case, capsys):
-    from zeroquant.cli import main
+    from zeroquant.tools.cli import main
 
     out = _damaged(tmp_path, case)
     capsys.readouterr()

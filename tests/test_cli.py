@@ -5,7 +5,7 @@ import pytest
 import transformers as T
 from tiny_models import tiny_model
 
-from zeroquant.cli import main
+from zeroquant.tools.cli import main
 
 TEXT = " ".join(f"sentence {i} of the file says the same thing again ." for i in range(300))
 
@@ -139,6 +139,6 @@ def test_export_writes_what_quantize_format_writes(minilm, tmp_path, capsys):
 
 
 def test_console_entry_point_help():
-    r = subprocess.run([sys.executable, "-m", "zeroquant.cli", "quantize", "--help"], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "zeroquant.tools.cli", "quantize", "--help"], capture_output=True,
                        text=True)
     assert r.returncode == 0 and "w4/8-a8" in r.stdout and "--group-size" in r.stdout

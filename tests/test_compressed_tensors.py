@@ -10,7 +10,7 @@ from safetensors import safe_open
 from tiny_models import model_output, tiny_input, tiny_model
 
 import zeroquant as zq
-from zeroquant import quant as Q
+from zeroquant.core import quant as Q
 
 ct = pytest.importorskip("compressed_tensors")
 from compressed_tensors.compressors import BaseCompressor, ModelCompressor  # noqa: E402

@@ -6,8 +6,8 @@ import transformers as T
 from tiny_models import CONFIGS, tiny_model
 
 import zeroquant as zq
-from zeroquant.evaluate import EvalSettings, cosine_stats, format_table, mlm_loss, perplexity, sentences
-from zeroquant.report import report
+from zeroquant.tools.evaluate import EvalSettings, cosine_stats, format_table, mlm_loss, perplexity, sentences
+from zeroquant.tools.report import report
 
 TEXT = " ".join(f"the quick brown fox number {i} jumps over the lazy dog ." for i in range(200))
 
@@ -45,7 +45,7 @@ def test_report_checks_every_preset_first(minilm, monkeypatch):
     model = tiny_model("gpt2")
     model.transformer.h[0].mlp.c_proj = type(model.transformer.h[0].mlp.c_proj)(64, 127)  # odd input size
     evaluated = []
-    monkeypatch.setattr("zeroquant.report.evaluate_model", lambda *a, **k: evaluated.append(1) or {})
+    monkeypatch.setattr("zeroquant.tools.report.evaluate_model", lambda *a, **k: evaluated.append(1) or {})
     with pytest.raises(zq.ZeroQuantError, match="INT4 packing needs an even input size"):
         report(model, tok, TEXT, ["w8a8", "w4a16"], settings=EvalSettings(seq_len=64, progress=False))
     assert not evaluated
@@ -60,7 +60,7 @@ def test_report_keeps_a_failed_rows_error(minilm, monkeypatch):
             raise RuntimeError("CUDA out of memory\nmore detail")
         return real(model, cfg, **kw)
 
-    monkeypatch.setattr("zeroquant.report.quantize", flaky)
+    monkeypatch.setattr("zeroquant.tools.report.quantize", flaky)
     rows = report(tiny_model("llama"), tok, TEXT, ["w4a16", "w8a8"], settings=EvalSettings(seq_len=64, progress=False))
     assert [r["scheme"] for r in rows] == ["float32", "w4a16", "w8a8"]
     assert rows[1]["error"] == "RuntimeError: CUDA out of memory" and "ppl" not in rows[1]

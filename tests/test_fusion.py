@@ -1,4 +1,4 @@
-"""zeroquant.fusion on CPU: the fused model computes what the unfused one does, with the same parameters."""
+"""zeroquant.nn.fusion on CPU: the fused model computes what the unfused one does, with the same parameters."""
 
 import json
 
@@ -8,14 +8,14 @@ from tiny_models import model_output, tiny_input, tiny_model
 from torch import nn
 
 import zeroquant as zq
-from zeroquant import checkpoint
-from zeroquant.config import LinearRule, QuantConfig, WeightQuant, with_group_size
-from zeroquant.fusion import FusedAct, FusedNorm, GatedMLP, ResidualNorm, fuse
+from zeroquant.core.config import LinearRule, QuantConfig, WeightQuant, with_group_size
+from zeroquant.formats import checkpoint
+from zeroquant.nn.fusion import FusedAct, FusedNorm, GatedMLP, ResidualNorm, fuse
 
 # per 2-block model under w4/8-a8 (INT8 activations everywhere): fused norms, activations moved into the next
 # linear's quantization, fused gated MLPs, epilogue activations, residual adds moved into fused norms,
 # self-attentions on the attention kernel (BERT: the embeddings' LayerNorm is the fourth fused norm; decoders:
-# their SDPA attention on zeroquant.hf_attention), decoder
+# their SDPA attention on zeroquant.models.hf_attention), decoder
 # norms running their linears as one packed GEMM (Llama: q/k/v and gate/up; OPT: q/k/v; GPT-J's ln_1 feeds INT8
 # attention and INT4 MLP linears, which do not pack; encoders pack q/k/v in their attention instead)
 EXPECTED = {"llama": (4, 0, 2, 0, 0, 2, 4), "qwen2": (4, 0, 2, 0, 0, 2, 4), "opt": (4, 2, 0, 0, 0, 2, 2),

@@ -6,10 +6,10 @@ import torch
 from tiny_models import model_output, tiny_input, tiny_model
 
 import zeroquant as zq
-from zeroquant import quant as Q
-from zeroquant.config import resolve_config
-from zeroquant.gptq import InputHessians, gptq_round
-from zeroquant.lkd import FakeQuantLinear, Start
+from zeroquant.algorithms.gptq import InputHessians, gptq_round
+from zeroquant.algorithms.lkd import FakeQuantLinear, Start
+from zeroquant.core import quant as Q
+from zeroquant.core.config import resolve_config
 
 RULES = [zq.WeightQuant(4, 64, False), zq.WeightQuant(4, 128, True), zq.WeightQuant(4, -1, False),
          zq.WeightQuant(8, -1, True), zq.WeightQuant(3, 48, False)]
@@ -116,7 +116,7 @@ def test_gptq_then_lkd_is_seeded_and_no_worse_than_gptq():
 def test_gptq_runs_blocks_without_autograd(monkeypatch):
     """Each block's outputs feed the next: with autograd on, every block's graph would stay alive (memory
     grew by hundreds of MB a second on SmolLM2 when it was)."""
-    import zeroquant.blockwise as B
+    import zeroquant.algorithms.blockwise as B
 
     seen = []
     real = B.call_block

@@ -1,4 +1,4 @@
-"""zeroquant.hf_attention on CPU: which calls reach the attention op, and that they compute what SDPA does."""
+"""zeroquant.models.hf_attention on CPU: which calls reach the attention op, and that they compute what SDPA does."""
 
 import pytest
 import torch
@@ -6,8 +6,8 @@ from tiny_models import tiny_model
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import zeroquant as zq
-from zeroquant import hf_attention
 from zeroquant.kernels import ops
+from zeroquant.models import hf_attention
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from conftest import minilm_path
 
 import zeroquant as zq
 from zeroquant.api import quantized_modules, set_mode
-from zeroquant.evaluate import pooled_embeddings, sentences
+from zeroquant.tools.evaluate import pooled_embeddings, sentences
 
 pytestmark = pytest.mark.gpu
 

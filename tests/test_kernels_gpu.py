@@ -13,7 +13,7 @@ from kernel_cases import SHAPES, VARIANTS, quant_linear
 from zeroquant.kernels import reference as R
 from zeroquant.kernels.weight_format import interleave
 
-gemm = pytest.importorskip("zeroquant.kernels.gemm") if torch.cuda.is_available() else None
+gemm = pytest.importorskip("zeroquant.kernels.triton.gemm") if torch.cuda.is_available() else None
 
 pytestmark = pytest.mark.gpu
 
@@ -109,7 +109,7 @@ def test_gelu_erf_accuracy():
     import triton
     import triton.language as tl
 
-    from zeroquant.kernels.rowwise import gelu_erf
+    from zeroquant.kernels.triton.rowwise import gelu_erf
 
     @triton.jit
     def gelu_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):

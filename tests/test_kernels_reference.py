@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from kernel_cases import VARIANTS, quant_linear
 
-from zeroquant import quant as Q
+from zeroquant.core import quant as Q
 from zeroquant.kernels import act_code
 from zeroquant.kernels import reference as R
 

@@ -7,7 +7,7 @@ import transformers as T
 from tiny_models import CONFIGS, tiny_input, tiny_model
 
 import zeroquant as zq
-from zeroquant.lkd import FakeQuantLinear
+from zeroquant.algorithms.lkd import FakeQuantLinear
 
 FAST = dict(steps=60, holdout=0.0)  # tiny random models: judge on the training batches
 
@@ -101,7 +101,7 @@ def test_input_streams():
 
 
 def test_best_iterate_is_judged_on_held_apart_batches():
-    from zeroquant.lkd import _split
+    from zeroquant.algorithms.lkd import _split
 
     assert _split(16, 0.125) == (list(range(14)), [14, 15])
     assert _split(2, 0.125) == ([0], [1])
@@ -178,7 +178,7 @@ def test_bad_lkd_source():
 
 
 def test_cli_lkd_writes_report(tmp_path, minilm):
-    from zeroquant.cli import main
+    from zeroquant.tools.cli import main
 
     _, tok = minilm
     d = tmp_path / "m"
@@ -219,7 +219,7 @@ def test_default_data_is_as_long_as_the_model_takes():
 
 
 def test_one_batch_is_split_to_judge_on_held_apart_sequences():
-    from zeroquant.calib import split_batch
+    from zeroquant.algorithms.calib import split_batch
 
     ids, mask = tiny_input(5, 8, seed=1), torch.ones(5, 8, dtype=torch.long)
     a, b = split_batch({"input_ids": ids, "attention_mask": mask})

@@ -1,4 +1,4 @@
-"""The kernels as torch custom ops, and the fused ops' INT8 hand-over as a tensor (zeroquant.handoff), on CPU:
+"""The kernels as torch custom ops, and the fused ops' INT8 hand-over as a tensor (zeroquant.nn.handoff), on CPU:
 each op's CPU implementation is its reference twin, so the kernel path's plumbing (ops, hand-over, compile)
 runs here with the Triton kernels swapped for their twins."""
 
@@ -8,12 +8,12 @@ from tiny_models import model_output, tiny_input, tiny_model
 
 import zeroquant as zq
 from zeroquant import kernels
-from zeroquant.config import ActQuant, LinearRule, WeightQuant
-from zeroquant.fusion import EncoderAttention, FusedNorm, GatedMLP
-from zeroquant.handoff import QuantizedActivation
+from zeroquant.core.config import ActQuant, LinearRule, WeightQuant
 from zeroquant.kernels import ops
 from zeroquant.kernels import reference as R
-from zeroquant.qlinear import QuantLinear
+from zeroquant.nn.fusion import EncoderAttention, FusedNorm, GatedMLP
+from zeroquant.nn.handoff import QuantizedActivation
+from zeroquant.nn.qlinear import QuantLinear
 
 
 def _linear(bits=4, gs=32, sym=False):

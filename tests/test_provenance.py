@@ -7,7 +7,7 @@ import torch
 from test_hostile_inputs import STORIES, run
 
 import zeroquant as zq
-from zeroquant.provenance import data_record
+from zeroquant.formats.provenance import data_record
 
 
 def test_data_record_counts_what_was_read(tmp_path):

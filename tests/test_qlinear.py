@@ -4,7 +4,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from zeroquant import ActQuant, LinearRule, QuantLinear, WeightQuant, ZeroQuantError
-from zeroquant.config import PRESETS
+from zeroquant.core.config import PRESETS
 
 RULES = {
     "w8a8-g32": LinearRule(WeightQuant(8, 32, True), ActQuant(8)),

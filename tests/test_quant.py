@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from zeroquant import quant as Q
+from zeroquant.core import quant as Q
 
 
 @pytest.mark.parametrize("bits", range(2, 9))

@@ -51,7 +51,7 @@ def test_readme_python_quick_start(workdir):
 
 
 def test_readme_cli_quick_start(workdir, capsys):
-    from zeroquant.cli import main
+    from zeroquant.tools.cli import main
 
     lines = [ln.split("#")[0].strip() for ln in quickstart_block("cli").splitlines()]
     lines = [ln for ln in lines if ln]

@@ -9,8 +9,8 @@ import pytest
 from conftest import WIKI_TEST, missing_asset
 
 import zeroquant as zq
-from zeroquant.evaluate import perplexity
-from zeroquant.lkd_data import lkd_batches
+from zeroquant.algorithms.lkd_data import lkd_batches
+from zeroquant.tools.evaluate import perplexity
 
 
 def _ppl(model, tok, text, seq_len=256):

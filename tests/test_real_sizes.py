@@ -6,8 +6,8 @@ import torch
 import transformers as T
 
 import zeroquant as zq
-from zeroquant import quant as Q
-from zeroquant.qlinear import QuantLinear
+from zeroquant.core import quant as Q
+from zeroquant.nn.qlinear import QuantLinear
 
 # (hidden, MLP) pairs: SmolLM2's 576 (4.5 groups of 128) with stories260K's 172 (2.7 groups of 64), and
 # 1536 (twelve groups of 128) beside a hidden size of 64.

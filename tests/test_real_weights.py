@@ -2,9 +2,9 @@
 
 import torch
 
-from zeroquant import quant as Q
-from zeroquant.calib import tokenize_texts
-from zeroquant.evaluate import sentences
+from zeroquant.algorithms.calib import tokenize_texts
+from zeroquant.core import quant as Q
+from zeroquant.tools.evaluate import sentences
 
 
 def _rel(a, b):

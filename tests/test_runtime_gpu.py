@@ -6,9 +6,9 @@ import transformers as T
 
 import zeroquant as zq
 from zeroquant.api import set_mode
-from zeroquant.fusion import FusedNorm, GatedMLP
-from zeroquant.handoff import QuantizedActivation
-from zeroquant.runtime import GraphedForward, GreedyDecoder
+from zeroquant.nn.fusion import FusedNorm, GatedMLP
+from zeroquant.nn.handoff import QuantizedActivation
+from zeroquant.tools.runtime import GraphedForward, GreedyDecoder
 
 pytestmark = pytest.mark.gpu
 

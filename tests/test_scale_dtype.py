@@ -8,9 +8,9 @@ from torch import nn
 
 import zeroquant as zq
 from zeroquant import QuantLinear, WeightQuant, ZeroQuantError
-from zeroquant import quant as Q
-from zeroquant.config import ActQuant, LinearRule, resolve_config
-from zeroquant.gptq import gptq_round
+from zeroquant.algorithms.gptq import gptq_round
+from zeroquant.core import quant as Q
+from zeroquant.core.config import ActQuant, LinearRule, resolve_config
 
 
 def _linear(scale_dtype: str, bits: int = 4, group: int = 32, sym: bool = False, seed: int = 0) -> QuantLinear:

@@ -1,14 +1,14 @@
-"""SmoothQuant smoothing (zeroquant.smooth): exact folding on every architecture, the alpha search, and its place
-in quantize(), checkpoints and the CLI."""
+"""SmoothQuant smoothing (zeroquant.algorithms.smooth): exact folding on every architecture, the alpha search,
+and its place in quantize(), checkpoints and the CLI."""
 
 import pytest
 import torch
 from tiny_models import CAUSAL, ENCODER, model_output, tiny_input, tiny_model
 
 import zeroquant as zq
+from zeroquant.algorithms.smooth import choose_alpha, quantized_error, smooth_model, smooth_scales, weight_max
 from zeroquant.api import find_targets
-from zeroquant.config import resolve_config
-from zeroquant.smooth import choose_alpha, quantized_error, smooth_model, smooth_scales, weight_max
+from zeroquant.core.config import resolve_config
 
 
 def calib(n=4):
@@ -127,7 +127,7 @@ def test_stories260k_smooth_no_worse_than_w8a8(stories):
 def test_cli_smooth_flag(tmp_path, minilm):
     import json
 
-    from zeroquant.cli import main
+    from zeroquant.tools.cli import main
 
     _, tok = minilm
     src = tmp_path / "tiny-llama"
@@ -143,7 +143,7 @@ def test_cli_smooth_flag(tmp_path, minilm):
 
 def test_smoothing_builds_no_autograd_graph(monkeypatch):
     """The block outputs carried to the next block hold no graph (a graph kept per block grows memory with depth)."""
-    import zeroquant.smooth as S
+    import zeroquant.algorithms.smooth as S
 
     seen = []
     real = S.call_block

@@ -1,15 +1,15 @@
 """zeroquant: ZeroQuant post-training quantization for Hugging Face transformers."""
 
-from .api import quantize, quantized_modules, set_mode
-from .checkpoint import load_quantized, save_quantized
-from .config import PRESETS, ActQuant, LinearRule, QuantConfig, WeightQuant
-from .errors import PathError, ZeroQuantError
-from .fusion import fuse
-from .hf import load_fp_model
-from .lkd import LKDConfig
-from .lkd_data import lkd_batches
-from .provenance import version
-from .qlinear import QuantLinear
+from zeroquant.algorithms.lkd import LKDConfig
+from zeroquant.algorithms.lkd_data import lkd_batches
+from zeroquant.api import quantize, quantized_modules, set_mode
+from zeroquant.core.config import PRESETS, ActQuant, LinearRule, QuantConfig, WeightQuant
+from zeroquant.core.errors import PathError, ZeroQuantError
+from zeroquant.formats.checkpoint import load_quantized, save_quantized
+from zeroquant.formats.provenance import version
+from zeroquant.models.hf import load_fp_model
+from zeroquant.nn.fusion import fuse
+from zeroquant.nn.qlinear import QuantLinear
 
 __all__ = [
     "PRESETS",

@@ -9,12 +9,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import block_linears, get_arch, get_blocks
-from .calib import Batch, model_device, split_batch, to_batches
-from .config import LinearRule, QuantConfig, resolve_config
-from .errors import ZeroQuantError
-from .fusion import fuse as fuse_ops
-from .qlinear import QuantLinear, linear_weight
+from zeroquant.algorithms.calib import Batch, model_device, split_batch, to_batches
+from zeroquant.core.config import LinearRule, QuantConfig, resolve_config
+from zeroquant.core.errors import ZeroQuantError
+from zeroquant.models.adapters import block_linears, get_arch, get_blocks
+from zeroquant.nn.fusion import fuse as fuse_ops
+from zeroquant.nn.qlinear import QuantLinear, linear_weight
 
 
 @dataclass
@@ -83,7 +83,7 @@ def collect_input_ranges(model: nn.Module, targets: list[Target], batches: list[
                          progress: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Min/max of each target's input over the calibration batches (static per-tensor baseline), seen as the
     block runner carries the FP model's hidden states through each block; full name -> (min, max)."""
-    from .blockwise import run_blocks
+    from zeroquant.algorithms.blockwise import run_blocks
 
     ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -127,12 +127,12 @@ def quantize(
     calib_data: a text file's path, a list of strings, a tensor of token ids, or a list of tokenized batches
         (zq.lkd_batches makes them). Needed by static activation baselines, GPTQ rounding, smoothing and
         distillation (`lkd`); other presets need none.
-    lkd: an LKDConfig to distil each quantized block toward its FP self, one block at a time (zeroquant.lkd,
+    lkd: an LKDConfig to distil each quantized block toward its FP self, one block at a time (zeroquant.algorithms.lkd,
         docs/lkd.md); with GPTQ rules each block's distillation starts from GPTQ's integers.
     inplace: modify and return `model` itself; by default a copy is quantized and `model` is untouched.
     allow_generic: quantize every linear inside the blocks of an architecture without an adapter.
     fuse: fold norms into token-wise quantization and MLP activations into GEMM epilogues
-        (zeroquant.fusion); same numbers on the reference path, fewer kernels on CUDA.
+        (zeroquant.nn.fusion); same numbers on the reference path, fewer kernels on CUDA.
     """
     if quantized_modules(model):
         raise ZeroQuantError("the model is already quantized by zeroquant: quantize its floating-point original")
@@ -152,7 +152,7 @@ def quantize(
     model.eval()
     targets = find_targets(model, cfg, allow_generic)  # the copy's modules
     if cfg.uses_smoothing:  # changes float weights only: everything after sees an equivalent FP model
-        from .smooth import smooth_model
+        from zeroquant.algorithms.smooth import smooth_model
 
         alpha = None if cfg.smooth == "auto" else float(cfg.smooth)
         model.zeroquant_smooth = smooth_model(model, {t.name: t.rule for t in targets}, batches, alpha,
@@ -177,8 +177,8 @@ def _blockwise(model: nn.Module, targets: list[Target], batches, ranges: dict, l
                allow_generic: bool, progress: bool) -> None:
     """GPTQ and/or distillation, one block at a time over the shared block runner. With both, each block's
     distillation starts from GPTQ's integers, rounded on the same inputs the student reads."""
-    from .blockwise import run_blocks
-    from .gptq import gptq_starts, gptq_step
+    from zeroquant.algorithms.blockwise import run_blocks
+    from zeroquant.algorithms.gptq import gptq_starts, gptq_step
 
     blocks = get_blocks(model, allow_generic)
     grouped = by_block(targets)
@@ -187,7 +187,7 @@ def _blockwise(model: nn.Module, targets: list[Target], batches, ranges: dict, l
         run_blocks(blocks, model, batches, gptq_step(grouped, ranges), device, carry_fp=False, desc="GPTQ",
                    progress=progress)
         return
-    from .lkd import Start, check_finite, lkd_step
+    from zeroquant.algorithms.lkd import Start, check_finite, lkd_step
 
     def gptq_start(block: nn.Module, inputs, stream) -> dict[str, Start]:
         ts = grouped.get(inputs.index, [])

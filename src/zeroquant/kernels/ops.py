@@ -5,14 +5,14 @@ every other device, and a fake one that only says the outputs' shapes, dtypes an
 dynamo and inductor need to trace through it. Dynamo never looks inside the Triton code (its kernel analysis
 does not know the inline-asm helpers), and every op is functional: no input is written, so a compiled graph
 may place it where it likes. The INT8 copy a fused op makes reaches its linears as a tensor
-(zeroquant.handoff), in eager and compiled models alike.
+(zeroquant.nn.handoff), in eager and compiled models alike.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import HAS_TRITON, reference
+from zeroquant.kernels import HAS_TRITON, reference
 
 LIB = "zeroquant"
 
@@ -43,7 +43,7 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @_cuda_kernel(quantize_per_token)
 def _(x):
-    from . import rowwise
+    from zeroquant.kernels.triton import rowwise
 
     return rowwise.quantize_per_token(x)
 
@@ -62,7 +62,7 @@ def norm_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 
 @_cuda_kernel(norm_quant)
 def _(x, weight, bias, eps, kind, residual=None):
-    from . import rowwise
+    from zeroquant.kernels.triton import rowwise
 
     return rowwise.norm_quant(x, weight, bias, eps, kind, residual=residual)
 
@@ -82,7 +82,7 @@ def act_quant(x: torch.Tensor, act: str | None, gate: torch.Tensor | None = None
 
 @_cuda_kernel(act_quant)
 def _(x, act, gate=None):
-    from . import rowwise
+    from zeroquant.kernels.triton import rowwise
 
     return rowwise.act_quant(x, act, gate=gate)
 
@@ -118,8 +118,8 @@ def _reference_rows(fn, x, x_scale, *weight_args):
 
 def _launch(x, x_scale, qweight, w_scale, w_zero, bits, group_size, bias, act, out_dtype, glu):
     """The CUDA implementation of quant_linear and gated_linear: gemm.quant_linear on QuantLinear's buffers."""
-    from .gemm import KernelWeight
-    from .gemm import quant_linear as launch
+    from zeroquant.kernels.triton.gemm import KernelWeight
+    from zeroquant.kernels.triton.gemm import quant_linear as launch
 
     kw = KernelWeight.from_quant(qweight, w_scale, w_zero, bits, group_size, check=False)
     return launch(x, x_scale, kw, bias, act=act, out_dtype=out_dtype, glu=glu)
@@ -140,7 +140,7 @@ def gated_linear(x: torch.Tensor, x_scale: torch.Tensor | None, qweight: torch.T
                  w_zero: torch.Tensor | None, bits: int, group_size: int, bias: torch.Tensor | None,
                  act: str | None, out_dtype: torch.dtype) -> torch.Tensor:
     """A gated MLP's act(x W_gate^T + b) * (x W_up^T + b) -> [..., N / 2] from one weight (arguments as
-    quant_linear's) whose N rows are the gate projection's, then the up projection's (zeroquant.packing)."""
+    quant_linear's) whose N rows are the gate projection's, then the up projection's (zeroquant.nn.packing)."""
     return _reference_rows(reference.gated_linear, x, x_scale, qweight, w_scale, w_zero, bits, group_size, bias,
                            act, out_dtype)
 
@@ -174,7 +174,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 
 @_cuda_kernel(attention)
 def _(q, k, v, mask, scale):
-    from . import attention as attn
+    from zeroquant.kernels.triton import attention as attn
 
     return attn.attention(q, k, v, mask, scale)
 

@@ -1,6 +1,6 @@
 """Pure-PyTorch twins of every Triton kernel: same signatures, same numbers up to float rounding.
 
-They are built from `zeroquant.quant`, the package's single definition of the number formats, so a
+They are built from `zeroquant.core.quant`, the package's single definition of the number formats, so a
 kernel that matches its twin matches the QuantLinear reference path (see tests/test_kernels*.py).
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import quant as Q
+from zeroquant.core import quant as Q
 
 
 def apply_act(y: torch.Tensor, act: str | None) -> torch.Tensor:
@@ -137,7 +137,7 @@ def gated_linear(x: torch.Tensor, x_scale: torch.Tensor | None, qweight: torch.T
 
 def glu(y: torch.Tensor, act: str | None, out_dtype: torch.dtype) -> torch.Tensor:
     """act(gate) * up in float32 from y [..., 2H], the gate projection's outputs then the up projection's
-    (zeroquant.packing's order): [..., H] in out_dtype."""
+    (zeroquant.nn.packing's order): [..., H] in out_dtype."""
     gate, up = y.float().chunk(2, -1)
     return (apply_act(gate, act) * up).to(out_dtype)
 

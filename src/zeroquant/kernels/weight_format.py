@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import quant as Q
+from zeroquant.core import quant as Q
 
-# INT4 channels per half-split chunk: the storage layout of zeroquant.quant.pack_int4 (byte j of a chunk =
+# INT4 channels per half-split chunk: the storage layout of zeroquant.core.quant.pack_int4 (byte j of a chunk =
 # channel j | channel j + PACK/2 << 4), read as stored. Unpacking is two nibble masks with no register
 # shuffle, and each half feeds its own dot against a contiguous slice of the activations.
 PACK = Q.INT4_CHUNK

@@ -1,0 +1,1 @@
+"""The quantization algorithms and the block runner they share."""

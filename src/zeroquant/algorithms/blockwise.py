@@ -1,0 +1,185 @@
+"""Running a model block by block: capture the inputs the model hands its first block, then feed them
+through each block in turn, one block on the compute device at a time. GPTQ, distillation and smoothing
+statistics all work this way; `run_blocks` is the one pipeline they share."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from zeroquant.algorithms.calib import Batch, model_device, move
+from zeroquant.core.errors import ZeroQuantError
+
+
+class _Stop(Exception):
+    pass
+
+
+def to_device(obj, device, dtype: torch.dtype | None = None):
+    """Move tensors in nested args to `device`; floating ones also cast to `dtype` when given."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, dtype=dtype if dtype is not None and obj.is_floating_point() else None)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(o, device, dtype) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device, dtype) for k, v in obj.items()}
+    return obj
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, block: nn.Module, batches: list[Batch]) -> list[tuple[tuple, dict]]:
+    """The exact (args, kwargs) the model passes to its first block, per batch.
+
+    Hooking the real call keeps attention masks, position ids and rotary embeddings exactly as the
+    model's own forward builds them; the forward stops at the first block.
+    """
+    captured = []
+
+    def hook(_m, args, kwargs):
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values", "layer_past")}
+        captured.append((args, kwargs))
+        raise _Stop
+
+    h = block.register_forward_pre_hook(hook, with_kwargs=True)
+    device = model_device(model)
+    extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+    try:
+        for b in batches:
+            try:
+                model(**move(b, device), **extra)
+            except _Stop:
+                pass
+    finally:
+        h.remove()
+    if len(captured) != len(batches):
+        raise ZeroQuantError("could not capture the first block's inputs")
+    return captured
+
+
+def batch_masks(batches: list[Batch]) -> list[torch.Tensor | None]:
+    """Each calibration batch's attention mask (None where it has none: every token counts)."""
+    return [b.get("attention_mask") if isinstance(b, dict) else None for b in batches]
+
+
+def hidden_of(out) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def call_block(block: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    return hidden_of(block(hidden, *args[1:], **kwargs))
+
+
+class Hidden:
+    """One hidden state per calibration batch, kept where it fits: on the compute device, or in host memory
+    (pinned, so the copy back overlaps) when the device has too little free memory for every stream the
+    pipeline carries. `get(i)` always answers on the compute device."""
+
+    def __init__(self, tensors: list[torch.Tensor], device: torch.device, on_host: bool) -> None:
+        self.device = device
+        self.on_host = on_host
+        self.items = [self._keep(t) for t in tensors]
+
+    def _keep(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.on_host:
+            return t.to(self.device)
+        t = t.to("cpu")
+        return t.pin_memory() if self.device.type == "cuda" else t
+
+    def get(self, i: int) -> torch.Tensor:
+        return self.items[i].to(self.device, non_blocking=True)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def map(self, fn: Callable[[int, torch.Tensor], torch.Tensor]) -> Hidden:
+        """A new store of fn(i, hidden_i) for every batch, kept where this one is."""
+        return Hidden([fn(i, self.get(i)) for i in range(len(self.items))], self.device, self.on_host)
+
+
+def hidden_fits(example: torch.Tensor, n: int, streams: int, device: torch.device, fraction: float = 0.5) -> bool:
+    """Whether `streams` stores of `n` tensors like `example` fit in `fraction` of the device's free memory
+    (the rest is for the block, its activations and, in distillation, its gradients)."""
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return example.numel() * example.element_size() * n * streams <= fraction * free
+
+
+def memory_in_use(device: torch.device) -> str:
+    """The process's peak host memory and, on a GPU, the memory allocated there now: for progress bars."""
+    import resource
+
+    text = f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB"
+    if device.type == "cuda":
+        text += f", GPU {torch.cuda.memory_allocated(device) / 2**30:.1f} GiB"
+    return text
+
+
+@dataclass
+class BlockInputs:
+    """What a step sees of block k: per batch, the block's other arguments (masks, positions, rotary
+    embeddings), the FP model's input to the block and the quantized model's input (the outputs of the blocks
+    already quantized); either is None when the pipeline does not carry it."""
+
+    index: int
+    ctx: list[tuple[tuple, dict]]
+    fp: Hidden | None
+    quant: Hidden | None
+    masks: list[torch.Tensor | None]
+
+    def outputs(self, block: nn.Module, hidden: Hidden) -> Hidden:
+        """`block`'s output for every batch of `hidden` (no autograd)."""
+        with torch.no_grad():
+            return hidden.map(lambda i, h: call_block(block, h, *self.ctx[i]))
+
+
+# A step quantizes one block: given the FP block on the compute device, its inputs and the FP block's outputs
+# on the FP inputs (the distillation targets), it returns the block to put in its place.
+Step = Callable[[nn.Module, BlockInputs, Hidden | None], nn.Module]
+
+
+def run_blocks(blocks: nn.ModuleList, model: nn.Module, batches: list[Batch], step: Step, device: torch.device,
+               carry_fp: bool = True, carry_quantized: bool = True, fp_after_step: bool = False,
+               desc: str = "blocks", progress: bool = True) -> None:
+    """Quantize `blocks` in place, one at a time on `device`: step(block, inputs, fp_outputs) for each.
+
+    Two streams of hidden states can flow: with carry_fp the FP model's (each FP block's output feeds the next
+    and is the step's target), with carry_quantized the quantized model's (each quantized block's output feeds
+    the next, so a later block sees, and can correct, the error built up before it). A stream not carried is
+    None. With fp_after_step the step changes the FP model itself (smoothing): it gets no targets, and the FP
+    stream advances through the block it returns. Blocks go back to where they lived when done.
+    """
+    if not (carry_fp or carry_quantized):
+        raise ValueError("run_blocks needs at least one stream of hidden states")
+    captured = capture_block_inputs(model, blocks[0], batches)
+    ctx = [(to_device(a, device), to_device(k, device)) for a, k in captured]
+    first = [a[0] for a, _ in captured]
+    del captured
+    masks = batch_masks(batches)
+    on_host = not hidden_fits(first[0], len(first), 2 * carry_fp + carry_quantized, device)
+    fp = Hidden(first, device, on_host) if carry_fp else None
+    quant = Hidden(first, device, on_host) if carry_quantized else None
+    del first
+    bar = tqdm(range(len(blocks)), desc=desc, disable=not progress, leave=False, unit="block")
+    for k in bar:
+        block = blocks[k]
+        home = next(block.parameters()).device
+        block.to(device)
+        inputs = BlockInputs(k, ctx, fp, quant, masks)
+        targets = inputs.outputs(block, fp) if fp is not None and not fp_after_step else None
+        new = step(block, inputs, targets)
+        if quant is not None:
+            quant = inputs.outputs(new, quant)
+        fp = inputs.outputs(new, fp) if fp is not None and fp_after_step else targets
+        blocks[k] = new.to(home)
+        if new is not block:
+            block.to(home)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if progress:
+            bar.set_postfix_str(memory_in_use(device), refresh=False)

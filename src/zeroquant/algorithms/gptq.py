@@ -1,0 +1,176 @@
+"""GPTQ weight rounding (Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers", 2023), written from the paper's algorithm.
+
+A linear's output error over calibration inputs X is ||W X - Q X||^2, whose Hessian in W's rows is
+H = 2 X X^T (the same for every row). Columns are rounded left to right; each column's rounding error,
+divided by the matching diagonal entry of the upper Cholesky factor U of H^-1, is subtracted from the
+columns not yet rounded along that row of U (the optimal-brain-surgeon update). Updates are applied
+lazily: within a block of columns at once, to the rest of the matrix once per block. Group scales (and
+zero points) are taken from the updated weights when rounding reaches a group's first column, as the
+paper's group-wise variant does; one scale per row (or per tensor) is taken from the original weights.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from zeroquant.algorithms.blockwise import call_block
+from zeroquant.core import quant as Q
+from zeroquant.core.config import WeightQuant
+from zeroquant.nn.qlinear import QuantLinear, linear_weight
+
+DAMP = 0.01  # fraction of H's mean diagonal added to it, so the inverse exists and is well conditioned
+BLOCK = 128  # columns per lazy update
+
+
+class InputHessians:
+    """Accumulates H = 2 X^T X / n of each named module's input through forward pre-hooks, in float32.
+
+    with InputHessians(modules) as hs: run the model (calling hs.only(mask) before each batch that has padding);
+    then hs.hessians[name] is [K, K]."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.modules = modules
+        self.sums: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, int] = {}
+        self.handles: list = []
+        self.keep: torch.Tensor | None = None
+
+    def only(self, mask: torch.Tensor | None) -> None:
+        """Count only the tokens where `mask` ([batch, seq], the batch's attention mask) is set in the next
+        forward: padding is not data, and its hidden states would bend the Hessian toward them."""
+        self.keep = None if mask is None else mask.reshape(-1).bool()
+
+    def _hook(self, name: str):
+        def fn(_m, args):
+            x = args[0].detach()
+            x = x.reshape(-1, x.shape[-1]).float()
+            if self.keep is not None and self.keep.numel() == x.shape[0]:
+                x = x[self.keep.to(x.device)]
+            prev = self.sums.get(name)
+            self.sums[name] = x.t() @ x if prev is None else prev.addmm_(x.t(), x)
+            self.rows[name] = self.rows.get(name, 0) + x.shape[0]
+
+        return fn
+
+    def __enter__(self) -> InputHessians:
+        self.handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.modules.items()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+
+    @property
+    def hessians(self) -> dict[str, torch.Tensor]:
+        return {n: 2 * s / self.rows[n] for n, s in self.sums.items()}
+
+
+def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1; more damping if H is too ill-conditioned."""
+    eye = torch.eye(h.shape[0], device=h.device, dtype=h.dtype)
+    mean = h.diagonal().mean().clamp_min(1e-12)
+    for _ in range(5):
+        chol, info = torch.linalg.cholesky_ex(h + damp * mean * eye)
+        if int(info) == 0:
+            inv = torch.cholesky_inverse(chol)
+            u, info = torch.linalg.cholesky_ex(inv, upper=True)
+            if int(info) == 0:
+                return u
+        damp *= 10
+    raise RuntimeError("GPTQ: the calibration Hessian is not positive definite even with heavy damping")
+
+
+class GPTQResult(NamedTuple):
+    q: torch.Tensor  # [N, K] integers, quant.storage_dtype: the layout of quant.quantize_weight
+    scale: torch.Tensor  # [N, G]
+    zero: torch.Tensor  # [N, G]
+    # [N, K] float: each column as it stood when rounded (the original plus the compensation it received),
+    # so round-to-nearest on (scale, zero) gives q; distillation starts from it, not from q's grid points.
+    weight: torch.Tensor
+
+
+@torch.no_grad()
+def gptq_round(
+    w: torch.Tensor, hessian: torch.Tensor, wq: WeightQuant, damp: float = DAMP, block: int = BLOCK
+) -> GPTQResult:
+    """GPTQ rounding of an [N, K] weight with the Hessian [K, K] of its inputs."""
+    n, k = w.shape
+    W = w.detach().float().clone()
+    H = hessian.detach().float().clone().to(W.device)
+    dead = H.diagonal() == 0  # channels the calibration data never excites: their weights cannot matter
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    U = _inverse_cholesky(H, damp)
+    del H
+
+    qmin, qmax = Q.qrange(wq.bits, wq.symmetric)
+    gs = k if wq.per_tensor else Q.group_len(k, wq.group_size)
+    groups = 1 if wq.per_tensor else Q.num_groups(k, wq.group_size)
+    sdtype = getattr(torch, wq.scale_dtype)  # rounding with the scale as stored keeps q consistent with it
+    scale = torch.empty(n, groups, device=W.device)
+    zero = torch.empty(n, groups, device=W.device)
+    if groups == 1:  # one scale per row (or tensor): from the original weights, before any update
+        s, z = Q.weight_scale_zero(W, wq.bits, -1, wq.symmetric, wq.per_tensor)
+        scale.copy_(Q.stored_scale(s, sdtype))
+        zero.copy_(z)
+    else:  # blocks hold whole groups, so a group's columns are all current when its scale is taken
+        block = gs * max(1, block // gs)
+    q = torch.empty(n, k, device=W.device)
+    before = torch.empty(n, k, device=W.device)
+    for b0 in range(0, k, block):
+        b1 = min(b0 + block, k)
+        W1 = W[:, b0:b1].clone()
+        err = torch.empty_like(W1)
+        for i in range(b1 - b0):
+            c = b0 + i
+            g = c // gs
+            if groups > 1 and c % gs == 0:
+                end = min(i + gs, b1 - b0)
+                s, z = Q.scale_zero_from_range(W1[:, i:end].amin(1), W1[:, i:end].amax(1), wq.bits, wq.symmetric)
+                scale[:, g], zero[:, g] = Q.stored_scale(s, sdtype), z
+            s, z = scale[:, g], zero[:, g]
+            col = W1[:, i]
+            before[:, c] = col
+            qc = (torch.round(col / s) + z).clamp(qmin, qmax)
+            q[:, c] = qc
+            e = (col - (qc - z) * s) / U[c, c]
+            W1[:, i:] -= e[:, None] * U[c, c:b1][None, :]
+            err[:, i] = e
+        W[:, b1:] -= err @ U[b0:b1, b1:]
+    return GPTQResult(q.to(Q.storage_dtype(wq.bits, wq.symmetric)), scale, zero, before)
+
+
+def gptq_starts(targets: list, block: nn.Module, inputs, stream) -> dict:
+    """GPTQ's rounding of the GPTQ-rule linears among `targets` (api.Target of one block), from the Hessians
+    of their inputs when `block` runs on `stream` (a blockwise.Hidden); name in the block -> GPTQResult."""
+    mods = {t.local: block.get_submodule(t.local) for t in targets if t.rule.rounding == "gptq"}
+    if not mods:
+        return {}
+    rules = {t.local: t.rule for t in targets}
+    with torch.no_grad(), InputHessians(mods) as hs:
+        for i, mask in enumerate(inputs.masks):
+            hs.only(mask)
+            call_block(block, stream.get(i), *inputs.ctx[i])
+    return {n: gptq_round(linear_weight(m), hs.hessians[n], rules[n].weight) for n, m in mods.items()}
+
+
+def gptq_step(by_block: dict[int, list], ranges: dict):
+    """A blockwise.Step that replaces each block's targets (api.Target, grouped by block index) with
+    QuantLinear: GPTQ-rule linears rounded with the Hessian of the quantized model's inputs to them (so later
+    blocks correct what earlier ones lost), the others to nearest."""
+    @torch.no_grad()
+    def step(block: nn.Module, inputs, _fp_out) -> nn.Module:
+        ts = by_block.get(inputs.index, [])
+        rounded = gptq_starts(ts, block, inputs, inputs.quant)
+        for t in ts:
+            ql = QuantLinear.from_float(t.module, t.rule, ranges.get(t.name))
+            if t.local in rounded:
+                ql.set_int_weight(*rounded[t.local][:3])
+            block.set_submodule(t.local, ql)
+        return block
+
+    return step

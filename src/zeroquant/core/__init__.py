@@ -1,0 +1,1 @@
+"""Arithmetic and configuration: number formats, presets, errors (no torch.nn)."""

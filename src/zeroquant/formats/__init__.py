@@ -1,0 +1,1 @@
+"""Checkpoints on disk: zeroquant's own, compressed-tensors, provenance."""

@@ -1,0 +1,1 @@
+"""Gluon kernel families (Hopper)."""

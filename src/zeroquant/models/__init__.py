@@ -1,0 +1,1 @@
+"""Every Hugging Face convention: the adapter table, loading, attention registration."""

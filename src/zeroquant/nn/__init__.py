@@ -1,0 +1,1 @@
+"""The quantized modules: QuantLinear, the activation hand-off, fusion, INT4 packing."""

@@ -1,0 +1,320 @@
+"""QuantLinear: the drop-in replacement for nn.Linear / GPT-2 Conv1D that stores integer weights."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from zeroquant import kernels
+from zeroquant.core import quant as Q
+from zeroquant.core.config import ActQuant, LinearRule, WeightQuant
+from zeroquant.core.errors import ZeroQuantError
+from zeroquant.kernels import ops
+from zeroquant.kernels.reference import apply_act
+from zeroquant.kernels.weight_format import KernelWeight, interleavable, interleave, interleaved
+from zeroquant.nn.handoff import QuantizedActivation
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The [out, in] weight of an nn.Linear or a GPT-2 Conv1D (which stores [in, out])."""
+    if isinstance(module, Conv1D):
+        return module.weight.t()
+    return module.weight
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+class QuantLinear(nn.Module):
+    """Linear layer with group-wise quantized integer weights and optional INT8 activations.
+
+    mode="int"  (default): on CUDA tensors, the Triton kernels (zeroquant.kernels) where they take the
+                 format; otherwise the integer reference path, as in mode="ref".
+    mode="ref":  integer reference path. Activations are quantized (per token, or with the static
+                 calibrated scale), multiplied as int8 x int8 -> int32 per weight group, and dequantized
+                 with token scale x group scale; bias added in float. The kernels match it.
+    mode="fake": dequantize the weight, quantize-dequantize the activation, float matmul. Same numbers
+                 up to float rounding; used to cross-check and by distillation.
+    Weight-only rules (act=None) take the fake path in both modes: the activation stays floating point.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        weight: WeightQuant,
+        act: ActQuant | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.wq, self.aq = weight, act
+        self.mode = "int"
+        # Activation applied to the output (fused into the GEMM epilogue on CUDA); set by zeroquant.fuse,
+        # which removes the model's own activation module. Not saved: fuse() sets it again after loading.
+        self.act: str | None = None
+        # This linear's place among those a FusedNorm runs as one packed GEMM (zeroquant.nn.fusion): its output then
+        # comes with its input (handoff.QuantizedActivation.packed_output). Set by zeroquant.fuse; not saved.
+        self.packed_slot: int | None = None
+        self.packed = weight.bits <= 4
+        groups = 1 if weight.per_tensor else Q.num_groups(in_features, weight.group_size)
+        qdtype = Q.storage_dtype(weight.bits, weight.symmetric)
+        if self.packed:
+            if in_features % 2:
+                raise ZeroQuantError(f"INT4 weights need an even input size, got {in_features}")
+            self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
+        else:
+            self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=qdtype))
+        # [N, G] tensors stored G-major (a transposed view): the kernels read [G, N] rows, so they use these
+        # buffers in place instead of keeping a second copy on the GPU. Float16 INT4 ones against INT8 tokens
+        # are interleaved (weight_format.interleavable). Saving writes them contiguous.
+        sdtype = getattr(torch, weight.scale_dtype)
+        self.register_buffer("w_scale", torch.ones(groups, out_features, dtype=sdtype).t())
+        zero = None if weight.symmetric else torch.zeros(groups, out_features, dtype=sdtype).t()
+        self.register_buffer("w_zero", zero)
+        self.scales_group_major()
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
+        static = act is not None and not act.dynamic
+        self.register_buffer("a_scale", torch.ones(()) if static else None)
+        self.register_buffer("a_zero", torch.zeros(()) if static else None)
+        # Whether the kernels take this weight and activation format: fixed by the rule, so decided once here
+        # rather than on every forward.
+        self.kernel_format = (
+            not weight.per_tensor and (act is None or (act.dynamic and act.bits == 8))
+            and KernelWeight.unsupported(in_features, weight.bits, weight.symmetric, self.group_size) is None)
+
+    SCALE_BUFFERS = ("w_scale", "w_zero", "a_scale", "a_zero")
+
+    def scales_group_major(self) -> None:
+        """Store w_scale / w_zero G-major (and interleaved where the format says so) again, after a loader
+        assigned the file's [N, G] tensors or a device move copied each on its own."""
+        s, z = self._buffers["w_scale"], self._buffers.get("w_zero")
+        if z is not None and interleavable(self.wq.bits, s.dtype, self.wq.symmetric, self.aq is not None):
+            if not interleaved(s.t(), z.t()):
+                s, z = interleave(s.t(), z.t())
+                self._buffers["w_scale"], self._buffers["w_zero"] = s.t(), z.t()
+            return
+        for name in ("w_scale", "w_zero"):
+            t = self._buffers.get(name)
+            if t is not None and t.stride(0) != 1:
+                self._buffers[name] = t.t().contiguous().t()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """A buffer that is a view into an allocation shared with other linears (zeroquant.nn.packing) is saved
+        as its own copy: checkpoints hold each linear's tensors alone, as before packing."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name, t in self._buffers.items():
+            if t is not None and t.untyped_storage().nbytes() > t.numel() * t.element_size():
+                destination[prefix + name] = t.detach().clone()
+
+    def _apply(self, fn, recurse=True):
+        """Follow device moves but keep scales and zero points in their stored dtype (float32, or float16 where
+        the rule chose it) through model.half()/.to(dtype): rounding float32 ones would change every output."""
+        kept = {n: self._buffers[n] for n in self.SCALE_BUFFERS if self._buffers.get(n) is not None}
+        super()._apply(fn, recurse)
+        for n, old in kept.items():
+            self._buffers[n] = old.to(self._buffers[n].device)
+        self.scales_group_major()
+        return self
+
+    # ------------------------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_float(
+        cls,
+        module: nn.Module,
+        rule: LinearRule,
+        act_range: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> QuantLinear:
+        """Round-to-nearest quantization of a float linear (nn.Linear or Conv1D)."""
+        if rule.weight is None:
+            raise ZeroQuantError("activation-only quantization is not supported; give a weight rule")
+        w = linear_weight(module).detach()
+        out_f, in_f = w.shape
+        b = module.bias
+        ql = cls(in_f, out_f, b is not None, rule.weight, rule.act, dtype=w.dtype)
+        ql.to(w.device)
+        ql.set_weight(w)
+        if b is not None:
+            ql.bias.copy_(b.detach())
+        if ql.a_scale is not None:
+            if act_range is None:
+                raise ZeroQuantError("static activation quantization needs calibration data (calib_data=...)")
+            s, z = Q.scale_zero_from_range(act_range[0], act_range[1], rule.act.bits, rule.act.symmetric)
+            ql.a_scale.copy_(s)
+            ql.a_zero.copy_(z)
+        return ql
+
+    @torch.no_grad()
+    def set_weight(self, w: torch.Tensor, scale: torch.Tensor | None = None, zero: torch.Tensor | None = None) -> None:
+        """Quantize float weight `w` [N, K] into the buffers; scale/zero default to RTN from w's range."""
+        wq = self.wq
+        s, z = scale, zero
+        if s is None or z is None:
+            s0, z0 = Q.weight_scale_zero(w, wq.bits, wq.group_size, wq.symmetric, wq.per_tensor)
+            s = s0 if s is None else s
+            z = z0 if z is None else z
+        s = Q.stored_scale(s, self.w_scale.dtype)
+        k, gs = self.in_features, self.group_size
+        self.set_int_weight(Q.quantize(w, Q.expand_groups(s, k, gs), Q.expand_groups(z, k, gs), wq.bits, wq.symmetric),
+                            s, z)
+
+    @torch.no_grad()
+    def set_int_weight(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
+        """Store integer weights q [N, K] (quant.storage_dtype) with their scales and zero points [N, G], as
+        a rounding method other than round-to-nearest (zeroquant.algorithms.gptq) produced them."""
+        self.qweight.copy_(Q.pack_int4(q, self.wq.symmetric) if self.packed else q)
+        self.w_scale.copy_(scale)
+        if self.w_zero is not None:
+            self.w_zero.copy_(zero)
+
+    # ---------------------------------------------------------------------------------------- weights
+
+    @property
+    def group_size(self) -> int:
+        """Input channels per weight group (the whole row for per-row and per-tensor scales); when it does
+        not divide in_features the last group is shorter."""
+        return self.in_features if self.wq.per_tensor else Q.group_len(self.in_features, self.wq.group_size)
+
+    def int_weight(self) -> torch.Tensor:
+        """Unpacked integer weight [N, K]."""
+        return Q.unpack_int4(self.qweight, self.wq.symmetric) if self.packed else self.qweight
+
+    def _zero(self) -> torch.Tensor:
+        return self.w_zero if self.w_zero is not None else torch.zeros_like(self.w_scale)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return Q.dequantize_weight(self.int_weight(), self.w_scale, self._zero(), self.group_size).to(dtype)
+
+    def weight_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.w_scale, self.w_zero) if t is not None)
+
+    # ---------------------------------------------------------------------------------------- forward
+
+    def fake_quant_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.aq is None:
+            return x
+        if self.aq.dynamic:
+            return Q.fake_quantize_per_token(x, self.aq.bits)
+        return Q.fake_quantize(x, self.a_scale.to(x.dtype), self.a_zero.to(x.dtype), self.aq.bits, self.aq.symmetric)
+
+    def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """int8 activation x8, its scale ([M, 1] or []) and an integer offset c (an int32 scalar tensor, None
+        for 0) with x ~= (x8 + c) * scale.
+
+        Asymmetric (uint8, zero point z) values are stored shifted to int8, q - 128, with c = 128 - z, so the
+        GEMM stays int8 x int8 and the offset becomes a cheap rank-1 correction, as in integer kernels. c stays
+        a tensor, never a Python int, so that torch.compile traces this without a graph break.
+        """
+        if self.aq.dynamic:
+            q, s = Q.quantize_per_token(x, self.aq.bits)
+            return q, s, None
+        q = Q.quantize(x, self.a_scale, self.a_zero, self.aq.bits, self.aq.symmetric)
+        if self.aq.symmetric:
+            return q, self.a_scale, None
+        return (q.to(torch.int16) - 128).to(torch.int8), self.a_scale, (128 - self.a_zero).to(torch.int32)
+
+    def int8_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """int8 weight w8 [N, K] and per-group integer offsets c [N, G] (None if 0) with w ~= (w8 + c) * s."""
+        q = self.int_weight()
+        if self.w_zero is None:
+            return q, None
+        z = self.w_zero.to(torch.int16)
+        if self.wq.bits <= 7:  # q - z fits int8 exactly
+            return (q.to(torch.int16) - Q.expand_groups(z, self.in_features, self.group_size)).to(torch.int8), None
+        return (q.to(torch.int16) - 128).to(torch.int8), (128 - z).to(torch.int32)
+
+    def kernel_weight(self) -> KernelWeight | None:
+        """This layer's weight in the kernels' layout (views of its buffers), or None where the kernels do not
+        take the format (static activations, asymmetric 8-bit, odd groups)."""
+        if not self.kernel_format:
+            return None
+        return KernelWeight.from_quant(self.qweight, self.w_scale, self.w_zero, self.wq.bits, self.group_size)
+
+    def uses_kernels(self, x: torch.Tensor) -> bool:
+        """Whether forward(x) runs the Triton kernels (else the reference path)."""
+        if self.mode != "int" or not kernels.runs_on(x):
+            return False
+        # INT8 activations: any float input (float32 models too: the GEMM is int8 either way). Weight-only
+        # formats feed x to an fp16/bf16 tensor-core dot.
+        halves = (torch.float16, torch.bfloat16)
+        return x.dtype in ((*halves, torch.float32) if self.aq else halves) and self.kernel_format
+
+    def takes_int8(self, x: torch.Tensor) -> bool:
+        """Whether forward(x) multiplies a token-wise INT8 copy of x (made here, or handed over with x by the op
+        that made it: zeroquant.nn.handoff)."""
+        return self.aq is not None and self.uses_kernels(x)
+
+    def int8_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x in token-wise INT8 form (q, scale): the copy handed over with x, else quantized now."""
+        if isinstance(x, QuantizedActivation):
+            handed = x.int8()
+            if handed is not None:
+                return handed
+            x = x.float_value()
+        return ops.quantize_per_token(x)
+
+    def forward_quantized(self, q: torch.Tensor, s: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """The kernel GEMM on an input in token-wise INT8 form (q [..., K], s [..., 1]); only where takes_int8."""
+        return ops.quant_linear(q, s, self.qweight, self.w_scale, self.w_zero, self.wq.bits, self.group_size,
+                                self.bias, self.act, out_dtype)
+
+    def forward_kernel(self, x: torch.Tensor) -> torch.Tensor:
+        """The Triton path; only where uses_kernels(x)."""
+        if self.aq is None:
+            return ops.quant_linear(x, None, self.qweight, self.w_scale, self.w_zero, self.wq.bits, self.group_size,
+                                    self.bias, self.act, x.dtype)
+        return self.forward_quantized(*self.int8_input(x), x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed_slot is not None and isinstance(x, QuantizedActivation):
+            y = x.packed_output(self.packed_slot, self.out_features)
+            if y is not None:
+                return y
+        if self.uses_kernels(x):
+            return self.forward_kernel(x)
+        if isinstance(x, QuantizedActivation):
+            x = x.float_value()
+        if self.aq is None or self.mode == "fake":
+            w = self.dequantized_weight(x.dtype)
+            if self.act is None:
+                b = None if self.bias is None else self.bias.to(x.dtype)
+                return F.linear(self.fake_quant_input(x), w, b)
+            y = F.linear(self.fake_quant_input(x), w).float()
+            y = y if self.bias is None else y + self.bias.float()
+            return apply_act(y, self.act).to(x.dtype)
+        return self.forward_int(x)
+
+    def forward_int(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x8, sx, cx = self.quantize_input(x.reshape(-1, self.in_features))
+        w8, cw = self.int8_weight()
+        y = None
+        for g, sl in enumerate(Q.group_slices(self.in_features, self.group_size, self.w_scale.shape[1])):
+            # sum_k (x8 + cx)(w8 + cw) = x8.w8 + cw * sum x8 + cx * sum w8 + K * cx * cw, all exact in int32
+            acc = Q.int_matmul(x8[:, sl], w8[:, sl])
+            if cw is not None:
+                acc += x8[:, sl].sum(1, keepdim=True, dtype=torch.int32) * cw[:, g]
+            if cx is not None:
+                acc += cx * w8[:, sl].sum(1, dtype=torch.int32)
+                if cw is not None:
+                    acc += (sl.stop - sl.start) * cx * cw[:, g]
+            part = acc.float() * self.w_scale[:, g]
+            y = part if y is None else y + part
+        y = y * sx
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return apply_act(y, self.act).to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        w = self.wq
+        wdesc = f"W{w.bits} " + ("per-tensor" if w.per_tensor else f"g{w.group_size}") + (
+            "" if w.symmetric else " asym")
+        a = self.aq
+        adesc = "A16" if a is None else f"A{a.bits} " + ("per-token" if a.dynamic else "static")
+        act = f", act={self.act}" if self.act else ""
+        return f"in={self.in_features}, out={self.out_features}, {wdesc}, {adesc}{act}, mode={self.mode}"

@@ -1,0 +1,1 @@
+"""What users run: the CLI, evaluation, benchmarks, peers, the compiled runtime."""

@@ -1,0 +1,477 @@
+"""Command-line interface: zeroquant quantize | export | eval | info | bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+from zeroquant.core.errors import PathError, ZeroQuantError
+from zeroquant.models.hf import check_device, load_fp_model, one_line
+
+EPILOG = """presets:
+  w8a8         INT8 per-channel weights, INT8 token-wise dynamic activations (ZeroQuant)
+  w8a16        INT8 per-channel weights, FP activations
+  w4a16        INT4 group-wise weights (g128, asymmetric), FP activations
+  w4a8         INT4 group-wise weights, INT8 token-wise activations
+  w4/8-a16     INT4 MLP weights, INT8 attention weights, FP activations
+  w4/8-a8      INT4 MLP weights, INT8 attention weights, INT8 token-wise activations
+  w8a8-static  baseline: per-tensor INT8 weights, static per-tensor INT8 activations (needs --calib)
+  rtn-w4       baseline: per-row round-to-nearest INT4 weights
+Any preset takes a group-size suffix for its group-wise weights: -g64, -g128 (w8a8-g128: group-wise
+INT8), -ch (one scale per output channel); a group size that does not divide a layer's input size leaves
+a shorter last group. "+gptq" after a preset (w4a16+gptq) rounds its weights with GPTQ (needs --calib);
+"+smooth" (w8a8+smooth) first folds SmoothQuant scales into the model where activations are INT8, alpha
+searched per site ("+smooth0.5" fixes it; needs --calib).
+Embeddings, norms and the LM head stay in floating point."""
+
+
+def _default_device(arg: str | None) -> str:
+    """--device, checked before any work: a CUDA device this machine has, or the CPU."""
+    if arg:
+        return check_device(arg)
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _int_option(lo: int, hi: int | None, what: str):
+    """argparse type for an integer in [lo, hi]."""
+
+    def parse(v: str) -> int:
+        try:
+            n = int(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {v!r}") from None
+        if n < lo or (hi is not None and n > hi):
+            raise argparse.ArgumentTypeError(f"must be at least {lo}, got {n}" if hi is None
+                                             else f"must be in {lo}..{hi}, got {n}")
+        return n
+
+    return parse
+
+
+# counts and lengths: 0 or less would silently mean 'all' or 'none'
+_positive_int = _int_option(1, None, "a positive integer")
+# seeds: what every generator takes (torch refuses seeds past 64 bits in a traceback)
+_seed = _int_option(0, 2**32 - 1, "an integer seed")
+
+
+def _positive_float(v: str) -> float:
+    try:
+        x = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {v!r}") from None
+    if not x > 0 or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {v}")
+    return x
+
+
+def _check_report_file(path: str | None, flag: str) -> None:
+    """A --json/--md file is written after all the work: fail now if it cannot be."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise ZeroQuantError(f"{flag} {path} is a directory; name a file")
+    if not p.resolve().parent.is_dir():
+        raise PathError(f"{flag} {path}: directory {p.resolve().parent} does not exist")
+    if (p.exists() and not os.access(p, os.W_OK)) or not os.access(p.resolve().parent, os.W_OK | os.X_OK):
+        raise ZeroQuantError(f"{flag} {path}: not writable")
+
+
+def _calib_texts(path: str | None, n: int) -> list[str] | None:
+    if path is None:
+        return None
+    from zeroquant.tools.evaluate import read_text, sentences
+
+    texts = sentences(read_text(path), n)
+    if not texts:
+        raise ZeroQuantError(f"calibration file has no usable sentences: {path}")
+    return texts
+
+
+def _calib_data(path: str | None, texts: list[str] | None, n: int, model, tok):
+    """Calibration data from --calib: for causal LMs, n windows of 128 tokens of the file's token stream (GPTQ's
+    Hessians need thousands of tokens, and windows have no padding); for encoders, its first n sentences."""
+    from zeroquant.algorithms.lkd_data import lkd_batches
+    from zeroquant.models.hf import is_causal_lm
+
+    if path is None or not is_causal_lm(model):
+        return texts
+    return lkd_batches(path, model, tok, n, 128)
+
+
+def _alpha(v: str) -> float | str:
+    if v == "auto":  # the flag without a value: argparse passes its const through here too
+        return v
+    try:
+        return float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"alpha must be a number in [0, 1], got {v!r}") from None
+
+
+def cmd_quantize(args) -> None:
+    from zeroquant.algorithms.lkd_data import lkd_batches
+    from zeroquant.api import quantize
+    from zeroquant.core.config import resolve_config, with_group_size, with_rounding, with_smoothing
+    from zeroquant.formats.checkpoint import check_output_dir, save_quantized
+
+    cfg = resolve_config(args.preset)
+    if args.group_size is not None:
+        cfg = with_group_size(cfg, args.group_size)
+    if args.gptq:
+        cfg = with_rounding(cfg, "gptq")
+    if args.smooth is not None:
+        cfg = with_smoothing(cfg, args.smooth)
+    device = _default_device(args.device)
+    check_output_dir(args.output, sources=(args.model_dir,), overwrite=args.overwrite)
+    texts = _calib_texts(args.calib, args.calib_samples)  # a bad file fails before the model is loaded
+    if args.lkd and args.lkd_data not in ("self", "random"):
+        from zeroquant.tools.evaluate import read_text
+
+        read_text(args.lkd_data)
+    # round-to-nearest reads no data: it needs no tokenizer (one found beside the model is still saved)
+    needs_tok = args.lkd or args.calib is not None or cfg.needs_data
+    model, tok = load_fp_model(args.model_dir, device, args.generic, tokenizer=needs_tok)
+    if args.format == "compressed-tensors":  # refuse an unexportable scheme before the quantization work
+        from zeroquant.formats.compressed_format import check_exportable
+
+        check_exportable(model, cfg, args.generic)
+    lkd, extra = None, {}
+    if args.lkd:  # the distillation data calibrates too
+        from zeroquant.algorithms.lkd import LKDConfig
+        from zeroquant.algorithms.lkd import report as lkd_report
+        from zeroquant.tools.evaluate import format_table
+
+        lkd = LKDConfig(steps=args.lkd_steps, lr=args.lkd_lr, weight_lr=args.lkd_weight_lr, inputs=args.lkd_inputs,
+                        train=args.lkd_train, clip=not args.lkd_freeze_scales, seed=args.seed)
+        calib = lkd_batches(args.lkd_data, model, tok, args.lkd_samples, args.lkd_seq_len, seed=args.seed)
+    else:
+        calib = _calib_data(args.calib, texts, args.calib_samples, model, tok)
+        if (cfg.uses_gptq or cfg.uses_smoothing) and calib is None:  # data-free: text the model writes itself
+            calib = lkd_batches("self", model, tok, args.lkd_samples, 128, seed=args.seed)
+        elif cfg.needs_calibration and calib is None:
+            raise ZeroQuantError(f"preset {cfg.name!r} uses static activation scales: pass --calib FILE")
+    qmodel = quantize(model, cfg, calib_data=calib, tokenizer=tok, inplace=True, allow_generic=args.generic,
+                      lkd=lkd)
+    if lkd is not None:
+        extra["lkd_report.json"] = {"data": args.lkd_data, **lkd_report(lkd, qmodel.zeroquant_lkd)}
+        print(format_table(qmodel.zeroquant_lkd))
+    from dataclasses import asdict
+
+    from zeroquant.formats.provenance import data_record
+
+    source = args.lkd_data if args.lkd else (args.calib if calib is not None and args.calib else "self")
+    made = {"model": Path(args.model_dir).name, "preset": cfg.name,
+            "options": {"group_size": args.group_size, "gptq": args.gptq, "smooth": args.smooth,
+                        "generic": args.generic, "format": args.format},
+            "data": data_record(source, calib), "lkd": None if lkd is None else asdict(lkd), "seed": args.seed,
+            "processes": 1}
+    out = save_quantized(qmodel, args.output, tokenizer=tok, extra=extra, format=args.format,
+                         overwrite=args.overwrite, provenance=made)
+    print(f"saved {cfg.name} model to {out} ({args.format})")
+
+
+def cmd_export(args) -> None:
+    from zeroquant.formats.checkpoint import check_output_dir, load_quantized, save_quantized
+
+    check_output_dir(args.output, sources=(args.quant_dir,), overwrite=args.overwrite)
+    model = load_quantized(args.quant_dir, fuse=False)
+    out = save_quantized(model, args.output, format="compressed-tensors", overwrite=args.overwrite)
+    print(f"wrote {model.zeroquant_config.name} from {args.quant_dir} as compressed-tensors to {out}")
+
+
+def cmd_eval(args) -> None:
+    from zeroquant.core.config import resolve_config
+    from zeroquant.tools.evaluate import EvalSettings, read_text
+    from zeroquant.tools.report import print_report, report
+
+    presets = [p.strip() for p in args.presets.split(",") if p.strip()]
+    configs = [resolve_config(p) for p in presets]
+    device = _default_device(args.device)
+    _check_report_file(args.json, "--json")
+    text = read_text(args.text)
+    calib = _calib_texts(args.calib, args.calib_samples)
+    if calib is None and any(c.needs_data for c in configs):
+        raise ZeroQuantError("static, +gptq and +smooth presets need --calib FILE (never calibrate on the evaluation "
+                             "text)")
+    model, tok = load_fp_model(args.model_dir, device, args.generic)
+    settings = EvalSettings(max_sentences=args.max_sentences, max_tokens=args.max_tokens,
+                            seq_len=args.seq_len, batch_size=args.batch_size)
+    calib = _calib_data(args.calib, calib, args.calib_samples, model, tok)
+    rows = report(model, tok, text, presets, calib, settings, allow_generic=args.generic)
+    print(f"\nmodel: {args.model_dir}  text: {args.text}  device: {next(model.parameters()).device}")
+    print_report(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps([{k: v for k, v in r.items() if not k.startswith("_")}
+                                               for r in rows], indent=2))
+
+
+def _info_compressed(path: Path) -> None:
+    from zeroquant.formats.compressed_format import read_config
+
+    qc = read_config(path)
+    _check_safetensors_files(path)
+    print(f"format:        compressed-tensors ({qc.get('format')}), written by compressed-tensors {qc.get('version')}")
+    for name, g in qc.get("config_groups", {}).items():
+        w, a = g.get("weights") or {}, g.get("input_activations")
+        wdesc = f"W{w.get('num_bits')} {w.get('strategy')}" + (f" {w['group_size']}" if w.get("group_size") else "")
+        adesc = "A16" if not a else f"A{a.get('num_bits')} {a.get('strategy')}" + (
+            " dynamic" if a.get("dynamic") else " static")
+        wdesc += "" if w.get("symmetric", True) else " asym"
+        print(f"  {name}: {wdesc} / {adesc} ({g.get('format')}), targets {', '.join(g.get('targets', []))}")
+    print(f"ignored:       {', '.join(qc.get('ignore') or []) or '-'}")
+    size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    print(f"weights file:  {size / 1e6:.2f} MB")
+
+
+def _check_safetensors_files(path: Path) -> None:
+    """Every weights file of a compressed-tensors checkpoint opens and its header covers the file."""
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ZeroQuantError(f"damaged checkpoint: {path} has no .safetensors file")
+    for f in files:
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise ZeroQuantError(f"damaged checkpoint: {f}: not a readable safetensors file ({e})") from None
+
+
+def cmd_info(args) -> None:
+    from zeroquant.formats.checkpoint import WEIGHTS_FILE, checkpoint_format, read_manifest, verify_checkpoint
+
+    if checkpoint_format(args.out_dir) == "compressed-tensors":
+        return _info_compressed(Path(args.out_dir))
+    read_manifest(args.out_dir)  # not a checkpoint at all: its own message
+    try:  # what info summarises must be what a load would find
+        m = verify_checkpoint(args.out_dir)
+    except ZeroQuantError as e:
+        raise ZeroQuantError(f"damaged checkpoint: {e}") from None
+    mods = m["modules"]
+    by_kind: dict[str, int] = {}
+    for spec in mods.values():
+        w, a = spec["weight"], spec["act"]
+        key = f"W{w['bits']} " + ("per-tensor" if w["per_tensor"] else f"g{w['group_size']}") + (
+            " asym" if not w["symmetric"] else "") + (" / A16" if a is None else
+                                                      f" / A{a['bits']} {'token' if a['dynamic'] else 'static'}")
+        by_kind[key] = by_kind.get(key, 0) + 1
+    size = (Path(args.out_dir) / WEIGHTS_FILE).stat().st_size
+    print(f"preset:        {m['preset']}")
+    print(f"model class:   {m['model_class']} ({m['dtype']})")
+    print(f"quantized:     {len(mods)} linear layers")
+    for k, v in sorted(by_kind.items()):
+        print(f"  {v:4d} x {k}")
+    print(f"weights file:  {size / 1e6:.2f} MB")
+    if isinstance(m.get("provenance"), dict):
+        from zeroquant.formats.provenance import describe
+
+        print("\n".join(describe(m["provenance"])))
+
+
+def cmd_bench(args) -> None:
+    from zeroquant.tools.benchmark import BenchSettings, describe, run, table, to_json
+
+    if args.random_weights != (args.config is not None):
+        raise ZeroQuantError("--random-weights and --config NAME go together")
+    if args.layers is not None and (args.config is None or args.layers < 1):
+        raise ZeroQuantError("--layers N (N >= 1) only applies to --random-weights --config shapes")
+    for name in ("batch", "prompt_len", "reps"):
+        if getattr(args, name) < 1:
+            raise ZeroQuantError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.gen_len < 0:
+        raise ZeroQuantError("--gen-len must be 0 or more")
+    _check_report_file(args.json, "--json")
+    _check_report_file(args.md, "--md")
+    s = BenchSettings(model_dir=args.model_dir, config=args.config, layers=args.layers,
+                      presets=[p.strip() for p in args.preset.split(",") if p.strip()], batch=args.batch,
+                      prompt_len=args.prompt_len, gen_len=args.gen_len, compile=args.compile,
+                      graph=not args.no_graph, eager=not args.no_eager, reps=args.reps, seed=args.seed,
+                      device=_default_device(args.device), save_files=not args.no_save,
+                      peers=[p.strip() for p in (args.peer or "").split(",") if p.strip()],
+                      fp_compile_modes=[m.strip() for m in (args.fp_compile_mode or "").split(",") if m.strip()])
+    def write(rows) -> str:  # after every row: a run cut short keeps what it measured
+        md = f"{describe(s, rows)}\n\n{table(rows)}"
+        if args.json:
+            Path(args.json).write_text(json.dumps(to_json(rows, s), indent=2))
+        if args.md:
+            Path(args.md).write_text(md + "\n")
+        return md
+
+    rows = run(s, progress=lambda m: print(m, file=sys.stderr, flush=True), on_row=write)
+    print(write(rows))
+
+
+BENCH_EPILOG = """rows: FP16 and then each preset, each as Hugging Face eager (decode = model.generate; --no-eager
+skips it), on zeroquant's static-cache CUDA-graph loop (--no-graph skips it) and compiled on that loop
+(--compile: torch.compile around the forward, captured in the same graph), then --peer rows (compiled).
+Prefill = one forward over the prompt; decode tok/s = batch x new tokens / time. 'x fp eager' divides by
+the first row, 'x best fp' by the fastest FP row. roofline = bytes a decode step must read (weights + filled
+KV cache) / step time / the device's copy bandwidth, measured in the same run. Memory: resident = CUDA
+memory once the model is ready; weights = its parameters and buffers; file = the saved quantized checkpoint.
+
+random shapes (--random-weights --config): """ + ", ".join(
+    ["llama-7b", "gpt-neox-20b", "opt-1.3b", "bert-large"]) + """
+Presets take a group-size suffix: w8a8-ch (per-channel INT8 weights), w4a16-g64."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="zeroquant",
+        description="ZeroQuant post-training quantization of local Hugging Face checkpoints.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp):
+        sp.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+        sp.add_argument("--generic", action="store_true",
+                        help="quantize every linear in the blocks of an architecture without an adapter")
+        sp.add_argument("--calib", metavar="FILE",
+                        help="text file for calibration (static, GPTQ and smoothed presets); never the evaluation text")
+        sp.add_argument("--calib-samples", type=_positive_int, default=256,
+                        help="calibration sentences (encoders) or 128-token windows (causal LMs); default 256")
+
+    q = sub.add_parser("quantize", help="quantize a model and save it", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    q.add_argument("model_dir", help="local Hugging Face model directory or .gguf file")
+    q.add_argument("--preset", default="w8a8", help="quantization preset (default w8a8; see below)")
+    q.add_argument("-o", "--output", required=True, help="directory to write the quantized model to")
+    q.add_argument("--group-size", type=int, default=None,
+                   help="override the preset's weight group size (input channels per scale; -1 = per row)")
+    q.add_argument("--gptq", action="store_true",
+                   help="GPTQ rounding of every quantized weight (Hessian-weighted error compensation) from "
+                   "--calib FILE, the --lkd-data with --lkd, else text the model writes itself; with --lkd, "
+                   "distillation starts from GPTQ's weights")
+    q.add_argument("--smooth", nargs="?", const="auto", default=None, type=_alpha, metavar="ALPHA",
+                   help="SmoothQuant: fold per-channel scales from the activation maxima into the norms (and v->o, "
+                   "up->down) before quantizing, for presets with INT8 activations; alpha in [0, 1], searched per "
+                   "site when not given; data as for --gptq")
+    q.add_argument("--lkd", action="store_true", help="layer-by-layer distillation of each quantized block")
+    q.add_argument("--lkd-data", default="self", metavar="FILE|self|random",
+                   help="distillation data: a text/jsonl file, text the model generates itself (default), "
+                   "or random token ids")
+    q.add_argument("--lkd-inputs", choices=("quantized", "fp", "mixed"), default="quantized",
+                   help="what each block's student reads: the quantized model's own input to the block (default; "
+                   "it learns to correct the error of the blocks before it), the FP model's (the paper), or a "
+                   "random element-wise mix of the two")
+    q.add_argument("--lkd-train", choices=("rounding", "weights", "all"), default="rounding",
+                   help="what trains: rounding offsets and clipping by signed gradient (default), the master "
+                   "weights by straight-through Adam (the paper), or all of them")
+    q.add_argument("--lkd-steps", type=_positive_int, default=200,
+                   help="steps per block, one batch of 8 sequences each (default 200)")
+    q.add_argument("--lkd-lr", type=_positive_float, default=None,
+                   help="step size of the rounding offsets and clipping (default 1/steps), decayed linearly")
+    q.add_argument("--lkd-weight-lr", type=_positive_float, default=3e-5,
+                   help="Adam learning rate of the master weights (--lkd-train weights/all; default 3e-5)")
+    q.add_argument("--lkd-samples", type=_positive_int, default=128,
+                   help="distillation sequences (default 128; 1/8 of them are held apart to pick each block's best "
+                   "iterate)")
+    q.add_argument("--lkd-seq-len", type=_positive_int, default=2048,
+                   help="distillation sequence length (default 2048)")
+    q.add_argument("--lkd-freeze-scales", action="store_true", help="learn no clipping: keep the starting scales")
+    q.add_argument("--seed", type=_seed, default=0, help="seed of the distillation data and training (default 0)")
+    q.add_argument("--format", choices=("zeroquant", "compressed-tensors"), default="zeroquant",
+                   help="checkpoint format: zeroquant's own (default), or compressed-tensors for vLLM, SGLang and "
+                   "transformers (see `zeroquant export`)")
+    q.add_argument("--overwrite", action="store_true", help="write into a non-empty -o directory that is not a "
+                   "checkpoint (files zeroquant does not write are kept)")
+    common(q)
+    q.set_defaults(func=cmd_quantize)
+
+    x = sub.add_parser("export", help="rewrite a zeroquant checkpoint in the compressed-tensors format",
+                       description="Write a quantized checkpoint as compressed-tensors (the format llm-compressor "
+                       "writes; vLLM, SGLang and transformers load it): the same integers and scales, no "
+                       "re-quantization. Schemes that format cannot spell (a group size that leaves a short last "
+                       "group, GPT-2's Conv1D layers) are refused and nothing is written. `zeroquant.load_quantized` "
+                       "reads the result back onto zeroquant's kernels.")
+    x.add_argument("quant_dir", help="a directory written by `zeroquant quantize`")
+    x.add_argument("-o", "--output", required=True, help="directory to write the compressed-tensors model to")
+    x.add_argument("--overwrite", action="store_true", help="write into a non-empty -o directory that is not a "
+                   "checkpoint (files zeroquant does not write are kept)")
+    x.set_defaults(func=cmd_export)
+
+    e = sub.add_parser("eval", help="FP vs presets on a text file: perplexity (LMs) or fidelity (encoders)",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    e.add_argument("model_dir", help="local Hugging Face model directory or .gguf file (floating point)")
+    e.add_argument("--text", required=True, help="evaluation text file (e.g. wikitext-2 test.txt)")
+    e.add_argument("--presets", default="w8a8,w8a8-static,w4/8-a16,rtn-w4",
+                   help="comma-separated presets (default: w8a8,w8a8-static,w4/8-a16,rtn-w4)")
+    e.add_argument("--max-sentences", type=_positive_int, default=2000, help="encoder sentences (default 2000)")
+    e.add_argument("--max-tokens", type=_positive_int, default=None, help="causal LM: cap on evaluated tokens")
+    e.add_argument("--seq-len", type=_positive_int, default=None,
+                   help="causal LM window (default min(1024, max positions))")
+    e.add_argument("--batch-size", type=_positive_int, default=64)
+    e.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    common(e)
+    e.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser("bench", help="FP16 eager vs quantized: prefill latency, decode tokens/s, memory",
+                       epilog=BENCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    b.add_argument("model_dir", nargs="?", help="local Hugging Face model directory or .gguf file (floating point)")
+    b.add_argument("--random-weights", action="store_true", help="build --config's shape with random weights")
+    b.add_argument("--config", help="model shape for --random-weights: llama-7b, gpt-neox-20b, opt-1.3b, bert-large")
+    b.add_argument("--layers", type=int, help="override the number of blocks (quick looks only)")
+    b.add_argument("--preset", default="w8a8,w4a16,w4/8-a8", help="comma-separated presets (default: %(default)s)")
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (encoders: sequence length)")
+    b.add_argument("--gen-len", type=int, default=64, help="new tokens to decode; 0 = prefill only")
+    b.add_argument("--compile", action="store_true", help="add a compiled row for FP16 and every preset "
+                   "(torch.compile on the CUDA-graph loop; the first compile of a 7B model takes about a minute)")
+    b.add_argument("--fp-compile-mode", metavar="MODE", help="add FP16 rows compiled in these torch.compile modes "
+                   "(comma-separated, e.g. max-autotune-no-cudagraphs): 'x best fp' then divides by the fastest")
+    b.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph rows")
+    b.add_argument("--no-eager", action="store_true", help="skip the Hugging Face eager rows")
+    b.add_argument("--peer", metavar="NAME", help="add a peer's rows in the same run: torchao (int8 and int4 "
+                   "weight-only, int8 dynamic activations; bfloat16, compiled), or some of them by name: "
+                   "torchao-int8wo, torchao-int4wo, torchao-int8dq; needs it installed")
+    b.add_argument("--no-save", action="store_true", help="do not save each quantized model to measure its file")
+    b.add_argument("--reps", type=int, default=3, help="timed repetitions, median reported (default 3)")
+    b.add_argument("--seed", type=_seed, default=0)
+    b.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    b.add_argument("--json", metavar="FILE", help="also write settings and rows as JSON")
+    b.add_argument("--md", metavar="FILE", help="also write the printed table as markdown")
+    b.set_defaults(func=cmd_bench)
+
+    i = sub.add_parser("info", help="describe a saved quantized model (either format)")
+    i.add_argument("out_dir")
+    i.set_defaults(func=cmd_info)
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    for sp in sub.choices.values():  # also after the command; SUPPRESS keeps a top-level --debug
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error")
+    return p
+
+
+def _raise_interrupt(signum, frame) -> None:
+    """SIGTERM (kill, a job scheduler's time limit) cleans up as Ctrl-C does: saves remove their temp dirs."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        args.func(args)
+    except (ZeroQuantError, OSError) as e:  # OSError: files and disks the user names (no space, permissions)
+        if args.debug:
+            raise
+        print(f"zeroquant: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        if args.debug:
+            raise
+        print(f"zeroquant: interrupted ({str(e) or 'SIGINT'})", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
