@@ -16,7 +16,7 @@ import torch
 import triton
 from kernel_table import ms, weights
 
-from zeroquant.kernels import gemm, gemv, rowwise, skinny_gemm, tile_gemm
+from zeroquant.kernels.triton import gemm, gemv, rowwise, skinny_gemm, tile_gemm
 from zeroquant.tools.benchmark import copy_bandwidth
 
 SHAPES = [(4096, 11008), (11008, 4096), (4096, 4096)]  # (K, N)

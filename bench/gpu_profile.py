@@ -127,7 +127,7 @@ def main() -> None:
                 print(f"  {ms:8.3f} ms {calls:6d} calls  {name[:80]}")
         del model
         torch.cuda.empty_cache()
-    from zeroquant.kernels import tma_gemm
+    from zeroquant.kernels.triton import tma_gemm
 
     # What the autotuner chose per shape key: a slower config picked on a noisy measurement shows up here.
     out["tma_configs"] = {str(k): str(v) for k, v in tma_gemm._w8a8_tma_kernel.cache.items()}

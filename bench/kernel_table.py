@@ -18,7 +18,7 @@ import torch
 import triton
 
 from zeroquant.core import quant as Q
-from zeroquant.kernels import gemm, rowwise, tile_gemm
+from zeroquant.kernels.triton import gemm, rowwise, tile_gemm
 from zeroquant.kernels.weight_format import interleavable, interleave
 
 MS = [1, 16, 128, 2048, 8192]

@@ -49,7 +49,7 @@ def main() -> None:
         q = zq.quantize(model, preset, calib_data=ids, lkd=zq.LKDConfig(steps=args.steps), progress=False)
         torch.cuda.synchronize()
         wall = time.perf_counter() - t
-        blocks = q.zeroquant_lkd
+        blocks = q.zeroquant.lkd
         per_block = sum(r["seconds"] for r in blocks) / len(blocks)
         rows.append({"preset": preset, "wall_s": wall, "s_per_block": per_block,
                      "blocks": [{k: r.get(k) for k in ("block", "seconds", "peak_gib", "best_step")} for r in blocks],

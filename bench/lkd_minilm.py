@@ -61,7 +61,7 @@ def main():
                 q = zq.quantize(model, preset, calib_data=data[src], lkd=cfg, progress=False)
             secs = time.time() - t
             cos = cosine_stats(ref, pooled_embeddings(q, tok, test, progress=False))
-            held = [r["recovered"] for r in getattr(q, "zeroquant_lkd", [])]  # block MSE on held-apart batches
+            held = [r["recovered"] for r in (q.zeroquant.lkd or [])]  # block MSE on held-apart batches
             rows.append({"preset": preset, "lkd_data": src, **cos, "held_apart_recovered": held, "seconds": secs})
             print(rows[-1])
             del q

@@ -44,7 +44,7 @@ def write_checkpoint(out: Path, preset: str) -> None:
     from transformers import LlamaForCausalLM
 
     import zeroquant as zq
-    from zeroquant.api import find_targets
+    from zeroquant.algorithms.targets import find_targets
     from zeroquant.nn.qlinear import QuantLinear
     from zeroquant.tools.benchmark import random_config
 
@@ -63,7 +63,7 @@ def write_checkpoint(out: Path, preset: str) -> None:
         if p.is_meta:
             mod, _, attr = name.rpartition(".")
             setattr(model.get_submodule(mod), attr, torch.nn.Parameter(torch.randn(p.shape, dtype=p.dtype) * 0.02))
-    model.zeroquant_config = cfg
+    model.zeroquant = zq.core.state.QuantState(cfg)
     zq.save_quantized(model, out)
 
 

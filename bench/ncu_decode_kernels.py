@@ -11,7 +11,7 @@ weights (fp16 tokens). INT4: group 128, float16 scales and zero points, as the p
 import torch
 from kernel_table import weights
 
-from zeroquant.kernels import gemv, rowwise, skinny_gemm
+from zeroquant.kernels.triton import gemv, rowwise, skinny_gemm
 
 
 def main() -> None:

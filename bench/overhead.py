@@ -12,7 +12,7 @@ import time
 import torch
 
 from zeroquant.core import quant as Q
-from zeroquant.kernels import gemm, rowwise
+from zeroquant.kernels.triton import gemm, rowwise
 
 
 def wall_us(fn, n: int = 200) -> float:

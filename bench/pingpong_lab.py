@@ -51,7 +51,8 @@ def measure(out: Path) -> None:
     import torch  # here, so --md-from runs without a GPU stack
     import triton
 
-    from zeroquant.kernels import rowwise, tma_gemm, tma_pingpong
+    from zeroquant.kernels.gluon import tma_pingpong
+    from zeroquant.kernels.triton import rowwise, tma_gemm
     from zeroquant.kernels.weight_format import KernelWeight
 
     out.mkdir(parents=True, exist_ok=True)

@@ -151,8 +151,8 @@ def main() -> None:
                                 lkd=cfg, progress=False)
                 if cfg is not None:
                     row["lkd"] = {"inputs": cfg.inputs, "train": cfg.train,
-                                  "held_apart_recovered": sum(r["recovered"] for r in q.zeroquant_lkd)
-                                  / len(q.zeroquant_lkd)}
+                                  "held_apart_recovered": sum(r["recovered"] for r in q.zeroquant.lkd)
+                                  / len(q.zeroquant.lkd)}
             t1 = time.perf_counter()
             r = perplexity(q, tok, text, args.seq_len, args.max_tokens, args.batch, progress=False)
             row.update(ppl=r["ppl"], tokens=r["tokens"], quant_min=(t1 - t0) / 60,

@@ -38,7 +38,7 @@ def layer_fraction(preset: str) -> float:
     for kind, shapes in LLAMA7B.items():
         for k, n in shapes:
             ql = QuantLinear(k, n, False, cfg.rule(kind).weight, cfg.rule(kind).act, torch.float16)
-            q += ql.weight_bytes()
+            q += ql.quantized.nbytes()
             fp += 2 * k * n
     return q / fp
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from kernel_table import ms, weights
 
-from zeroquant.kernels import skinny_gemm, skinny_mma
+from zeroquant.kernels.gluon import skinny_mma
+from zeroquant.kernels.triton import skinny_gemm
 from zeroquant.tools.benchmark import copy_bandwidth
 
 SHAPES = [(4096, 11008), (11008, 4096), (4096, 22016), (4096, 12288), (4096, 4096)]  # (K, N)

@@ -20,7 +20,7 @@ import torch
 import triton
 
 from zeroquant.api import quantize
-from zeroquant.kernels import gemv, skinny_gemm, tile_gemm, tma_gemm
+from zeroquant.kernels.triton import gemv, skinny_gemm, tile_gemm, tma_gemm
 from zeroquant.tools.benchmark import BenchSettings, build_model, wall_times
 from zeroquant.tools.runtime import GraphedForward, last_logits_only
 

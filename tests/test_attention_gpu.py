@@ -9,7 +9,7 @@ from test_kernels_gpu import poison_cuda_cache, rel_err
 import zeroquant as zq
 from zeroquant.api import set_mode
 from zeroquant.kernels import reference as R
-from zeroquant.nn.fusion import EncoderAttention
+from zeroquant.models.encoder_attention import EncoderAttention
 
 pytestmark = pytest.mark.gpu
 
@@ -40,7 +40,7 @@ def _masks(b, sq, sk, kind, dtype):
                                          (2, 2, 64, 300, 128), (4, 16, 1, 9, 64)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_attention_matches_reference(b, h, sq, sk, d, mask, dtype):
-    from zeroquant.kernels import attention
+    from zeroquant.kernels.triton import attention
 
     q, k, v = _qkv(b, h, sq, sk, d, dtype)
     m = _masks(b, sq, sk, mask, dtype)
@@ -59,7 +59,7 @@ def test_attention_matches_reference(b, h, sq, sk, d, mask, dtype):
 def test_decode_attention_matches_reference(b, h, hk, sk, mask, dtype):
     """One query per head against a static KV cache [B, HK, Sk, D] with grouped heads (the decode kernel,
     one to several key slices merged by the last program); batch 0's keys all masked (b > 1) gives zeros."""
-    from zeroquant.kernels import attention
+    from zeroquant.kernels.triton import attention
     from zeroquant.kernels.triton.gemm_common import split_counters
 
     d = 128
@@ -100,7 +100,7 @@ def test_decoder_on_kernel_attention_gives_sdpa_logits():
         assert rel_err(a, b) < 5e-3
 
 def test_attention_fully_masked_rows_are_zero():
-    from zeroquant.kernels import attention
+    from zeroquant.kernels.triton import attention
 
     q, k, v = _qkv(2, 2, 16, 16, 64, torch.float16)
     keep = torch.ones(2, 1, 16, 16, dtype=torch.bool, device="cuda")

@@ -18,7 +18,7 @@ def test_save_load_identical_logits(tmp_path, arch, preset):
     out = zq.save_quantized(q, tmp_path / "q")
     loaded = zq.load_quantized(out)
     assert torch.equal(model_output(q, ids), model_output(loaded, ids))
-    assert loaded.zeroquant_config == q.zeroquant_config
+    assert loaded.zeroquant.config == q.zeroquant.config
     assert sorted(zq.quantized_modules(loaded)) == sorted(zq.quantized_modules(q))
 
 
@@ -154,5 +154,5 @@ def test_load_builds_no_float_linears_and_keeps_ties(tmp_path, arch):
     stored = load_file(str(out / "model.safetensors"))
     for name, m in zq.quantized_modules(loaded).items():
         assert torch.equal(m.qweight, stored[f"{name}.qweight"])
-        kw = m.kernel_weight()  # G-major (INT4: interleaved with the zero points), as the kernels read it in place
+        kw = m.quantized.kernel()  # G-major (INT4: interleaved with the zero points), as the kernels read it in place
         assert kw.scale.data_ptr() == m.w_scale.data_ptr() and kw.sz_step == (2 if m.wq.bits == 4 else 1)

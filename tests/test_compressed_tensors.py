@@ -72,7 +72,7 @@ def test_transformers_runs_exported_w8a8(tmp_path, monkeypatch, name):
     ids = ids_for(model)
     got = model_output(hf, ids)
     for n, m in zq.quantized_modules(q).items():
-        assert torch.equal(hf.get_submodule(n).weight, m.dequantized_weight())
+        assert torch.equal(hf.get_submodule(n).weight, m.quantized.dequantize())
     monkeypatch.setattr(Q, "fake_quantize_per_token", ct_fake_quant_tokens)
     torch.testing.assert_close(got, model_output(zq.set_mode(q, "fake"), ids), rtol=1e-5, atol=1e-5)
 
@@ -103,9 +103,9 @@ def test_compressed_tensors_decompresses_w4_8_a16(tmp_path, name):
         sd = {k.removeprefix(name_ + "."): v for k, v in file.items() if k.startswith(name_ + ".")}
         off = 0 if m.wq.symmetric else 1 << (m.wq.bits - 1)
         ints = unpack_from_int32(sd["weight_packed"], m.wq.bits, sd["weight_shape"])
-        assert torch.equal(ints.to(torch.int16) + off, m.int_weight().to(torch.int16))
+        assert torch.equal(ints.to(torch.int16) + off, m.quantized.ints().to(torch.int16))
         w = BaseCompressor.get_value_from_registry(scheme.format).decompress(sd, scheme)["weight"]
-        assert torch.equal(w, m.dequantized_weight())
+        assert torch.equal(w, m.quantized.dequantize())
         dense[f"{name_}.weight"] = w
     fp = type(model)(model.config).eval()
     fp.load_state_dict(dense, strict=False)
@@ -138,7 +138,7 @@ def test_export_then_import_identical(tmp_path, arch, preset):
     assert sorted(mods) == sorted(zq.quantized_modules(q))
     for n, m in zq.quantized_modules(q).items():
         assert torch.equal(mods[n].qweight, m.qweight) and torch.equal(mods[n].w_scale, m.w_scale)
-    assert back.zeroquant_config.mlp.weight.bits == q.zeroquant_config.mlp.weight.bits
+    assert back.zeroquant.config.mlp.weight.bits == q.zeroquant.config.mlp.weight.bits
 
 
 def _ct_written(model, out, weights: dict, activations: dict | None = None):
@@ -180,7 +180,7 @@ def test_imports_a_checkpoint_compressed_tensors_wrote(tmp_path, monkeypatch, we
     mods = zq.quantized_modules(loaded)
     assert len(mods) == 14 and all(m.wq.bits == weights["num_bits"] for m in mods.values())
     for n, m in mods.items():
-        assert torch.equal(m.dequantized_weight(), ref.get_submodule(n).weight)
+        assert torch.equal(m.quantized.dequantize(), ref.get_submodule(n).weight)
     ids = tiny_input()
     if acts is not None:
         monkeypatch.setattr(Q, "fake_quantize_per_token", ct_fake_quant_tokens)

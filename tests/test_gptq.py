@@ -79,7 +79,7 @@ def test_fake_quant_linear_starts_from_gptqs_integers():
         fq = FakeQuantLinear(lin, rule, start=Start(init.weight, init.scale, init.zero), train=train)
         assert torch.equal(fq.weight.detach(), init.weight) and not torch.equal(init.weight, lin.weight.detach())
         ql = fq.to_quant_linear()
-        assert torch.equal(ql.int_weight(), init.q) and torch.equal(ql.w_scale.float(), init.scale)
+        assert torch.equal(ql.quantized.ints(), init.q) and torch.equal(ql.w_scale.float(), init.scale)
         assert torch.equal(ql.w_zero, init.zero)
 
 
@@ -98,7 +98,7 @@ def test_quantize_with_gptq_needs_data_and_beats_rtn_on_a_model(tmp_path):
         errs[preset] = ((model_output(q, ids) - ref) ** 2).mean().item()
     assert errs["w4a16-g64+gptq"] < errs["w4a16-g64"], errs
     loaded = zq.load_quantized(zq.save_quantized(q, tmp_path / "g"))
-    assert loaded.zeroquant_config == cfg
+    assert loaded.zeroquant.config == cfg
     assert torch.equal(model_output(loaded, ids), model_output(q, ids))
 
 
@@ -110,7 +110,7 @@ def test_gptq_then_lkd_is_seeded_and_no_worse_than_gptq():
     b = zq.quantize(model, "w4a8+gptq", calib_data=calib, lkd=lkd, progress=False)
     ids = tiny_input(2, 32, seed=9)
     assert torch.equal(model_output(a, ids), model_output(b, ids))
-    assert all(r["mse_after"] <= r["mse_before"] for r in a.zeroquant_lkd)
+    assert all(r["mse_after"] <= r["mse_before"] for r in a.zeroquant.lkd)
 
 
 def test_gptq_runs_blocks_without_autograd(monkeypatch):

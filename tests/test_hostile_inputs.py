@@ -127,7 +127,7 @@ def test_quantize_into_a_checkpoint_keeps_the_users_files(q4, capsys):
     assert rc == 0, err
     assert (q4 / "NOTES.md").read_text() == "mine"
     assert json.loads((q4 / "quantization.json").read_text())["preset"] == "w8a16"
-    assert zq.load_quantized(q4).zeroquant_config.name == "w8a16"
+    assert zq.load_quantized(q4).zeroquant.config.name == "w8a16"
 
 
 def test_export_over_a_checkpoint_drops_its_manifest_and_keeps_the_users_files(tmp_path, capsys):

@@ -42,7 +42,7 @@ def assert_quant_close(q, s, q_ref, s_ref):
 @pytest.mark.parametrize("m", MS)
 @pytest.mark.parametrize("k", [200, 768, 4096, 11008])
 def test_quantize_per_token(m, k):
-    from zeroquant.kernels import rowwise
+    from zeroquant.kernels.triton import rowwise
 
     x = torch.randn(m, k, device="cuda", dtype=torch.float16) * 3
     poison_cuda_cache()
@@ -56,7 +56,7 @@ def test_quantize_per_token(m, k):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("residual", [False, True])
 def test_norm_quant(m, k, kind, dtype, residual):
-    from zeroquant.kernels import rowwise
+    from zeroquant.kernels.triton import rowwise
 
     x = (torch.randn(m, k, device="cuda") * 2 + 0.5).to(dtype)
     w = (torch.rand(k, device="cuda") + 0.5).to(dtype)
@@ -76,7 +76,7 @@ def test_norm_quant(m, k, kind, dtype, residual):
 @pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "relu", "silu"])
 @pytest.mark.parametrize("gated", [False, True])
 def test_act_quant(m, act, gated):
-    from zeroquant.kernels import rowwise
+    from zeroquant.kernels.triton import rowwise
 
     x = torch.randn(m, 3072, device="cuda", dtype=torch.float16) * 2
     g = torch.randn_like(x) if gated else None
@@ -88,7 +88,7 @@ def test_act_quant(m, act, gated):
 def test_quantize_per_token_edge_rows():
     """Rows whose every element is the absmax (each divides to exactly +-127), all-zero rows (the scale floor)
     and rows far below it: no clamp is applied in the kernel, so +-127 must come out of the rounding itself."""
-    from zeroquant.kernels import rowwise
+    from zeroquant.kernels.triton import rowwise
 
     x = torch.randn(6, 4096, device="cuda", dtype=torch.float16)
     x[0] = 3.0
@@ -125,7 +125,7 @@ def test_gelu_erf_accuracy():
 
 
 def _run_gemm(ql, x, bits, a8, act=None):
-    from zeroquant.kernels import gemm, rowwise
+    from zeroquant.kernels.triton import gemm, rowwise
 
     kw = gemm.KernelWeight.from_quant(ql.qweight, ql.w_scale, ql.w_zero, bits, ql.group_size)
     if a8:
@@ -162,7 +162,7 @@ def test_quant_linear_reads_fp16_scales(m, name, bits, group, sym, a8):
     ql = quant_linear(k, n, bits, group, sym, a8, "cuda", scale_dtype="float16").half()
     if gemm.KernelWeight.unsupported(k, bits, sym, ql.group_size):
         pytest.skip("format not on the kernels")
-    kw = ql.kernel_weight()
+    kw = ql.quantized.kernel()
     assert kw.scale.dtype == torch.float16 and kw.scale.data_ptr() == ql.w_scale.data_ptr()
     assert kw.sz_step == (2 if bits == 4 and not sym and a8 else 1)  # W4A8 zero points interleaved with scales
     x = torch.randn(m, k, device="cuda", dtype=torch.float16)
@@ -214,7 +214,7 @@ def test_w4_skinny_every_config_and_split(cfg, split, dtype):
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the warpgroup MMA needs Hopper")
     from zeroquant.kernels import act_code
-    from zeroquant.kernels import skinny_gemm as SK
+    from zeroquant.kernels.triton import skinny_gemm as SK
 
     configs = [(c, SK.SKINNY_BLOCK_N) for c in SK._SKINNY_CONFIGS]
     configs += [(c, SK.SKINNY_SYNC_BLOCK_N) for c in SK._SKINNY_SYNC_CONFIGS]
@@ -226,7 +226,7 @@ def test_w4_skinny_every_config_and_split(cfg, split, dtype):
     cases += [(576, 128, False, 7, "float32")] if 576 % c.kwargs["BLOCK_K"] == 0 else []
     for k, group, sym, m, scale_dtype in cases:
         ql, (x, xs), want = _skinny_case(k, 1000, group, sym, m, dtype, scale_dtype)
-        kw = ql.kernel_weight()
+        kw = ql.quantized.kernel()
         if scale_dtype == "float16" and not sym:  # one word a row (SZ_WORD), whatever the tokens
             kw = _interleaved(kw)
         poison_cuda_cache()
@@ -253,10 +253,10 @@ def test_w4_skinny_is_taken_and_repeats_bitwise(dtype, m):
     and its ordered sum of partials gives the same bits on every launch."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the warpgroup MMA needs Hopper")
-    from zeroquant.kernels import skinny_gemm as SK
+    from zeroquant.kernels.triton import skinny_gemm as SK
 
     ql, (x, xs), want = _skinny_case(4096, 4096, 128, False, m, dtype)
-    kw = ql.kernel_weight()
+    kw = ql.quantized.kernel()
     assert SK.skinny_ok(x, kw) and not SK.skinny_ok(x[:1], kw)
     assert not SK.skinny_ok(x[:1].expand(17, -1), kw)
     rows, per_sm = SK.skinny_tile(x)
@@ -277,13 +277,13 @@ def test_w4a16_mma_every_format_and_split(split):
     and SiLU in the epilogue; the split-K counters are back to zero afterwards."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("Hopper kernel")
-    from zeroquant.kernels import skinny_mma as SM
+    from zeroquant.kernels.gluon import skinny_mma as SM
 
     for k, group, sym, m, scale_dtype in [(1536, 128, False, 16, "float16"), (1536, 256, True, 5, "float32"),
                                           (1536, -1, False, 3, "float16"), (1536, -1, True, 8, "float32"),
                                           (1280, 128, False, 7, "float16")]:
         ql, (x, _), want = _skinny_case(k, 1000, group, sym, m, torch.float16, scale_dtype)
-        kw = ql.kernel_weight()
+        kw = ql.quantized.kernel()
         assert SM.mma_ok(x, kw)
         poison_cuda_cache()
         got = torch.empty(m, 1000, device="cuda", dtype=torch.float16)
@@ -299,10 +299,10 @@ def test_w4a16_mma_is_taken_and_repeats_bitwise(m, monkeypatch):
     bits on every launch."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("Hopper kernel")
-    from zeroquant.kernels import skinny_mma as SM
+    from zeroquant.kernels.gluon import skinny_mma as SM
 
     ql, (x, _), want = _skinny_case(4096, 4096, 128, False, m, torch.float16)
-    kw = ql.kernel_weight()
+    kw = ql.quantized.kernel()
     assert SM.mma_split(4096, 4096, torch.cuda.get_device_properties(0).multi_processor_count) > 1
     taken = []
     monkeypatch.setattr(gemm, "w4a16_mma", lambda *a, **k: taken.append(1) or SM.w4a16_mma(*a, **k))
@@ -316,10 +316,10 @@ def test_w4a16_mma_is_taken_and_repeats_bitwise(m, monkeypatch):
 def test_w4a16_mma_takes_only_its_formats():
     """bf16 and int8 tokens, one token, 17 tokens, group 64, interleaved scales, K not a multiple of 128 and
     misaligned token rows stay on the other kernels."""
-    from zeroquant.kernels import skinny_mma as SM
+    from zeroquant.kernels.gluon import skinny_mma as SM
 
     ql, (x, _), _ = _skinny_case(1536, 256, 128, False, 4, torch.float16)
-    kw = ql.kernel_weight()
+    kw = ql.quantized.kernel()
     assert SM.mma_ok(x, kw)
     assert not SM.mma_ok(x.bfloat16(), kw) and not SM.mma_ok(x[:1], kw)
     assert not SM.mma_ok(x[:1].expand(17, -1).contiguous(), kw)
@@ -327,7 +327,7 @@ def test_w4a16_mma_takes_only_its_formats():
     assert not SM.mma_ok(torch.empty(4, 1537, device="cuda", dtype=torch.float16)[:, 1:], kw)
     for k, group in [(1536, 64), (576, 128)]:
         ql, (x, _), _ = _skinny_case(k, 256, group, False, 4, torch.float16)
-        assert not SM.mma_ok(x, ql.kernel_weight())
+        assert not SM.mma_ok(x, ql.quantized.kernel())
 
 
 def test_w4a16_mma_in_a_cuda_graph_with_pdl():
@@ -337,7 +337,7 @@ def test_w4a16_mma_in_a_cuda_graph_with_pdl():
         pytest.skip("Hopper kernel")
     ql1, (x, _), _ = _skinny_case(4096, 4096, 128, False, 8, torch.float16)
     ql2, _, _ = _skinny_case(4096, 4096, 128, False, 8, torch.float16)
-    k1, k2 = ql1.kernel_weight(), ql2.kernel_weight()
+    k1, k2 = ql1.quantized.kernel(), ql2.quantized.kernel()
 
     def step():
         return gemm.quant_linear(gemm.quant_linear(x, None, k1, ql1.bias, "silu"), None, k2, ql2.bias)
@@ -369,14 +369,14 @@ def test_w4_gemv(split, dtype, unroll, tokens):
     (576 = 4.5 groups of 128) and N = 1000 (a partial last tile); the split-K counters are back to zero
     afterwards."""
     from zeroquant.kernels import act_code
-    from zeroquant.kernels import gemv as GV
+    from zeroquant.kernels.triton import gemv as GV
 
     tol = {torch.float16: 1e-3, torch.bfloat16: 3e-3, torch.int8: 1e-4}[dtype]
     n = 1000
     for k, group, sym, scale_dtype in [(1536, 128, False, "float16"), (1536, 64, True, "float32"),
                                        (1536, -1, False, "float16"), (576, 128, False, "float32")]:
         ql, (x, xs), want = _skinny_case(k, n, group, sym, tokens, dtype, scale_dtype)
-        kw = ql.kernel_weight()
+        kw = ql.quantized.kernel()
         if scale_dtype == "float16" and not sym:  # one word a row (SZ_WORD), whatever the tokens
             kw = _interleaved(kw)
         if unroll == 2 and k % (2 * GV._w4_step(k, kw.kernel_group)):
@@ -405,11 +405,11 @@ def test_w4_gemv_glu(split, dtype, unroll, tokens):
     partial last tile), each program reading the gate and up rows of the same outputs, gives silu(gate) * up
     against reference.gated_linear, with one or three K slices and one or two K steps an iteration."""
     from zeroquant.kernels import act_code
-    from zeroquant.kernels import gemv as GV
+    from zeroquant.kernels.triton import gemv as GV
 
     k, n = 1536, 2000
     ql, (x, xs), _ = _skinny_case(k, n, 128, False, tokens, dtype)
-    kw = ql.kernel_weight()
+    kw = ql.quantized.kernel()
     if xs is None:  # exact dequantized weights (the reference path would round them to bf16 first)
         w = R.dequantize_weight(ql.qweight, ql.w_scale, ql.w_zero, 4, ql.group_size)
         pre = x.float() @ w.t() + ql.bias.float()
@@ -442,7 +442,7 @@ def test_quant_linear_glu(m, name, bits, group, sym, a8):
     want = R.gated_linear(xin, xs, ql.qweight, ql.w_scale, ql.w_zero, bits, ql.group_size, ql.bias, "silu",
                           torch.float16)
     poison_cuda_cache()
-    got = gemm.quant_linear(xin, xs, ql.kernel_weight(), ql.bias, "silu", torch.float16, glu=True)
+    got = gemm.quant_linear(xin, xs, ql.quantized.kernel(), ql.bias, "silu", torch.float16, glu=True)
     assert got.shape == (m, 1000) and rel_err(got, want) < 3e-3
 
 
@@ -453,10 +453,10 @@ def test_one_or_two_tokens_int4_take_the_gemv_and_repeat_bitwise(dtype, n, m, mo
     """quant_linear sends one or two tokens with INT4 weights to the INT4 GEMV, never to the small-M kernel
     (4096 x 4096 splits K), and its ordered sum of partials gives the same bits on every launch; fp16 tokens take
     two K steps an iteration at 4096 x 8192 and at two tokens, elsewhere one."""
-    from zeroquant.kernels import gemv as GV
+    from zeroquant.kernels.triton import gemv as GV
 
     ql, (x, xs), want = _skinny_case(4096, n, 128, False, m, dtype)
-    kw = ql.kernel_weight()
+    kw = ql.quantized.kernel()
     split, _, unroll = GV._w4_plan(x, n, 4096, 128)
     assert split > 1
     assert (unroll == 2) == (dtype == torch.float16 and (n == 8192 or m == 2))
@@ -474,11 +474,11 @@ def test_one_or_two_tokens_int4_take_the_gemv_and_repeat_bitwise(dtype, n, m, mo
 
 def test_two_bf16_tokens_with_int4_weights_take_the_small_m_kernel(monkeypatch):
     """Two bf16 tokens stay on the small-M kernel (the GEMV is slower for them); one goes to the GEMV."""
-    from zeroquant.kernels import gemv as GV
-    from zeroquant.kernels import skinny_gemm as SK
+    from zeroquant.kernels.triton import gemv as GV
+    from zeroquant.kernels.triton import skinny_gemm as SK
 
     ql, (x, _), want = _skinny_case(4096, 4096, 128, False, 2, torch.bfloat16)
-    kw = ql.kernel_weight()
+    kw = ql.quantized.kernel()
     assert not GV.gemv_ok(x, kw) and GV.gemv_ok(x[:1], kw)
     taken = []
     monkeypatch.setattr(gemm, "w4_skinny", lambda *a, **k: taken.append(1) or SK.w4_skinny(*a, **k))
@@ -493,7 +493,7 @@ def test_w4_gemv_plan_fits_one_wave_without_empty_slices(m, k, n, dtype):
     """The INT4 GEMV's launch at Llama-7B decode shapes: every K slice gets work (the last one too), and with
     two K steps an iteration at most W4_PROGRAMS_PER_SM programs an SM (W4_PROGRAMS_PER_SM_2 for two fp16
     tokens)."""
-    from zeroquant.kernels import gemv as GV
+    from zeroquant.kernels.triton import gemv as GV
 
     x = torch.zeros(m, k, device="cuda", dtype=dtype)
     split, step, unroll = GV._w4_plan(x, n, k, 128)
@@ -512,14 +512,14 @@ def test_gemv_every_w8_config(cfg, a8):
     the token loaded in the weight tile's layout (X_TILE) or once and redistributed, with two K slices,
     against the reference path."""
     from zeroquant.kernels import act_code
-    from zeroquant.kernels import gemv as GV
+    from zeroquant.kernels.triton import gemv as GV
 
     assert len(GV._GEMV_CONFIGS) == 14
     c = GV._GEMV_CONFIGS[cfg]
     k, n, split = 2048, 1000, 2
     for group in (-1, 128):
         ql = quant_linear(k, n, 8, group, True, a8, "cuda", scale_dtype="float16").half()
-        kw = ql.kernel_weight()
+        kw = ql.quantized.kernel()
         x = torch.randn(1, k, device="cuda", dtype=torch.float16)
         xin, xs = R.quantize_per_token(x) if a8 else (x, None)
         want = R.quant_linear(xin, xs, ql.qweight, ql.w_scale, ql.w_zero, 8, ql.group_size, ql.bias, "silu")
@@ -543,14 +543,14 @@ def test_tile_gemm_every_decode_config_masks_rows_past_m(cfg, a8):
     with K not a whole number of BLOCK_K steps, and group 128) and INT4 weights, with rows past M masked (MASK_M)
     and, at 16 tokens, not; rows past M are never written."""
     from zeroquant.kernels import act_code
-    from zeroquant.kernels import tile_gemm as TG
+    from zeroquant.kernels.triton import tile_gemm as TG
 
     assert len(TG._CONFIGS[16]) == 6
     c = TG._CONFIGS[16][cfg]
     n = 1000
     for bits, group, sym, k in ((8, -1, True, 2048 + 128), (8, 128, True, 2048), (4, 128, False, 2048)):
         ql = quant_linear(k, n, bits, group, sym, a8, "cuda", scale_dtype="float16").half()
-        kw = ql.kernel_weight()
+        kw = ql.quantized.kernel()
         for m in (2, 5, 16):
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             xin, xs = R.quantize_per_token(x) if a8 else (x, None)
@@ -572,12 +572,12 @@ def test_tile_gemm_every_decode_config_masks_rows_past_m(cfg, a8):
 def test_w8a8_tma_kernel_matches_pointer_kernel(k, n, monkeypatch):
     """Large-M per-channel W8A8 takes the TMA kernel on Hopper; same numbers as the pointer-based kernel
     (and so as the reference, which test_quant_linear checks at M = 2048)."""
-    from zeroquant.kernels import rowwise
+    from zeroquant.kernels.triton import rowwise
 
     ql = quant_linear(k, n, 8, -1, True, True, "cuda").half()
     x = torch.randn(600, k, device="cuda", dtype=torch.float16)
     q, s = rowwise.quantize_per_token(x)
-    kw = ql.kernel_weight()
+    kw = ql.quantized.kernel()
     assert gemm.tma_ok(q, kw) == (torch.cuda.get_device_capability()[0] >= 9)
     got = gemm.quant_linear(q, s, kw, ql.bias, "gelu")
     monkeypatch.setattr(gemm, "tma_ok", lambda a, w: False)
@@ -589,8 +589,8 @@ def test_w8a8_tma_kernel_matches_pointer_kernel(k, n, monkeypatch):
 def test_every_tma_config_matches_pointer_kernel(cfg, monkeypatch):
     """The autotuner may pick any TMA configuration on another GPU: each one (persistent or not, out-of-range
     rows clipped by the TMA store) gives the pointer-based kernel's numbers."""
-    from zeroquant.kernels import rowwise
-    from zeroquant.kernels import tma_gemm as TM
+    from zeroquant.kernels.triton import rowwise
+    from zeroquant.kernels.triton import tma_gemm as TM
 
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs Hopper")
@@ -598,7 +598,7 @@ def test_every_tma_config_matches_pointer_kernel(cfg, monkeypatch):
     ql = quant_linear(1024, 1280, 8, -1, True, True, "cuda").half()
     x = torch.randn(700, 1024, device="cuda", dtype=torch.float16)
     q, s = rowwise.quantize_per_token(x)
-    kw = ql.kernel_weight()
+    kw = ql.quantized.kernel()
     poison_cuda_cache()
     got = torch.empty(700, 1280, device="cuda", dtype=torch.float16)
     TM.w8a8_tma(q, s.reshape(-1), kw, ql.bias, "relu", got, TM._TMA_CONFIGS[cfg])
@@ -612,7 +612,7 @@ def test_quant_linear_matches_quantlinear_reference_path():
     ql = quant_linear(4096, 1024, 8, 128, True, True, "cuda").half()
     x = torch.randn(37, 4096, device="cuda", dtype=torch.float16)
     got, _ = _run_gemm(ql, x, 8, True)
-    assert rel_err(got, ql.forward_int(x)) < 2e-3
+    assert rel_err(got, ql._forward_int(x)) < 2e-3
 
 
 @pytest.mark.parametrize("m, k, n", [(4096, 1024, 3072), (1000, 256, 520), (4096, 4096, 1024)])
@@ -623,7 +623,8 @@ def test_w8a8_pingpong_matches_the_tma_gemm_bitwise(m, k, n, monkeypatch):
     takes it for fp16 outputs and leaves float32 outputs and fewer than 512 tokens to the TMA GEMM."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("Hopper kernel")
-    from zeroquant.kernels import rowwise, tma_gemm, tma_pingpong
+    from zeroquant.kernels.gluon import tma_pingpong
+    from zeroquant.kernels.triton import rowwise, tma_gemm
 
     x = torch.randn(m, k, device="cuda", dtype=torch.float16)
     a, xs = rowwise.quantize_per_token(x)
@@ -654,7 +655,7 @@ def test_w8a8_pingpong_bf16_output_matches_the_tma_gemm_bitwise():
     """bf16 models: the ping-pong GEMM writes bf16 with the TMA GEMM's bits, and the dispatch takes it."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("Hopper kernel")
-    from zeroquant.kernels import rowwise, tma_gemm
+    from zeroquant.kernels.triton import rowwise, tma_gemm
 
     m, k, n = 1000, 1024, 1040
     a, xs = rowwise.quantize_per_token(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))

@@ -21,7 +21,7 @@ def _lkd(model, preset="w4a8", seed=0, **kw):
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert", "opt"])
 def test_lkd_lowers_every_block_mse(arch):
     q = _lkd(tiny_model(arch))
-    table = q.zeroquant_lkd
+    table = q.zeroquant.lkd
     assert len(table) == 2
     for row in table:
         assert row["mse_after"] < 0.8 * row["mse_before"], row
@@ -70,7 +70,7 @@ def test_frozen_linear_computes_what_training_computed_last():
     assert not torch.equal(fq.clip_hi, torch.ones_like(fq.clip_hi))  # clipping moved
     ql = fq.to_quant_linear()
     ql.mode = "fake"
-    assert torch.equal(ql.int_weight().float(), q) and torch.equal(ql.w_scale.float(), s)
+    assert torch.equal(ql.quantized.ints().float(), q) and torch.equal(ql.w_scale.float(), s)
     assert torch.equal(ql.w_zero.float(), z)
     with torch.no_grad():
         assert torch.equal(ql(x), y)
@@ -107,7 +107,7 @@ def test_best_iterate_is_judged_on_held_apart_batches():
     assert _split(2, 0.125) == ([0], [1])
     assert _split(1, 0.125) == ([0], [0])
     q = _lkd(tiny_model("gpt2"), holdout=0.25)
-    assert all(r["judged_on"] == "held-apart" and r["mse_after"] <= r["mse_before"] for r in q.zeroquant_lkd)
+    assert all(r["judged_on"] == "held-apart" and r["mse_after"] <= r["mse_before"] for r in q.zeroquant.lkd)
 
 
 def test_bad_config():
@@ -124,7 +124,7 @@ def test_block_that_training_worsens_keeps_its_start():
     batches = [{"input_ids": tiny_input(4, 16, seed=s)} for s in (1, 2)]
     cfg = zq.LKDConfig(steps=10, train="weights", weight_lr=1.0, clip=False)
     ours = zq.quantize(model, "w4/8-a8", calib_data=batches, lkd=cfg, progress=False)
-    row = ours.zeroquant_lkd[0]
+    row = ours.zeroquant.lkd[0]
     assert row["kept_start"] and row["mse_after"] == row["mse_before"]
     rtn = zq.quantized_modules(zq.quantize(model, "w4/8-a8", progress=False))
     for name, ql in zq.quantized_modules(ours).items():
@@ -204,7 +204,7 @@ def test_lkd_on_half_precision_model_keeps_dtypes_and_reloads(tmp_path):
     ql = next(iter(zq.quantized_modules(q).values()))
     # scales keep the rule's storage dtype (w4a8: float16), not the model's bfloat16
     assert ql.w_scale.dtype == torch.float16 and ql.bias.dtype == torch.bfloat16
-    assert all(r["mse_after"] < r["mse_before"] for r in q.zeroquant_lkd)
+    assert all(r["mse_after"] < r["mse_before"] for r in q.zeroquant.lkd)
     zq.save_quantized(q, tmp_path / "q")
     ids = tiny_input()
     with torch.no_grad():
@@ -228,7 +228,7 @@ def test_one_batch_is_split_to_judge_on_held_apart_sequences():
     assert len(split_batch(one)) == 1 and split_batch(one)[0] is one
     q = zq.quantize(tiny_model("llama"), "w4a16", calib_data=[{"input_ids": ids}], lkd=zq.LKDConfig(steps=5),
                     progress=False)
-    assert all(r["judged_on"] == "held-apart" for r in q.zeroquant_lkd)
+    assert all(r["judged_on"] == "held-apart" for r in q.zeroquant.lkd)
 
 
 def test_short_runs_take_small_sign_steps():

@@ -11,7 +11,8 @@ from zeroquant import kernels
 from zeroquant.core.config import ActQuant, LinearRule, WeightQuant
 from zeroquant.kernels import ops
 from zeroquant.kernels import reference as R
-from zeroquant.nn.fusion import EncoderAttention, FusedNorm, GatedMLP
+from zeroquant.models.encoder_attention import EncoderAttention
+from zeroquant.nn.fused import FusedNorm, GatedMLP
 from zeroquant.nn.handoff import QuantizedActivation
 from zeroquant.nn.qlinear import QuantLinear
 

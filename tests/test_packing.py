@@ -8,8 +8,8 @@ from tiny_models import model_output, tiny_input, tiny_model
 
 import zeroquant as zq
 from zeroquant.kernels.weight_format import KernelWeight
+from zeroquant.models.encoder_attention import EncoderAttention
 from zeroquant.nn import packing
-from zeroquant.nn.fusion import EncoderAttention
 
 
 def three(bits, group, sym, a8, scale_dtype="float32"):
@@ -80,7 +80,7 @@ def test_decoder_norm_runs_its_linears_packed_and_repacks_after_a_move(preset, m
     hands their outputs over from one GEMM; a device move undoes the pack and the next forward packs again; the
     logits match the unpacked model's."""
     from zeroquant import kernels
-    from zeroquant.nn.fusion import FusedNorm
+    from zeroquant.nn.fused import FusedNorm
 
     q = zq.quantize(tiny_model("llama"), preset, progress=False).to(torch.bfloat16)
     ids = tiny_input()

@@ -5,6 +5,7 @@ from transformers.pytorch_utils import Conv1D
 
 from zeroquant import ActQuant, LinearRule, QuantLinear, WeightQuant, ZeroQuantError
 from zeroquant.core.config import PRESETS
+from zeroquant.models.adapters import linear_weight
 
 RULES = {
     "w8a8-g32": LinearRule(WeightQuant(8, 32, True), ActQuant(8)),
@@ -44,19 +45,20 @@ def test_conv1d_matches_linear():
     conv.bias.data = lin.bias.data.clone()
     rule = PRESETS["w8a8"].mlp
     x = torch.randn(5, 64)
-    assert torch.equal(QuantLinear.from_float(lin, rule)(x), QuantLinear.from_float(conv, rule)(x))
+    from_conv = QuantLinear.from_weight(linear_weight(conv), conv.bias, rule)
+    assert torch.equal(QuantLinear.from_float(lin, rule)(x), from_conv(x))
 
 
 def test_int4_weights_are_packed():
     ql = QuantLinear.from_float(nn.Linear(64, 16), LinearRule(WeightQuant(4, 32, False)))
     assert ql.qweight.dtype == torch.uint8 and ql.qweight.shape == (16, 32)
-    assert ql.weight_bytes() == 16 * 32 + 2 * 16 * 2 * 4
+    assert ql.quantized.nbytes() == 16 * 32 + 2 * 16 * 2 * 4
 
 
 def test_weight_only_error_bound():
     lin = nn.Linear(256, 64)
     ql = QuantLinear.from_float(lin, PRESETS["w8a16"].mlp)
-    err = (ql.dequantized_weight() - lin.weight).abs()
+    err = (ql.quantized.dequantize() - lin.weight).abs()
     assert bool((err <= ql.w_scale.repeat_interleave(256 // ql.w_scale.shape[1], 1) / 2 + 1e-7).all())
 
 

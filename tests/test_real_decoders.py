@@ -82,4 +82,4 @@ def test_stories260k_lkd_self_recovers_most_of_the_int4_gap(stories):
     recovered = (rtn - _ppl(q, tok, text)) / (rtn - fp)
     print(f"stories260K w4/8-a8 + LKD (self): {recovered:.1%} of the RTN gap")
     assert recovered >= 0.60
-    assert all(r["mse_after"] <= r["mse_before"] and r["judged_on"] == "held-apart" for r in q.zeroquant_lkd)
+    assert all(r["mse_after"] <= r["mse_before"] and r["judged_on"] == "held-apart" for r in q.zeroquant.lkd)

@@ -52,7 +52,7 @@ def test_quantlinear_short_last_group_matches_float_dequantized(k, group, bits, 
     rule = zq.LinearRule(zq.WeightQuant(bits, group, sym), zq.ActQuant(8))
     ql = QuantLinear.from_float(lin, rule)
     assert ql.w_scale.shape == (24, -(-k // group))
-    w = ql.dequantized_weight()
+    w = ql.quantized.dequantize()
     # each group's weights are quantized with that group's own scale: the error stays within half a step
     step = Q.expand_groups(ql.w_scale, k, group)
     assert bool(((w - lin.weight).abs() <= step / 2 + 1e-6).all())

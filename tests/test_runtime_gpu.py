@@ -6,7 +6,7 @@ import transformers as T
 
 import zeroquant as zq
 from zeroquant.api import set_mode
-from zeroquant.nn.fusion import FusedNorm, GatedMLP
+from zeroquant.nn.fused import FusedNorm, GatedMLP
 from zeroquant.nn.handoff import QuantizedActivation
 from zeroquant.tools.runtime import GraphedForward, GreedyDecoder
 
@@ -57,7 +57,7 @@ def test_graphed_encoder_matches_eager(seq):
 
 
 def test_gemms_ask_for_pdl_only_while_a_graph_is_captured():
-    from zeroquant.kernels import launch
+    from zeroquant.kernels.triton import launch
 
     x = torch.zeros(1, device="cuda")
     hopper = torch.cuda.get_device_capability()[0] >= 9 and launch.gdc_wait is not None
@@ -169,7 +169,7 @@ def test_quantized_weights_on_gpu_are_not_duplicated():
     q = llama("w4/8-a8")
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
-    kws = [m.kernel_weight() for m in zq.quantized_modules(q).values()]
+    kws = [m.quantized.kernel() for m in zq.quantized_modules(q).values()]
     assert all(kw is not None for kw in kws) and sum(kw.bits == 4 for kw in kws) == 2 * 3  # the MLPs' INT4
     assert torch.cuda.memory_allocated() == before
 
@@ -189,7 +189,7 @@ def test_loaded_checkpoint_runs_on_kernels(tmp_path, preset, fmt):
     q = q.cuda()
     mlp = loaded.model.layers[0].mlp
     assert isinstance(mlp, GatedMLP) and mlp.act == "silu" and mlp.glu == (preset == "w4a16")  # fused again on load
-    assert all(m.kernel_weight() is not None for m in zq.quantized_modules(loaded).values())
+    assert all(m.kernel_format for m in zq.quantized_modules(loaded).values())
     ids = torch.randint(0, 1000, (2, 12), device="cuda")
     kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=16, min_new_tokens=16, do_sample=False,
               pad_token_id=0)

@@ -46,10 +46,10 @@ def test_fp16_buffers_hold_the_scale_the_integers_were_rounded_with(bits, sym):
     s, z = Q.weight_scale_zero(w, bits, 32, sym, False)
     s16 = s.half().float()
     want = Q.quantize(w, Q.expand_groups(s16, 128, 32), Q.expand_groups(z, 128, 32), bits, sym)
-    assert torch.equal(ql16.int_weight().to(torch.int16), want.to(torch.int16))
+    assert torch.equal(ql16.quantized.ints().to(torch.int16), want.to(torch.int16))
     assert torch.equal(ql16.w_scale.float(), s16)
     saved = ql32.w_scale.numel() * 2 + (0 if sym else ql32.w_zero.numel() * 2)
-    assert ql32.weight_bytes() - ql16.weight_bytes() == saved
+    assert ql32.quantized.nbytes() - ql16.quantized.nbytes() == saved
 
 
 def test_all_zero_group_stores_a_normal_fp16_scale():
@@ -58,7 +58,7 @@ def test_all_zero_group_stores_a_normal_fp16_scale():
         lin.weight[:, :32] = 0.0
     ql = QuantLinear.from_float(lin, LinearRule(WeightQuant(4, 32, False, scale_dtype="float16")))
     assert (ql.w_scale.float() >= torch.finfo(torch.float16).tiny).all()
-    w = ql.dequantized_weight()
+    w = ql.quantized.dequantize()
     assert torch.isfinite(w).all() and w[:, :32].abs().max() == 0
 
 
@@ -90,7 +90,7 @@ def test_w4a8_fp16_scales_are_interleaved_with_zero_points_through_moves(scale_d
     def check():
         s, z = ql.w_scale.t(), None if ql.w_zero is None else ql.w_zero.t()
         assert interleaved(s, z) == want
-        kw = ql.kernel_weight()
+        kw = ql.quantized.kernel()
         assert kw.scale.data_ptr() == ql.w_scale.data_ptr() and kw.sz_step == (2 if want else 1)
         sd = ql.state_dict()
         assert all(torch.equal(sd[k], ref[k]) for k in ("w_scale", "w_zero") if k in ref)
@@ -126,7 +126,7 @@ def test_checkpoint_stores_fp16_scales_and_reloads_identically(tmp_path):
     loaded = zq.load_quantized(out)
     ids = tiny_input()
     assert torch.equal(model_output(q, ids), model_output(loaded, ids))
-    assert loaded.zeroquant_config == q.zeroquant_config
+    assert loaded.zeroquant.config == q.zeroquant.config
     assert loaded.model.layers[0].mlp.down_proj.w_scale.dtype == torch.float16
 
 

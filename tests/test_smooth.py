@@ -7,7 +7,7 @@ from tiny_models import CAUSAL, ENCODER, model_output, tiny_input, tiny_model
 
 import zeroquant as zq
 from zeroquant.algorithms.smooth import choose_alpha, quantized_error, smooth_model, smooth_scales, weight_max
-from zeroquant.api import find_targets
+from zeroquant.algorithms.targets import find_targets
 from zeroquant.core.config import resolve_config
 
 
@@ -85,8 +85,8 @@ def test_smooth_then_lkd_trains_a8_blocks():
     model = with_outliers(tiny_model("llama"))
     lkd = zq.LKDConfig(steps=100, holdout=0.0)
     q = zq.quantize(model, "w8a8+smooth", calib_data=calib(8), lkd=lkd, progress=False)
-    assert q.zeroquant_smooth and len(q.zeroquant_lkd) == 2
-    assert all(r["mse_after"] < 0.9 * r["mse_before"] for r in q.zeroquant_lkd)
+    assert q.zeroquant.smooth and len(q.zeroquant.lkd) == 2
+    assert all(r["mse_after"] < 0.9 * r["mse_before"] for r in q.zeroquant.lkd)
 
 
 @pytest.mark.parametrize("fmt", ["zeroquant", "compressed-tensors"])
@@ -100,7 +100,7 @@ def test_smoothed_checkpoint_reloads_identically(tmp_path, fmt):
     ids = tiny_input()
     assert torch.equal(model_output(back, ids), model_output(q, ids))
     if fmt == "zeroquant":
-        assert back.zeroquant_config.smooth == 0.6 and back.zeroquant_config.name == "w8a8+smooth0.6"
+        assert back.zeroquant.config.smooth == 0.6 and back.zeroquant.config.name == "w8a8+smooth0.6"
 
 
 def test_config_errors():

@@ -7,8 +7,8 @@ from zeroquant.core.config import PRESETS, ActQuant, LinearRule, QuantConfig, We
 from zeroquant.core.errors import PathError, ZeroQuantError
 from zeroquant.formats.checkpoint import load_quantized, save_quantized
 from zeroquant.formats.provenance import version
+from zeroquant.models.fusion import fuse
 from zeroquant.models.hf import load_fp_model
-from zeroquant.nn.fusion import fuse
 from zeroquant.nn.qlinear import QuantLinear
 
 __all__ = [

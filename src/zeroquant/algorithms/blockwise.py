@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from zeroquant.algorithms.calib import Batch, model_device, move
 from zeroquant.core.errors import ZeroQuantError
+from zeroquant.models.hf import CACHE_KWARGS
 
 
 class _Stop(Exception):
@@ -41,7 +42,7 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, batches: list[Batch
     captured = []
 
     def hook(_m, args, kwargs):
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values", "layer_past")}
+        kwargs = {k: v for k, v in kwargs.items() if k not in CACHE_KWARGS}
         captured.append((args, kwargs))
         raise _Stop
 

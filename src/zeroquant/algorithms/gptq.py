@@ -17,10 +17,12 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from zeroquant.algorithms.blockwise import call_block
+from zeroquant.algorithms.blockwise import call_block, run_blocks
+from zeroquant.algorithms.job import Job, compute_device
 from zeroquant.core import quant as Q
 from zeroquant.core.config import WeightQuant
-from zeroquant.nn.qlinear import QuantLinear, linear_weight
+from zeroquant.models.adapters import get_blocks, linear_weight
+from zeroquant.nn.qlinear import QuantLinear
 
 DAMP = 0.01  # fraction of H's mean diagonal added to it, so the inverse exists and is well conditioned
 BLOCK = 128  # columns per lazy update
@@ -145,7 +147,7 @@ def gptq_round(
 
 
 def gptq_starts(targets: list, block: nn.Module, inputs, stream) -> dict:
-    """GPTQ's rounding of the GPTQ-rule linears among `targets` (api.Target of one block), from the Hessians
+    """GPTQ's rounding of the GPTQ-rule linears among `targets` (Targets of one block), from the Hessians
     of their inputs when `block` runs on `stream` (a blockwise.Hidden); name in the block -> GPTQResult."""
     mods = {t.local: block.get_submodule(t.local) for t in targets if t.rule.rounding == "gptq"}
     if not mods:
@@ -159,7 +161,7 @@ def gptq_starts(targets: list, block: nn.Module, inputs, stream) -> dict:
 
 
 def gptq_step(by_block: dict[int, list], ranges: dict):
-    """A blockwise.Step that replaces each block's targets (api.Target, grouped by block index) with
+    """A blockwise.Step that replaces each block's targets (Targets, grouped by block index) with
     QuantLinear: GPTQ-rule linears rounded with the Hessian of the quantized model's inputs to them (so later
     blocks correct what earlier ones lost), the others to nearest."""
     @torch.no_grad()
@@ -167,10 +169,19 @@ def gptq_step(by_block: dict[int, list], ranges: dict):
         ts = by_block.get(inputs.index, [])
         rounded = gptq_starts(ts, block, inputs, inputs.quant)
         for t in ts:
-            ql = QuantLinear.from_float(t.module, t.rule, ranges.get(t.name))
+            ql = QuantLinear.from_weight(linear_weight(t.module), t.module.bias, t.rule, ranges.get(t.name))
             if t.local in rounded:
                 ql.set_int_weight(*rounded[t.local][:3])
             block.set_submodule(t.local, ql)
         return block
 
     return step
+
+
+class GPTQ:
+    """The GPTQ step: every block's targets rounded by gptq_step, one block at a time on the compute device."""
+
+    def __call__(self, job: Job) -> None:
+        blocks = get_blocks(job.model, job.allow_generic)
+        run_blocks(blocks, job.model, job.batches, gptq_step(job.by_block(), job.ranges), compute_device(),
+                   carry_fp=False, desc="GPTQ", progress=job.progress)

@@ -29,11 +29,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from zeroquant.algorithms.blockwise import BlockInputs, Hidden, call_block, to_device
+from zeroquant.algorithms.blockwise import BlockInputs, Hidden, call_block, run_blocks, to_device
+from zeroquant.algorithms.calib import split_batch
+from zeroquant.algorithms.job import Job, compute_device
 from zeroquant.core import quant as Q
 from zeroquant.core.config import LinearRule
 from zeroquant.core.errors import ZeroQuantError
-from zeroquant.nn.qlinear import QuantLinear, linear_weight
+from zeroquant.models.adapters import get_blocks, linear_weight
+from zeroquant.nn.qlinear import QuantLinear
 
 INPUTS = ("fp", "quantized", "mixed")
 TRAIN = ("rounding", "weights", "all")
@@ -121,7 +124,7 @@ class FakeQuantLinear(nn.Module):
         self.clip_lo = nn.Parameter(torch.ones(shape, device=device), requires_grad=clip and not wq.symmetric)
         # The final QuantLinear, built now: the student quantizes activations exactly as it will, and
         # freezing fills its integer weights in place.
-        self.quant = QuantLinear.from_float(module, rule, act_range)
+        self.quant = QuantLinear.from_weight(linear_weight(module), module.bias, rule, act_range)
 
     def sign_params(self) -> list[nn.Parameter]:
         return [p for p in (self.offset, self.clip_hi, self.clip_lo) if p.requires_grad]
@@ -266,7 +269,7 @@ StartFn = Callable[[nn.Module, BlockInputs, Hidden], dict[str, Start]]
 
 def lkd_step(by_block: dict[int, list], cfg: LKDConfig, ranges: dict, device: torch.device, table: list[dict],
              start: StartFn | None = None, progress: bool = True, n_blocks: int | None = None):
-    """A blockwise.Step that distills each block's targets (api.Target, grouped by block index) and appends its
+    """A blockwise.Step that distills each block's targets (Targets, grouped by block index) and appends its
     row to `table`.
 
     The student trains in float32 (or bfloat16 autocast on CUDA); the finished block is cast back to the
@@ -312,3 +315,27 @@ def report(cfg: LKDConfig, table: list[dict]) -> dict:
     """What a checkpoint records of its distillation: the settings and each block's held-apart error (not its
     time or memory, so that seeded runs write identical files)."""
     return {"config": asdict(cfg), "blocks": [{k: v for k, v in r.items() if k not in TIMINGS} for r in table]}
+
+
+@dataclass
+class LKD:
+    """The distillation step: each block's targets trained toward the FP block (lkd_step), starting from
+    `start`'s integers where given (e.g. GPTQ's), else from round-to-nearest; the table goes to job.state.lkd."""
+
+    config: LKDConfig
+    start: StartFn | None = None
+
+    def __call__(self, job: Job) -> None:
+        cfg = self.config
+        blocks = get_blocks(job.model, job.allow_generic)
+        device = torch.device(cfg.device) if cfg.device else compute_device()
+        batches = job.batches
+        if len(batches) == 1 and cfg.holdout > 0:  # keep sequences apart to judge the best iterate on
+            batches = split_batch(batches[0])
+        table: list[dict] = []
+        job.model.requires_grad_(False)
+        step = lkd_step(job.by_block(), cfg, job.ranges, device, table, self.start, job.progress, len(blocks))
+        run_blocks(blocks, job.model, batches, step, device, carry_quantized=cfg.inputs != "fp", desc="LKD",
+                   progress=job.progress)
+        job.state.lkd = table
+        check_finite(table)

@@ -12,7 +12,7 @@ from torch import nn
 
 from zeroquant.algorithms.calib import Batch, model_device, tokenize_texts
 from zeroquant.core.errors import ZeroQuantError
-from zeroquant.models.hf import is_causal_lm
+from zeroquant.models.hf import is_causal_lm, kv_cache_bytes
 from zeroquant.tools.evaluate import read_text, sentences
 
 
@@ -53,10 +53,7 @@ def _generation_batch(model: nn.Module, seq_len: int, n: int, batch_size: int) -
     device = model_device(model)
     if device.type != "cuda":
         return batch_size
-    c = model.config
-    heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    per_seq = 2 * c.num_hidden_layers * heads * head_dim * seq_len * next(model.parameters()).element_size()
+    per_seq = kv_cache_bytes(model, seq_len)
     free, _ = torch.cuda.mem_get_info(device)
     return max(batch_size, min(n, int(free // 4 // per_seq)))
 

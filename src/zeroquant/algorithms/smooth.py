@@ -19,10 +19,10 @@ from torch import nn
 
 from zeroquant.algorithms.blockwise import BlockInputs, call_block, run_blocks
 from zeroquant.algorithms.calib import Batch
+from zeroquant.algorithms.job import Job, compute_device
 from zeroquant.core import quant as Q
 from zeroquant.core.config import LinearRule
-from zeroquant.models.adapters import get_arch, get_blocks, smoothing_pairs
-from zeroquant.nn.qlinear import is_linear, linear_weight
+from zeroquant.models.adapters import get_arch, get_blocks, is_linear, linear_weight, smoothing_pairs
 
 ALPHAS = tuple(round(0.05 * i, 2) for i in range(1, 20))
 SAMPLE_TOKENS = 1024  # held-apart tokens per pair for the alpha search
@@ -157,7 +157,7 @@ def smooth_model(model: nn.Module, rules: dict[str, LinearRule], batches: list[B
     is only one)."""
     pairs = block_pairs(model, rules, allow_generic)
     blocks = get_blocks(model, allow_generic)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = compute_device()
     n_stat = len(batches) - max(1, len(batches) // 4)
     report: list[dict] = []
     g = torch.Generator().manual_seed(0)
@@ -188,3 +188,14 @@ def smooth_model(model: nn.Module, rules: dict[str, LinearRule], batches: list[B
     run_blocks(blocks, model, batches, step, device, carry_quantized=False, fp_after_step=True, desc="smoothing",
                progress=progress)
     return report
+
+
+@dataclass
+class Smooth:
+    """The smoothing step: folds scales into the FP model before anything is quantized (alpha None: searched)."""
+
+    alpha: float | None = None
+
+    def __call__(self, job: Job) -> None:
+        rules = {t.name: t.rule for t in job.targets}
+        job.state.smooth = smooth_model(job.model, rules, job.batches, self.alpha, job.allow_generic, job.progress)

@@ -23,9 +23,11 @@ from zeroquant.api import quantized_modules
 from zeroquant.core import quant as Q
 from zeroquant.core.config import QuantConfig
 from zeroquant.core.errors import PathError, ZeroQuantError
+from zeroquant.core.state import QuantState, state_of
 from zeroquant.formats.provenance import version
+from zeroquant.models.fusion import fuse as fuse_ops
 from zeroquant.models.hf import check_device, model_tokenizer
-from zeroquant.nn.fusion import fuse as fuse_ops
+from zeroquant.models.hf_attention import use_kernel_attention
 from zeroquant.nn.qlinear import QuantLinear
 
 QUANT_FILE = "quantization.json"
@@ -42,9 +44,10 @@ def _float_dtype(model: nn.Module) -> torch.dtype:
 
 
 def quant_manifest(model: nn.Module) -> dict:
-    cfg: QuantConfig | None = getattr(model, "zeroquant_config", None)
-    if cfg is None:
+    state = state_of(model)
+    if state is None:
         raise ZeroQuantError("model is not quantized: call zeroquant.quantize first")
+    cfg = state.config
     modules = {
         name: {"in": m.in_features, "out": m.out_features, "bias": m.bias is not None,
                "weight": vars(m.wq), "act": None if m.aq is None else vars(m.aq)}
@@ -614,7 +617,7 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
     channel or group, symmetric or with zero points, and dynamic token-wise or static INT8 activations. Its
     forward matches the model that was saved.
 
-    fuse: apply zeroquant.nn.fusion (norm -> quant, activation -> epilogue), as quantize() does.
+    fuse: apply zeroquant.models.fusion (norm -> quant, activation -> epilogue), as quantize() does.
     """
     p, dev = Path(path), torch.device(check_device(device))
     if checkpoint_format(p) == "compressed-tensors":
@@ -626,7 +629,7 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
         m.scales_group_major()
     if fuse:
         fuse_ops(model)
-    model.zeroquant_config = cfg
-    model.zeroquant_generic = False
+        use_kernel_attention(model)
+    model.zeroquant = QuantState(cfg)
     model.config._name_or_path = str(path)
     return model.eval()

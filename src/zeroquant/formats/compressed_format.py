@@ -22,7 +22,8 @@ from torch import nn
 from zeroquant.core import quant as Q
 from zeroquant.core.config import ActQuant, LinearRule, QuantConfig, WeightQuant
 from zeroquant.core.errors import ZeroQuantError
-from zeroquant.nn.qlinear import QuantLinear, is_linear
+from zeroquant.models.adapters import is_linear
+from zeroquant.nn.qlinear import QuantLinear
 
 METHOD = "compressed-tensors"
 SCALE_NAMES = ("weight_scale", "input_scale", "weight_global_scale", "input_global_scale")
@@ -71,7 +72,7 @@ def export_tensors(prefix: str, m: QuantLinear, fmt: str) -> dict[str, torch.Ten
 
     w = m.wq
     off = _offset(w.bits, w.symmetric)
-    q = (m.int_weight().to(torch.int16) - off).to(torch.int8)
+    q = (m.quantized.ints().to(torch.int16) - off).to(torch.int8)
     # float32 even where the layer stores float16: compressed-tensors' decompressor computes (q - z) * scale in
     # the scale's dtype, and float16 products would no longer be the weights zeroquant computes with.
     scale = m.w_scale.float().contiguous()
@@ -169,7 +170,7 @@ def _divisor_hint(sizes: list[int]) -> str:
 
 def check_exportable(model: nn.Module, config: QuantConfig, allow_generic: bool = False) -> None:
     """Fail before any quantization work where the export would refuse the result."""
-    from zeroquant.api import find_targets
+    from zeroquant.algorithms.targets import find_targets
 
     targets = find_targets(model, config, allow_generic)
     sizes = [t.module.weight.shape[-1] for t in targets if isinstance(t.module, nn.Linear)]

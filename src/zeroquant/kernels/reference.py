@@ -109,18 +109,41 @@ def quant_linear(
     Integer inputs are multiplied exactly per weight group (float64 holds every int32 sum), then scaled,
     which is what the kernels do in int32 on tensor cores.
     """
-    n, g = w_scale.shape
-    k = x.shape[1]
-    if x_scale is None:
-        y = x.float() @ dequantize_weight(qweight, w_scale, w_zero, bits, group_size).to(x.dtype).float().t()
-    else:
-        q = int_weight(qweight, w_zero, bits, group_size)
-        xd = x.double()
-        y = torch.zeros(x.shape[0], n, dtype=torch.float32, device=x.device)
-        for i, sl in enumerate(Q.group_slices(k, group_size, g)):  # exact integer sums per group, then its scale
-            part = xd[:, sl] @ q[:, sl].t()
-            y += part.float() * w_scale[:, i]
-        y = y * x_scale
+    if x_scale is not None:
+        if bits == 8 and w_zero is not None:
+            raise ValueError("the kernels take symmetric INT8 weights only")
+        w8 = int_weight(qweight, w_zero, bits, group_size).to(torch.int8)
+        return int_linear(x, x_scale, None, w8, None, w_scale, group_size, bias, act, out_dtype)
+    y = x.float() @ dequantize_weight(qweight, w_scale, w_zero, bits, group_size).to(x.dtype).float().t()
+    if bias is not None:
+        y = y + bias.float()
+    return apply_act(y, act).to(out_dtype)
+
+
+def int_linear(x8: torch.Tensor, x_scale: torch.Tensor, x_offset: torch.Tensor | None, w8: torch.Tensor,
+               w_offset: torch.Tensor | None, w_scale: torch.Tensor, group_size: int, bias: torch.Tensor | None = None,
+               act: str | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The integer reference: act(sum over groups g of ((x8 + cx) . (w8 + cw_g)) * w_scale_g, times x_scale, plus
+    bias), each group's sum exact in int32, then float32 as the kernels' epilogues compute it.
+
+    x8 int8 [M, K] with scale [M, 1] (per token) or [] and an optional int32 offset cx (asymmetric static
+    activations); w8 int8 [N, K] with optional int32 per-group offsets cw [N, G] (asymmetric 8-bit weights);
+    w_scale [N, G]. QuantLinear's integer path and the kernels' twin (quant_linear) both come here.
+    """
+    k = x8.shape[1]
+    y = None
+    for g, sl in enumerate(Q.group_slices(k, group_size, w_scale.shape[1])):
+        # sum_k (x8 + cx)(w8 + cw) = x8.w8 + cw * sum x8 + cx * sum w8 + K * cx * cw, all exact in int32
+        acc = Q.int_matmul(x8[:, sl], w8[:, sl])
+        if w_offset is not None:
+            acc += x8[:, sl].sum(1, keepdim=True, dtype=torch.int32) * w_offset[:, g]
+        if x_offset is not None:
+            acc += x_offset * w8[:, sl].sum(1, dtype=torch.int32)
+            if w_offset is not None:
+                acc += (sl.stop - sl.start) * x_offset * w_offset[:, g]
+        part = acc.float() * w_scale[:, g]
+        y = part if y is None else y + part
+    y = y * x_scale
     if bias is not None:
         y = y + bias.float()
     return apply_act(y, act).to(out_dtype)

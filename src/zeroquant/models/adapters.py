@@ -7,10 +7,24 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from zeroquant.core.errors import ZeroQuantError
-from zeroquant.nn.qlinear import is_linear
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The [out, in] weight of an nn.Linear or a GPT-2 Conv1D (which stores [in, out])."""
+    from transformers.pytorch_utils import Conv1D
+
+    return module.weight.t() if isinstance(module, Conv1D) else module.weight
+
+
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear, or GPT-2's Conv1D (a linear that stores its weight transposed)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (nn.Linear, Conv1D))
 
 
 @dataclass(frozen=True)
@@ -29,9 +43,9 @@ class Arch:
     # None): the activation can move into the first linear's GEMM epilogue, or into the second's token-wise
     # quantization
     mlp_act: tuple[str, str, str | None] | None = None
-    # (MLP module, gate, up, down) for gated MLPs computing down(act(gate(x)) * up(x)): the product and the
-    # down projection's token-wise quantization can run as one kernel
-    gated_mlp: tuple[str, str, str, str] | None = None
+    # (MLP module, gate, up, down, activation module) relative to the MLP, for gated MLPs computing
+    # down(act(gate(x)) * up(x)): the product and the down projection's token-wise quantization can run as one kernel
+    gated_mlp: tuple[str, str, str, str, str] | None = None
     # (norm relative to model.base_model, linears of the first block) for a norm before the first block whose
     # output is exactly those linears' input (BERT's embedding LayerNorm feeds block 0's q/k/v)
     norm_feeds_first: tuple[str, tuple[str, ...]] | None = None
@@ -78,7 +92,7 @@ _LLAMA = Arch(
     },
     # down_proj(act_fn(gate_proj(x)) * up_proj(x)): the activation applies to gate_proj's output alone
     mlp_act=("mlp.act_fn", "mlp.gate_proj", None),
-    gated_mlp=("mlp", "gate_proj", "up_proj", "down_proj"),
+    gated_mlp=("mlp", "gate_proj", "up_proj", "down_proj", "act_fn"),
     norm="rmsnorm",
     smooth_linears=(("mlp.up_proj", ("mlp.down_proj",)),),
 )
@@ -149,6 +163,12 @@ def arch_for(model_type: str | None, allow_generic: bool = False) -> Arch | None
 
 def get_arch(model: nn.Module, allow_generic: bool = False) -> Arch | None:
     return arch_for(getattr(getattr(model, "config", None), "model_type", None), allow_generic)
+
+
+def is_encoder(model: nn.Module, arch: Arch) -> bool:
+    """A BERT-style encoder (self_attention in the adapter, not configured as a decoder): its attention runs on
+    zeroquant's encoder attention kernel."""
+    return arch.self_attention is not None and not getattr(model.config, "is_decoder", False)
 
 
 def norms_apply(model: nn.Module, arch: Arch) -> bool:

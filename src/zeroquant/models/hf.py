@@ -22,6 +22,21 @@ def is_causal_lm(model: nn.Module) -> bool:
     return type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
+# Keyword arguments through which a Hugging Face block reads or writes a KV cache: a block replayed on captured
+# inputs (zeroquant.algorithms.blockwise) must run without one.
+CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past")
+
+
+def kv_cache_bytes(model: nn.Module, seq_len: float, element_size: int | None = None) -> float:
+    """Bytes of one sequence's KV cache of `seq_len` tokens, `element_size` bytes a value (default: the
+    model's first parameter's)."""
+    c = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    size = element_size or next(model.parameters()).element_size()
+    return 2 * c.num_hidden_layers * heads * head_dim * seq_len * size
+
+
 def has_mlm_head(model: nn.Module) -> bool:
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 

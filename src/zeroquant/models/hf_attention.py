@@ -1,7 +1,7 @@
 """Decoder attention on zeroquant's kernel inside Hugging Face models, through transformers' AttentionInterface.
 
 A decode step asks attention for one query per head against the whole KV cache. torch's SDPA runs that as a
-flash kernel built for many queries (docs/history.md); kernels.attention has a one-query kernel
+flash kernel built for many queries (docs/history.md); kernels.triton.attention has a one-query kernel
 that reads the cache and the model's mask in place. `use_kernel_attention` registers `kernel_attention`
 under ATTENTION and points the model's config at it; transformers then calls it in every attention module
 that goes through the interface, with the mask SDPA would get (the mask function is SDPA's). It sends one
@@ -16,6 +16,7 @@ from torch import nn
 
 from zeroquant import kernels
 from zeroquant.kernels import ops
+from zeroquant.models.adapters import get_arch, is_encoder
 
 ATTENTION = "zeroquant"
 _DTYPES = (torch.float16, torch.bfloat16)
@@ -45,10 +46,14 @@ def kernel_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
 
 
 def use_kernel_attention(model: nn.Module) -> bool:
-    """Point a model that runs SDPA through transformers' attention interface at kernel_attention. Models on
-    another implementation (eager, flash attention) or with their own attention code are left as they are.
+    """Point a decoder that runs SDPA through transformers' attention interface at kernel_attention (registered
+    with transformers under ATTENTION, here and nowhere else). Encoders, models on another implementation (eager,
+    flash attention) and models with their own attention code are left as they are.
     Returns whether the model changed."""
     config = getattr(model, "config", None)
+    arch = get_arch(model, allow_generic=True)
+    if arch is not None and is_encoder(model, arch):
+        return False  # encoder self-attention has its own kernel (models.encoder_attention, placed by fuse)
     if (getattr(config, "_attn_implementation", None) != "sdpa"
             or not getattr(type(model), "_supports_attention_backend", False)):
         return False

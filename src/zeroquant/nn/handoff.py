@@ -1,6 +1,6 @@
 """A float activation that carries its token-wise INT8 copy to the quantized linears that read it.
 
-A fused op (zeroquant.nn.fusion: norm -> quant, activation -> quant) computes the INT8 form of its output in the
+A fused op (zeroquant.models.fusion: norm -> quant, activation -> quant) computes the INT8 form of its output in the
 same kernel and returns a QuantizedActivation: to every other reader it is the float output (any torch
 operation on it sees the plain tensor), while a QuantLinear that takes INT8 inputs reads `q` and `scale`
 instead of quantizing the same values again. The data travels with the tensor, through the model's own code,

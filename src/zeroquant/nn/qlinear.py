@@ -1,31 +1,20 @@
-"""QuantLinear: the drop-in replacement for nn.Linear / GPT-2 Conv1D that stores integer weights."""
+"""QuantLinear: the drop-in replacement for a float linear layer that stores integer weights (a
+QuantizedWeight) and picks one backend per call: the kernel ops, the integer reference, or fake quantization."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from zeroquant import kernels
 from zeroquant.core import quant as Q
 from zeroquant.core.config import ActQuant, LinearRule, WeightQuant
 from zeroquant.core.errors import ZeroQuantError
-from zeroquant.kernels import ops
-from zeroquant.kernels.reference import apply_act
+from zeroquant.kernels import ops, reference
 from zeroquant.kernels.weight_format import KernelWeight, interleavable, interleave, interleaved
 from zeroquant.nn.handoff import QuantizedActivation
-
-
-def linear_weight(module: nn.Module) -> torch.Tensor:
-    """The [out, in] weight of an nn.Linear or a GPT-2 Conv1D (which stores [in, out])."""
-    if isinstance(module, Conv1D):
-        return module.weight.t()
-    return module.weight
-
-
-def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, Conv1D))
+from zeroquant.nn.quantized_weight import QuantizedWeight
 
 
 class QuantLinear(nn.Module):
@@ -57,7 +46,7 @@ class QuantLinear(nn.Module):
         # Activation applied to the output (fused into the GEMM epilogue on CUDA); set by zeroquant.fuse,
         # which removes the model's own activation module. Not saved: fuse() sets it again after loading.
         self.act: str | None = None
-        # This linear's place among those a FusedNorm runs as one packed GEMM (zeroquant.nn.fusion): its output then
+        # This linear's place among those a FusedNorm runs as one packed GEMM (zeroquant.models.fusion): its output then
         # comes with its input (handoff.QuantizedActivation.packed_output). Set by zeroquant.fuse; not saved.
         self.packed_slot: int | None = None
         self.packed = weight.bits <= 4
@@ -124,18 +113,24 @@ class QuantLinear(nn.Module):
     # ------------------------------------------------------------------------------------ construction
 
     @classmethod
-    def from_float(
-        cls,
-        module: nn.Module,
-        rule: LinearRule,
-        act_range: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> QuantLinear:
-        """Round-to-nearest quantization of a float linear (nn.Linear or Conv1D)."""
+    def from_float(cls, module: nn.Linear, rule: LinearRule,
+                   act_range: tuple[torch.Tensor, torch.Tensor] | None = None) -> QuantLinear:
+        """Round-to-nearest quantization of an nn.Linear (other layouts: from_weight)."""
+        if not isinstance(module, nn.Linear):
+            raise ZeroQuantError(f"from_float takes an nn.Linear, got {type(module).__name__}: give its [out, in] "
+                                 "weight to QuantLinear.from_weight")
+        return cls.from_weight(module.weight, module.bias, rule, act_range)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, rule: LinearRule,
+                    act_range: tuple[torch.Tensor, torch.Tensor] | None = None) -> QuantLinear:
+        """Round-to-nearest quantization of a float linear's weight [out, in] and bias; `act_range` (min, max)
+        of its input for static activation rules."""
         if rule.weight is None:
             raise ZeroQuantError("activation-only quantization is not supported; give a weight rule")
-        w = linear_weight(module).detach()
+        w = weight.detach()
         out_f, in_f = w.shape
-        b = module.bias
+        b = bias
         ql = cls(in_f, out_f, b is not None, rule.weight, rule.act, dtype=w.dtype)
         ql.to(w.device)
         ql.set_weight(w)
@@ -180,63 +175,30 @@ class QuantLinear(nn.Module):
         not divide in_features the last group is shorter."""
         return self.in_features if self.wq.per_tensor else Q.group_len(self.in_features, self.wq.group_size)
 
-    def int_weight(self) -> torch.Tensor:
-        """Unpacked integer weight [N, K]."""
-        return Q.unpack_int4(self.qweight, self.wq.symmetric) if self.packed else self.qweight
-
-    def _zero(self) -> torch.Tensor:
-        return self.w_zero if self.w_zero is not None else torch.zeros_like(self.w_scale)
-
-    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return Q.dequantize_weight(self.int_weight(), self.w_scale, self._zero(), self.group_size).to(dtype)
-
-    def weight_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.qweight, self.w_scale, self.w_zero) if t is not None)
+    @property
+    def quantized(self) -> QuantizedWeight:
+        """The weight as integers, scales and zero points, with its dequantized, int8 and kernel views."""
+        return QuantizedWeight(self.qweight, self.w_scale, self.w_zero, self.wq.bits, self.group_size,
+                               self.wq.symmetric)
 
     # ---------------------------------------------------------------------------------------- forward
 
-    def fake_quant_input(self, x: torch.Tensor) -> torch.Tensor:
-        if self.aq is None:
-            return x
-        if self.aq.dynamic:
-            return Q.fake_quantize_per_token(x, self.aq.bits)
-        return Q.fake_quantize(x, self.a_scale.to(x.dtype), self.a_zero.to(x.dtype), self.aq.bits, self.aq.symmetric)
+    def backend(self, x: torch.Tensor) -> str:
+        """What forward(x) runs: "kernel" (the kernel ops: Triton on CUDA), "int" (the integer reference) or
+        "fake" (float math on the dequantized weight and fake-quantized input)."""
+        if self.uses_kernels(x):
+            return "kernel"
+        return "fake" if self.aq is None or self.mode == "fake" else "int"
 
-    def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """int8 activation x8, its scale ([M, 1] or []) and an integer offset c (an int32 scalar tensor, None
-        for 0) with x ~= (x8 + c) * scale.
-
-        Asymmetric (uint8, zero point z) values are stored shifted to int8, q - 128, with c = 128 - z, so the
-        GEMM stays int8 x int8 and the offset becomes a cheap rank-1 correction, as in integer kernels. c stays
-        a tensor, never a Python int, so that torch.compile traces this without a graph break.
-        """
-        if self.aq.dynamic:
-            q, s = Q.quantize_per_token(x, self.aq.bits)
-            return q, s, None
-        q = Q.quantize(x, self.a_scale, self.a_zero, self.aq.bits, self.aq.symmetric)
-        if self.aq.symmetric:
-            return q, self.a_scale, None
-        return (q.to(torch.int16) - 128).to(torch.int8), self.a_scale, (128 - self.a_zero).to(torch.int32)
-
-    def int8_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """int8 weight w8 [N, K] and per-group integer offsets c [N, G] (None if 0) with w ~= (w8 + c) * s."""
-        q = self.int_weight()
-        if self.w_zero is None:
-            return q, None
-        z = self.w_zero.to(torch.int16)
-        if self.wq.bits <= 7:  # q - z fits int8 exactly
-            return (q.to(torch.int16) - Q.expand_groups(z, self.in_features, self.group_size)).to(torch.int8), None
-        return (q.to(torch.int16) - 128).to(torch.int8), (128 - z).to(torch.int32)
-
-    def kernel_weight(self) -> KernelWeight | None:
-        """This layer's weight in the kernels' layout (views of its buffers), or None where the kernels do not
-        take the format (static activations, asymmetric 8-bit, odd groups)."""
-        if not self.kernel_format:
-            return None
-        return KernelWeight.from_quant(self.qweight, self.w_scale, self.w_zero, self.wq.bits, self.group_size)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        backend = self.backend(x)
+        if backend == "kernel":
+            return self._forward_kernel(x)
+        x = x.float_value() if isinstance(x, QuantizedActivation) else x
+        return self._forward_int(x) if backend == "int" else self._forward_fake(x)
 
     def uses_kernels(self, x: torch.Tensor) -> bool:
-        """Whether forward(x) runs the Triton kernels (else the reference path)."""
+        """Whether forward(x) runs the kernel ops (else a reference path)."""
         if self.mode != "int" or not kernels.runs_on(x):
             return False
         # INT8 activations: any float input (float32 models too: the GEMM is int8 either way). Weight-only
@@ -248,6 +210,8 @@ class QuantLinear(nn.Module):
         """Whether forward(x) multiplies a token-wise INT8 copy of x (made here, or handed over with x by the op
         that made it: zeroquant.nn.handoff)."""
         return self.aq is not None and self.uses_kernels(x)
+
+    # The kernel backend --------------------------------------------------------------------------------
 
     def int8_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x in token-wise INT8 form (q, scale): the copy handed over with x, else quantized now."""
@@ -263,52 +227,55 @@ class QuantLinear(nn.Module):
         return ops.quant_linear(q, s, self.qweight, self.w_scale, self.w_zero, self.wq.bits, self.group_size,
                                 self.bias, self.act, out_dtype)
 
-    def forward_kernel(self, x: torch.Tensor) -> torch.Tensor:
-        """The Triton path; only where uses_kernels(x)."""
+    def _forward_kernel(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed_slot is not None and isinstance(x, QuantizedActivation):
+            y = x.packed_output(self.packed_slot, self.out_features)  # one packed GEMM ran for every consumer
+            if y is not None:
+                return y
         if self.aq is None:
             return ops.quant_linear(x, None, self.qweight, self.w_scale, self.w_zero, self.wq.bits, self.group_size,
                                     self.bias, self.act, x.dtype)
         return self.forward_quantized(*self.int8_input(x), x.dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed_slot is not None and isinstance(x, QuantizedActivation):
-            y = x.packed_output(self.packed_slot, self.out_features)
-            if y is not None:
-                return y
-        if self.uses_kernels(x):
-            return self.forward_kernel(x)
-        if isinstance(x, QuantizedActivation):
-            x = x.float_value()
-        if self.aq is None or self.mode == "fake":
-            w = self.dequantized_weight(x.dtype)
-            if self.act is None:
-                b = None if self.bias is None else self.bias.to(x.dtype)
-                return F.linear(self.fake_quant_input(x), w, b)
-            y = F.linear(self.fake_quant_input(x), w).float()
-            y = y if self.bias is None else y + self.bias.float()
-            return apply_act(y, self.act).to(x.dtype)
-        return self.forward_int(x)
+    # The reference backends ----------------------------------------------------------------------------
 
-    def forward_int(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x8, sx, cx = self.quantize_input(x.reshape(-1, self.in_features))
-        w8, cw = self.int8_weight()
-        y = None
-        for g, sl in enumerate(Q.group_slices(self.in_features, self.group_size, self.w_scale.shape[1])):
-            # sum_k (x8 + cx)(w8 + cw) = x8.w8 + cw * sum x8 + cx * sum w8 + K * cx * cw, all exact in int32
-            acc = Q.int_matmul(x8[:, sl], w8[:, sl])
-            if cw is not None:
-                acc += x8[:, sl].sum(1, keepdim=True, dtype=torch.int32) * cw[:, g]
-            if cx is not None:
-                acc += cx * w8[:, sl].sum(1, dtype=torch.int32)
-                if cw is not None:
-                    acc += (sl.stop - sl.start) * cx * cw[:, g]
-            part = acc.float() * self.w_scale[:, g]
-            y = part if y is None else y + part
-        y = y * sx
-        if self.bias is not None:
-            y = y + self.bias.float()
-        return apply_act(y, self.act).to(x.dtype).reshape(*shape[:-1], self.out_features)
+    def _forward_fake(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.quantized.dequantize(x.dtype)
+        if self.act is None:
+            b = None if self.bias is None else self.bias.to(x.dtype)
+            return F.linear(self.fake_quant_input(x), w, b)
+        y = F.linear(self.fake_quant_input(x), w).float()
+        y = y if self.bias is None else y + self.bias.float()
+        return reference.apply_act(y, self.act).to(x.dtype)
+
+    def fake_quant_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.aq is None:
+            return x
+        if self.aq.dynamic:
+            return Q.fake_quantize_per_token(x, self.aq.bits)
+        return Q.fake_quantize(x, self.a_scale.to(x.dtype), self.a_zero.to(x.dtype), self.aq.bits, self.aq.symmetric)
+
+    def _forward_int(self, x: torch.Tensor) -> torch.Tensor:
+        x8, sx, cx = self._quantize_input(x.reshape(-1, self.in_features))
+        y = reference.int_linear(x8, sx, cx, *self.quantized.int8(), self.w_scale, self.group_size, self.bias,
+                                 self.act, x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """int8 activation x8, its scale ([M, 1] or []) and an integer offset c (an int32 scalar tensor, None
+        for 0) with x ~= (x8 + c) * scale.
+
+        Asymmetric (uint8, zero point z) values are stored shifted to int8, q - 128, with c = 128 - z, so the
+        GEMM stays int8 x int8 and the offset becomes a cheap rank-1 correction, as in integer kernels. c stays
+        a tensor, never a Python int, so that torch.compile traces this without a graph break.
+        """
+        if self.aq.dynamic:
+            q, s = Q.quantize_per_token(x, self.aq.bits)
+            return q, s, None
+        q = Q.quantize(x, self.a_scale, self.a_zero, self.aq.bits, self.aq.symmetric)
+        if self.aq.symmetric:
+            return q, self.a_scale, None
+        return (q.to(torch.int16) - 128).to(torch.int8), self.a_scale, (128 - self.a_zero).to(torch.int32)
 
     def extra_repr(self) -> str:
         w = self.wq

@@ -225,18 +225,14 @@ def measure(model: nn.Module, s: BenchSettings, mode: str, compile_mode: str | N
 def step_bytes(model: nn.Module, batch: int, filled: float) -> float:
     """Bytes one decode step must read: every weight except the input embedding table (one row per token;
     a table tied to the head is read whole), and `filled` positions of the KV cache for each sequence."""
+    from zeroquant.models.hf import kv_cache_bytes
     from zeroquant.tools.evaluate import weight_bytes
 
     total = weight_bytes(model)
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     if head is None or head.weight is not emb.weight:
         total -= emb.weight.numel() * emb.weight.element_size()
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    per_token = 2 * cfg.num_hidden_layers * kv_heads * head_dim * emb.weight.element_size()  # K and V
-    return total + batch * filled * per_token
+    return total + batch * kv_cache_bytes(model, filled, emb.weight.element_size())
 
 
 def copy_bandwidth(device: str, nbytes: int = 1 << 30) -> float:

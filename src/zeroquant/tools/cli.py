@@ -159,8 +159,8 @@ def cmd_quantize(args) -> None:
     qmodel = quantize(model, cfg, calib_data=calib, tokenizer=tok, inplace=True, allow_generic=args.generic,
                       lkd=lkd)
     if lkd is not None:
-        extra["lkd_report.json"] = {"data": args.lkd_data, **lkd_report(lkd, qmodel.zeroquant_lkd)}
-        print(format_table(qmodel.zeroquant_lkd))
+        extra["lkd_report.json"] = {"data": args.lkd_data, **lkd_report(lkd, qmodel.zeroquant.lkd)}
+        print(format_table(qmodel.zeroquant.lkd))
     from dataclasses import asdict
 
     from zeroquant.formats.provenance import data_record
@@ -182,7 +182,7 @@ def cmd_export(args) -> None:
     check_output_dir(args.output, sources=(args.quant_dir,), overwrite=args.overwrite)
     model = load_quantized(args.quant_dir, fuse=False)
     out = save_quantized(model, args.output, format="compressed-tensors", overwrite=args.overwrite)
-    print(f"wrote {model.zeroquant_config.name} from {args.quant_dir} as compressed-tensors to {out}")
+    print(f"wrote {model.zeroquant.config.name} from {args.quant_dir} as compressed-tensors to {out}")
 
 
 def cmd_eval(args) -> None:

@@ -1,0 +1,44 @@
+"""What the steps of quantize() share (a Job), and what a step is. Each step lives in its own module and reads
+and writes only the job: none imports another."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from zeroquant.algorithms.calib import Batch
+from zeroquant.algorithms.targets import Target, by_block
+from zeroquant.core.state import QuantState
+
+
+@dataclass
+class Job:
+    """The model being quantized (quantize()'s copy), the linears to quantize, the calibration batches (None
+    for presets that need no data), the static input ranges a step found (full name -> (min, max)) and the
+    state that reports go to."""
+
+    model: nn.Module
+    targets: list[Target]
+    batches: list[Batch] | None
+    state: QuantState
+    allow_generic: bool = False
+    progress: bool = True
+    ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def by_block(self) -> dict[int, list[Target]]:
+        return by_block(self.targets)
+
+
+class Step(Protocol):
+    """One stage of quantize(): changes job.model (float weights, or linears swapped for QuantLinear) and/or
+    what the job carries."""
+
+    def __call__(self, job: Job) -> None: ...
+
+
+def compute_device() -> torch.device:
+    """Where block-wise steps run a block: the GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
