@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import zeroquant as zq
 from zeroquant.core.config import resolve_config
-from zeroquant.formats import checkpoint
+from zeroquant.formats import checkpoint, output_dir
 from zeroquant.tools.cli import _raise_interrupt, main
 
 STORIES = ASSETS / "stories260K"
@@ -178,7 +178,7 @@ def _no_load(*a, **k):
 
 def test_output_under_a_file_fails_before_the_work(tmp_path, monkeypatch, capsys):
     (tmp_path / "afile").write_text("x")
-    monkeypatch.setattr("zeroquant.tools.cli.load_fp_model", _no_load)
+    monkeypatch.setattr("zeroquant.tools.commands.load_fp_model", _no_load)
     rc, _, err = run(["quantize", STORIES, "-o", tmp_path / "afile" / "q", "--device", "cpu"], capsys)
     assert_one_line_error(rc, err, "is a file, not a directory")
 
@@ -190,8 +190,8 @@ def test_unwritable_output_fails_before_the_work(tmp_path, monkeypatch, capsys):
     def denied(*a, **k):  # what mkdtemp raises in a read-only directory (root ignores chmod, so simulate)
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr("zeroquant.tools.cli.load_fp_model", _no_load)
-    monkeypatch.setattr(checkpoint.tempfile, "mkdtemp", denied)
+    monkeypatch.setattr("zeroquant.tools.commands.load_fp_model", _no_load)
+    monkeypatch.setattr(output_dir.tempfile, "mkdtemp", denied)
     rc, _, err = run(["quantize", STORIES, "-o", ro / "q", "--device", "cpu"], capsys)
     assert_one_line_error(rc, err, f"cannot write to {ro}: Permission denied")
 
@@ -212,7 +212,7 @@ def test_disk_full_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys)
 def test_non_utf8_text_is_one_line(flag, content, tmp_path, story, monkeypatch, capsys):
     bad = tmp_path / "bad.txt"
     bad.write_bytes(content)
-    monkeypatch.setattr("zeroquant.tools.cli.load_fp_model", _no_load)
+    monkeypatch.setattr("zeroquant.tools.commands.load_fp_model", _no_load)
     files = {"--text": bad, "--calib": story} | {flag: bad}
     rc, _, err = run(["eval", STORIES, "--text", files["--text"], "--calib", files["--calib"], "--presets",
                       "w8a8", "--device", "cpu"], capsys)
@@ -221,7 +221,7 @@ def test_non_utf8_text_is_one_line(flag, content, tmp_path, story, monkeypatch, 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
 def test_cuda_without_a_gpu_fails_first(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("zeroquant.tools.cli.load_fp_model", _no_load)
+    monkeypatch.setattr("zeroquant.tools.commands.load_fp_model", _no_load)
     rc, _, err = run(["quantize", STORIES, "-o", tmp_path / "q", "--device", "cuda"], capsys)
     assert_one_line_error(rc, err, "device cuda: no CUDA GPU is available here")
 
@@ -433,7 +433,7 @@ def test_truncated_compressed_tensors_info_says_damaged(tmp_path, capsys):
 
 @pytest.mark.parametrize("args", [["--preset", "w4a16+smooth"], ["--preset", "w8a16", "--smooth", "0.5"]])
 def test_smoothing_a_weight_only_preset_is_refused(args, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("zeroquant.tools.cli.load_fp_model", _no_load)
+    monkeypatch.setattr("zeroquant.tools.commands.load_fp_model", _no_load)
     rc, _, err = run(["quantize", STORIES, *args, "-o", tmp_path / "q", "--device", "cpu"], capsys)
     assert_one_line_error(rc, err, "does nothing for")
 
@@ -502,7 +502,7 @@ def test_saving_a_meta_device_model_is_one_line_and_writes_nothing(tmp_path):
 
 
 def test_eval_json_under_a_missing_directory_fails_before_the_work(story, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("zeroquant.tools.cli.load_fp_model", _no_load)
+    monkeypatch.setattr("zeroquant.tools.commands.load_fp_model", _no_load)
     rc, _, err = run(["eval", STORIES, "--text", story, "--presets", "w8a8", "--json", tmp_path / "no" / "r.json",
                       "--device", "cpu"], capsys)
     assert_one_line_error(rc, err, "does not exist")

@@ -369,7 +369,8 @@ def test_w4_gemv(split, dtype, unroll, tokens):
     (576 = 4.5 groups of 128) and N = 1000 (a partial last tile); the split-K counters are back to zero
     afterwards."""
     from zeroquant.kernels import act_code
-    from zeroquant.kernels.triton import gemv as GV
+    from zeroquant.kernels.triton import w4_gemv as W4
+    from zeroquant.kernels.triton.gemm_common import split_counters
 
     tol = {torch.float16: 1e-3, torch.bfloat16: 3e-3, torch.int8: 1e-4}[dtype]
     n = 1000
@@ -379,18 +380,18 @@ def test_w4_gemv(split, dtype, unroll, tokens):
         kw = ql.quantized.kernel()
         if scale_dtype == "float16" and not sym:  # one word a row (SZ_WORD), whatever the tokens
             kw = _interleaved(kw)
-        if unroll == 2 and k % (2 * GV._w4_step(k, kw.kernel_group)):
+        if unroll == 2 and k % (2 * W4._w4_step(k, kw.kernel_group)):
             continue
         poison_cuda_cache()
         got = torch.empty(tokens, n, device="cuda", dtype=ql.bias.dtype)
-        counters = GV.split_counters(x.device, n)
-        GV._w4_gemv_kernel[(-(-n // GV.W4_BLOCK_N), split)](
+        counters = split_counters(x.device, n)
+        W4._w4_gemv_kernel[(-(-n // W4.W4_BLOCK_N), split)](
             x, got if xs is None else xs.reshape(-1), kw.qweight, kw.scale,
             kw.zero if kw.zero is not None else kw.scale, ql.bias, got,
             torch.empty(tokens * split * 1024, device="cuda"), counters, n, k, kw.qweight.stride(0),
             A_INT8=xs is not None, HAS_ZERO=kw.zero is not None, GROUP_SIZE=kw.kernel_group, HAS_BIAS=True,
-            ACT=act_code("silu"), GLU=False, STEP=GV._w4_step(k, kw.kernel_group), SPLIT=split,
-            BLOCK_N=GV.W4_BLOCK_N, PDL=False, SZ_WORD=kw.sz_step == 2, UNROLL=unroll, TOKENS=tokens,
+            ACT=act_code("silu"), GLU=False, STEP=W4._w4_step(k, kw.kernel_group), SPLIT=split,
+            BLOCK_N=W4.W4_BLOCK_N, PDL=False, SZ_WORD=kw.sz_step == 2, UNROLL=unroll, TOKENS=tokens,
             stride_am=x.stride(0), stride_cm=got.stride(0), num_warps=4)
         assert rel_err(got, want) < tol, (k, group)
         assert counters.eq(0).all()
@@ -405,7 +406,8 @@ def test_w4_gemv_glu(split, dtype, unroll, tokens):
     partial last tile), each program reading the gate and up rows of the same outputs, gives silu(gate) * up
     against reference.gated_linear, with one or three K slices and one or two K steps an iteration."""
     from zeroquant.kernels import act_code
-    from zeroquant.kernels.triton import gemv as GV
+    from zeroquant.kernels.triton import w4_gemv as W4
+    from zeroquant.kernels.triton.gemm_common import split_counters
 
     k, n = 1536, 2000
     ql, (x, xs), _ = _skinny_case(k, n, 128, False, tokens, dtype)
@@ -419,12 +421,12 @@ def test_w4_gemv_glu(split, dtype, unroll, tokens):
                               torch.float32)
     poison_cuda_cache()
     got = torch.empty(tokens, n // 2, device="cuda", dtype=ql.bias.dtype)
-    counters = GV.split_counters(x.device, n)
-    GV._w4_gemv_kernel[(-(-n // GV.W4_BLOCK_N), split)](
+    counters = split_counters(x.device, n)
+    W4._w4_gemv_kernel[(-(-n // W4.W4_BLOCK_N), split)](
         x, got if xs is None else xs.reshape(-1), kw.qweight, kw.scale, kw.zero, ql.bias, got,
         torch.empty(tokens * split * 2048, device="cuda"), counters, n, k, kw.qweight.stride(0),
         A_INT8=xs is not None, HAS_ZERO=True, GROUP_SIZE=128, HAS_BIAS=True, ACT=act_code("silu"), GLU=True,
-        STEP=128, SPLIT=split, BLOCK_N=GV.W4_BLOCK_N, PDL=False, SZ_WORD=kw.sz_step == 2, UNROLL=unroll,
+        STEP=128, SPLIT=split, BLOCK_N=W4.W4_BLOCK_N, PDL=False, SZ_WORD=kw.sz_step == 2, UNROLL=unroll,
         TOKENS=tokens, stride_am=x.stride(0), stride_cm=got.stride(0), num_warps=4)
     assert rel_err(got, want) < 3e-3
     assert counters.eq(0).all()
@@ -453,11 +455,12 @@ def test_one_or_two_tokens_int4_take_the_gemv_and_repeat_bitwise(dtype, n, m, mo
     """quant_linear sends one or two tokens with INT4 weights to the INT4 GEMV, never to the small-M kernel
     (4096 x 4096 splits K), and its ordered sum of partials gives the same bits on every launch; fp16 tokens take
     two K steps an iteration at 4096 x 8192 and at two tokens, elsewhere one."""
-    from zeroquant.kernels.triton import gemv as GV
+    from zeroquant.kernels.triton import w4_gemv as W4
+    from zeroquant.kernels.triton.gemm_common import split_counters
 
     ql, (x, xs), want = _skinny_case(4096, n, 128, False, m, dtype)
     kw = ql.quantized.kernel()
-    split, _, unroll = GV._w4_plan(x, n, 4096, 128)
+    split, _, unroll = W4._w4_plan(x, n, 4096, 128)
     assert split > 1
     assert (unroll == 2) == (dtype == torch.float16 and (n == 8192 or m == 2))
 
@@ -469,7 +472,7 @@ def test_one_or_two_tokens_int4_take_the_gemv_and_repeat_bitwise(dtype, n, m, mo
     assert rel_err(first, want) < (1e-4 if xs is not None else 1e-3)
     for _ in range(50):
         assert torch.equal(gemm.quant_linear(x, xs, kw, ql.bias, "silu"), first)
-    assert GV.split_counters(x.device, 1).eq(0).all()
+    assert split_counters(x.device, 1).eq(0).all()
 
 
 def test_two_bf16_tokens_with_int4_weights_take_the_small_m_kernel(monkeypatch):
@@ -493,16 +496,16 @@ def test_w4_gemv_plan_fits_one_wave_without_empty_slices(m, k, n, dtype):
     """The INT4 GEMV's launch at Llama-7B decode shapes: every K slice gets work (the last one too), and with
     two K steps an iteration at most W4_PROGRAMS_PER_SM programs an SM (W4_PROGRAMS_PER_SM_2 for two fp16
     tokens)."""
-    from zeroquant.kernels.triton import gemv as GV
+    from zeroquant.kernels.triton import w4_gemv as W4
 
     x = torch.zeros(m, k, device="cuda", dtype=dtype)
-    split, step, unroll = GV._w4_plan(x, n, k, 128)
+    split, step, unroll = W4._w4_plan(x, n, k, 128)
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     iters = k // (step * unroll)
     longest = -(-iters // split)
     assert (split - 1) * longest < iters
-    per_sm = GV.W4_PROGRAMS_PER_SM_2 if m == 2 and dtype == torch.float16 else GV.W4_PROGRAMS_PER_SM
-    assert unroll == 1 or -(-n // GV.W4_BLOCK_N) * split <= per_sm * sms
+    per_sm = W4.W4_PROGRAMS_PER_SM_2 if m == 2 and dtype == torch.float16 else W4.W4_PROGRAMS_PER_SM
+    assert unroll == 1 or -(-n // W4.W4_BLOCK_N) * split <= per_sm * sms
 
 
 @pytest.mark.parametrize("a8", [False, True])
