@@ -98,3 +98,15 @@ def test_minilm_fidelity_shape(minilm, wiki_test, wiki_valid):
     assert cos["w8a8-static"] < cos["w8a8"] - 0.02
     assert cos["rtn-w4"] < cos["w8a8"] - 0.02
     assert zq.PRESETS["w8a8"].mlp.act.dynamic
+
+
+def test_verdict_lines_say_size_and_accuracy_cost():
+    from zeroquant.tools.report import verdict
+
+    ref = {"scheme": "float32", "weights_mb": 500.0, "ppl": 20.0}
+    assert verdict({"scheme": "w8a8", "weights_mb": 200.0, "ppl": 20.1}, ref) == (
+        "w8a8: 2.5x smaller weights, perplexity 20.10 vs 20.00 (+0.5%, close to float32)")
+    assert "worse than float32" in verdict({"scheme": "w4", "weights_mb": 100.0, "ppl": 25.0}, ref)
+    enc = {"scheme": "float32", "weights_mb": 90.0, "cos_mean": 1.0}
+    assert verdict({"scheme": "w8a8", "weights_mb": 60.0, "cos_mean": 0.95}, enc).endswith("(noticeably off)")
+    assert verdict({"scheme": "x", "error": "ValueError: no"}, ref) == "x: failed (ValueError: no)"

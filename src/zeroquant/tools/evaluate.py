@@ -199,7 +199,7 @@ def format_table(rows: list[dict]) -> str:
 
     def fmt(v):
         if isinstance(v, float):
-            return f"{v:.6f}" if abs(v) < 10 else f"{v:.2f}"
+            return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
         return "" if v is None else str(v)
 
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

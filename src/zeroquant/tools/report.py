@@ -52,7 +52,28 @@ def report(
     return rows
 
 
+def verdict(row: dict, ref: dict) -> str:
+    """One line a person reads: how much smaller the weights are and what it cost in accuracy."""
+    if "error" in row:
+        return f"{row['scheme']}: failed ({row['error']})"
+    size = ref["weights_mb"] / row["weights_mb"] if row.get("weights_mb") else None
+    smaller = f"{size:.1f}x smaller weights" if size else "weights"
+    if "ppl" in row:
+        change = (row["ppl"] / ref["ppl"] - 1) * 100
+        word = "close to" if abs(change) < 1 else "worse than" if change > 0 else "better than"
+        return (f"{row['scheme']}: {smaller}, perplexity {row['ppl']:.2f} vs {ref['ppl']:.2f} "
+                f"({change:+.1f}%, {word} {ref['scheme']})")
+    if "cos_mean" in row:
+        cos = row["cos_mean"]
+        word = "indistinguishable" if cos >= 0.999 else "close" if cos >= 0.99 else "noticeably off"
+        return f"{row['scheme']}: {smaller}, embeddings {cos:.4f} cosine to {ref['scheme']}'s ({word})"
+    return f"{row['scheme']}: {smaller}"
+
+
 def print_report(rows: list[dict]) -> str:
+    """The table, then a verdict line per quantized row."""
     table = format_table(rows)
-    print(table)
-    return table
+    lines = [verdict(r, rows[0]) for r in rows[1:]]
+    text = table + ("\n\n" + "\n".join(lines) if lines else "")
+    print(text)
+    return text
