@@ -106,7 +106,7 @@ def _pattern(name: str) -> str:
 
 
 def _targets(groups: dict[str, list[str]], linears: list[str]) -> dict[str, list[str]]:
-    """Targets per group: one regex per module position (q_proj of every block) where that regex matches
+    """Targets per group: one regex per module position (the same linear of every block) where that regex matches
     exactly the group's modules among the model's linears, else the module names themselves."""
     out = {}
     for key, names in groups.items():
