@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from torch import nn
 
-from zeroquant.algorithms.calib import to_batches
+from zeroquant.algorithms.blockwise import BlockSource, BlockStep, ModelBlocks, run_pipeline
+from zeroquant.algorithms.calib import model_device, split_batch, to_batches
 from zeroquant.algorithms.gptq import GPTQ, gptq_starts
-from zeroquant.algorithms.job import Job, Step
+from zeroquant.algorithms.job import Job, compute_device
 from zeroquant.algorithms.lkd import LKD, LKDConfig, Start, StartFn
 from zeroquant.algorithms.rtn import RoundToNearest
 from zeroquant.algorithms.smooth import Smooth
@@ -18,6 +20,7 @@ from zeroquant.algorithms.targets import Target, block_linears_of, by_block, fin
 from zeroquant.core.config import QuantConfig, resolve_config
 from zeroquant.core.errors import ZeroQuantError
 from zeroquant.core.state import QuantState
+from zeroquant.models.adapters import get_blocks
 from zeroquant.models.fusion import fuse as fuse_ops
 from zeroquant.models.hf_attention import use_kernel_attention
 from zeroquant.nn.qlinear import QuantLinear
@@ -45,21 +48,42 @@ def gptq_start(grouped: dict[int, list[Target]]) -> StartFn:
     return start
 
 
-def plan(cfg: QuantConfig, lkd: LKDConfig | None, targets: list[Target]) -> list[Step]:
-    """The steps quantize() runs for `cfg`, in order: smoothing changes float weights only, so every step after
-    it sees an equivalent FP model; static ranges are measured on that model; then one step swaps the linears."""
-    steps: list[Step] = []
+def plan(job: Job, lkd: LKDConfig | None) -> list[BlockStep]:
+    """The steps quantize() runs block by block for the job's config: smoothing changes float weights only, so
+    every step after it sees an equivalent FP model; static ranges are watched on that model; then one step swaps
+    the block's linears."""
+    cfg, targets = job.state.config, job.targets
+    steps: list[BlockStep] = []
     if cfg.uses_smoothing:
-        steps.append(Smooth(None if cfg.smooth == "auto" else float(cfg.smooth)))
+        smooth = Smooth(job.model, {t.name: t.rule for t in targets}, job.batches,
+                        None if cfg.smooth == "auto" else float(cfg.smooth), job.allow_generic)
+        job.state.smooth = smooth.report
+        steps.append(smooth)
     if any(t.rule.act is not None and not t.rule.act.dynamic for t in targets):
-        steps.append(StaticRanges())
+        steps.append(StaticRanges(targets, job.ranges))
     if lkd is not None:
-        steps.append(LKD(lkd, gptq_start(by_block(targets)) if cfg.uses_gptq else None))
+        n_blocks = len(get_blocks(job.model, job.allow_generic))
+        steps.append(LKD(job, lkd, gptq_start(by_block(targets)) if cfg.uses_gptq else None, n_blocks))
     elif cfg.uses_gptq:
-        steps.append(GPTQ())
+        steps.append(GPTQ(job))
     else:
-        steps.append(RoundToNearest())
+        steps.append(RoundToNearest(job))
     return steps
+
+
+def run_steps(job: Job, lkd: LKDConfig | None, source: BlockSource) -> None:
+    """quantize()'s one pass over the blocks, from `source` (the model's own blocks, or blocks read from
+    shards one at a time)."""
+    steps = plan(job, lkd)
+    if job.batches is None:  # data-free: each block quantized where it lives
+        device = model_device(job.model) if isinstance(source, ModelBlocks) else torch.device("cpu")
+    else:
+        device = next((s.device for s in steps if isinstance(s, LKD)), compute_device())
+    run_pipeline(job.model, source, job.batches, steps, device, f"quantizing ({job.state.config.name})",
+                 job.progress)
+    for s in steps:
+        if hasattr(s, "finish"):
+            s.finish()
 
 
 def quantize(
@@ -107,9 +131,10 @@ def quantize(
     model = model if inplace else copy.deepcopy(model)
     model.eval()
     targets = find_targets(model, cfg, allow_generic)  # the copy's modules
+    if lkd is not None and len(batches) == 1 and lkd.holdout > 0:  # sequences apart to judge LKD's best iterate on
+        batches = split_batch(batches[0])
     job = Job(model, targets, batches, QuantState(cfg, allow_generic), allow_generic, progress)
-    for step in plan(cfg, lkd, targets):
-        step(job)
+    run_steps(job, lkd, ModelBlocks(get_blocks(model, allow_generic)))
     if fuse:
         fuse_ops(model)
         use_kernel_attention(model)

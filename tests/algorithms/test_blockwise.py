@@ -1,6 +1,5 @@
 """The block runner that GPTQ and LKD share: its streams of hidden states and where it keeps them."""
 
-import pytest
 import torch
 from tiny_models import tiny_input, tiny_model
 
@@ -9,18 +8,25 @@ import zeroquant.algorithms.blockwise as B
 from zeroquant.models.adapters import get_blocks
 
 
-def _run(model, carry_fp=True, carry_quantized=True):
-    """Run every block through a step that records its inputs and returns the block unchanged."""
-    seen = []
+class _Record:
+    """A swap step that records what it sees and returns the block unchanged."""
 
-    def step(block, inputs, targets):
-        seen.append((inputs.fp, inputs.quant, targets))
+    phase = "swap"
+
+    def __init__(self, streams):
+        self.streams, self.seen = frozenset(streams), []
+
+    def block(self, k, block, inputs, targets):
+        self.seen.append((inputs.fp, inputs.quant, targets))
         return block
 
+
+def _run(model, carry_fp=True, carry_quantized=True):
+    """Run every block through a step that records its inputs and returns the block unchanged."""
+    step = _Record({s for s, on in (("fp", carry_fp), ("quant", carry_quantized)) if on})
     batches = [{"input_ids": tiny_input(2, 8, seed=s)} for s in (1, 2)]
-    B.run_blocks(get_blocks(model), model, batches, step, torch.device("cpu"), carry_fp, carry_quantized,
-                 progress=False)
-    return seen
+    B.run_pipeline(model, B.ModelBlocks(get_blocks(model)), batches, [step], torch.device("cpu"), progress=False)
+    return step.seen
 
 
 def test_streams_follow_the_blocks():
@@ -38,8 +44,16 @@ def test_streams_not_carried_are_none():
     assert fp is None and t is None and q is not None
     (fp, q, t), _ = _run(tiny_model("llama"), carry_quantized=False)
     assert q is None and fp is not None and t is not None
-    with pytest.raises(ValueError):
-        _run(tiny_model("llama"), carry_fp=False, carry_quantized=False)
+    calls = []
+    model = tiny_model("llama")
+
+    class NoData(_Record):
+        def block(self, k, block, inputs, targets):  # a step that reads no stream runs without data
+            calls.append((k, inputs, targets))
+            return block
+
+    B.run_pipeline(model, B.ModelBlocks(get_blocks(model)), None, [NoData(())], torch.device("cpu"), progress=False)
+    assert calls == [(0, None, None), (1, None, None)]
 
 
 def test_hidden_states_kept_on_the_host_give_the_same_model(monkeypatch):

@@ -1,12 +1,14 @@
 """Running a model block by block: capture the inputs the model hands its first block, then feed them
-through each block in turn, one block on the compute device at a time. GPTQ, distillation and smoothing
-statistics all work this way; `run_blocks` is the one pipeline they share."""
+through each block in turn, one block on the compute device at a time. Smoothing, static ranges, GPTQ and
+distillation all work this way, as steps of one pass (`run_pipeline`)."""
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -139,25 +141,76 @@ class BlockInputs:
             return hidden.map(lambda i, h: call_block(block, h, *self.ctx[i]))
 
 
-# A step quantizes one block: given the FP block on the compute device, its inputs and the FP block's outputs
-# on the FP inputs (the distillation targets), it returns the block to put in its place.
-Step = Callable[[nn.Module, BlockInputs, Hidden | None], nn.Module]
+class BlockStep(Protocol):
+    """One stage of the pipeline, applied to each block in turn.
+
+    phase "fold" changes the FP block's float weights before anything reads its outputs (smoothing); "observe"
+    watches the FP block compute its outputs on the FP stream (static ranges); "swap" returns the block that
+    takes the FP block's place (round-to-nearest, GPTQ, distillation). `streams` names the hidden states it
+    reads: "fp" (the FP model's) and/or "quant" (the quantized model's)."""
+
+    phase: str
+    streams: frozenset[str]
+
+    def block(self, k: int, block: nn.Module, inputs: BlockInputs | None, fp_out: Hidden | None) -> nn.Module: ...
+
+    def watch(self, k: int, block: nn.Module) -> AbstractContextManager: ...
 
 
-def run_blocks(blocks: nn.ModuleList, model: nn.Module, batches: list[Batch], step: Step, device: torch.device,
-               carry_fp: bool = True, carry_quantized: bool = True, fp_after_step: bool = False,
-               desc: str = "blocks", progress: bool = True) -> None:
-    """Quantize `blocks` in place, one at a time on `device`: step(block, inputs, fp_outputs) for each.
+class ModelBlocks:
+    """The blocks of an in-memory model: each moves to the compute device for its turn and back after."""
 
-    Two streams of hidden states can flow: with carry_fp the FP model's (each FP block's output feeds the next
-    and is the step's target), with carry_quantized the quantized model's (each quantized block's output feeds
-    the next, so a later block sees, and can correct, the error built up before it). A stream not carried is
-    None. With fp_after_step the step changes the FP model itself (smoothing): it gets no targets, and the FP
-    stream advances through the block it returns. Blocks go back to where they lived when done.
-    """
-    if not (carry_fp or carry_quantized):
-        raise ValueError("run_blocks needs at least one stream of hidden states")
-    captured = capture_block_inputs(model, blocks[0], batches)
+    def __init__(self, blocks: nn.ModuleList) -> None:
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def take(self, k: int, device: torch.device) -> nn.Module:
+        self.home = next(self.blocks[k].parameters()).device
+        return self.blocks[k].to(device)
+
+    def give(self, k: int, old: nn.Module, new: nn.Module) -> None:
+        self.blocks[k] = new.to(self.home)
+        if new is not old:
+            old.to(self.home)
+
+
+class BlockSource(Protocol):
+    """Where the pipeline gets each FP block and puts each finished one (ModelBlocks, or blocks read from a
+    checkpoint's shards one at a time: zeroquant.models.lazy)."""
+
+    blocks: nn.ModuleList
+
+    def __len__(self) -> int: ...
+
+    def take(self, k: int, device: torch.device) -> nn.Module: ...
+
+    def give(self, k: int, old: nn.Module, new: nn.Module) -> None: ...
+
+
+def run_pipeline(model: nn.Module, source: BlockSource, batches: list[Batch] | None, steps: list[BlockStep],
+                 device: torch.device, desc: str = "quantizing", progress: bool = True) -> None:
+    """Every block once, in order, on `device`: the fold steps, then the FP block's outputs on the FP stream
+    (the observe steps watching), then the swap step; the quantized stream advances through the block the
+    swap step returned, the FP stream through the FP block.
+
+    Two streams of hidden states can flow, each only when a step reads it: the FP model's (each FP block's
+    output feeds the next and is the swap step's target) and the quantized model's (each finished block's output
+    feeds the next, so a later block sees, and can correct, the error built up before it). Steps that read no
+    stream need no data: each block is swapped where it stands."""
+    fold = [s for s in steps if s.phase == "fold"]
+    observe = [s for s in steps if s.phase == "observe"]
+    swap = next((s for s in steps if s.phase == "swap"), None)
+    reads = frozenset().union(*(s.streams for s in steps))
+    bar = tqdm(range(len(source)), desc=desc, disable=not progress, leave=False, unit="block")
+    if not reads:
+        for k in bar:
+            block = source.take(k, device)
+            source.give(k, block, swap.block(k, block, None, None) if swap else block)
+        return
+    carry_fp, carry_quantized = "fp" in reads, "quant" in reads
+    captured = capture_block_inputs(model, source.blocks[0], batches)
     ctx = [(to_device(a, device), to_device(k, device)) for a, k in captured]
     first = [a[0] for a, _ in captured]
     del captured
@@ -166,20 +219,22 @@ def run_blocks(blocks: nn.ModuleList, model: nn.Module, batches: list[Batch], st
     fp = Hidden(first, device, on_host) if carry_fp else None
     quant = Hidden(first, device, on_host) if carry_quantized else None
     del first
-    bar = tqdm(range(len(blocks)), desc=desc, disable=not progress, leave=False, unit="block")
     for k in bar:
-        block = blocks[k]
-        home = next(block.parameters()).device
-        block.to(device)
+        block = source.take(k, device)
         inputs = BlockInputs(k, ctx, fp, quant, masks)
-        targets = inputs.outputs(block, fp) if fp is not None and not fp_after_step else None
-        new = step(block, inputs, targets)
+        for s in fold:
+            s.block(k, block, inputs, None)
+        targets = None
+        if fp is not None:
+            with ExitStack() as watching:
+                for s in observe:
+                    watching.enter_context(s.watch(k, block))
+                targets = inputs.outputs(block, fp)
+        new = swap.block(k, block, inputs, targets) if swap else block
         if quant is not None:
             quant = inputs.outputs(new, quant)
-        fp = inputs.outputs(new, fp) if fp is not None and fp_after_step else targets
-        blocks[k] = new.to(home)
-        if new is not block:
-            block.to(home)
+        fp = targets
+        source.give(k, block, new)
         if device.type == "cuda":
             torch.cuda.empty_cache()
         if progress:

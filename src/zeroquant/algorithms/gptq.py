@@ -17,11 +17,11 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from zeroquant.algorithms.blockwise import call_block, run_blocks
-from zeroquant.algorithms.job import Job, compute_device
+from zeroquant.algorithms.blockwise import call_block
+from zeroquant.algorithms.job import Job
 from zeroquant.core import quant as Q
 from zeroquant.core.config import WeightQuant
-from zeroquant.models.adapters import get_blocks, linear_weight
+from zeroquant.models.adapters import linear_weight
 from zeroquant.nn.qlinear import QuantLinear
 
 DAMP = 0.01  # fraction of H's mean diagonal added to it, so the inverse exists and is well conditioned
@@ -179,9 +179,13 @@ def gptq_step(by_block: dict[int, list], ranges: dict):
 
 
 class GPTQ:
-    """The GPTQ step: every block's targets rounded by gptq_step, one block at a time on the compute device."""
+    """The GPTQ step: each block's targets rounded by gptq_step on the quantized model's inputs."""
 
-    def __call__(self, job: Job) -> None:
-        blocks = get_blocks(job.model, job.allow_generic)
-        run_blocks(blocks, job.model, job.batches, gptq_step(job.by_block(), job.ranges), compute_device(),
-                   carry_fp=False, desc="GPTQ", progress=job.progress)
+    phase = "swap"
+    streams = frozenset({"quant"})
+
+    def __init__(self, job: Job) -> None:
+        self.step = gptq_step(job.by_block(), job.ranges)
+
+    def block(self, k: int, block: nn.Module, inputs, fp_out) -> nn.Module:
+        return self.step(block, inputs, fp_out)

@@ -1,10 +1,9 @@
-"""What the steps of quantize() share (a Job), and what a step is. Each step lives in its own module and reads
-and writes only the job: none imports another."""
+"""What the steps of quantize() share (a Job). Each step (blockwise.BlockStep) lives in its own module and
+reads and writes only the job: none imports another."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 from torch import nn
@@ -30,13 +29,6 @@ class Job:
 
     def by_block(self) -> dict[int, list[Target]]:
         return by_block(self.targets)
-
-
-class Step(Protocol):
-    """One stage of quantize(): changes job.model (float weights, or linears swapped for QuantLinear) and/or
-    what the job carries."""
-
-    def __call__(self, job: Job) -> None: ...
 
 
 def compute_device() -> torch.device:

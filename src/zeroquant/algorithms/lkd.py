@@ -29,13 +29,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from zeroquant.algorithms.blockwise import BlockInputs, Hidden, call_block, run_blocks, to_device
-from zeroquant.algorithms.calib import split_batch
+from zeroquant.algorithms.blockwise import BlockInputs, Hidden, call_block, to_device
 from zeroquant.algorithms.job import Job, compute_device
 from zeroquant.core import quant as Q
 from zeroquant.core.config import LinearRule
 from zeroquant.core.errors import ZeroQuantError
-from zeroquant.models.adapters import get_blocks, linear_weight
+from zeroquant.models.adapters import linear_weight
 from zeroquant.nn.qlinear import QuantLinear
 
 INPUTS = ("fp", "quantized", "mixed")
@@ -317,25 +316,23 @@ def report(cfg: LKDConfig, table: list[dict]) -> dict:
     return {"config": asdict(cfg), "blocks": [{k: v for k, v in r.items() if k not in TIMINGS} for r in table]}
 
 
-@dataclass
 class LKD:
     """The distillation step: each block's targets trained toward the FP block (lkd_step), starting from
-    `start`'s integers where given (e.g. GPTQ's), else from round-to-nearest; the table goes to job.state.lkd."""
+    `start`'s integers where given (e.g. GPTQ's), else from round-to-nearest; its table goes to job.state.lkd.
+    The pipeline runs on `device` (LKDConfig.device, else the GPU when there is one)."""
 
-    config: LKDConfig
-    start: StartFn | None = None
+    phase = "swap"
 
-    def __call__(self, job: Job) -> None:
-        cfg = self.config
-        blocks = get_blocks(job.model, job.allow_generic)
-        device = torch.device(cfg.device) if cfg.device else compute_device()
-        batches = job.batches
-        if len(batches) == 1 and cfg.holdout > 0:  # keep sequences apart to judge the best iterate on
-            batches = split_batch(batches[0])
-        table: list[dict] = []
+    def __init__(self, job: Job, config: LKDConfig, start: StartFn | None = None, n_blocks: int | None = None) -> None:
+        self.streams = frozenset({"fp"} if config.inputs == "fp" else {"fp", "quant"})
+        self.device = torch.device(config.device) if config.device else compute_device()
+        job.state.lkd = self.table = []
         job.model.requires_grad_(False)
-        step = lkd_step(job.by_block(), cfg, job.ranges, device, table, self.start, job.progress, len(blocks))
-        run_blocks(blocks, job.model, batches, step, device, carry_quantized=cfg.inputs != "fp", desc="LKD",
-                   progress=job.progress)
-        job.state.lkd = table
-        check_finite(table)
+        self.step = lkd_step(job.by_block(), config, job.ranges, self.device, self.table, start, job.progress,
+                             n_blocks)
+
+    def block(self, k: int, block: nn.Module, inputs: BlockInputs, fp_out: Hidden) -> nn.Module:
+        return self.step(block, inputs, fp_out)
+
+    def finish(self) -> None:
+        check_finite(self.table)

@@ -1,9 +1,9 @@
-"""Round-to-nearest: every target becomes a QuantLinear from its float weights (no data; static activation
-rules take the ranges an earlier step found)."""
+"""Round-to-nearest: a block's targets become QuantLinears from their float weights (no data; static
+activation rules take the ranges an earlier step found)."""
 
 from __future__ import annotations
 
-from tqdm.auto import tqdm
+from torch import nn
 
 from zeroquant.algorithms.job import Job
 from zeroquant.models.adapters import linear_weight
@@ -11,8 +11,15 @@ from zeroquant.nn.qlinear import QuantLinear
 
 
 class RoundToNearest:
-    def __call__(self, job: Job) -> None:
-        for t in tqdm(job.targets, desc=f"quantizing ({job.state.config.name})", disable=not job.progress,
-                      leave=False):
-            ql = QuantLinear.from_weight(linear_weight(t.module), t.module.bias, t.rule, job.ranges.get(t.name))
-            job.model.set_submodule(t.name, ql)
+    phase = "swap"
+    streams = frozenset()
+
+    def __init__(self, job: Job) -> None:
+        self.by_block, self.ranges = job.by_block(), job.ranges
+
+    def block(self, k: int, block: nn.Module, _inputs, _fp_out) -> nn.Module:
+        for t in self.by_block.get(k, []):
+            m = block.get_submodule(t.local)
+            block.set_submodule(t.local, QuantLinear.from_weight(linear_weight(m), m.bias, t.rule,
+                                                                 self.ranges.get(t.name)))
+        return block

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from zeroquant.algorithms.blockwise import BlockInputs, call_block, run_blocks
+from zeroquant.algorithms.blockwise import BlockInputs, ModelBlocks, call_block, run_pipeline
 from zeroquant.algorithms.calib import Batch
-from zeroquant.algorithms.job import Job, compute_device
+from zeroquant.algorithms.job import compute_device
 from zeroquant.core import quant as Q
 from zeroquant.core.config import LinearRule
 from zeroquant.models.adapters import get_arch, get_blocks, is_linear, linear_weight, smoothing_pairs
@@ -148,54 +148,52 @@ class _Inputs:
             h.remove()
 
 
-@torch.no_grad()
-def smooth_model(model: nn.Module, rules: dict[str, LinearRule], batches: list[Batch], alpha: float | None = None,
-                 allow_generic: bool = False, progress: bool = True) -> list[dict]:
-    """Fold smoothing scales into `model` in place, block by block (one block on the compute device at a time);
-    returns, per pair, the alpha chosen (None: left unsmoothed). alpha: a fixed alpha for every pair, or None
-    to search it per pair. The last quarter of `batches` is held apart for the search (all of them when there
-    is only one)."""
-    pairs = block_pairs(model, rules, allow_generic)
-    blocks = get_blocks(model, allow_generic)
-    device = compute_device()
-    n_stat = len(batches) - max(1, len(batches) // 4)
-    report: list[dict] = []
-    g = torch.Generator().manual_seed(0)
+class Smooth:
+    """The smoothing step: folds each block's scales into the FP block before anything reads its outputs;
+    `report` lists, per pair, the alpha chosen (None: left unsmoothed). alpha: a fixed alpha for every pair, or
+    None to search it per pair. The last quarter of the batches is held apart for the search (all of them when
+    there is only one)."""
 
-    def step(block: nn.Module, inputs: BlockInputs, _targets) -> nn.Module:
-        i = inputs.index
-        if not pairs[i]:
+    phase = "fold"
+    streams = frozenset({"fp"})
+
+    def __init__(self, model: nn.Module, rules: dict[str, LinearRule], batches: list[Batch],
+                 alpha: float | None = None, allow_generic: bool = False) -> None:
+        self.pairs = block_pairs(model, rules, allow_generic)
+        self.alpha, self.batches = alpha, len(batches)
+        self.n_stat = self.batches - max(1, self.batches // 4)
+        self.report: list[dict] = []
+        self.g = torch.Generator().manual_seed(0)
+
+    @torch.no_grad()
+    def block(self, i: int, block: nn.Module, inputs: BlockInputs, _fp_out) -> nn.Module:
+        if not self.pairs[i]:
             return block
-        seen = _Inputs(block, pairs[i])
+        seen = _Inputs(block, self.pairs[i])
         for j, mask in enumerate(inputs.masks):
             seen.mask = mask
-            for held_apart in ((False, True) if len(batches) == 1 else (j >= n_stat,)):
+            for held_apart in ((False, True) if self.batches == 1 else (j >= self.n_stat,)):
                 seen.held_apart = held_apart
                 call_block(block, inputs.fp.get(j), *inputs.ctx[j])
         seen.close()
-        for p in pairs[i]:
+        for p in self.pairs[i]:
             x = torch.cat(seen.sample[p.source])
-            x = x[torch.randperm(x.shape[0], generator=g)[:SAMPLE_TOKENS].to(x.device)]
+            x = x[torch.randperm(x.shape[0], generator=self.g)[:SAMPLE_TOKENS].to(x.device)]
             weights = [linear_weight(block.get_submodule(c)).detach().float() for c in p.consumers]
             amax = seen.amax[p.source]
             wmax = weight_max(weights)
-            a = choose_alpha(x, amax, wmax, weights, p.rules, alpha)
+            a = choose_alpha(x, amax, wmax, weights, p.rules, self.alpha)
             if a is not None:
                 fold(block, p, smooth_scales(amax, wmax, a))
-            report.append({"block": i, "source": p.source, "alpha": a})
+            self.report.append({"block": i, "source": p.source, "alpha": a})
         return block
 
-    run_blocks(blocks, model, batches, step, device, carry_quantized=False, fp_after_step=True, desc="smoothing",
-               progress=progress)
-    return report
 
-
-@dataclass
-class Smooth:
-    """The smoothing step: folds scales into the FP model before anything is quantized (alpha None: searched)."""
-
-    alpha: float | None = None
-
-    def __call__(self, job: Job) -> None:
-        rules = {t.name: t.rule for t in job.targets}
-        job.state.smooth = smooth_model(job.model, rules, job.batches, self.alpha, job.allow_generic, job.progress)
+def smooth_model(model: nn.Module, rules: dict[str, LinearRule], batches: list[Batch], alpha: float | None = None,
+                 allow_generic: bool = False, progress: bool = True) -> list[dict]:
+    """Fold smoothing scales into `model` in place, block by block (one block on the compute device at a time);
+    returns Smooth's report."""
+    step = Smooth(model, rules, batches, alpha, allow_generic)
+    run_pipeline(model, ModelBlocks(get_blocks(model, allow_generic)), batches, [step], compute_device(),
+                 "smoothing", progress)
+    return step.report

@@ -1,46 +1,43 @@
 """Static per-tensor activation ranges (the PTQ baseline): min/max of each static-rule target's input over the
-calibration batches, seen as the block runner carries the FP model's hidden states through each block."""
+calibration batches, watched while the FP block computes its outputs on the FP stream."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from zeroquant.algorithms.blockwise import run_blocks
-from zeroquant.algorithms.calib import Batch, model_device
-from zeroquant.algorithms.job import Job
-from zeroquant.algorithms.targets import Target
-from zeroquant.models.adapters import get_blocks
-
-
-@torch.no_grad()
-def collect_input_ranges(model: nn.Module, targets: list[Target], batches: list[Batch], allow_generic: bool = False,
-                         progress: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Full name -> (min, max) of each target's input over `batches`."""
-    ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def hook(name):
-        def fn(_mod, args):
-            x = args[0].detach().float()
-            lo, hi = x.min(), x.max()
-            if name in ranges:
-                lo, hi = torch.minimum(lo, ranges[name][0]), torch.maximum(hi, ranges[name][1])
-            ranges[name] = (lo, hi)
-
-        return fn
-
-    handles = [t.module.register_forward_pre_hook(hook(t.name)) for t in targets]
-    try:
-        run_blocks(get_blocks(model, allow_generic), model, batches, lambda block, _inputs, _targets: block,
-                   model_device(model), carry_quantized=False, desc="calibrating", progress=progress)
-    finally:
-        for h in handles:
-            h.remove()
-    return ranges
+from zeroquant.algorithms.targets import Target, by_block
 
 
 class StaticRanges:
-    def __call__(self, job: Job) -> None:
-        static = [t for t in job.targets if t.rule.act is not None and not t.rule.act.dynamic]
-        if static:
-            job.ranges.update(collect_input_ranges(job.model, static, job.batches, job.allow_generic, job.progress))
+    """Writes full name -> (min, max) of each static-rule target's input into `ranges` (the job's)."""
+
+    phase = "observe"
+    streams = frozenset({"fp"})
+
+    def __init__(self, targets: list[Target], ranges: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.by_block = by_block([t for t in targets if t.rule.act is not None and not t.rule.act.dynamic])
+        self.ranges = ranges
+
+    def _hook(self, name: str):
+        def fn(_mod, args):
+            x = args[0].detach().float()
+            lo, hi = x.min(), x.max()
+            if name in self.ranges:
+                lo, hi = torch.minimum(lo, self.ranges[name][0]), torch.maximum(hi, self.ranges[name][1])
+            self.ranges[name] = (lo, hi)
+
+        return fn
+
+    @contextmanager
+    def watch(self, k: int, block: nn.Module) -> Iterator[None]:
+        handles = [block.get_submodule(t.local).register_forward_pre_hook(self._hook(t.name))
+                   for t in self.by_block.get(k, [])]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
