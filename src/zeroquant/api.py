@@ -99,6 +99,7 @@ def quantize(
     calib_seq_len: int = 512,
     calib_batch_size: int = 8,
     progress: bool = True,
+    blocks: BlockSource | None = None,
 ) -> nn.Module:
     """Quantize `model` the ZeroQuant way and return it.
 
@@ -113,11 +114,17 @@ def quantize(
     fuse: fold norms into token-wise quantization and MLP activations into GEMM epilogues
         (zeroquant.models.fusion), and point a decoder's attention at the one-query decode kernel
         (zeroquant.models.hf_attention); same numbers on the reference path, fewer kernels on CUDA.
+    blocks: where the FP blocks come from when the model holds them only on the meta device: LazyBlocks from
+        zeroquant.models.lazy.open_lazy reads each from the checkpoint's shards in its turn, so the FP model is
+        never in memory whole (needs inplace=True; the result's blocks are on the CPU).
     The result carries `model.zeroquant`, a QuantState (config and the data steps' reports).
     """
     if quantized_modules(model):
         raise ZeroQuantError("the model is already quantized by zeroquant: quantize its floating-point original")
-    if any(p.is_meta for p in model.parameters()):
+    if blocks is not None and not inplace:
+        raise ZeroQuantError("quantizing blocks read one at a time works in place: pass inplace=True")
+    lazy = {id(p) for p in blocks.blocks.parameters()} if blocks is not None else set()
+    if any(p.is_meta and id(p) not in lazy for p in model.parameters()):
         raise ZeroQuantError("the model's weights are on the meta device (never loaded): load them first")
     cfg = check_config(model, config, allow_generic)
     batches = None
@@ -134,7 +141,7 @@ def quantize(
     if lkd is not None and len(batches) == 1 and lkd.holdout > 0:  # sequences apart to judge LKD's best iterate on
         batches = split_batch(batches[0])
     job = Job(model, targets, batches, QuantState(cfg, allow_generic), allow_generic, progress)
-    run_steps(job, lkd, ModelBlocks(get_blocks(model, allow_generic)))
+    run_steps(job, lkd, blocks or ModelBlocks(get_blocks(model, allow_generic)))
     if fuse:
         fuse_ops(model)
         use_kernel_attention(model)

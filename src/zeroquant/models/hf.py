@@ -116,7 +116,7 @@ def refuse_quantized_dir(path: str | os.PathLike) -> None:
                              "floating-point model: give the original model")
 
 
-def _check_loading_info(path: str | os.PathLike, info: dict) -> None:
+def check_loading_info(path: str | os.PathLike, info: dict) -> None:
     """Refuse a model whose weights file lacks tensors (transformers initialises them at random) or holds
     tensors of another shape."""
     missing = sorted(info.get("missing_keys") or [])
@@ -144,6 +144,25 @@ def _load_tokenizer(d: Path, path, extra: dict):
         raise ZeroQuantError(f"cannot load the tokenizer in {path}: {one_line(e)}") from None
 
 
+def read_config(d: Path, path, extra: dict):
+    """The model's transformers config; one-line error when it cannot be read."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(d, **extra)
+    except (OSError, ValueError, ImportError, KeyError, struct.error) as e:  # struct: a truncated GGUF header
+        raise ZeroQuantError(f"cannot read the model config of {path}: {one_line(e)}") from None
+
+
+def model_class(config, gguf: bool = False) -> type:
+    """The transformers class its config names (GGUF files hold decoders and name none)."""
+    import transformers
+
+    archs = getattr(config, "architectures", None) or []
+    default = transformers.AutoModelForCausalLM if gguf else transformers.AutoModel
+    return next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), default)
+
+
 def load_fp_model(path: str | os.PathLike, device: str = "cpu", allow_generic: bool = False,
                   tokenizer: bool = True):
     """A floating-point model and its tokenizer (None when tokenizer=False), offline, from a local Hugging
@@ -155,32 +174,24 @@ def load_fp_model(path: str | os.PathLike, device: str = "cpu", allow_generic: b
     if not extra:
         refuse_quantized_dir(d)
     import torch
-    import transformers
     from safetensors import SafetensorError
-    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    try:
-        config = AutoConfig.from_pretrained(d, **extra)
-    except (OSError, ValueError, ImportError, KeyError, struct.error) as e:  # struct: a truncated GGUF header
-        raise ZeroQuantError(f"cannot read the model config of {path}: {one_line(e)}") from None
+    config = read_config(d, path, extra)
     arch_for(config.model_type, allow_generic)  # fail on an unsupported architecture before loading weights
     # the tokenizer first: a directory without one fails before the weights are read
     tok = _load_tokenizer(d, path, extra) if tokenizer else None
-    archs = getattr(config, "architectures", None) or []
-    # GGUF files hold decoders and name no architecture class
-    default = AutoModelForCausalLM if extra else transformers.AutoModel
-    cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), default)
+    cls = model_class(config, gguf=bool(extra))
     dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
     verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # its load report is many lines; _check_loading_info says it in one
+    hf_logging.set_verbosity_error()  # its load report is many lines; check_loading_info says it in one
     try:
         model, info = cls.from_pretrained(d, dtype=dtype, output_loading_info=True, **extra)
     except (OSError, ValueError, ImportError, KeyError, RuntimeError, struct.error, SafetensorError) as e:
         raise ZeroQuantError(f"cannot load the model in {path}: {one_line(e)}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
-    _check_loading_info(path, info)
+    check_loading_info(path, info)
     quantizer = getattr(model, "hf_quantizer", None)
     if extra and quantizer is not None:  # the GGUF tensors were dequantized: from here on a plain float model
         quantizer.remove_quantization_config(model)

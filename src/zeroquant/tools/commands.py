@@ -61,6 +61,7 @@ def cmd_quantize(args) -> None:
     from zeroquant.api import quantize
     from zeroquant.core.config import resolve_config, with_group_size, with_rounding, with_smoothing
     from zeroquant.formats.checkpoint import check_output_dir, save_quantized
+    from zeroquant.models.lazy import has_safetensors, open_lazy
 
     cfg = resolve_config(args.preset)
     if args.group_size is not None:
@@ -78,7 +79,14 @@ def cmd_quantize(args) -> None:
         read_text(args.lkd_data)
     # round-to-nearest reads no data: it needs no tokenizer (one found beside the model is still saved)
     needs_tok = args.lkd or args.calib is not None or cfg.needs_data
-    model, tok = load_fp_model(args.model_dir, device, args.generic, tokenizer=needs_tok)
+    # A safetensors directory is read a block at a time (the FP model is never in memory whole), unless the
+    # data is text the FP model must write itself first.
+    self_text = args.lkd_data == "self" if args.lkd else args.calib is None and (cfg.uses_gptq or cfg.uses_smoothing)
+    blocks = None
+    if has_safetensors(args.model_dir) and not self_text:
+        model, tok, blocks = open_lazy(args.model_dir, device, args.generic, tokenizer=needs_tok)
+    else:
+        model, tok = load_fp_model(args.model_dir, device, args.generic, tokenizer=needs_tok)
     if args.format == "compressed-tensors":  # refuse an unexportable scheme before the quantization work
         from zeroquant.formats.compressed_format import check_exportable
 
@@ -99,7 +107,7 @@ def cmd_quantize(args) -> None:
         elif cfg.needs_calibration and calib is None:
             raise ZeroQuantError(f"preset {cfg.name!r} uses static activation scales: pass --calib FILE")
     qmodel = quantize(model, cfg, calib_data=calib, tokenizer=tok, inplace=True, allow_generic=args.generic,
-                      lkd=lkd)
+                      lkd=lkd, blocks=blocks)
     if lkd is not None:
         extra["lkd_report.json"] = {"data": args.lkd_data, **lkd_report(lkd, qmodel.zeroquant.lkd)}
         print(format_table(qmodel.zeroquant.lkd))

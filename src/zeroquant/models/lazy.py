@@ -1,0 +1,176 @@
+"""A floating-point model that is never materialised whole: its skeleton on the meta device, everything outside
+the blocks (embeddings, final norm, head) read at once, and each block's weights read from the checkpoint's
+safetensors shards when the block's turn comes (LazyBlocks, the block runner's source)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from zeroquant.core.errors import ZeroQuantError
+from zeroquant.models.adapters import arch_for, get_blocks
+from zeroquant.models.hf import (
+    _load_tokenizer,
+    check_loading_info,
+    model_class,
+    one_line,
+    read_config,
+    refuse_quantized_dir,
+)
+
+INDEX = "model.safetensors.index.json"
+
+
+def has_safetensors(path: str | os.PathLike) -> bool:
+    """Whether `path` is a model directory whose weights are safetensors (one file or an indexed set of shards)."""
+    p = Path(path)
+    return p.is_dir() and ((p / INDEX).exists() or (p / "model.safetensors").exists())
+
+
+def _open(file: Path):
+    from safetensors import SafetensorError
+
+    try:
+        return safe_open(file, "pt")
+    except (OSError, SafetensorError) as e:
+        raise ZeroQuantError(f"cannot load the model in {file.parent}: {file.name}: {one_line(e)}") from None
+
+
+class ShardedWeights:
+    """A model directory's tensors by name, each read from its shard on request (memory-mapped: nothing else
+    of the file is read)."""
+
+    def __init__(self, path: Path) -> None:
+        if (path / INDEX).exists():
+            try:
+                names = json.loads((path / INDEX).read_text())["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise ZeroQuantError(f"{path / INDEX}: not a safetensors index ({one_line(e)})") from None
+            self.files = {n: path / f for n, f in names.items()}
+        else:
+            self.files = dict.fromkeys(_open(path / "model.safetensors").keys(), path / "model.safetensors")
+        self.open: dict[Path, object] = {}
+
+    def find(self, name: str, prefix: str) -> str | None:
+        """The checkpoint's name for the model's tensor `name`: itself, or without/with the base model's prefix
+        (a checkpoint of the base model read into a model with a head, or the other way round)."""
+        for n in (name, name.removeprefix(prefix + "."), f"{prefix}.{name}"):
+            if n in self.files:
+                return n
+        return None
+
+    def _file(self, name: str):
+        file = self.files[name]
+        if file not in self.open:
+            self.open[file] = _open(file)
+        return self.open[file]
+
+    def read(self, name: str) -> torch.Tensor:
+        return self._file(name).get_tensor(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._file(name).get_slice(name).get_shape())
+
+
+def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner, _, attr = name.rpartition(".")
+    m = module.get_submodule(owner) if owner else module
+    if attr in m._parameters:
+        m._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    else:
+        m._buffers[attr] = value
+
+
+class LazyBlocks:
+    """The block runner's source for a lazily loaded model: block k's weights read from the shards onto the
+    compute device for its turn; the finished block kept in host memory, the FP one released."""
+
+    def __init__(self, model: nn.Module, blocks: nn.ModuleList, prefix: str, weights: ShardedWeights,
+                 dtype: torch.dtype) -> None:
+        self.model, self.blocks, self.prefix, self.weights, self.dtype = model, blocks, prefix, weights, dtype
+        self.base = getattr(model, "base_model_prefix", "")
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def take(self, k: int, device: torch.device) -> nn.Module:
+        block = self.blocks[k]
+        for name, t in [*block.named_parameters(), *block.named_buffers()]:
+            if not t.is_meta:
+                continue
+            full = f"{self.prefix}.{k}.{name}"
+            key = self.weights.find(full, self.base)
+            if key is None:
+                raise ZeroQuantError(f"the checkpoint lacks {full} (a damaged or partial checkpoint?)")
+            value = self.weights.read(key)
+            if value.shape != t.shape:
+                raise ZeroQuantError(f"{full}: the checkpoint holds {tuple(value.shape)}, the config says "
+                                     f"{tuple(t.shape)}")
+            _set(block, name, value.to(device, self.dtype if value.is_floating_point() else None))
+        return block.to(device)
+
+    def give(self, k: int, old: nn.Module, new: nn.Module) -> None:
+        self.blocks[k] = new.to("cpu")
+        if new is not old:
+            old.to("meta")  # the FP block's memory goes back at once
+
+
+def _check_complete(model: nn.Module, weights: ShardedWeights, prefix: str, base: str, path) -> None:
+    """Refuse, before any work, a checkpoint that lacks a tensor the model needs or holds one of another shape
+    (from the shards' headers: no tensor is read)."""
+    missing, mismatched, used = [], [], set()
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]:
+        key = weights.find(name, base)
+        used.add(key)
+        if not t.is_meta:
+            continue
+        if key is None:
+            missing.append(name)
+        elif name.startswith(prefix + ".") and weights.shape(key) != tuple(t.shape):
+            mismatched.append(name)
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ZeroQuantError(f"the weights in {path} lack {len(missing)} tensor(s) the model needs: "
+                             f"{', '.join(missing[:5])}{more} (a damaged or partial checkpoint?)")
+    if mismatched:
+        raise ZeroQuantError(f"the weights in {path} have other shapes than its config.json says: "
+                             f"{', '.join(mismatched[:5])}")
+    check_loading_info(path, {"unexpected_keys": sorted(set(weights.files) - used)})
+
+
+def open_lazy(path: str | os.PathLike, device: str = "cpu", allow_generic: bool = False,
+              tokenizer: bool = True) -> tuple[nn.Module, object, LazyBlocks]:
+    """(model, tokenizer or None, LazyBlocks) for a Hugging Face directory of safetensors weights: the model's
+    blocks stay on the meta device until LazyBlocks reads them; everything else is read now, in float16 when
+    `device` is CUDA and float32 otherwise (as load_fp_model)."""
+    from accelerate import init_empty_weights
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    d = Path(path)
+    refuse_quantized_dir(d)
+    config = read_config(d, path, {})
+    arch_for(config.model_type, allow_generic)
+    tok = _load_tokenizer(d, path, {}) if tokenizer else None
+    dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
+    with init_empty_weights():
+        cls = model_class(config)
+        model = (cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)).to(dtype)
+    weights = ShardedWeights(d)
+    blocks = get_blocks(model, allow_generic)
+    prefix = {id(m): n for n, m in model.named_modules()}[id(blocks)]
+    base = getattr(model, "base_model_prefix", "")
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if name.startswith(prefix + ".") or not t.is_meta:
+            continue
+        key = weights.find(name, base)
+        if key is not None:
+            value = weights.read(key)
+            _set(model, name, value.to(dtype) if value.is_floating_point() else value)
+    model.tie_weights()
+    _check_complete(model, weights, prefix, base, path)
+    return model.eval(), tok, LazyBlocks(model, blocks, prefix, weights, dtype)
