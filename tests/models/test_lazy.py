@@ -40,3 +40,49 @@ def test_lazy_refuses_missing_block_tensors_and_copies(shards, tmp_path):
     blocks.weights.files.pop("model.layers.1.mlp.up_proj.weight")  # vanished after opening: found in its turn
     with pytest.raises(zq.ZeroQuantError, match="lacks model.layers.1.mlp.up_proj.weight"):
         zq.quantize(model, "w8a8", inplace=True, blocks=blocks, progress=False)
+
+
+MAKE = """
+import sys, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+cfg = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=40, num_attention_heads=8,
+                  num_key_value_heads=8, vocab_size=2048, max_position_embeddings=512, tie_word_embeddings=False)
+with torch.device("meta"):
+    m = LlamaForCausalLM(cfg)
+m = m.to(torch.float16).to_empty(device="cpu")
+g = torch.Generator().manual_seed(0)
+for p in m.parameters():
+    p.data.copy_(torch.randn(p.shape, generator=g) * 0.02 if p.dim() > 1 else torch.ones(p.shape))
+m.model.rotary_emb.inv_freq = 1.0 / (10000 ** (torch.arange(0, 128, 2).float() / 128))
+m.save_pretrained(sys.argv[1], max_shard_size="200MB")
+"""
+
+QUANTIZE = """
+import json, resource, sys
+from transformers import LlamaForCausalLM  # noqa: F401 - the baseline holds the libraries every run needs
+import zeroquant.api  # noqa: F401
+from zeroquant.tools.cli import main
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+main(["quantize", sys.argv[1], "-o", sys.argv[2], "--preset", "w4/8-a8"])
+print(json.dumps({"base": base, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+
+
+@pytest.mark.slow
+def test_peak_host_memory_is_the_quantized_model_plus_a_block(tmp_path):
+    """A random Llama of about 1 GB in fp16 shards, quantized by the CLI: the FP model never lives in memory whole,
+    so the process's peak resident memory grows by less than 0.6x the shards' size over its libraries'."""
+    import json
+    import subprocess
+    import sys
+
+    src, out = tmp_path / "llama", tmp_path / "q"
+    subprocess.run([sys.executable, "-c", MAKE, str(src)], check=True, capture_output=True)
+    size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+    assert size > 0.9e9 and len(list(src.glob("*.safetensors"))) > 1
+    run = subprocess.run([sys.executable, "-c", QUANTIZE, str(src), str(out)], check=True, capture_output=True,
+                         text=True)
+    rss = json.loads(run.stdout.strip().splitlines()[-1])
+    grown = (rss["peak"] - rss["base"]) * 1024  # ru_maxrss is in KiB on Linux
+    assert grown < 0.6 * size, f"peak RSS grew {grown / 2**20:.0f} MiB for {size / 2**20:.0f} MiB of shards"
+    assert (out / "quantization.json").exists()

@@ -43,7 +43,8 @@ def _open(file: Path):
 
 class ShardedWeights:
     """A model directory's tensors by name, each read from its shard on request (memory-mapped: nothing else
-    of the file is read)."""
+    of the file is read). `close()` unmaps the shards read so far: their pages would otherwise stay in the
+    process's resident memory until the end."""
 
     def __init__(self, path: Path) -> None:
         if (path / INDEX).exists():
@@ -76,6 +77,24 @@ class ShardedWeights:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._file(name).get_slice(name).get_shape())
 
+    def close(self) -> None:
+        self.open.clear()
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap memory freed with an FP block back to the system (glibc keeps freed chunks below its mmap
+    threshold for reuse, so a block-by-block run would otherwise hold every block's worth of memory)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+    except OSError:
+        pass
+
 
 def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:
     owner, _, attr = name.rpartition(".")
@@ -100,6 +119,7 @@ class LazyBlocks:
 
     def take(self, k: int, device: torch.device) -> nn.Module:
         block = self.blocks[k]
+        self.loaded = []
         for name, t in [*block.named_parameters(), *block.named_buffers()]:
             if not t.is_meta:
                 continue
@@ -112,12 +132,21 @@ class LazyBlocks:
                 raise ZeroQuantError(f"{full}: the checkpoint holds {tuple(value.shape)}, the config says "
                                      f"{tuple(t.shape)}")
             _set(block, name, value.to(device, self.dtype if value.is_floating_point() else None))
+            owner, _, attr = name.rpartition(".")
+            self.loaded.append((block.get_submodule(owner) if owner else block, attr))
+        self.weights.close()
         return block.to(device)
 
     def give(self, k: int, old: nn.Module, new: nn.Module) -> None:
+        """Keep the finished block in host memory and release every FP tensor it no longer uses (others, such as
+        the steps' list of targets, may still hold the replaced modules)."""
+        kept = {id(t) for t in [*new.parameters(), *new.buffers()]}
+        for m, attr in self.loaded:
+            t = m._parameters.get(attr, m._buffers.get(attr))
+            if t is not None and id(t) not in kept:
+                _set(m, attr, torch.empty(t.shape, dtype=t.dtype, device="meta"))
         self.blocks[k] = new.to("cpu")
-        if new is not old:
-            old.to("meta")  # the FP block's memory goes back at once
+        _return_freed_memory()
 
 
 def _check_complete(model: nn.Module, weights: ShardedWeights, prefix: str, base: str, path) -> None:
@@ -173,4 +202,5 @@ def open_lazy(path: str | os.PathLike, device: str = "cpu", allow_generic: bool 
             _set(model, name, value.to(dtype) if value.is_floating_point() else value)
     model.tie_weights()
     _check_complete(model, weights, prefix, base, path)
+    weights.close()
     return model.eval(), tok, LazyBlocks(model, blocks, prefix, weights, dtype)
