@@ -8,6 +8,7 @@ import copy
 import torch
 from torch import nn
 
+from zeroquant.algorithms.block_store import BlockStore
 from zeroquant.algorithms.blockwise import BlockSource, BlockStep, ModelBlocks, run_pipeline
 from zeroquant.algorithms.calib import model_device, split_batch, to_batches
 from zeroquant.algorithms.gptq import GPTQ, gptq_starts
@@ -71,16 +72,17 @@ def plan(job: Job, lkd: LKDConfig | None) -> list[BlockStep]:
     return steps
 
 
-def run_steps(job: Job, lkd: LKDConfig | None, source: BlockSource) -> None:
+def run_steps(job: Job, lkd: LKDConfig | None, source: BlockSource, store: BlockStore | None = None) -> None:
     """quantize()'s one pass over the blocks, from `source` (the model's own blocks, or blocks read from
-    shards one at a time)."""
+    shards one at a time), writing finished blocks to `store` when given."""
     steps = plan(job, lkd)
     if job.batches is None:  # data-free: each block quantized where it lives
         device = model_device(job.model) if isinstance(source, ModelBlocks) else torch.device("cpu")
     else:
         device = next((s.device for s in steps if isinstance(s, LKD)), compute_device())
+    rtn = RoundToNearest(job)
     run_pipeline(job.model, source, job.batches, steps, device, f"quantizing ({job.state.config.name})",
-                 job.progress)
+                 job.progress, store, lambda k, block: rtn.block(k, block, None, None))
     for s in steps:
         if hasattr(s, "finish"):
             s.finish()
@@ -100,6 +102,7 @@ def quantize(
     calib_batch_size: int = 8,
     progress: bool = True,
     blocks: BlockSource | None = None,
+    store: BlockStore | None = None,
 ) -> nn.Module:
     """Quantize `model` the ZeroQuant way and return it.
 
@@ -117,6 +120,8 @@ def quantize(
     blocks: where the FP blocks come from when the model holds them only on the meta device: LazyBlocks from
         zeroquant.models.lazy.open_lazy reads each from the checkpoint's shards in its turn, so the FP model is
         never in memory whole (needs inplace=True; the result's blocks are on the CPU).
+    store: a BlockStore (zeroquant.algorithms.block_store) that receives each finished block, so that a run
+        that dies can resume from its last finished block; blocks it already holds are read back, not redone.
     The result carries `model.zeroquant`, a QuantState (config and the data steps' reports).
     """
     if quantized_modules(model):
@@ -141,7 +146,7 @@ def quantize(
     if lkd is not None and len(batches) == 1 and lkd.holdout > 0:  # sequences apart to judge LKD's best iterate on
         batches = split_batch(batches[0])
     job = Job(model, targets, batches, QuantState(cfg, allow_generic), allow_generic, progress)
-    run_steps(job, lkd, blocks or ModelBlocks(get_blocks(model, allow_generic)))
+    run_steps(job, lkd, blocks or ModelBlocks(get_blocks(model, allow_generic)), store)
     if fuse:
         fuse_ops(model)
         use_kernel_attention(model)

@@ -189,11 +189,30 @@ class BlockSource(Protocol):
     def give(self, k: int, old: nn.Module, new: nn.Module) -> None: ...
 
 
+def _swap(swap: BlockStep | None, store, rebuild, k: int, block: nn.Module, inputs: BlockInputs | None,
+          targets: Hidden | None) -> nn.Module:
+    """The swap step's block, or the one a store holds from a run that died after finishing it."""
+    if swap is None:
+        return block
+    if store is not None and k < store.done:
+        new, record = store.load(k, block, rebuild)
+        if hasattr(swap, "restore"):
+            swap.restore(k, record)
+        return new
+    new = swap.block(k, block, inputs, targets)
+    if store is not None:
+        store.save(k, new, swap.record(k) if hasattr(swap, "record") else None)
+    return new
+
+
 def run_pipeline(model: nn.Module, source: BlockSource, batches: list[Batch] | None, steps: list[BlockStep],
-                 device: torch.device, desc: str = "quantizing", progress: bool = True) -> None:
+                 device: torch.device, desc: str = "quantizing", progress: bool = True, store=None,
+                 rebuild: Callable[[int, nn.Module], nn.Module] | None = None) -> None:
     """Every block once, in order, on `device`: the fold steps, then the FP block's outputs on the FP stream
     (the observe steps watching), then the swap step; the quantized stream advances through the block the
-    swap step returned, the FP stream through the FP block.
+    swap step returned, the FP stream through the FP block. With a `store` (block_store.BlockStore) each finished
+    block is written as it finishes, and blocks a dead run finished are read back instead of swapped again
+    (built by `rebuild(k, fp_block)`, then given the saved values).
 
     Two streams of hidden states can flow, each only when a step reads it: the FP model's (each FP block's
     output feeds the next and is the swap step's target) and the quantized model's (each finished block's output
@@ -207,7 +226,7 @@ def run_pipeline(model: nn.Module, source: BlockSource, batches: list[Batch] | N
     if not reads:
         for k in bar:
             block = source.take(k, device)
-            source.give(k, block, swap.block(k, block, None, None) if swap else block)
+            source.give(k, block, _swap(swap, store, rebuild, k, block, None, None))
         return
     carry_fp, carry_quantized = "fp" in reads, "quant" in reads
     captured = capture_block_inputs(model, source.blocks[0], batches)
@@ -230,7 +249,7 @@ def run_pipeline(model: nn.Module, source: BlockSource, batches: list[Batch] | N
                 for s in observe:
                     watching.enter_context(s.watch(k, block))
                 targets = inputs.outputs(block, fp)
-        new = swap.block(k, block, inputs, targets) if swap else block
+        new = _swap(swap, store, rebuild, k, block, inputs, targets)
         if quant is not None:
             quant = inputs.outputs(new, quant)
         fp = targets

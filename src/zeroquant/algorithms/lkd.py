@@ -334,5 +334,13 @@ class LKD:
     def block(self, k: int, block: nn.Module, inputs: BlockInputs, fp_out: Hidden) -> nn.Module:
         return self.step(block, inputs, fp_out)
 
+    def record(self, k: int) -> dict | None:
+        """What a block store keeps of block k: its row of the table."""
+        return next((r for r in self.table if r["block"] == k), None)
+
+    def restore(self, k: int, row: dict | None) -> None:
+        if row is not None:
+            self.table.append(row)
+
     def finish(self) -> None:
         check_finite(self.table)

@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="distillation sequence length (default 2048)")
     q.add_argument("--lkd-freeze-scales", action="store_true", help="learn no clipping: keep the starting scales")
     q.add_argument("--seed", type=_seed, default=0, help="seed of the distillation data and training (default 0)")
+    q.add_argument("--resume", action="store_true", help="continue a run with the same settings that died: the "
+                   "blocks it finished (kept beside -o as .NAME.partial) are read back, not quantized again; the "
+                   "checkpoint is the one an uninterrupted run writes")
     q.add_argument("--format", choices=("zeroquant", "compressed-tensors"), default="zeroquant",
                    help="checkpoint format: zeroquant's own (default), or compressed-tensors for vLLM, SGLang and "
                    "transformers (see `zeroquant export`)")

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from zeroquant.core.errors import PathError, ZeroQuantError
-from zeroquant.models.hf import check_device, load_fp_model
+from zeroquant.models.hf import check_device, load_fp_model, one_line
 
 
 def _default_device(arg: str | None) -> str:
@@ -106,13 +106,9 @@ def cmd_quantize(args) -> None:
             calib = lkd_batches("self", model, tok, args.lkd_samples, 128, seed=args.seed)
         elif cfg.needs_calibration and calib is None:
             raise ZeroQuantError(f"preset {cfg.name!r} uses static activation scales: pass --calib FILE")
-    qmodel = quantize(model, cfg, calib_data=calib, tokenizer=tok, inplace=True, allow_generic=args.generic,
-                      lkd=lkd, blocks=blocks)
-    if lkd is not None:
-        extra["lkd_report.json"] = {"data": args.lkd_data, **lkd_report(lkd, qmodel.zeroquant.lkd)}
-        print(format_table(qmodel.zeroquant.lkd))
     from dataclasses import asdict
 
+    from zeroquant.algorithms.block_store import BlockStore, store_dir
     from zeroquant.formats.provenance import data_record
 
     source = args.lkd_data if args.lkd else (args.calib if calib is not None and args.calib else "self")
@@ -121,8 +117,29 @@ def cmd_quantize(args) -> None:
                         "generic": args.generic, "format": args.format},
             "data": data_record(source, calib), "lkd": None if lkd is None else asdict(lkd), "seed": args.seed,
             "processes": 1}
-    out = save_quantized(qmodel, args.output, tokenizer=tok, extra=extra, format=args.format,
-                         overwrite=args.overwrite, provenance=made)
+    # Finished blocks go to a hidden sibling of the output as they finish; --resume reads them back.
+    run = {**made, "source": str(Path(args.model_dir).resolve()), "device": device}
+    store = BlockStore(store_dir(args.output), run, resume=args.resume)
+    if store.done:
+        print(f"resuming: {store.done} finished block(s) in {store.path}")
+    try:
+        qmodel = quantize(model, cfg, calib_data=calib, tokenizer=tok, inplace=True, allow_generic=args.generic,
+                          lkd=lkd, blocks=blocks, store=store)
+        if lkd is not None:
+            extra["lkd_report.json"] = {"data": args.lkd_data, **lkd_report(lkd, qmodel.zeroquant.lkd)}
+            print(format_table(qmodel.zeroquant.lkd))
+        out = save_quantized(qmodel, args.output, tokenizer=tok, extra=extra, format=args.format,
+                             overwrite=args.overwrite, provenance=made)
+    except (ZeroQuantError, OSError, KeyboardInterrupt) as e:
+        n = store.finished()
+        if not n:
+            raise
+        kept = f"{n} finished block(s) kept in {store.path}: the same command with --resume continues from them"
+        if isinstance(e, KeyboardInterrupt):
+            print(f"zeroquant: {kept}", file=sys.stderr)
+            raise
+        raise (PathError if isinstance(e, OSError) else ZeroQuantError)(f"{one_line(e)} ({kept})") from e
+    store.close()
     print(f"saved {cfg.name} model to {out} ({args.format})")
 
 
