@@ -14,6 +14,7 @@ from zeroquant.algorithms.calib import model_device, split_batch, to_batches
 from zeroquant.algorithms.gptq import GPTQ, gptq_starts
 from zeroquant.algorithms.job import Job, compute_device
 from zeroquant.algorithms.lkd import LKD, LKDConfig, Start, StartFn
+from zeroquant.algorithms.ranks import ONE, Ranks
 from zeroquant.algorithms.rtn import RoundToNearest
 from zeroquant.algorithms.smooth import Smooth
 from zeroquant.algorithms.static_ranges import StaticRanges
@@ -82,7 +83,7 @@ def run_steps(job: Job, lkd: LKDConfig | None, source: BlockSource, store: Block
         device = next((s.device for s in steps if isinstance(s, LKD)), compute_device())
     rtn = RoundToNearest(job)
     run_pipeline(job.model, source, job.batches, steps, device, f"quantizing ({job.state.config.name})",
-                 job.progress, store, lambda k, block: rtn.block(k, block, None, None))
+                 job.progress, store, lambda k, block: rtn.block(k, block, None, None), job.ranks)
     for s in steps:
         if hasattr(s, "finish"):
             s.finish()
@@ -103,6 +104,7 @@ def quantize(
     progress: bool = True,
     blocks: BlockSource | None = None,
     store: BlockStore | None = None,
+    ranks: Ranks = ONE,
 ) -> nn.Module:
     """Quantize `model` the ZeroQuant way and return it.
 
@@ -122,6 +124,8 @@ def quantize(
         never in memory whole (needs inplace=True; the result's blocks are on the CPU).
     store: a BlockStore (zeroquant.algorithms.block_store) that receives each finished block, so that a run
         that dies can resume from its last finished block; blocks it already holds are read back, not redone.
+    ranks: the processes quantizing together under torchrun (zeroquant.algorithms.ranks.init_from_env): each holds
+        a share of the calibration batches; every process gets the one-process result.
     The result carries `model.zeroquant`, a QuantState (config and the data steps' reports).
     """
     if quantized_modules(model):
@@ -145,7 +149,7 @@ def quantize(
     targets = find_targets(model, cfg, allow_generic)  # the copy's modules
     if lkd is not None and len(batches) == 1 and lkd.holdout > 0:  # sequences apart to judge LKD's best iterate on
         batches = split_batch(batches[0])
-    job = Job(model, targets, batches, QuantState(cfg, allow_generic), allow_generic, progress)
+    job = Job(model, targets, batches, QuantState(cfg, allow_generic), allow_generic, progress, ranks=ranks)
     run_steps(job, lkd, blocks or ModelBlocks(get_blocks(model, allow_generic)), store)
     if fuse:
         fuse_ops(model)

@@ -83,3 +83,10 @@ def test_stories260k_lkd_self_recovers_most_of_the_int4_gap(stories):
     print(f"stories260K w4/8-a8 + LKD (self): {recovered:.1%} of the RTN gap")
     assert recovered >= 0.60
     assert all(r["mse_after"] <= r["mse_before"] and r["judged_on"] == "held-apart" for r in q.zeroquant.lkd)
+
+
+def test_stories260k_smooth_no_worse_than_w8a8(stories):
+    model, tok, text, data = stories
+    plain = _ppl(zq.quantize(model, "w8a8", progress=False), tok, text)
+    smooth = _ppl(zq.quantize(model, "w8a8+smooth", calib_data=data, progress=False), tok, text)
+    assert smooth <= plain * 1.001, (smooth, plain)

@@ -23,10 +23,11 @@ RUN = "run.json"
 
 
 class BlockStore:
-    """`resume`: keep the blocks a run of the same `run` (a JSON-able description) left; otherwise start empty."""
+    """`resume`: keep the blocks a run of the same `run` (a JSON-able description) left; otherwise start empty.
+    Of several processes one writes (`writer`); the others only read what it wrote."""
 
-    def __init__(self, path: str | os.PathLike, run: dict, resume: bool = False) -> None:
-        self.path, self.run = Path(path), json.loads(json.dumps(run))
+    def __init__(self, path: str | os.PathLike, run: dict, resume: bool = False, writer: bool = True) -> None:
+        self.path, self.run, self.writer = Path(path), json.loads(json.dumps(run)), writer
         if resume and self.path.exists():
             try:
                 before = json.loads((self.path / RUN).read_text())
@@ -35,7 +36,7 @@ class BlockStore:
             if before != self.run:
                 raise ZeroQuantError(f"--resume: {self.path} holds a run with other settings (or none); run "
                                      "without --resume to start over")
-        else:
+        elif writer:
             shutil.rmtree(self.path, ignore_errors=True)  # made on the first finished block
         self.done = 0
         while (self.path / self._name(self.done)).exists():
@@ -47,6 +48,8 @@ class BlockStore:
 
     def save(self, k: int, block: nn.Module, record: dict | None) -> None:
         """Write finished block k (atomically: a file that exists is complete)."""
+        if not self.writer:
+            return
         if not self.path.exists():
             self.path.mkdir(parents=True)
             (self.path / RUN).write_text(json.dumps(self.run, indent=1, sort_keys=True))
@@ -75,7 +78,8 @@ class BlockStore:
 
     def close(self) -> None:
         """The run finished and its checkpoint is written: the store is no longer needed."""
-        shutil.rmtree(self.path, ignore_errors=True)
+        if self.writer:
+            shutil.rmtree(self.path, ignore_errors=True)
 
 
 def store_dir(output: str | os.PathLike) -> Path:

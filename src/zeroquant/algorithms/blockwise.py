@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from zeroquant.algorithms.calib import Batch, model_device, move
+from zeroquant.algorithms.ranks import ONE, Ranks
 from zeroquant.core.errors import ZeroQuantError
 from zeroquant.models.hf import CACHE_KWARGS
 
@@ -134,6 +135,15 @@ class BlockInputs:
     fp: Hidden | None
     quant: Hidden | None
     masks: list[torch.Tensor | None]
+    ids: list[int] | None = None  # the global index of each batch held here (several processes: a share)
+    total: int | None = None  # how many batches all processes hold together
+    ranks: Ranks = ONE
+
+    def __post_init__(self) -> None:
+        if self.ids is None:
+            self.ids = list(range(len(self.ctx)))
+        if self.total is None:
+            self.total = len(self.ctx)
 
     def outputs(self, block: nn.Module, hidden: Hidden) -> Hidden:
         """`block`'s output for every batch of `hidden` (no autograd)."""
@@ -154,7 +164,7 @@ class BlockStep(Protocol):
 
     def block(self, k: int, block: nn.Module, inputs: BlockInputs | None, fp_out: Hidden | None) -> nn.Module: ...
 
-    def watch(self, k: int, block: nn.Module) -> AbstractContextManager: ...
+    def watch(self, k: int, block: nn.Module, ranks: Ranks) -> AbstractContextManager: ...
 
 
 class ModelBlocks:
@@ -207,7 +217,7 @@ def _swap(swap: BlockStep | None, store, rebuild, k: int, block: nn.Module, inpu
 
 def run_pipeline(model: nn.Module, source: BlockSource, batches: list[Batch] | None, steps: list[BlockStep],
                  device: torch.device, desc: str = "quantizing", progress: bool = True, store=None,
-                 rebuild: Callable[[int, nn.Module], nn.Module] | None = None) -> None:
+                 rebuild: Callable[[int, nn.Module], nn.Module] | None = None, ranks: Ranks = ONE) -> None:
     """Every block once, in order, on `device`: the fold steps, then the FP block's outputs on the FP stream
     (the observe steps watching), then the swap step; the quantized stream advances through the block the
     swap step returned, the FP stream through the FP block. With a `store` (block_store.BlockStore) each finished
@@ -217,7 +227,8 @@ def run_pipeline(model: nn.Module, source: BlockSource, batches: list[Batch] | N
     Two streams of hidden states can flow, each only when a step reads it: the FP model's (each FP block's
     output feeds the next and is the swap step's target) and the quantized model's (each finished block's output
     feeds the next, so a later block sees, and can correct, the error built up before it). Steps that read no
-    stream need no data: each block is swapped where it stands."""
+    stream need no data: each block is swapped where it stands. With several processes (`ranks`) each holds a
+    share of the batches and their hidden states; the steps reduce what they measure across processes."""
     fold = [s for s in steps if s.phase == "fold"]
     observe = [s for s in steps if s.phase == "observe"]
     swap = next((s for s in steps if s.phase == "swap"), None)
@@ -229,6 +240,8 @@ def run_pipeline(model: nn.Module, source: BlockSource, batches: list[Batch] | N
             source.give(k, block, _swap(swap, store, rebuild, k, block, None, None))
         return
     carry_fp, carry_quantized = "fp" in reads, "quant" in reads
+    ids = ranks.mine(len(batches))
+    batches, total = [batches[i] for i in ids], len(batches)
     captured = capture_block_inputs(model, source.blocks[0], batches)
     ctx = [(to_device(a, device), to_device(k, device)) for a, k in captured]
     first = [a[0] for a, _ in captured]
@@ -240,14 +253,14 @@ def run_pipeline(model: nn.Module, source: BlockSource, batches: list[Batch] | N
     del first
     for k in bar:
         block = source.take(k, device)
-        inputs = BlockInputs(k, ctx, fp, quant, masks)
+        inputs = BlockInputs(k, ctx, fp, quant, masks, ids, total, ranks)
         for s in fold:
             s.block(k, block, inputs, None)
         targets = None
         if fp is not None:
             with ExitStack() as watching:
                 for s in observe:
-                    watching.enter_context(s.watch(k, block))
+                    watching.enter_context(s.watch(k, block, ranks))
                 targets = inputs.outputs(block, fp)
         new = _swap(swap, store, rebuild, k, block, inputs, targets)
         if quant is not None:

@@ -19,6 +19,7 @@ from torch import nn
 
 from zeroquant.algorithms.blockwise import call_block
 from zeroquant.algorithms.job import Job
+from zeroquant.algorithms.ranks import Ranks
 from zeroquant.core import quant as Q
 from zeroquant.core.config import WeightQuant
 from zeroquant.models.adapters import linear_weight
@@ -29,7 +30,9 @@ BLOCK = 128  # columns per lazy update
 
 
 class InputHessians:
-    """Accumulates H = 2 X^T X / n of each named module's input through forward pre-hooks, in float32.
+    """Accumulates H = 2 X^T X / n of each named module's input through forward pre-hooks. The sums are float64:
+    several processes add their shares in another order than one process adds the batches, and in float64 that
+    difference does not survive the cast to the float32 Hessian GPTQ rounds with.
 
     with InputHessians(modules) as hs: run the model (calling hs.only(mask) before each batch that has padding);
     then hs.hessians[name] is [K, K]."""
@@ -49,7 +52,7 @@ class InputHessians:
     def _hook(self, name: str):
         def fn(_m, args):
             x = args[0].detach()
-            x = x.reshape(-1, x.shape[-1]).float()
+            x = x.reshape(-1, x.shape[-1]).double()
             if self.keep is not None and self.keep.numel() == x.shape[0]:
                 x = x[self.keep.to(x.device)]
             prev = self.sums.get(name)
@@ -66,9 +69,15 @@ class InputHessians:
         for h in self.handles:
             h.remove()
 
+    def reduce(self, ranks: Ranks) -> None:
+        """Add up every process's sums and token counts."""
+        for n in self.sums:
+            ranks.reduce(self.sums[n], "sum")
+            self.rows[n] = int(ranks.reduce(torch.tensor([self.rows[n]], device=self.sums[n].device), "sum"))
+
     @property
     def hessians(self) -> dict[str, torch.Tensor]:
-        return {n: 2 * s / self.rows[n] for n, s in self.sums.items()}
+        return {n: (2 * s / self.rows[n]).float() for n, s in self.sums.items()}
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
@@ -157,6 +166,7 @@ def gptq_starts(targets: list, block: nn.Module, inputs, stream) -> dict:
         for i, mask in enumerate(inputs.masks):
             hs.only(mask)
             call_block(block, stream.get(i), *inputs.ctx[i])
+    hs.reduce(inputs.ranks)
     return {n: gptq_round(linear_weight(m), hs.hessians[n], rules[n].weight) for n, m in mods.items()}
 
 

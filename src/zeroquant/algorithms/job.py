@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from zeroquant.algorithms.calib import Batch
+from zeroquant.algorithms.ranks import ONE, Ranks
 from zeroquant.algorithms.targets import Target, by_block
 from zeroquant.core.state import QuantState
 
@@ -26,6 +27,7 @@ class Job:
     allow_generic: bool = False
     progress: bool = True
     ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    ranks: Ranks = ONE  # the processes quantizing together (each holds a share of the batches)
 
     def by_block(self) -> dict[int, list[Target]]:
         return by_block(self.targets)

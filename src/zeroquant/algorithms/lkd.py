@@ -193,22 +193,35 @@ class _Student:
         self.amp = torch.autocast("cuda", torch.bfloat16) if cfg.amp and device.type == "cuda" else nullcontext()
         self.gen = torch.Generator(device).manual_seed(cfg.seed * 7919 + inputs.index)
         self.stream = inputs.fp if cfg.inputs == "fp" else inputs.quant
+        self.ranks = inputs.ranks
+        self.here = {g: j for j, g in enumerate(inputs.ids)}  # global batch index -> position in this process
+        if self.ranks.world > 1 and cfg.inputs == "mixed":
+            raise ZeroQuantError("LKD inputs='mixed' runs in one process only (its random mask follows one stream)")
 
-    def input(self, i: int, train: bool) -> torch.Tensor:
-        x = self.stream.get(i).float()
+    def holder(self, i: int) -> int:
+        """The process that holds global batch i (Ranks.mine's round robin)."""
+        return i % self.ranks.world
+
+    def input(self, j: int, train: bool) -> torch.Tensor:
+        x = self.stream.get(j).float()
         if train and self.cfg.inputs == "mixed":
             keep_fp = torch.rand(x.shape, device=x.device, generator=self.gen) < self.cfg.mix
-            x = torch.where(keep_fp, self.inputs.fp.get(i).float(), x)
+            x = torch.where(keep_fp, self.inputs.fp.get(j).float(), x)
         return x
 
     def loss(self, i: int, train: bool) -> torch.Tensor:
+        """The loss on global batch i (held by this process)."""
+        j = self.here[i]
         with self.amp:
-            out = call_block(self.block, self.input(i, train), *self.ctx[i])
-        return F.mse_loss(out.float(), self.targets.get(i).float())
+            out = call_block(self.block, self.input(j, train), *self.ctx[j])
+        return F.mse_loss(out.float(), self.targets.get(j).float())
 
     @torch.no_grad()
     def judge(self, batches: list[int]) -> float:
-        return sum(self.loss(i, False).item() for i in batches) / len(batches)
+        """Mean loss over the global batches `batches`, each computed by its holder and added in their order."""
+        mine = {i: self.loss(i, False).item() for i in batches if i in self.here}
+        losses = {i: v for part in self.ranks.gather(mine) for i, v in part.items()}
+        return sum(losses[i] for i in batches) / len(batches)
 
     def snapshot(self) -> dict:
         return {name: {n: t.detach().clone() for n, t in m.named_parameters()} for name, m in self.fq.items()}
@@ -223,7 +236,7 @@ class _Student:
 def _train(student: _Student, cfg: LKDConfig, desc: str, progress: bool) -> dict:
     """Sign steps on offsets and clipping, Adam on master weights, both decayed linearly to zero; returns the
     block's report row. The best iterate on the held-apart batches is restored at the end."""
-    train_idx, held = _split(len(student.inputs.ctx), cfg.holdout)
+    train_idx, held = _split(student.inputs.total, cfg.holdout)
     sign = [p for m in student.fq.values() for p in m.sign_params()]
     adam_params = [p for m in student.fq.values() for p in m.adam_params()]
     adam = torch.optim.Adam(adam_params, lr=cfg.weight_lr) if adam_params else None
@@ -236,11 +249,13 @@ def _train(student: _Student, cfg: LKDConfig, desc: str, progress: bool) -> dict
         if not perm:
             perm = [train_idx[j] for j in torch.randperm(len(train_idx), generator=order).tolist()]
         decay = 1 - step / cfg.steps
-        with torch.enable_grad():  # callers may hold no_grad; training needs autograd
-            loss = student.loss(perm.pop(), True)
-            for p in sign + adam_params:
-                p.grad = None
-            loss.backward()
+        i = perm.pop()
+        for p in sign + adam_params:
+            p.grad = None
+        if i in student.here:
+            with torch.enable_grad():  # callers may hold no_grad; training needs autograd
+                student.loss(i, True).backward()
+        student.ranks.share_grads(sign + adam_params, student.holder(i))
         with torch.no_grad():
             for p in sign:
                 if p.grad is not None:  # None: the block never called this linear

@@ -128,6 +128,7 @@ class _Inputs:
         self.sample: dict[str, list[torch.Tensor]] = {p.source: [] for p in pairs}
         self.mask: torch.Tensor | None = None
         self.held_apart = False
+        self.batch = 0  # the global index of the batch running now
         self.handles = [block.get_submodule(p.consumers[0]).register_forward_pre_hook(self._hook(p.source))
                         for p in pairs]
 
@@ -137,7 +138,7 @@ class _Inputs:
             if self.mask is not None:
                 x = x[self.mask.reshape(-1).to(x.device)]
             if self.held_apart:
-                self.sample[key].append(x)
+                self.sample[key].append((self.batch, x))
             else:
                 m = x.abs().amax(0)
                 self.amax[key] = m if key not in self.amax else torch.maximum(self.amax[key], m)
@@ -170,17 +171,23 @@ class Smooth:
         if not self.pairs[i]:
             return block
         seen = _Inputs(block, self.pairs[i])
-        for j, mask in enumerate(inputs.masks):
-            seen.mask = mask
-            for held_apart in ((False, True) if self.batches == 1 else (j >= self.n_stat,)):
+        for j, (g, mask) in enumerate(zip(inputs.ids, inputs.masks, strict=True)):
+            seen.mask, seen.batch = mask, g
+            for held_apart in ((False, True) if self.batches == 1 else (g >= self.n_stat,)):
                 seen.held_apart = held_apart
                 call_block(block, inputs.fp.get(j), *inputs.ctx[j])
         seen.close()
+        ranks = inputs.ranks
         for p in self.pairs[i]:
-            x = torch.cat(seen.sample[p.source])
+            width = linear_weight(block.get_submodule(p.consumers[0])).shape[1]
+            device = linear_weight(block.get_submodule(p.consumers[0])).device
+            amax = ranks.reduce(seen.amax.get(p.source, torch.zeros(width, device=device)), "max")
+            # every process's held-apart tokens, in the batches' order, as one process would have them
+            rows = sorted((r for part in ranks.gather([(g, t.cpu()) for g, t in seen.sample[p.source]])
+                           for r in part), key=lambda r: r[0])
+            x = torch.cat([t for _, t in rows]).to(device)
             x = x[torch.randperm(x.shape[0], generator=self.g)[:SAMPLE_TOKENS].to(x.device)]
             weights = [linear_weight(block.get_submodule(c)).detach().float() for c in p.consumers]
-            amax = seen.amax[p.source]
             wmax = weight_max(weights)
             a = choose_alpha(x, amax, wmax, weights, p.rules, self.alpha)
             if a is not None:

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from zeroquant.algorithms.ranks import ONE, Ranks
 from zeroquant.algorithms.targets import Target, by_block
 
 
@@ -33,11 +34,16 @@ class StaticRanges:
         return fn
 
     @contextmanager
-    def watch(self, k: int, block: nn.Module) -> Iterator[None]:
-        handles = [block.get_submodule(t.local).register_forward_pre_hook(self._hook(t.name))
-                   for t in self.by_block.get(k, [])]
+    def watch(self, k: int, block: nn.Module, ranks: Ranks = ONE) -> Iterator[None]:
+        """Hooks on block k's static-rule targets while the block runs; then the ranges are reduced over the
+        processes (min and max are exact in any order)."""
+        targets = self.by_block.get(k, [])
+        handles = [block.get_submodule(t.local).register_forward_pre_hook(self._hook(t.name)) for t in targets]
         try:
             yield
         finally:
             for h in handles:
                 h.remove()
+        for t in targets:
+            lo, hi = self.ranges[t.name]
+            self.ranges[t.name] = (ranks.reduce(lo.clone(), "min"), ranks.reduce(hi.clone(), "max"))

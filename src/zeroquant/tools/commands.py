@@ -58,11 +58,14 @@ def _calib_data(path: str | None, texts: list[str] | None, n: int, model, tok):
 
 def cmd_quantize(args) -> None:
     from zeroquant.algorithms.lkd_data import lkd_batches
+    from zeroquant.algorithms.ranks import init_from_env
     from zeroquant.api import quantize
     from zeroquant.core.config import resolve_config, with_group_size, with_rounding, with_smoothing
     from zeroquant.formats.checkpoint import check_output_dir, save_quantized
     from zeroquant.models.lazy import has_safetensors, open_lazy
 
+    ranks = init_from_env()  # several processes under torchrun: each quantizes with a share of the batches
+    lead = ranks.rank == 0  # prints and writes
     cfg = resolve_config(args.preset)
     if args.group_size is not None:
         cfg = with_group_size(cfg, args.group_size)
@@ -116,20 +119,26 @@ def cmd_quantize(args) -> None:
             "options": {"group_size": args.group_size, "gptq": args.gptq, "smooth": args.smooth,
                         "generic": args.generic, "format": args.format},
             "data": data_record(source, calib), "lkd": None if lkd is None else asdict(lkd), "seed": args.seed,
-            "processes": 1}
+            "processes": ranks.world}
     # Finished blocks go to a hidden sibling of the output as they finish; --resume reads them back.
     run = {**made, "source": str(Path(args.model_dir).resolve()), "device": device}
-    store = BlockStore(store_dir(args.output), run, resume=args.resume)
-    if store.done:
+    store = BlockStore(store_dir(args.output), run, resume=args.resume) if lead else None
+    ranks.barrier()  # the others read the store once the writer has set it up
+    store = store or BlockStore(store_dir(args.output), run, resume=args.resume, writer=False)
+    if store.done and lead:
         print(f"resuming: {store.done} finished block(s) in {store.path}")
     try:
         qmodel = quantize(model, cfg, calib_data=calib, tokenizer=tok, inplace=True, allow_generic=args.generic,
-                          lkd=lkd, blocks=blocks, store=store)
+                          lkd=lkd, blocks=blocks, store=store, ranks=ranks, progress=lead)
+        if not lead:
+            ranks.barrier()  # until the writer has saved
+            return
         if lkd is not None:
             extra["lkd_report.json"] = {"data": args.lkd_data, **lkd_report(lkd, qmodel.zeroquant.lkd)}
             print(format_table(qmodel.zeroquant.lkd))
         out = save_quantized(qmodel, args.output, tokenizer=tok, extra=extra, format=args.format,
                              overwrite=args.overwrite, provenance=made)
+        ranks.barrier()
     except (ZeroQuantError, OSError, KeyboardInterrupt) as e:
         n = store.finished()
         if not n:
