@@ -162,14 +162,8 @@ def _check_complete(model: nn.Module, weights: ShardedWeights, prefix: str, base
             missing.append(name)
         elif name.startswith(prefix + ".") and weights.shape(key) != tuple(t.shape):
             mismatched.append(name)
-    if missing:
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise ZeroQuantError(f"the weights in {path} lack {len(missing)} tensor(s) the model needs: "
-                             f"{', '.join(missing[:5])}{more} (a damaged or partial checkpoint?)")
-    if mismatched:
-        raise ZeroQuantError(f"the weights in {path} have other shapes than its config.json says: "
-                             f"{', '.join(mismatched[:5])}")
-    check_loading_info(path, {"unexpected_keys": sorted(set(weights.files) - used)})
+    check_loading_info(path, {"missing_keys": missing, "mismatched_keys": mismatched,
+                              "unexpected_keys": sorted(set(weights.files) - used)})
 
 
 def open_lazy(path: str | os.PathLike, device: str = "cpu", allow_generic: bool = False,
