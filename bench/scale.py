@@ -34,7 +34,8 @@ SHAPES = {
     "tiny": dict(hidden_size=128, intermediate_size=352, num_attention_heads=4, num_key_value_heads=4,
                  vocab_size=1024, num_hidden_layers=4),
 }
-ROWS = {"gptq": ["--preset", "w4/8-a8+gptq"], "gptq+lkd": ["--preset", "w4/8-a8+gptq", "--lkd"]}
+ROWS = {"rtn": ["--preset", "w4/8-a8"], "gptq": ["--preset", "w4/8-a8+gptq"],
+        "gptq+lkd": ["--preset", "w4/8-a8+gptq", "--lkd"]}
 
 MAKE = """
 import json, sys, torch
@@ -79,7 +80,7 @@ def make_model(shape: dict, path: Path, tokenizer_from: Path) -> int:
 
 def quantize(src: Path, out: Path, row: list[str], text: str, nproc: int, extra: list[str]) -> dict:
     args = ["quantize", str(src), *row, "-o", str(out), "--overwrite", *extra]
-    args += ["--lkd-data", text] if "--lkd" in row else ["--calib", text]
+    args += ["--lkd-data", text] if "--lkd" in row else ["--calib", text] if "+gptq" in row[1] else []
     cmd = [sys.executable, "-c", RUN, *args]
     if nproc > 1:
         script = out.parent / "run_cli.py"
