@@ -198,10 +198,6 @@ class _Student:
         if self.ranks.world > 1 and cfg.inputs == "mixed":
             raise ZeroQuantError("LKD inputs='mixed' runs in one process only (its random mask follows one stream)")
 
-    def holder(self, i: int) -> int:
-        """The process that holds global batch i (Ranks.mine's round robin)."""
-        return i % self.ranks.world
-
     def input(self, j: int, train: bool) -> torch.Tensor:
         x = self.stream.get(j).float()
         if train and self.cfg.inputs == "mixed":
@@ -255,7 +251,7 @@ def _train(student: _Student, cfg: LKDConfig, desc: str, progress: bool) -> dict
         if i in student.here:
             with torch.enable_grad():  # callers may hold no_grad; training needs autograd
                 student.loss(i, True).backward()
-        student.ranks.share_grads(sign + adam_params, student.holder(i))
+        student.ranks.share_grads(sign + adam_params, student.ranks.holder(i))
         with torch.no_grad():
             for p in sign:
                 if p.grad is not None:  # None: the block never called this linear

@@ -20,11 +20,15 @@ class Ranks:
     rank: int = 0
     world: int = 1
 
+    def holder(self, i: int) -> int:
+        """The process that holds global batch i (round robin)."""
+        return i % self.world
+
     def mine(self, n: int) -> list[int]:
-        """The global indices of the batches this process holds (round robin)."""
+        """The global indices of the batches this process holds."""
         if n < self.world:
             raise ZeroQuantError(f"{n} calibration batch(es) for {self.world} processes: give each at least one")
-        return list(range(self.rank, n, self.world))
+        return [i for i in range(n) if self.holder(i) == self.rank]
 
     def reduce(self, t: torch.Tensor, op: str) -> torch.Tensor:
         """`t` summed ("sum"), or its element-wise "max" / "min", over the processes, in place."""

@@ -22,7 +22,7 @@ from zeroquant.algorithms.calib import Batch
 from zeroquant.algorithms.job import compute_device
 from zeroquant.core import quant as Q
 from zeroquant.core.config import LinearRule
-from zeroquant.models.adapters import get_arch, get_blocks, is_linear, linear_weight, smoothing_pairs
+from zeroquant.models.adapters import blocks_name, get_arch, get_blocks, is_linear, linear_weight, smoothing_pairs
 
 ALPHAS = tuple(round(0.05 * i, 2) for i in range(1, 20))
 SAMPLE_TOKENS = 1024  # held-apart tokens per pair for the alpha search
@@ -42,7 +42,7 @@ def block_pairs(model: nn.Module, rules: dict[str, LinearRule], allow_generic: b
     of each quantized linear, by full name)."""
     arch = get_arch(model, allow_generic)
     blocks = get_blocks(model, allow_generic)
-    prefix = {id(m): n for n, m in model.named_modules()}[id(blocks)]
+    prefix = blocks_name(model, blocks)
     out = []
     for i in range(len(blocks)):
         pairs = []
@@ -179,13 +179,13 @@ class Smooth:
         seen.close()
         ranks = inputs.ranks
         for p in self.pairs[i]:
-            width = linear_weight(block.get_submodule(p.consumers[0])).shape[1]
-            device = linear_weight(block.get_submodule(p.consumers[0])).device
-            amax = ranks.reduce(seen.amax.get(p.source, torch.zeros(width, device=device)), "max")
-            # every process's held-apart tokens, in the batches' order, as one process would have them
-            rows = sorted((r for part in ranks.gather([(g, t.cpu()) for g, t in seen.sample[p.source]])
-                           for r in part), key=lambda r: r[0])
-            x = torch.cat([t for _, t in rows]).to(device)
+            w0 = linear_weight(block.get_submodule(p.consumers[0]))
+            amax = ranks.reduce(seen.amax.get(p.source, torch.zeros(w0.shape[1], device=w0.device)), "max")
+            # every process's held-apart tokens, in the batches' order, as one process would have them (through
+            # the host only when there are other processes to send them to)
+            mine = [(g, t if ranks.world == 1 else t.cpu()) for g, t in seen.sample[p.source]]
+            rows = sorted((r for part in ranks.gather(mine) for r in part), key=lambda r: r[0])
+            x = torch.cat([t for _, t in rows]).to(w0.device)
             x = x[torch.randperm(x.shape[0], generator=self.g)[:SAMPLE_TOKENS].to(x.device)]
             weights = [linear_weight(block.get_submodule(c)).detach().float() for c in p.consumers]
             wmax = weight_max(weights)

@@ -9,7 +9,7 @@ from torch import nn
 
 from zeroquant.core.config import LinearRule, QuantConfig
 from zeroquant.core.errors import ZeroQuantError
-from zeroquant.models.adapters import block_linears, get_arch, get_blocks, linear_weight
+from zeroquant.models.adapters import block_linears, blocks_name, get_arch, get_blocks, linear_weight
 
 
 @dataclass
@@ -28,7 +28,7 @@ def block_linears_of(model: nn.Module, allow_generic: bool = False) -> Iterator[
     """(full name, block index, name in the block, kind, module) of every quantizable linear of the blocks."""
     arch = get_arch(model, allow_generic)
     blocks = get_blocks(model, allow_generic)
-    prefix = {id(m): n for n, m in model.named_modules()}[id(blocks)]
+    prefix = blocks_name(model, blocks)
     for i, block in enumerate(blocks):
         for local, kind, module in block_linears(block, arch):
             yield f"{prefix}.{i}.{local}", i, local, kind, module

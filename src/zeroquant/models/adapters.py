@@ -207,6 +207,11 @@ def get_blocks(model: nn.Module, allow_generic: bool = False) -> nn.ModuleList:
     return base_model(model).get_submodule(arch.blocks)
 
 
+def blocks_name(model: nn.Module, blocks: nn.ModuleList) -> str:
+    """The dotted name of `blocks` (get_blocks' list) in `model`: the prefix of every block parameter's name."""
+    return {id(m): n for n, m in model.named_modules()}[id(blocks)]
+
+
 def block_linears(block: nn.Module, arch: Arch | None) -> Iterator[tuple[str, str, nn.Module]]:
     """(name relative to block, kind, module) for each quantizable linear of a block.
 

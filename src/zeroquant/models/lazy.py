@@ -13,7 +13,7 @@ from safetensors import safe_open
 from torch import nn
 
 from zeroquant.core.errors import ZeroQuantError
-from zeroquant.models.adapters import arch_for, get_blocks
+from zeroquant.models.adapters import arch_for, blocks_name, get_blocks
 from zeroquant.models.hf import (
     _load_tokenizer,
     check_loading_info,
@@ -96,23 +96,24 @@ def _return_freed_memory() -> None:
         pass
 
 
-def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:
+def _set(module: nn.Module, name: str, value: torch.Tensor) -> tuple[nn.Module, str]:
+    """Put `value` in place of the parameter or buffer `name` of `module`; returns (its owner, its attribute)."""
     owner, _, attr = name.rpartition(".")
     m = module.get_submodule(owner) if owner else module
     if attr in m._parameters:
         m._parameters[attr] = nn.Parameter(value, requires_grad=False)
     else:
         m._buffers[attr] = value
+    return m, attr
 
 
 class LazyBlocks:
     """The block runner's source for a lazily loaded model: block k's weights read from the shards onto the
     compute device for its turn; the finished block kept in host memory, the FP one released."""
 
-    def __init__(self, model: nn.Module, blocks: nn.ModuleList, prefix: str, weights: ShardedWeights,
+    def __init__(self, blocks: nn.ModuleList, prefix: str, base: str, weights: ShardedWeights,
                  dtype: torch.dtype) -> None:
-        self.model, self.blocks, self.prefix, self.weights, self.dtype = model, blocks, prefix, weights, dtype
-        self.base = getattr(model, "base_model_prefix", "")
+        self.blocks, self.prefix, self.base, self.weights, self.dtype = blocks, prefix, base, weights, dtype
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -131,9 +132,7 @@ class LazyBlocks:
             if value.shape != t.shape:
                 raise ZeroQuantError(f"{full}: the checkpoint holds {tuple(value.shape)}, the config says "
                                      f"{tuple(t.shape)}")
-            _set(block, name, value.to(device, self.dtype if value.is_floating_point() else None))
-            owner, _, attr = name.rpartition(".")
-            self.loaded.append((block.get_submodule(owner) if owner else block, attr))
+            self.loaded.append(_set(block, name, value.to(device, self.dtype if value.is_floating_point() else None)))
         self.weights.close()
         return block.to(device)
 
@@ -185,7 +184,7 @@ def open_lazy(path: str | os.PathLike, device: str = "cpu", allow_generic: bool 
         model = (cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)).to(dtype)
     weights = ShardedWeights(d)
     blocks = get_blocks(model, allow_generic)
-    prefix = {id(m): n for n, m in model.named_modules()}[id(blocks)]
+    prefix = blocks_name(model, blocks)
     base = getattr(model, "base_model_prefix", "")
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if name.startswith(prefix + ".") or not t.is_meta:
@@ -197,4 +196,4 @@ def open_lazy(path: str | os.PathLike, device: str = "cpu", allow_generic: bool 
     model.tie_weights()
     _check_complete(model, weights, prefix, base, path)
     weights.close()
-    return model.eval(), tok, LazyBlocks(model, blocks, prefix, weights, dtype)
+    return model.eval(), tok, LazyBlocks(blocks, prefix, base, weights, dtype)
