@@ -43,10 +43,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 cfg = LlamaConfig(**json.loads(sys.argv[2]), max_position_embeddings=4096, tie_word_embeddings=False)
 with torch.device("meta"):
     m = LlamaForCausalLM(cfg)
-m = m.to(torch.float16).to_empty(device="cpu")
-g = torch.Generator().manual_seed(0)
-for p in m.parameters():  # block by block keeps the float32 draw small
-    p.data.copy_(torch.randn(p.shape, generator=g) * 0.02 if p.dim() > 1 else torch.ones(p.shape))
+dev = "cuda" if torch.cuda.is_available() and sys.argv[3] == "gpu" else "cpu"  # a GPU draws 7B numbers in seconds
+m = m.to(torch.float16).to_empty(device=dev)
+g = torch.Generator(dev).manual_seed(0)
+for p in m.parameters():  # tensor by tensor keeps the float32 draw small
+    p.data.copy_(torch.randn(p.shape, generator=g, device=dev) * 0.02 if p.dim() > 1 else torch.ones(p.shape))
 head = cfg.hidden_size // cfg.num_attention_heads
 m.model.rotary_emb.inv_freq = 1.0 / (10000 ** (torch.arange(0, head, 2).float() / head))
 m.save_pretrained(sys.argv[1], max_shard_size="2GB")
@@ -69,10 +70,11 @@ with open(os.environ["SCALE_RESULT"] + "." + os.environ.get("RANK", "0"), "w") a
 """
 
 
-def make_model(shape: dict, path: Path, tokenizer_from: Path) -> int:
+def make_model(shape: dict, path: Path, tokenizer_from: Path, on_gpu: bool) -> int:
     if not (path / "model.safetensors.index.json").exists() and not (path / "model.safetensors").exists():
         path.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-c", MAKE, str(path), json.dumps(shape)], check=True)
+        where = "gpu" if on_gpu else "cpu"
+        subprocess.run([sys.executable, "-c", MAKE, str(path), json.dumps(shape), where], check=True)
         for f in tokenizer_from.glob("tokenizer*"):
             shutil.copy(f, path)
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
@@ -130,6 +132,8 @@ def main() -> None:
     p.add_argument("--rows", default="gptq,gptq+lkd")
     p.add_argument("--nproc", default="1", help="comma-separated process counts (torchrun above 1)")
     p.add_argument("--extra", default="", help="more CLI options, space-separated (e.g. --calib-samples 32)")
+    p.add_argument("--lkd-steps", type=int, help="LKD rows only: steps a block (memory does not depend on it; "
+                   "time per block grows about linearly with it)")
     p.add_argument("--no-compare", action="store_true", help="skip the in-memory logits check (needs the FP model)")
     p.add_argument("--stories", default="../shared/assets/stories260K", help="a directory with a tokenizer")
     p.add_argument("--out", required=True)
@@ -139,7 +143,7 @@ def main() -> None:
     shape = {**SHAPES[args.shape], **({"num_hidden_layers": args.layers} if args.layers else {})}
     work = Path(args.work)
     src = work / f"{args.shape}-{shape['num_hidden_layers']}"
-    size = make_model(shape, src, Path(args.stories))
+    size = make_model(shape, src, Path(args.stories), torch.cuda.is_available())
     device = "cuda" if torch.cuda.is_available() else "cpu"
     meta = {"shape": args.shape, "config": shape, "fp16_shards_gib": size / 2**30, "text": args.text,
             "extra": args.extra, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
@@ -149,11 +153,13 @@ def main() -> None:
     for name in args.rows.split(","):
         for n in map(int, args.nproc.split(",")):
             q = work / f"q-{name}-{n}"
-            r = {"row": name, "processes": n, **quantize(src, q, ROWS[name], args.text, n, args.extra.split())}
+            steps = ["--lkd-steps", str(args.lkd_steps)] if args.lkd_steps and "lkd" in name else []
+            extra = args.extra.split() + steps
+            r = {"row": name, "processes": n, "options": " ".join(ROWS[name] + extra),
+                 **quantize(src, q, ROWS[name], args.text, n, extra)}
             if "error" not in r:
                 r["minutes_per_block"] = r["quantize_minutes"] / shape["num_hidden_layers"]
                 if not args.no_compare and n == 1:
-                    extra = args.extra.split()
                     r["max_logit_diff_vs_in_memory"] = compare(src, q, ROWS[name], args.text, device, extra)
             rows.append(r)
             print(json.dumps(r), flush=True)
