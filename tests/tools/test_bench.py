@@ -8,7 +8,7 @@ from tiny_models import tiny_input, tiny_model
 
 import zeroquant as zq
 from zeroquant.core.config import resolve_config
-from zeroquant.tools import benchmark
+from zeroquant.tools import benchmark, runtime
 from zeroquant.tools.cli import main
 from zeroquant.tools.runtime import GreedyDecoder
 
@@ -54,6 +54,31 @@ def test_compiled_decoder_matches_generate(preset, monkeypatch):
     torch._dynamo.reset()
     dec = GreedyDecoder(model, 2, 20, cuda_graph=False, compile=True, backend="aot_eager")
     assert torch.equal(dec.generate(ids, 10), want)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])
+def test_compiled_prompt_compiles_once_per_bucket(arch):
+    """The compiled prompt is padded up to its bucket: prompts of 5 and 11 tokens share the 16-token compile
+    (a 20-token prompt needs a second) and each gives the eager loop's tokens."""
+    model = tiny_model(arch)
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    eager = GreedyDecoder(model, 2, 40, cuda_graph=False)
+    dec = GreedyDecoder(model, 2, 40, cuda_graph=False, compile=True, backend=counting)
+    dec.generate(tiny_input(2, 3), 2)  # the first prompt runs eagerly (it packs fused linears)
+    compiles = []
+    for length in (5, 11, 20):
+        ids = tiny_input(2, length)
+        assert torch.equal(dec.generate(ids, 6), eager.generate(ids, 6))
+        compiles.append(len(graphs))
+    assert compiles[1] == compiles[0] < compiles[2]
+    assert runtime.prompt_bucket(5, 40) == runtime.prompt_bucket(16, 40) == 16
+    assert runtime.prompt_bucket(17, 40) == 32 and runtime.prompt_bucket(33, 40) == 40
 
 
 def test_step_bytes_counts_weights_and_filled_cache():

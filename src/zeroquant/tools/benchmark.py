@@ -74,7 +74,7 @@ class BenchSettings:
 @dataclass
 class Row:
     variant: str
-    prefill_ms: float | None = None  # causal LM: the prompt forward; encoder: the whole forward
+    prefill_ms: float | None = None  # causal LM: the prompt forward to its first token (TTFT); encoder: the forward
     decode_tok_s: float | None = None
     resident_gib: float | None = None  # CUDA memory allocated once the model is ready
     peak_gib: float | None = None  # CUDA peak while it ran
@@ -190,7 +190,8 @@ def measure(model: nn.Module, s: BenchSettings, mode: str, compile_mode: str | N
                 fwd = lambda: compiled(**inputs, **kwargs)
             row.prefill_ms = 1e3 * timed(fwd, s.reps, s.device)
         else:
-            # compile: the decode step is compiled and captured; the prompt runs eagerly (GreedyDecoder).
+            # compile: the decode step is compiled and captured, the prompt compiled at its bucket's length
+            # (GreedyDecoder); prefill_ms is then the time to the first token.
             dec = GreedyDecoder(model, s.batch, s.prompt_len + n + 1, cuda_graph=mode != "eager",
                                 compile=mode == "compile", compile_mode=compile_mode)
             if mode == "eager":
@@ -350,7 +351,7 @@ def table(rows: list[Row]) -> str:
     best_lat = min(fp_lat, key=lambda r: r.prefill_ms) if fp_lat else None
     ratio = lambda a, b: None if not a or not b else a / b
     causal = any(r.decode_tok_s for r in rows)
-    what = "prefill ms" if causal else "forward ms"
+    what = "TTFT ms" if causal else "forward ms"
     head = ["variant", what, "x fp eager", "x best fp"]
     if causal:
         head += ["decode tok/s", "x fp eager", "x best fp", "roofline"]

@@ -9,7 +9,9 @@ models alike, so a benchmark can separate what the graph buys from what quantiza
 
 compile=True puts torch.compile around the forward inside the same loop: inductor fuses the float ops
 between the GEMMs (norms, rotary embedding, residual adds, attention glue), zeroquant's kernels stay as they
-are (they are custom ops: zeroquant.kernels.ops), and the CUDA graph then captures the compiled step.
+are (they are custom ops: zeroquant.kernels.ops), and the CUDA graph then captures the compiled step. The
+prompt forward is compiled too, for lengths padded up to a bucket (prompt_bucket), so a new prompt length
+compiles again only when it falls into a new bucket.
 """
 
 from __future__ import annotations
@@ -35,6 +37,15 @@ def compiled(fn, mode: str | None = None, backend: str = "inductor"):
     return torch.compile(fn, dynamic=False, mode=mode, backend=backend, options=options)
 
 
+def prompt_bucket(length: int, max_len: int) -> int:
+    """The compiled prompt's length for a prompt of `length` tokens: the next power of two from 16, at most
+    max_len. Padding costs at most 2x the prompt's tokens; each bucket is one compile."""
+    bucket = 16
+    while bucket < length:
+        bucket *= 2
+    return min(bucket, max_len)
+
+
 def _warm_and_capture(fn, warmup: int = 2) -> torch.cuda.CUDAGraph:
     """Run fn a few times on a side stream (first calls autotune and compile kernels; a graph cannot
     capture that), then capture one call."""
@@ -57,9 +68,9 @@ class GreedyDecoder:
     def __init__(self, model: nn.Module, batch_size: int, max_len: int, cuda_graph: bool = True,
                  compile: bool = False, compile_mode: str | None = None, backend: str = "inductor") -> None:
         self.model, self.batch, self.max_len = model, batch_size, max_len
-        # compile: the one-token step only. The prompt is one forward per generation whose launches are spread
-        # over its tokens; compiling its shape too would double the compile time (a minute for a 7B model).
         self._step_forward = compiled(self._next_token, compile_mode, backend) if compile else self._next_token
+        self._prompt_forward = compiled(self._prompt_token, compile_mode, backend) if compile else None
+        self._packed = False  # compile: one eager prompt first, which packs the linears run as one GEMM
         device = next(model.parameters()).device
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
         self.ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # the token being fed
@@ -76,6 +87,20 @@ class GreedyDecoder:
                          past_key_values=self.cache, cache_position=pos, use_cache=True, **self.keep)
         return out.logits[:, -1].argmax(-1)
 
+    def _prompt_token(self, ids: torch.Tensor, pos: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """The token after position `last` [1] of a right-padded prompt: the padding's own cache entries lie
+        past the prompt, where the causal mask hides them until decode overwrites them."""
+        kwargs = {"logits_to_keep": last} if self.keep else {}
+        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos.expand(ids.shape[0], -1),
+                         past_key_values=self.cache, cache_position=pos, use_cache=True, **kwargs)
+        logits = out.logits if self.keep else out.logits.index_select(1, last)
+        return logits[:, -1].argmax(-1)
+
+    def _cache_lengths(self) -> list[torch.Tensor]:
+        """The cache layers' own write positions, where they keep one (transformers >= 5: each new entry goes
+        there, whatever cache_position says)."""
+        return [t for t in (getattr(la, "cumulative_length", None) for la in self.cache.layers) if torch.is_tensor(t)]
+
     def _step(self) -> None:
         nxt = self._step_forward(self.ids, self.pos)
         self.ids.copy_(nxt[:, None])
@@ -88,8 +113,16 @@ class GreedyDecoder:
         if b != self.batch or p >= self.max_len:
             raise ValueError(f"prompt {tuple(ids.shape)} does not fit batch {self.batch}, max_len {self.max_len}")
         self.cache.reset()
-        pos = torch.arange(p, device=ids.device)
-        nxt = self._next_token(ids, pos)
+        if self._prompt_forward is not None and self._packed:
+            padded = prompt_bucket(p, self.max_len)
+            ids = torch.nn.functional.pad(ids, (0, padded - p))
+            last = torch.full((1,), p - 1, dtype=torch.long, device=ids.device)
+            nxt = self._prompt_forward(ids, torch.arange(padded, device=ids.device), last)
+            for t in self._cache_lengths():  # the next token goes right after the prompt, not after its padding
+                t.fill_(p)
+        else:
+            nxt = self._next_token(ids, torch.arange(p, device=ids.device))
+            self._packed = True
         self.ids.copy_(nxt[:, None])
         self.pos.fill_(p)
         self.length = p
@@ -104,8 +137,7 @@ class GreedyDecoder:
         if self.use_graph and self.graph is None and n:
             # Warm-up steps write the same cache entries the real steps will; rewind every position counter
             # (ours and the cache layers' own) after them.
-            counters = [self.ids, self.pos] + [t for t in (getattr(la, "cumulative_length", None)
-                                                           for la in self.cache.layers) if torch.is_tensor(t)]
+            counters = [self.ids, self.pos, *self._cache_lengths()]
             saved = [t.clone() for t in counters]
             self.graph = _warm_and_capture(self._step)
             for t, v in zip(counters, saved, strict=True):

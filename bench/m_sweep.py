@@ -1,0 +1,130 @@
+"""Speed-up over FP16 torch.compile as the tokens per forward grow: decode steps at batch M (M <= 64) and prompt
+forwards of M tokens (M >= 256: batch 1 up to 2,048 tokens, then batches of 2,048-token prompts), every row
+compiled (zeroquant.tools.runtime, the same loop for FP16 and each preset), one process, random weights.
+
+    python bench/m_sweep.py --config llama-7b --out bench/results/m_sweep
+    # a quick look, or a sweep split over several calls (points are merged by --resume)
+    python bench/m_sweep.py --config llama-7b --layers 8 --presets w8a8 --m 1,4096 --out /tmp/m --resume
+
+Writes OUT.json after every point; OUT.md (tokens/s and the ratio to FP16 per M) and OUT.png (the curve, when
+matplotlib is installed) at the end. Decode points also record the time to the first token of their batch's
+128-token prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from zeroquant.tools import benchmark
+
+MS = [1, 16, 64, 256, 1024, 4096, 8192]
+PRESETS = ["w8a8", "w8a8-g128", "w4a16", "w4/8-a8"]
+
+
+def point(m: int) -> tuple[int, int, int]:
+    """(batch, prompt length, new tokens) for M tokens per forward: decode at batch M up to 64, else prompts."""
+    if m <= 64:
+        return m, 128, 32
+    length = min(m, 2048)
+    return max(1, m // length), length, 0
+
+
+def measure_point(model, base: benchmark.BenchSettings, m: int) -> dict:
+    batch, length, new = point(m)
+    torch._dynamo.reset()  # every point compiles afresh: no recompile limit reached across rows
+    row = benchmark.measure(model, replace(base, batch=batch, prompt_len=length, gen_len=new), "compile")
+    tok_s = row.decode_tok_s if new else batch * length / (row.prefill_ms / 1e3)
+    return {"m": m, "batch": batch, "prompt_len": length, "decode": bool(new), "tok_s": tok_s,
+            "ttft_ms" if new else "forward_ms": row.prefill_ms, "peak_gib": row.peak_gib}
+
+
+def table(points: list[dict], presets: list[str], ms: list[int]) -> str:
+    by = {(p["preset"], p["m"]): p for p in points}
+    lines = ["| M (tokens per forward) | what | FP compile tok/s | " + " | ".join(f"{p} x FP" for p in presets)
+             + " |", "|---|---|---|" + "---|" * len(presets)]
+    for m in ms:
+        fp = by.get(("fp16", m))
+        if fp is None:
+            continue
+        what = f"decode b{fp['batch']}" if fp["decode"] else f"prompt {fp['batch']} x {fp['prompt_len']}"
+        cells = [f"{by[(p, m)]['tok_s'] / fp['tok_s']:.2f}" if (p, m) in by else "-" for p in presets]
+        lines.append(f"| {m} | {what} | {fp['tok_s']:,.0f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(points: list[dict], presets: list[str], path: Path, title: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fp = {p["m"]: p["tok_s"] for p in points if p["preset"] == "fp16"}
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for preset in presets:
+        xs = sorted(p["m"] for p in points if p["preset"] == preset and p["m"] in fp)
+        ys = [next(p["tok_s"] for p in points if p["preset"] == preset and p["m"] == m) / fp[m] for m in xs]
+        ax.plot(xs, ys, marker="o", label=preset)
+    ax.axhline(1.0, color="grey", lw=1, ls="--", label="FP16 compile")
+    ax.set(xscale="log", xlabel="tokens per forward (M)", ylabel="speed-up over FP16 torch.compile", title=title)
+    ax.set_xticks(sorted(fp), [str(m) for m in sorted(fp)])
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="llama-7b", choices=list(benchmark.RANDOM_CONFIGS))
+    p.add_argument("--layers", type=int, help="fewer blocks (quick looks; the reported curve uses the full depth)")
+    p.add_argument("--presets", default=",".join(PRESETS))
+    p.add_argument("--m", default=",".join(map(str, MS)), help="tokens per forward, comma-separated")
+    p.add_argument("--no-fp", action="store_true", help="skip the FP16 rows (already in OUT.json, with --resume)")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--resume", action="store_true", help="keep OUT.json's points and add these")
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    from zeroquant.api import quantize
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    presets, ms = args.presets.split(","), [int(m) for m in args.m.split(",")]
+    base = benchmark.BenchSettings(config=args.config, layers=args.layers, reps=args.reps, device=args.device,
+                                   presets=presets)
+    old = json.loads(out.with_suffix(".json").read_text()) if args.resume and out.with_suffix(".json").exists() else {}
+    points = old.get("points", [])
+    meta = {"config": args.config, "layers": args.layers, "device": benchmark.device_name(base),
+            "torch": torch.__version__}
+    for preset in ([] if args.no_fp else ["fp16"]) + presets:
+        model = benchmark.build_model(base)
+        if preset != "fp16":
+            model = quantize(model, preset, inplace=True, progress=False)
+        for m in ms:
+            r = {"preset": preset, **measure_point(model, base, m)}
+            points = [q for q in points if (q["preset"], q["m"]) != (preset, m)] + [r]
+            print(json.dumps(r), flush=True)
+            out.with_suffix(".json").write_text(json.dumps({"meta": meta, "points": points}, indent=2))
+        del model
+        benchmark._free()
+    every_m = sorted({q["m"] for q in points})
+    every_preset = [x for x in PRESETS + presets if any(q["preset"] == x for q in points)]
+    every_preset = list(dict.fromkeys(every_preset))
+    depth = f", {args.layers} blocks" if args.layers else ""
+    title = f"{args.config}{depth}, {meta['device']}"
+    text = f"{title}, torch {meta['torch']}, every row compiled, median of {args.reps}\n\n"
+    text += table(points, every_preset, every_m) + "\n"
+    out.with_suffix(".md").write_text(text)
+    plotted = plot(points, every_preset, out.with_suffix(".png"), title)
+    print(text + ("" if plotted else "(no plot: matplotlib is not installed)"))
+
+
+if __name__ == "__main__":
+    main()
