@@ -129,37 +129,52 @@ def weight_scale_zero(
     return scale_zero_from_range(wg.amin(-1), wg.amax(-1), bits, symmetric)
 
 
-def progressive_scale_zero(w: torch.Tensor, group_size: int, protect: int = 119) -> tuple[torch.Tensor, ...]:
-    """Two-level INT4 scales for an [N, K] weight (QServe's progressive group quantization): a float row scale
-    s1 [N, 1] (float16-representable) and integer group scales s2 [N, G] in 1..127 with UINT4 zero points z
-    [N, G], so that s2 * (q - z) is an INT8 weight whose GEMM needs no float per group: w ~= s1 * s2 * (q - z).
+PROTECT = 119  # progressive INT4: rows are brought to [-PROTECT, PROTECT] before their groups take integer scales
 
-    The rows are first brought to [-protect, protect] by s1. An integer s2 cannot follow a group's range
-    closely (a group spanning a tenth of its row gets s2 = 2 where 1.6 would fit), so each group takes, of
-    the smallest s2 that covers its range and the two below it (which clip its extremes), the one with the
-    least squared error whose s2 * (q - z) all stay inside int8.
-    Returns (s1 * s2, z, s1, s2): the first two are an ordinary group scale and zero point (exact in float32:
-    11 significant bits times at most 7), the last two the factors a kernel reads."""
-    n, k = w.shape
-    wf = w.float()
-    s1 = stored_scale(wf.abs().amax(1, keepdim=True).clamp_min(EPS) / protect, torch.float16)
-    gs = group_len(k, group_size)
-    g = num_groups(k, gs)
-    if g * gs > k:  # a short last group: copies of its last column change neither its range nor its best s2
-        wf = torch.cat([wf, wf[:, -1:].expand(n, g * gs - k)], dim=1)
-    wg = wf.reshape(n, g, gs) / s1[:, :, None]
+
+def progressive_row_scale(w: torch.Tensor) -> torch.Tensor:
+    """The float row scale s1 [N, 1] of progressive INT4 (see progressive_scale_zero), float16-representable."""
+    return stored_scale(w.float().abs().amax(1, keepdim=True).clamp_min(EPS) / PROTECT, torch.float16)
+
+
+def progressive_group(wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer scales s2 and UINT4 zero points z [...] of groups wg [..., gs] given in row-scale units.
+
+    An integer s2 cannot follow a group's range closely (a group spanning a tenth of its row gets s2 = 2
+    where 1.6 would fit), so each group takes, of the smallest s2 that covers its range and the two below
+    it (which clip its extremes), the one with the least squared error. s2 <= 16 and z is kept where every
+    level of the group, s2 * (q - z) for q in 0..15, lies in [-128, 127]: the INT8 weight can never
+    overflow, whatever values (GPTQ's updated ones, say) are rounded onto the grid."""
     lo = wg.amin(-1).clamp_max(0)
-    cover = ((wg.amax(-1).clamp_min(0) - lo) / 15).ceil().clamp(1, 127)
+    cover = ((wg.amax(-1).clamp_min(0) - lo) / 15).ceil().clamp(1, 16)
     best = s2 = z = None
-    for step in (0, 1, 2):  # the covering s2 first: it never leaves int8 (|w / s1| + s2 / 2 <= 127)
+    for step in (0, 1, 2):
         c = (cover - step).clamp_min(1)
-        zc = (-lo / c).round().clamp(0, 15)
-        w8 = c[..., None] * ((wg / c[..., None]).round() + zc[..., None]).clamp(0, 15).sub(zc[..., None])
-        err = (w8 - wg).square().sum(-1).masked_fill(w8.abs().amax(-1) > 127, float("inf"))
-        take = err < best if best is not None else torch.ones_like(err, dtype=torch.bool)
+        zc = torch.minimum(torch.maximum((-lo / c).round(), (15 - 127 / c).ceil()), (128 / c).floor()).clamp(0, 15)
+        w8 = c[..., None] * (((wg / c[..., None]).round() + zc[..., None]).clamp(0, 15) - zc[..., None])
+        err = (w8 - wg).square().sum(-1)
+        take = torch.ones_like(err, dtype=torch.bool) if best is None else err < best
         best = err if best is None else torch.where(take, err, best)
         s2 = c if s2 is None else torch.where(take, c, s2)
         z = zc if z is None else torch.where(take, zc, z)
+    return s2, z
+
+
+def progressive_scale_zero(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, ...]:
+    """Two-level INT4 scales for an [N, K] weight (QServe's progressive group quantization): a float row scale
+    s1 [N, 1] and integer group scales s2 [N, G] with UINT4 zero points z [N, G], so that s2 * (q - z) is an
+    INT8 weight and a W4A8 GEMM runs its whole K loop in integers: w ~= s1 * s2 * (q - z).
+
+    Returns (s1 * s2, z, s1, s2): the first two are an ordinary group scale and zero point (exact in float32:
+    11 significant bits times at most 5), the last two the factors a kernel reads."""
+    n, k = w.shape
+    s1 = progressive_row_scale(w)
+    gs = group_len(k, group_size)
+    g = num_groups(k, gs)
+    wf = w.float()
+    if g * gs > k:  # a short last group: copies of its last column change neither its range nor its best s2
+        wf = torch.cat([wf, wf[:, -1:].expand(n, g * gs - k)], dim=1)
+    s2, z = progressive_group(wf.reshape(n, g, gs) / s1[:, :, None])
     return s1 * s2, z, s1, s2
 
 
