@@ -121,11 +121,14 @@ def gptq_round(
     qmin, qmax = Q.qrange(wq.bits, wq.symmetric)
     gs = k if wq.per_tensor else Q.group_len(k, wq.group_size)
     groups = 1 if wq.per_tensor else Q.num_groups(k, wq.group_size)
-    sdtype = getattr(torch, wq.scale_dtype)  # rounding with the scale as stored keeps q consistent with it
+    sdtype = wq.float_scale_dtype  # rounding with the scale as stored keeps q consistent with it
     scale = torch.empty(n, groups, device=W.device)
     zero = torch.empty(n, groups, device=W.device)
+    # progressive: the row scale of the weight as given, the one QuantLinear.set_weight takes from it
+    s1 = Q.progressive_row_scale(w).to(W.device)[:, 0] if wq.progressive else None
     if groups == 1:  # one scale per row (or tensor): from the original weights, before any update
-        s, z = Q.weight_scale_zero(W, wq.bits, -1, wq.symmetric, wq.per_tensor)
+        s, z = Q.weight_scale_zero(w.float().to(W.device) if wq.progressive else W, wq.bits, -1, wq.symmetric,
+                                   wq.per_tensor, wq.progressive)
         scale.copy_(Q.stored_scale(s, sdtype))
         zero.copy_(z)
     else:  # blocks hold whole groups, so a group's columns are all current when its scale is taken
@@ -141,7 +144,12 @@ def gptq_round(
             g = c // gs
             if groups > 1 and c % gs == 0:
                 end = min(i + gs, b1 - b0)
-                s, z = Q.scale_zero_from_range(W1[:, i:end].amin(1), W1[:, i:end].amax(1), wq.bits, wq.symmetric)
+                if s1 is not None:
+                    s2, z = Q.progressive_group(W1[:, i:end] / s1[:, None])
+                    s = s1 * s2
+                else:
+                    s, z = Q.scale_zero_from_range(W1[:, i:end].amin(1), W1[:, i:end].amax(1), wq.bits,
+                                                   wq.symmetric)
                 scale[:, g], zero[:, g] = Q.stored_scale(s, sdtype), z
             s, z = scale[:, g], zero[:, g]
             col = W1[:, i]

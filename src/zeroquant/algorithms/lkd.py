@@ -86,8 +86,8 @@ def rtn_start(module: nn.Module, rule: LinearRule) -> Start:
     """Round-to-nearest's starting point: the module's weights and their range's scale as it will be stored."""
     wq = rule.weight
     w = linear_weight(module).detach().float()
-    s, z = Q.weight_scale_zero(w, wq.bits, wq.group_size, wq.symmetric, wq.per_tensor)
-    return Start(w, Q.stored_scale(s, getattr(torch, wq.scale_dtype)), z)
+    s, z = Q.weight_scale_zero(w, wq.bits, wq.group_size, wq.symmetric, wq.per_tensor, wq.progressive)
+    return Start(w, Q.stored_scale(s, wq.float_scale_dtype), z)
 
 
 def _stored(s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -109,7 +109,7 @@ class FakeQuantLinear(nn.Module):
         w, s0, z0 = (t.detach().float().clone().to(device) for t in start)
         self.in_features = w.shape[1]
         self.qmin, self.qmax = Q.qrange(wq.bits, wq.symmetric)
-        self.scale_dtype = getattr(torch, wq.scale_dtype)
+        self.scale_dtype = wq.float_scale_dtype
         self.weight = nn.Parameter(w, requires_grad=train in ("weights", "all"))
         bias = module.bias
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(),
@@ -146,8 +146,14 @@ class FakeQuantLinear(nn.Module):
             return _stored(s0 * self.clip_hi, self.scale_dtype), z0
         grow = ((self.clip_hi - 1) * (self.qmax - z0) - (self.clip_lo - 1) * (self.qmin - z0)) / span
         s = _stored(s0 * (1 + grow), self.scale_dtype).clamp_min(Q.EPS)
+        row = self.quant.w_row_scale
+        if row is not None:  # progressive: clipping moves in whole steps of the row scale
+            s = row * torch.clamp(Q.round_ste(s / row), 1, 16)
         lo = self.clip_lo * (self.qmin - z0) * s0
         z = torch.clamp(Q.round_ste(self.qmin - lo / s), self.qmin, self.qmax)
+        if row is not None:  # and keeps every level of the group inside int8 (core.quant.progressive_group)
+            s2 = (s / row).detach()
+            z = torch.minimum(torch.maximum(z, (15 - 127 / s2).ceil()), (128 / s2).floor())
         return s, z
 
     def quantized(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

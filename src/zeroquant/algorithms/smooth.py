@@ -69,7 +69,7 @@ def _fake_act(x: torch.Tensor, rule: LinearRule) -> torch.Tensor:
 
 def _fake_weight(w: torch.Tensor, rule: LinearRule) -> torch.Tensor:
     wq = rule.weight
-    q, s, z = Q.quantize_weight(w, wq.bits, wq.group_size, wq.symmetric, wq.per_tensor)
+    q, s, z = Q.quantize_weight(w, wq.bits, wq.group_size, wq.symmetric, wq.per_tensor, wq.progressive)
     return Q.dequantize_weight(q, s, z, Q.group_len(w.shape[1], wq.group_size))
 
 

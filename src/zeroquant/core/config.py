@@ -6,9 +6,11 @@ from dataclasses import asdict, dataclass, field, replace
 
 from zeroquant.core.errors import ZeroQuantError
 
-SCALE_DTYPES = ("float32", "float16")
+# "int8": progressive INT4 (zeroquant.core.quant.progressive_scale_zero), integer group scales times a float one
+# per row, so that a W4A8 GEMM runs its K loop in integers alone.
+SCALE_DTYPES = ("float32", "float16", "int8")
 # The preset-name suffix of each scale dtype (resolve_config: "w4a16+fp32scale").
-SCALE_SUFFIXES = {"float32": "fp32scale", "float16": "fp16scale"}
+SCALE_SUFFIXES = {"float32": "fp32scale", "float16": "fp16scale", "int8": "int8scale"}
 
 
 @dataclass(frozen=True)
@@ -18,7 +20,8 @@ class WeightQuant:
     symmetric: bool = True
     per_tensor: bool = False  # naive baseline: one scale for the whole matrix
     # How scales and zero points are stored (layers, checkpoints, kernels): "float16" halves their bytes
-    # (zero points are small integers, exact either way; scales round to 11 significant bits).
+    # (zero points are small integers, exact either way; scales round to 11 significant bits); "int8" stores
+    # integer group scales and one float scale per row (progressive INT4: 4-bit asymmetric group-wise only).
     scale_dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -26,6 +29,23 @@ class WeightQuant:
             raise ZeroQuantError(f"weight bits must be in 2..8, got {self.bits}")
         if self.scale_dtype not in SCALE_DTYPES:
             raise ZeroQuantError(f"scale_dtype must be one of {', '.join(SCALE_DTYPES)}, got {self.scale_dtype!r}")
+        if self.progressive and (self.bits != 4 or self.symmetric or self.per_tensor):
+            raise ZeroQuantError("int8 (progressive) scales are for 4-bit asymmetric group-wise weights, got "
+                                 f"{self.bits}-bit {'symmetric' if self.symmetric else 'asymmetric'}"
+                                 f"{' per-tensor' if self.per_tensor else ''}")
+
+    @property
+    def progressive(self) -> bool:
+        """Integer group scales times a float row scale (zeroquant.core.quant.progressive_scale_zero)."""
+        return self.scale_dtype == "int8"
+
+    @property
+    def float_scale_dtype(self):
+        """The dtype the effective (float) group scales are rounded to: the stored one, or float32, where
+        progressive scales s1 * s2 are exact."""
+        import torch
+
+        return torch.float32 if self.progressive else getattr(torch, self.scale_dtype)
         if self.group_size == 0 or self.group_size < -1:
             raise ZeroQuantError(f"group_size must be positive or -1 (per row), got {self.group_size}")
 
@@ -190,12 +210,19 @@ def with_rounding(config: QuantConfig, rounding: str) -> QuantConfig:
 
 def with_scale_dtype(config: QuantConfig, scale_dtype: str) -> QuantConfig:
     """The same config with every weight rule's scales and zero points stored in `scale_dtype` ("float32" or
-    "float16")."""
+    "float16"); "int8" (progressive) applies to the 4-bit asymmetric group-wise rules and keeps the others."""
+
+    def takes(w: WeightQuant) -> bool:
+        return scale_dtype != "int8" or (w.bits == 4 and not w.symmetric and not w.per_tensor)
 
     def rule(r: LinearRule) -> LinearRule:
-        if r.weight is None:
+        if r.weight is None or not takes(r.weight):
             return r
         return replace(r, weight=replace(r.weight, scale_dtype=scale_dtype))
+
+    if not any(r.weight is not None and takes(r.weight) for r in (config.attention, config.mlp)):
+        raise ZeroQuantError(f"+{SCALE_SUFFIXES[scale_dtype]} needs 4-bit asymmetric group-wise weights; "
+                             f"{config.name!r} has none")
 
     name = f"{config.name}+{SCALE_SUFFIXES[scale_dtype]}"
     return replace(config, attention=rule(config.attention), mlp=rule(config.mlp), name=name)

@@ -113,9 +113,13 @@ def num_groups(in_features: int, group_size: int) -> int:
 
 
 def weight_scale_zero(
-    w: torch.Tensor, bits: int, group_size: int, symmetric: bool, per_tensor: bool = False
+    w: torch.Tensor, bits: int, group_size: int, symmetric: bool, per_tensor: bool = False,
+    progressive: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scales/zero points for an [N, K] weight: [N, n_groups] each."""
+    """Scales/zero points for an [N, K] weight: [N, n_groups] each (progressive: the effective s1 * s2 of
+    progressive_scale_zero)."""
+    if progressive:
+        return progressive_scale_zero(w, group_size)[:2]
     n, k = w.shape
     if per_tensor:
         s, z = scale_zero_from_range(w.min(), w.max(), bits, symmetric)
@@ -192,10 +196,11 @@ def group_slices(in_features: int, group_size: int, n_groups: int) -> list[slice
 
 
 def quantize_weight(
-    w: torch.Tensor, bits: int, group_size: int, symmetric: bool, per_tensor: bool = False
+    w: torch.Tensor, bits: int, group_size: int, symmetric: bool, per_tensor: bool = False,
+    progressive: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Group-wise RTN quantization of an [N, K] weight -> (q [N, K], scale [N, G], zero [N, G])."""
-    scale, zero = weight_scale_zero(w, bits, group_size, symmetric, per_tensor)
+    scale, zero = weight_scale_zero(w, bits, group_size, symmetric, per_tensor, progressive)
     k = w.shape[1]
     q = quantize(w, expand_groups(scale, k, group_size), expand_groups(zero, k, group_size), bits, symmetric)
     return q, scale, zero

@@ -82,6 +82,16 @@ def check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], where: str
                                  f"{want.dtype} {list(want.shape)}")
         if not t.is_meta and t.numel():
             _check_values(model, name, t, where)
+    for name, t in tensors.items():  # progressive INT4: every level s2 * (q - z) of a group inside int8
+        prefix, _, buf = name.rpartition(".")
+        zero = tensors.get(prefix + ".w_zero")
+        if buf == "w_scale" and zero is not None and not t.is_meta and t.numel() and name in expected:
+            m = model.get_submodule(prefix)
+            if isinstance(m, QuantLinear) and m.wq.progressive:
+                s2, z = t.float(), zero.float()
+                if (s2 * z > 128).any() or (s2 * (15 - z) > 127).any():
+                    raise ZeroQuantError(f"{where}: {prefix} has progressive scales and zero points whose INT8 "
+                                         "weights would overflow")
 
 
 def _int_range(bits: int, symmetric: bool) -> tuple[int, int]:
@@ -102,7 +112,7 @@ def _check_values(model: nn.Module, name: str, t: torch.Tensor, where: str | Pat
         return
     if buf in QuantLinear.SCALE_BUFFERS and not torch.isfinite(t).all():
         raise ZeroQuantError(f"{where}: {name} holds NaN or infinite values")
-    if buf in ("w_scale", "a_scale") and not (t > 0).all():
+    if buf in ("w_scale", "w_row_scale", "a_scale") and not (t > 0).all():
         raise ZeroQuantError(f"{where}: {name} holds zero or negative scales ({t.min().item():g})")
     if buf in ("w_zero", "a_zero"):
         spec = m.wq if buf == "w_zero" else m.aq

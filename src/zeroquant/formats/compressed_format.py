@@ -75,7 +75,7 @@ def export_tensors(prefix: str, m: QuantLinear, fmt: str) -> dict[str, torch.Ten
     q = (m.quantized.ints().to(torch.int16) - off).to(torch.int8)
     # float32 even where the layer stores float16: compressed-tensors' decompressor computes (q - z) * scale in
     # the scale's dtype, and float16 products would no longer be the weights zeroquant computes with.
-    scale = m.w_scale.float().contiguous()
+    scale = m.quantized.group_scale().float().contiguous()  # progressive: s1 * s2, exact in float32
     out: dict[str, torch.Tensor] = {}
     if w.per_tensor:
         scale = scale[:1, 0].clone()

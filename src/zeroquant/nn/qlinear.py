@@ -65,6 +65,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("w_scale", torch.ones(groups, out_features, dtype=sdtype).t())
         zero = None if weight.symmetric else torch.zeros(groups, out_features, dtype=sdtype).t()
         self.register_buffer("w_zero", zero)
+        # Progressive INT4: w_scale holds the integer group scales, this the float scale of each row.
+        self.register_buffer("w_row_scale", torch.ones(out_features, 1) if weight.progressive else None)
         self.scales_group_major()
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
         static = act is not None and not act.dynamic
@@ -73,10 +75,10 @@ class QuantLinear(nn.Module):
         # Whether the kernels take this weight and activation format: fixed by the rule, so decided once here
         # rather than on every forward.
         self.kernel_format = (
-            not weight.per_tensor and (act is None or (act.dynamic and act.bits == 8))
+            not weight.per_tensor and not weight.progressive and (act is None or (act.dynamic and act.bits == 8))
             and KernelWeight.unsupported(in_features, weight.bits, weight.symmetric, self.group_size) is None)
 
-    SCALE_BUFFERS = ("w_scale", "w_zero", "a_scale", "a_zero")
+    SCALE_BUFFERS = ("w_scale", "w_zero", "w_row_scale", "a_scale", "a_zero")
 
     def scales_group_major(self) -> None:
         """Store w_scale / w_zero G-major (and interleaved where the format says so) again, after a loader
@@ -149,11 +151,13 @@ class QuantLinear(nn.Module):
         """Quantize float weight `w` [N, K] into the buffers; scale/zero default to RTN from w's range."""
         wq = self.wq
         s, z = scale, zero
+        if wq.progressive:  # the row scale comes from the weight; given group scales must be multiples of it
+            self.w_row_scale.copy_(Q.progressive_row_scale(w))
         if s is None or z is None:
-            s0, z0 = Q.weight_scale_zero(w, wq.bits, wq.group_size, wq.symmetric, wq.per_tensor)
+            s0, z0 = Q.weight_scale_zero(w, wq.bits, wq.group_size, wq.symmetric, wq.per_tensor, wq.progressive)
             s = s0 if s is None else s
             z = z0 if z is None else z
-        s = Q.stored_scale(s, self.w_scale.dtype)
+        s = Q.stored_scale(s, wq.float_scale_dtype)
         k, gs = self.in_features, self.group_size
         self.set_int_weight(Q.quantize(w, Q.expand_groups(s, k, gs), Q.expand_groups(z, k, gs), wq.bits, wq.symmetric),
                             s, z)
@@ -163,10 +167,23 @@ class QuantLinear(nn.Module):
         """Store integer weights q [N, K] (quant.storage_dtype) with their scales and zero points [N, G], as
         a rounding method other than round-to-nearest (zeroquant.algorithms.gptq) produced them."""
         self.qweight.copy_(Q.pack_int4(q, self.wq.symmetric) if self.packed else q)
+        if self.w_row_scale is not None:
+            scale = self.integer_group_scales(scale, zero)
         self.w_scale.copy_(scale)
         if self.w_zero is not None:
             self.w_zero.copy_(zero)
 
+    def integer_group_scales(self, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """Progressive INT4: the integer group scales s2 behind float group scales [N, G] (s1 * s2, with s1 this
+        layer's row scale), refused unless they are exactly that and keep every level inside int8."""
+        s2 = (scale.float() / self.w_row_scale).round()
+        z = zero.float()
+        ok = (torch.equal(s2 * self.w_row_scale, scale.float()) and bool((s2 >= 1).all()) and bool((s2 <= 16).all())
+              and bool((s2 * z <= 128).all()) and bool((s2 * (15 - z) <= 127).all()))
+        if not ok:
+            raise ZeroQuantError("progressive (int8) scales must be whole multiples (1..16) of the row scale with "
+                                 "every level inside int8 (zeroquant.core.quant.progressive_group)")
+        return s2
     # ---------------------------------------------------------------------------------------- weights
 
     @property
@@ -179,7 +196,7 @@ class QuantLinear(nn.Module):
     def quantized(self) -> QuantizedWeight:
         """The weight as integers, scales and zero points, with its dequantized, int8 and kernel views."""
         return QuantizedWeight(self.qweight, self.w_scale, self.w_zero, self.wq.bits, self.group_size,
-                               self.wq.symmetric)
+                               self.wq.symmetric, self.w_row_scale)
 
     # ---------------------------------------------------------------------------------------- forward
 
@@ -257,8 +274,7 @@ class QuantLinear(nn.Module):
 
     def _forward_int(self, x: torch.Tensor) -> torch.Tensor:
         x8, sx, cx = self._quantize_input(x.reshape(-1, self.in_features))
-        y = reference.int_linear(x8, sx, cx, *self.quantized.int8(), self.w_scale, self.group_size, self.bias,
-                                 self.act, x.dtype)
+        y = reference.int_linear(x8, sx, cx, *self.quantized.int8(), self.bias, self.act, x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -280,7 +296,7 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         w = self.wq
         wdesc = f"W{w.bits} " + ("per-tensor" if w.per_tensor else f"g{w.group_size}") + (
-            "" if w.symmetric else " asym")
+            "" if w.symmetric else " asym") + (" progressive" if w.progressive else "")
         a = self.aq
         adesc = "A16" if a is None else f"A{a.bits} " + ("per-token" if a.dynamic else "static")
         act = f", act={self.act}" if self.act else ""

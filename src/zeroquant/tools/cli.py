@@ -24,7 +24,9 @@ Any preset takes a group-size suffix for its group-wise weights: -g64, -g128 (w8
 INT8), -ch (one scale per output channel); a group size that does not divide a layer's input size leaves
 a shorter last group. "+gptq" after a preset (w4a16+gptq) rounds its weights with GPTQ (needs --calib);
 "+smooth" (w8a8+smooth) first folds SmoothQuant scales into the model where activations are INT8, alpha
-searched per site ("+smooth0.5" fixes it; needs --calib).
+searched per site ("+smooth0.5" fixes it; needs --calib). "+int8scale" (w4/8-a8+int8scale) stores INT4
+group scales as integers times a float row scale (progressive INT4, for an all-integer W4A8 GEMM; no GPU
+kernel reads it yet).
 Embeddings, norms and the LM head stay in floating point."""
 
 

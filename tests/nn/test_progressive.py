@@ -1,0 +1,102 @@
+"""Progressive INT4 ("+int8scale"): integer group scales s2 times a float row scale s1, every path."""
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny_models import model_output, tiny_input, tiny_model
+from torch import nn
+
+import zeroquant as zq
+from zeroquant import QuantLinear, WeightQuant, ZeroQuantError
+from zeroquant.core import quant as Q
+from zeroquant.core.config import ActQuant, LinearRule, resolve_config
+
+
+def _linear(act: bool = True, k: int = 192, group: int = 64) -> tuple[nn.Linear, QuantLinear]:
+    torch.manual_seed(0)
+    lin = nn.Linear(k, 48)
+    rule = LinearRule(WeightQuant(4, group, False, scale_dtype="int8"), ActQuant(8) if act else None)
+    return lin, QuantLinear.from_float(lin, rule)
+
+
+def test_suffix_applies_to_int4_rules_only():
+    cfg = resolve_config("w4/8-a8+int8scale")
+    assert cfg.name == "w4/8-a8+int8scale" and cfg.mlp.weight.progressive
+    assert cfg.attention.weight == resolve_config("w4/8-a8").attention.weight  # INT8 attention unchanged
+    with pytest.raises(ZeroQuantError, match="needs 4-bit asymmetric group-wise"):
+        resolve_config("w8a8+int8scale")
+    with pytest.raises(ZeroQuantError, match="4-bit asymmetric group-wise"):
+        WeightQuant(4, 128, True, scale_dtype="int8")
+
+
+def test_buffers_hold_integer_scales_and_an_exact_row_scale():
+    lin, ql = _linear()
+    s_eff, z, s1, s2 = Q.progressive_scale_zero(lin.weight.detach(), 64)
+    assert ql.w_scale.dtype == torch.int8 and torch.equal(ql.w_scale.float(), s2)
+    assert torch.equal(ql.w_row_scale, s1) and torch.equal(ql.w_zero.float(), z)
+    q = Q.quantize(lin.weight.detach(), Q.expand_groups(s_eff, 192, 64), Q.expand_groups(z, 192, 64), 4, False)
+    assert torch.equal(ql.quantized.ints().to(torch.int16), q.to(torch.int16))
+    assert torch.equal(ql.quantized.dequantize(), Q.dequantize_weight(q, s_eff, z, 64))
+
+
+def test_integer_path_is_an_int8_gemm_with_one_scale_per_row():
+    """What a progressive W4A8 kernel computes: int8 tokens times the INT8 weight s2 * (q - z), summed over the
+    whole row in integers, then token scale times row scale."""
+    lin, ql = _linear()
+    x = torch.randn(5, 192)
+    w8, offset, scale, group = ql.quantized.int8()
+    assert w8.dtype == torch.int8 and offset is None and group == 192 and torch.equal(scale, ql.w_row_scale)
+    x8, sx = Q.quantize_per_token(x)
+    want = (x8.int() @ w8.int().t()).float() * ql.w_row_scale.t() * sx + lin.bias.detach()
+    got = ql(x)
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+    fake = zq.set_mode(nn.Sequential(ql), "fake")(x)
+    assert torch.allclose(got, fake, rtol=1e-4, atol=1e-4)
+
+
+def test_scales_that_are_not_row_multiples_are_refused():
+    lin, ql = _linear(act=False)
+    s, z = Q.weight_scale_zero(lin.weight.detach(), 4, 64, False)  # float group scales
+    q = Q.quantize(lin.weight.detach(), Q.expand_groups(s, 192, 64), Q.expand_groups(z, 192, 64), 4, False)
+    with pytest.raises(ZeroQuantError, match="whole multiples"):
+        ql.set_int_weight(q, s, z)
+
+
+def test_rtn_gptq_and_lkd_save_load_and_export(tmp_path):
+    """RTN, GPTQ and GPTQ + LKD (which learns its clipping in whole row-scale steps) all give progressive
+    layers; the checkpoint reloads to the same outputs; compressed-tensors gets s1 * s2 as float32 scales."""
+    model = tiny_model("opt")
+    calib = tiny_input(8, 32, seed=3)
+    ids = tiny_input(2, 32, seed=9)
+    ref = model_output(model, ids)
+    errs = {}
+    lkd = zq.LKDConfig(steps=60, holdout=0.0, device="cpu")
+    for name, kw in [("rtn", {}), ("gptq", {"calib_data": calib}), ("lkd", {"calib_data": calib, "lkd": lkd})]:
+        preset = "w4/8-a8-g32+int8scale" + ("+gptq" if name != "rtn" else "")
+        q = zq.quantize(model, preset, progress=False, **kw)
+        mods = [m for m in zq.quantized_modules(q).values() if m.wq.progressive]
+        assert mods and all(1 <= m.w_scale.min() and m.w_scale.max() <= 16 for m in mods)
+        errs[name] = ((model_output(q, ids) - ref) ** 2).mean().item()
+    assert errs["gptq"] < errs["rtn"], errs
+    assert all(r["mse_after"] <= r["mse_before"] for r in q.zeroquant.lkd)
+    assert any(r["mse_after"] < r["mse_before"] for r in q.zeroquant.lkd)
+    out = zq.save_quantized(q, tmp_path / "q")
+    loaded = zq.load_quantized(out)
+    assert loaded.zeroquant.config == q.zeroquant.config
+    assert torch.equal(model_output(loaded, ids), model_output(q, ids))
+    zq.save_quantized(q, tmp_path / "ct", format="compressed-tensors")
+    back = zq.load_quantized(tmp_path / "ct")
+    assert torch.allclose(model_output(zq.set_mode(back, "ref"), ids), model_output(q, ids), atol=1e-5)
+
+
+def test_checkpoint_whose_int8_weights_would_overflow_is_refused(tmp_path):
+    q = zq.quantize(tiny_model("llama"), "w4a16-g32+int8scale", progress=False)
+    out = zq.save_quantized(q, tmp_path / "q")
+    file = out / "model.safetensors"
+    t = load_file(str(file))
+    name = "model.layers.0.mlp.down_proj"
+    t[f"{name}.w_scale"][0, 0] = 16
+    t[f"{name}.w_zero"][0, 0] = 0  # levels 0..240
+    save_file(t, str(file), metadata={"format": "pt"})
+    with pytest.raises(ZeroQuantError, match="would overflow"):
+        zq.load_quantized(out)
