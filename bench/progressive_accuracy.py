@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -57,8 +58,9 @@ def main() -> None:
                     {"model": Path(args.model).name, "text": args.text, "settings": vars(args), "rows": clean},
                     indent=2))
     table = format_table(clean)
-    out.with_suffix(".md").write_text(f"{Path(args.model).name}, CPU, torch {torch.__version__}; command: "
-                                      f"see bench/progressive_accuracy.py\n\n{table}\n")
+    command = "python bench/progressive_accuracy.py " + " ".join(sys.argv[1:])
+    out.with_suffix(".md").write_text(f"{Path(args.model).name}, CPU, torch {torch.__version__}\n\n`{command}`\n\n"
+                                      f"{table}\n")
     print(table)
 
 
