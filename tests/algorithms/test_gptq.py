@@ -54,9 +54,31 @@ def test_input_hessians_match_explicit_sum():
         for x in xs:
             lin(x)
     flat = torch.cat([x.reshape(-1, 16) for x in xs])
-    assert torch.allclose(hs.hessians["l"], 2 * flat.t() @ flat / 22, atol=1e-5)
+    assert torch.allclose(hs.take("l"), 2 * flat.t() @ flat / 22, atol=1e-5)
     lin(torch.randn(2, 16))  # hooks are gone after the block
     assert hs.rows["l"] == 22
+
+
+def test_modules_on_one_input_share_a_sum_until_each_took_its_hessian():
+    """A Llama block's q/k/v and gate/up read the same tensor: 4 float64 sums for 7 linears, each Hessian
+    equal to what a module of its own would get, and every sum freed once its last user took it."""
+    from tiny_models import tiny_input, tiny_model
+
+    model = tiny_model("llama")
+    block = model.model.layers[0]
+    names = [n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
+    with InputHessians({n: block.get_submodule(n) for n in names}) as hs:
+        for seed in (1, 2):
+            model(tiny_input(2, 16, seed=seed))
+    assert len(hs.sums) == 4 and hs.owner["self_attn.k_proj"] == hs.owner["self_attn.q_proj"]
+    with InputHessians({"self_attn.k_proj": block.self_attn.k_proj}) as alone:
+        for seed in (1, 2):
+            model(tiny_input(2, 16, seed=seed))
+    want = alone.take("self_attn.k_proj")
+    assert torch.equal(hs.take("self_attn.q_proj"), want) and "self_attn.q_proj" in hs.owner.values()
+    assert torch.equal(hs.take("self_attn.k_proj"), want)
+    hs.take("self_attn.v_proj")
+    assert len(hs.sums) == 3 and not alone.sums
 
 
 def test_input_hessians_skip_padding():
@@ -66,7 +88,7 @@ def test_input_hessians_skip_padding():
         hs.only(mask)
         lin(x)
     real = x.reshape(-1, 8)[mask.reshape(-1).bool()]
-    assert hs.rows["l"] == 3 and torch.allclose(hs.hessians["l"], 2 * real.t() @ real / 3)
+    assert hs.rows["l"] == 3 and torch.allclose(hs.take("l"), 2 * real.t() @ real / 3)
 
 
 def test_fake_quant_linear_starts_from_gptqs_integers():

@@ -32,17 +32,20 @@ BLOCK = 128  # columns per lazy update
 class InputHessians:
     """Accumulates H = 2 X^T X / n of each named module's input through forward pre-hooks. The sums are float64:
     several processes add their shares in another order than one process adds the batches, and in float64 that
-    difference does not survive the cast to the float32 Hessian GPTQ rounds with.
+    difference does not survive the cast to the float32 Hessian GPTQ rounds with. Modules called on the same
+    tensor (a block's query, key and value projections; a gated MLP's gate and up) share one sum.
 
     with InputHessians(modules) as hs: run the model (calling hs.only(mask) before each batch that has padding);
-    then hs.hessians[name] is [K, K]."""
+    then hs.take(name) is [K, K], float32 (a sum is freed once every module sharing it took its Hessian)."""
 
     def __init__(self, modules: dict[str, nn.Module]) -> None:
         self.modules = modules
         self.sums: dict[str, torch.Tensor] = {}
         self.rows: dict[str, int] = {}
+        self.owner: dict[str, str] = {}  # module -> the module whose sum it shares (itself when it owns one)
         self.handles: list = []
         self.keep: torch.Tensor | None = None
+        self._inputs: dict[str, torch.Tensor] = {}  # this forward's inputs so far: which tensor each module saw
 
     def only(self, mask: torch.Tensor | None) -> None:
         """Count only the tokens where `mask` ([batch, seq], the batch's attention mask) is set in the next
@@ -51,8 +54,19 @@ class InputHessians:
 
     def _hook(self, name: str):
         def fn(_m, args):
-            x = args[0].detach()
-            x = x.reshape(-1, x.shape[-1]).double()
+            x = args[0]
+            if name in self._inputs:  # a module runs once a forward: this is the next batch
+                self._inputs.clear()
+            # Identity, not equal values: a reference is held until the next forward, so no other tensor can take
+            # the same object's place within this one.
+            shared = next((n for n, t in self._inputs.items() if t is x), name)
+            self._inputs[name] = x
+            owner = self.owner.setdefault(name, shared)
+            if owner != shared and shared != name:
+                raise RuntimeError(f"GPTQ: {name} shared its input with {owner} in one batch, with {shared} in another")
+            if owner != name:
+                return
+            x = x.detach().reshape(-1, x.shape[-1]).double()
             if self.keep is not None and self.keep.numel() == x.shape[0]:
                 x = x[self.keep.to(x.device)]
             prev = self.sums.get(name)
@@ -68,26 +82,35 @@ class InputHessians:
     def __exit__(self, *exc) -> None:
         for h in self.handles:
             h.remove()
+        self._inputs.clear()
 
     def reduce(self, ranks: Ranks) -> None:
         """Add up every process's sums and token counts."""
-        for n in self.sums:
+        for n in sorted(self.sums):
             ranks.reduce(self.sums[n], "sum")
             self.rows[n] = int(ranks.reduce(torch.tensor([self.rows[n]], device=self.sums[n].device), "sum"))
 
-    @property
-    def hessians(self) -> dict[str, torch.Tensor]:
-        return {n: (2 * s / self.rows[n]).float() for n, s in self.sums.items()}
+    def take(self, name: str) -> torch.Tensor:
+        """The float32 Hessian of `name`'s inputs; the float64 sum is freed once no module left needs it."""
+        owner = self.owner[name]
+        h = (2 * self.sums[owner] / self.rows[owner]).float()
+        del self.owner[name]
+        if owner not in self.owner.values():
+            del self.sums[owner]
+        return h
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1; more damping if H is too ill-conditioned."""
-    eye = torch.eye(h.shape[0], device=h.device, dtype=h.dtype)
     mean = h.diagonal().mean().clamp_min(1e-12)
-    for _ in range(5):
-        chol, info = torch.linalg.cholesky_ex(h + damp * mean * eye)
+    added = 0.0
+    for _ in range(5):  # damping added on h's diagonal in place: no identity matrix, no damped copy
+        h.diagonal().add_(damp * mean - added)
+        added = damp * mean
+        chol, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
             inv = torch.cholesky_inverse(chol)
+            del chol
             u, info = torch.linalg.cholesky_ex(inv, upper=True)
             if int(info) == 0:
                 return u
@@ -106,12 +129,16 @@ class GPTQResult(NamedTuple):
 
 @torch.no_grad()
 def gptq_round(
-    w: torch.Tensor, hessian: torch.Tensor, wq: WeightQuant, damp: float = DAMP, block: int = BLOCK
+    w: torch.Tensor, hessian: torch.Tensor, wq: WeightQuant, damp: float = DAMP, block: int = BLOCK,
+    overwrite: bool = False,
 ) -> GPTQResult:
-    """GPTQ rounding of an [N, K] weight with the Hessian [K, K] of its inputs."""
+    """GPTQ rounding of an [N, K] weight with the Hessian [K, K] of its inputs (overwrite: the Hessian may be
+    used as scratch space, which saves a copy of it)."""
     n, k = w.shape
     W = w.detach().float().clone()
-    H = hessian.detach().float().clone().to(W.device)
+    H = hessian.detach().float().to(W.device)
+    if not overwrite and H.data_ptr() == hessian.data_ptr():
+        H = H.clone()
     dead = H.diagonal() == 0  # channels the calibration data never excites: their weights cannot matter
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
@@ -175,7 +202,8 @@ def gptq_starts(targets: list, block: nn.Module, inputs, stream) -> dict:
             hs.only(mask)
             call_block(block, stream.get(i), *inputs.ctx[i])
     hs.reduce(inputs.ranks)
-    return {n: gptq_round(linear_weight(m), hs.hessians[n], rules[n].weight) for n, m in mods.items()}
+    # one module's Hessian (and Cholesky factors) at a time: at 70B a down projection's alone is 3.3 GB
+    return {n: gptq_round(linear_weight(m), hs.take(n), rules[n].weight, overwrite=True) for n, m in mods.items()}
 
 
 def gptq_step(by_block: dict[int, list], ranges: dict):
