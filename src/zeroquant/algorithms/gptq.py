@@ -90,11 +90,16 @@ class InputHessians:
             ranks.reduce(self.sums[n], "sum")
             self.rows[n] = int(ranks.reduce(torch.tensor([self.rows[n]], device=self.sums[n].device), "sum"))
 
-    def take(self, name: str) -> torch.Tensor:
-        """The float32 Hessian of `name`'s inputs; the float64 sum is freed once no module left needs it."""
-        owner = self.owner[name]
+    def take(self, names: str | list[str]) -> torch.Tensor:
+        """The float32 Hessian of the inputs of `names` (one module, or several sharing one input); the float64
+        sum is freed once no module left needs it."""
+        names = [names] if isinstance(names, str) else names
+        owner = self.owner[names[0]]
+        if any(self.owner[n] != owner for n in names):
+            raise ValueError(f"{names} do not share one input")
         h = (2 * self.sums[owner] / self.rows[owner]).float()
-        del self.owner[name]
+        for n in names:
+            del self.owner[n]
         if owner not in self.owner.values():
             del self.sums[owner]
         return h
@@ -202,8 +207,20 @@ def gptq_starts(targets: list, block: nn.Module, inputs, stream) -> dict:
             hs.only(mask)
             call_block(block, stream.get(i), *inputs.ctx[i])
     hs.reduce(inputs.ranks)
-    # one module's Hessian (and Cholesky factors) at a time: at 70B a down projection's alone is 3.3 GB
-    return {n: gptq_round(linear_weight(m), hs.take(n), rules[n].weight, overwrite=True) for n, m in mods.items()}
+    # Linears sharing a Hessian and a rule are rounded as one matrix (GPTQ treats rows alone, given the Hessian):
+    # one Cholesky factorisation and one column sweep for q/k/v, whose Python loop is most of GPTQ's time.
+    # One Hessian at a time: at 70B a down projection's alone is 3.3 GB.
+    together: dict[tuple, list[str]] = {}
+    for n in mods:
+        together.setdefault((hs.owner[n], rules[n].weight), []).append(n)
+    out = {}
+    for (_, wq), names in together.items():
+        weights = [linear_weight(mods[n]) for n in names]
+        res = gptq_round(torch.cat(weights), hs.take(names), wq, overwrite=True)
+        rows = [w.shape[0] for w in weights]
+        for n, *parts in zip(names, *(t.split(rows) for t in res), strict=True):
+            out[n] = GPTQResult(*parts)
+    return out
 
 
 def gptq_step(by_block: dict[int, list], ranges: dict):
