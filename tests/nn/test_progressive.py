@@ -100,3 +100,24 @@ def test_checkpoint_whose_int8_weights_would_overflow_is_refused(tmp_path):
     save_file(t, str(file), metadata={"format": "pt"})
     with pytest.raises(ZeroQuantError, match="would overflow"):
         zq.load_quantized(out)
+
+
+@pytest.mark.parametrize("act", [True, False])
+def test_kernel_twin_matches_the_layer(act):
+    """The kernels' reference twin on progressive storage (integer group scales, row scales) gives the layer's
+    own output: the integer path with INT8 tokens, the dequantized weight with 16-bit ones."""
+    from zeroquant.kernels import reference as R
+
+    _, ql = _linear(act=act, k=576, group=128)  # a short last group too
+    x = torch.randn(9, 576)
+    kw = ql.quantized.kernel()
+    assert kw.scale.dtype == torch.int8 and kw.row_scale.shape == (48,)
+    if act:
+        x8, sx = Q.quantize_per_token(x)
+        got = R.quant_linear(x8, sx, ql.qweight, ql.w_scale, ql.w_zero, 4, ql.group_size, ql.bias, None,
+                             torch.float32, row_scale=ql.w_row_scale)
+        assert torch.equal(got, ql(x))
+    else:
+        got = R.quant_linear(x, None, ql.qweight, ql.w_scale, ql.w_zero, 4, ql.group_size, ql.bias, None,
+                             torch.float32, row_scale=ql.w_row_scale)
+        assert torch.allclose(got, ql(x), rtol=1e-5, atol=1e-5)

@@ -101,14 +101,26 @@ def quant_linear(
     bias: torch.Tensor | None = None,
     act: str | None = None,
     out_dtype: torch.dtype = torch.float16,
+    row_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y = act((x [* x_scale]) @ dequant(W)^T + bias).
 
     x int8 with per-token x_scale [M, 1] (W8A8 / W4A8), or fp16/bf16 with x_scale None (W8A16 / W4A16);
     group_size: input channels per weight scale (KernelWeight.group_size).
     Integer inputs are multiplied exactly per weight group (float64 holds every int32 sum), then scaled,
-    which is what the kernels do in int32 on tensor cores.
+    which is what the kernels do in int32 on tensor cores. row_scale [N, 1]: progressive INT4, w_scale
+    holding integer group scales s2: INT8 weights s2 * (q - z), one float scale a row.
     """
+    if row_scale is not None:
+        k = x.shape[1]
+        w8 = int_weight(qweight, w_zero, bits, group_size) * Q.expand_groups(w_scale.double(), k, group_size)
+        if x_scale is not None:
+            return int_linear(x, x_scale, None, w8.to(torch.int8), None, row_scale.reshape(-1, 1).float(), k, bias,
+                              act, out_dtype)
+        w = w8.float() * row_scale.reshape(-1, 1).float()
+        y = x.float() @ w.to(x.dtype).float().t()
+        y = y if bias is None else y + bias.float()
+        return apply_act(y, act).to(out_dtype)
     if x_scale is not None:
         if bits == 8 and w_zero is not None:
             raise ValueError("the kernels take symmetric INT8 weights only")

@@ -40,6 +40,8 @@ class KernelWeight:
     in_features: int
     out_features: int
     group_size: int  # input channels per scale (in_features for one scale per row); the last group may be shorter
+    # progressive INT4: float32 [N], the row scales s1; `scale` then holds the integer group scales s2 (int8)
+    row_scale: torch.Tensor | None = None
 
     @property
     def sz_step(self) -> int:
@@ -73,7 +75,7 @@ class KernelWeight:
     @classmethod
     def from_quant(
         cls, qweight: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None, bits: int, group_size: int,
-        check: bool = True,
+        check: bool = True, row_scale: torch.Tensor | None = None,
     ) -> KernelWeight:
         """From QuantLinear storage: qweight as stored, w_scale / w_zero [N, G]; group_size as QuantLinear's.
         check=False skips the format check (the custom op: its caller checked the format once)."""
@@ -91,7 +93,8 @@ class KernelWeight:
         scale, zero = _stored(w_scale).t(), None if w_zero is None else _stored(w_zero).t()
         if not (interleaved(scale, zero) and scale.stride(0) == 2 * n):
             scale, zero = scale.contiguous(), None if zero is None else zero.contiguous()
-        return cls(qweight.contiguous(), scale, zero, bits, k, n, group_size)
+        rows = None if row_scale is None else row_scale.reshape(-1).float().contiguous()
+        return cls(qweight.contiguous(), scale, zero, bits, k, n, group_size, rows)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.scale, self.zero) if t is not None)
@@ -123,5 +126,6 @@ def interleaved(scale: torch.Tensor, zero: torch.Tensor | None) -> bool:
 
 
 def _stored(t: torch.Tensor) -> torch.Tensor:
-    """Scales and zero points as the kernels read them: float16 or float32 as stored, anything else float32."""
-    return t if t.dtype in (torch.float16, torch.float32) else t.float()
+    """Scales and zero points as the kernels read them: float16, float32 or int8 (progressive INT4's integer
+    group scales and their zero points) as stored, anything else float32."""
+    return t if t.dtype in (torch.float16, torch.float32, torch.int8) else t.float()

@@ -62,9 +62,8 @@ class QuantizedWeight:
 
     def kernel(self) -> KernelWeight:
         """The kernels' layout of this weight (views of the same storage)."""
-        if self.row_scale is not None:
-            raise NotImplementedError("no kernel reads progressive INT4 (int8 scales) yet")
-        return KernelWeight.from_quant(self.qweight, self.scale, self.zero, self.bits, self.group_size)
+        return KernelWeight.from_quant(self.qweight, self.scale, self.zero, self.bits, self.group_size,
+                                       row_scale=self.row_scale)
 
     def nbytes(self) -> int:
         parts = (self.qweight, self.scale, self.zero, self.row_scale)

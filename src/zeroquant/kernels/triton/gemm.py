@@ -11,7 +11,8 @@
   under the other's MMAs);
 - tma_gemm: prefill W8A8 with per-channel weights on Hopper from 257 tokens where tma_pingpong does not take it
   (fewer tokens, float32 outputs, a Triton without Gluon), operands by TMA;
-- tile_gemm: everything else, every format, with a fused dequantizing epilogue.
+- tile_gemm: everything else, every format, with a fused dequantizing epilogue; progressive INT4 (integer group
+  scales) at every size for now.
 All of them apply the per-token activation scale, bias and activation in their epilogue. Why each shape
 goes where it goes: docs/kernels.md (measurements: docs/history.md).
 """
@@ -66,7 +67,8 @@ def quant_linear(
     if a.stride(-1) != 1:
         a = a.contiguous()
     m = a.shape[0]
-    on_gemv = gemv_ok(a, w)
+    progressive = w.row_scale is not None  # the tile GEMM alone reads it so far
+    on_gemv = not progressive and gemv_ok(a, w)
     dtype = out_dtype if a_int8 else x.dtype
     if glu and not on_gemv:  # the product after the GEMM
         return reference.glu(quant_linear(x, x_scale, w, bias, None, out_dtype), act, dtype)
@@ -77,6 +79,8 @@ def quant_linear(
     xs = x_scale.reshape(-1).float().contiguous() if a_int8 else c
     if on_gemv:
         gemv(a, xs, w, bias, act, c, glu)
+    elif progressive:
+        tile_gemm(a, xs, w, bias, act, c)
     elif mma_ok is not None and mma_ok(a, w):
         w4a16_mma(a, w, bias, act, c)
     elif skinny_ok(a, w):

@@ -6,6 +6,9 @@
   loop. The per-token activation scale, bias and activation come last.
 - A16 (W8A16, W4A16): weights are dequantized in registers to the activation dtype and fed to an fp16/bf16
   tensor-core dot with float32 accumulation.
+- PROG (progressive INT4: integer group scales s2, float row scales s1): against INT8 tokens each nibble
+  becomes the INT8 weight s2 * (q - z) in registers and one int32 accumulator runs the whole K loop, as for
+  per-channel INT8; s1 comes in the epilogue. Against 16-bit tokens s1 * s2 is the group's float scale.
 INT4 weights are packed two per byte and unpacked in registers, so only K/2 bytes per row leave memory.
 Up to 16 tokens (decode) launch _qlinear_decode_kernel: the same body, its configurations timed on weights read
 from HBM (_cold_gpu_time); more tokens _qlinear_kernel, timed back to back (_gpu_time).
@@ -75,7 +78,7 @@ def _load_rows(ptrs, ok, MASK: tl.constexpr):
 
 @triton.autotune(
     configs=_PREFILL_CONFIGS,
-    key=["M_BUCKET", "N", "K", "A_INT8", "W_BITS", "HAS_ZERO", "GROUP_SIZE"],
+    key=["M_BUCKET", "N", "K", "A_INT8", "W_BITS", "HAS_ZERO", "GROUP_SIZE", "PROG"],
     prune_configs_by={"early_config_prune": _prune},
     # Short timing runs: the ranking of configs is stable long before the default 100 ms.
     do_bench=_gpu_time,
@@ -85,12 +88,12 @@ def _load_rows(ptrs, ok, MASK: tl.constexpr):
 )
 @triton.jit
 def _qlinear_kernel(
-    a_ptr, as_ptr, w_ptr, s_ptr, z_ptr, b_ptr, c_ptr,
+    a_ptr, as_ptr, w_ptr, s_ptr, z_ptr, r_ptr, b_ptr, c_ptr,
     M, N, K, stride_am, stride_wn, stride_cm, M_BUCKET,
     A_INT8: tl.constexpr, W_BITS: tl.constexpr, HAS_ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, EVEN_K: tl.constexpr, CH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SZ_WORD: tl.constexpr,
-    MASK_M: tl.constexpr,
+    MASK_M: tl.constexpr, PROG: tl.constexpr,
 ):
     pid_m, pid_n = _tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N)
 
@@ -112,24 +115,37 @@ def _qlinear_kernel(
     offs_h = tl.arange(0, HALF)
 
     # Only one accumulator is live through the loop: two would double the registers and spill.
-    if A_INT8 and GROUP_SIZE == 0:
+    INT_ACC: tl.constexpr = A_INT8 and (GROUP_SIZE == 0 or PROG)
+    if INT_ACC:
         acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if PROG:
+        row = tl.load(r_ptr + rn)
     if GROUP_SIZE == 0:  # one scale (and zero) per output channel
         s, z = _scale_zero(s_ptr, z_ptr, 0, rn, HAS_ZERO, SZ_WORD)
+        if PROG and not A_INT8:
+            s = s * row
 
     for k0 in range(0, K, BLOCK_K):
         for j in tl.static_range(BLOCK_K // CH):
             kc = k0 + j * CH
             if GROUP_SIZE > 0:
                 s, z = _scale_zero(s_ptr, z_ptr, kc // GROUP_SIZE * N, rn, HAS_ZERO, SZ_WORD)
+                if PROG and not A_INT8:  # the group's float scale s1 * s2, exact in float32
+                    s = s * row
             if W_BITS == 4:
                 wb = tl.load(w_cols + (kc // 2 + offs_h)[:, None])  # [HALF, BLOCK_N] bytes
                 a_lo = _load_rows(a_rows + (kc + offs_h)[None, :], a_ok, MASK_M)
                 a_hi = _load_rows(a_rows + (kc + HALF + offs_h)[None, :], a_ok, MASK_M)
                 lo, hi = wb & 0xF, wb >> 4
-                if A_INT8:
+                if A_INT8 and PROG:  # s2 * (q - z) lies in int8 by the format's construction
+                    s2 = s.to(tl.int32)[None, :]
+                    w_lo = (_w4_int8(lo, z, HAS_ZERO).to(tl.int32) * s2).to(tl.int8)
+                    w_hi = (_w4_int8(hi, z, HAS_ZERO).to(tl.int32) * s2).to(tl.int8)
+                    part = tl.dot(a_lo, w_lo, out_dtype=tl.int32)
+                    part = tl.dot(a_hi, w_hi, part, out_dtype=tl.int32)
+                elif A_INT8:
                     part = tl.dot(a_lo, _w4_int8(lo, z, HAS_ZERO), out_dtype=tl.int32)
                     part = tl.dot(a_hi, _w4_int8(hi, z, HAS_ZERO), part, out_dtype=tl.int32)
                 else:
@@ -150,13 +166,15 @@ def _qlinear_kernel(
                 else:
                     acc = tl.dot(a, (_exact_float(w.to(tl.int32)) * s[None, :]).to(a.dtype), acc)
             if A_INT8:
-                if GROUP_SIZE > 0:
-                    acc = tl.fma(_exact_float(part), s[None, :], acc)
-                else:
+                if INT_ACC:
                     acc_i += part
+                else:
+                    acc = tl.fma(_exact_float(part), s[None, :], acc)
 
     if A_INT8:
-        if GROUP_SIZE == 0:
+        if PROG:
+            acc = acc_i.to(tl.float32) * row[None, :]
+        elif GROUP_SIZE == 0:
             acc = acc_i.to(tl.float32) * s[None, :]
         acc = acc * tl.load(as_ptr + rm)[:, None]
     if HAS_BIAS:
@@ -169,7 +187,7 @@ def _qlinear_kernel(
 # The same kernel for up to 16 tokens (decode), its configurations timed on weights read from HBM.
 _qlinear_decode_kernel = triton.autotune(
     configs=_CONFIGS[16],
-    key=["N", "K", "A_INT8", "W_BITS", "HAS_ZERO", "GROUP_SIZE"],
+    key=["N", "K", "A_INT8", "W_BITS", "HAS_ZERO", "GROUP_SIZE", "PROG"],
     prune_configs_by={"early_config_prune": _prune},
     do_bench=_cold_gpu_time,
 )(_qlinear_kernel.fn)
@@ -182,8 +200,9 @@ def tile_gemm(a, xs, w: KernelWeight, bias, act, c) -> None:
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
     kernel = _qlinear_decode_kernel if _m_bucket(m) == 16 else _qlinear_kernel
     kernel[grid](
-        a, xs, w.qweight, w.scale, w.zero if w.zero is not None else w.scale, bias if bias is not None else c, c,
+        a, xs, w.qweight, w.scale, w.zero if w.zero is not None else w.scale,
+        w.row_scale if w.row_scale is not None else xs, bias if bias is not None else c, c,
         m, n, k, a.stride(0), w.qweight.stride(0), c.stride(0), _m_bucket(m),
         A_INT8=a.dtype == torch.int8, W_BITS=w.bits, HAS_ZERO=w.zero is not None, GROUP_SIZE=w.kernel_group,
-        HAS_BIAS=bias is not None, ACT=act_code(act), SZ_WORD=w.sz_step == 2,
+        HAS_BIAS=bias is not None, ACT=act_code(act), SZ_WORD=w.sz_step == 2, PROG=w.row_scale is not None,
     )
