@@ -26,7 +26,7 @@ a shorter last group. "+gptq" after a preset (w4a16+gptq) rounds its weights wit
 "+smooth" (w8a8+smooth) first folds SmoothQuant scales into the model where activations are INT8, alpha
 searched per site ("+smooth0.5" fixes it; needs --calib). "+int8scale" (w4/8-a8+int8scale) stores INT4
 group scales as integers times a float row scale (progressive INT4, for an all-integer W4A8 GEMM; no GPU
-kernel reads it yet).
+kernel runs it yet).
 Embeddings, norms and the LM head stay in floating point."""
 
 
