@@ -294,7 +294,12 @@ def test_signal_during_save_cleans_up(sig, tmp_path, monkeypatch, capsys):
         os.kill(os.getpid(), sig)
 
     monkeypatch.setattr(checkpoint, "save_model", killed)
-    rc, _, err = run(["quantize", STORIES, "-o", tmp_path / "q", "--device", "cpu"], capsys)
+    # whatever the process did with the signal before (a library may ignore SIGINT), the CLI interrupts
+    previous = signal.signal(sig, signal.SIG_IGN)
+    try:
+        rc, _, err = run(["quantize", STORIES, "-o", tmp_path / "q", "--device", "cpu"], capsys)
+    finally:
+        assert signal.signal(sig, previous) == signal.SIG_IGN  # and put the ignoring handler back
     assert rc == 130 and last_line(err) == f"zeroquant: interrupted ({sig.name})"
     assert [p.name for p in tmp_path.iterdir()] == [".q.partial"] and "--resume continues" in err
     assert signal.getsignal(signal.SIGTERM) is not _raise_interrupt  # main put the previous handler back

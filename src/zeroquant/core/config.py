@@ -33,6 +33,8 @@ class WeightQuant:
             raise ZeroQuantError("int8 (progressive) scales are for 4-bit asymmetric group-wise weights, got "
                                  f"{self.bits}-bit {'symmetric' if self.symmetric else 'asymmetric'}"
                                  f"{' per-tensor' if self.per_tensor else ''}")
+        if self.group_size == 0 or self.group_size < -1:
+            raise ZeroQuantError(f"group_size must be positive or -1 (per row), got {self.group_size}")
 
     @property
     def progressive(self) -> bool:
@@ -46,8 +48,6 @@ class WeightQuant:
         import torch
 
         return torch.float32 if self.progressive else getattr(torch, self.scale_dtype)
-        if self.group_size == 0 or self.group_size < -1:
-            raise ZeroQuantError(f"group_size must be positive or -1 (per row), got {self.group_size}")
 
 
 @dataclass(frozen=True)

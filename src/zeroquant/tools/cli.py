@@ -215,13 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _raise_interrupt(signum, frame) -> None:
-    """SIGTERM (kill, a job scheduler's time limit) cleans up as Ctrl-C does: saves remove their temp dirs."""
+    """SIGTERM (kill, a job scheduler's time limit) cleans up as Ctrl-C does: saves remove their temp dirs. SIGINT
+    gets the same handler, not Python's default: a library imported earlier may have replaced or ignored that."""
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         args.func(args)
     except (ZeroQuantError, OSError) as e:  # OSError: files and disks the user names (no space, permissions)
@@ -235,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"zeroquant: interrupted ({str(e) or 'SIGINT'})", file=sys.stderr)
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
 
 
