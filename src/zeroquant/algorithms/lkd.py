@@ -152,8 +152,8 @@ class FakeQuantLinear(nn.Module):
         lo = self.clip_lo * (self.qmin - z0) * s0
         z = torch.clamp(Q.round_ste(self.qmin - lo / s), self.qmin, self.qmax)
         if row is not None:  # and keeps every level of the group inside int8 (core.quant.progressive_group)
-            s2 = (s / row).detach()
-            z = torch.minimum(torch.maximum(z, (15 - 127 / s2).ceil()), (128 / s2).floor())
+            zlo, zhi = Q.progressive_zero_range((s / row).detach())
+            z = torch.minimum(torch.maximum(z, zlo), zhi)
         return s, z
 
     def quantized(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -141,6 +141,18 @@ def progressive_row_scale(w: torch.Tensor) -> torch.Tensor:
     return stored_scale(w.float().abs().amax(1, keepdim=True).clamp_min(EPS) / PROTECT, torch.float16)
 
 
+def progressive_zero_range(s2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The zero points z (lowest, highest) of a progressive group with integer scale s2 for which every level
+    s2 * (q - z), q in 0..15, lies in int8 [-128, 127]: a group whose z is outside cannot be an INT8 weight."""
+    return (15 - 127 / s2).ceil().clamp_min(0), (128 / s2).floor().clamp_max(15)
+
+
+def progressive_fits(s2: torch.Tensor, z: torch.Tensor) -> bool:
+    """Whether every group's levels lie in int8 (progressive_zero_range) and 1 <= s2 <= 16."""
+    lo, hi = progressive_zero_range(s2)
+    return bool(((s2 >= 1) & (s2 <= 16) & (z >= lo) & (z <= hi)).all())
+
+
 def progressive_group(wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer scales s2 and UINT4 zero points z [...] of groups wg [..., gs] given in row-scale units.
 
@@ -154,7 +166,8 @@ def progressive_group(wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     best = s2 = z = None
     for step in (0, 1, 2):
         c = (cover - step).clamp_min(1)
-        zc = torch.minimum(torch.maximum((-lo / c).round(), (15 - 127 / c).ceil()), (128 / c).floor()).clamp(0, 15)
+        zlo, zhi = progressive_zero_range(c)
+        zc = torch.minimum(torch.maximum((-lo / c).round(), zlo), zhi)
         w8 = c[..., None] * (((wg / c[..., None]).round() + zc[..., None]).clamp(0, 15) - zc[..., None])
         err = (w8 - wg).square().sum(-1)
         take = torch.ones_like(err, dtype=torch.bool) if best is None else err < best

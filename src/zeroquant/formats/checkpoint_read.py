@@ -88,8 +88,7 @@ def check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], where: str
         if buf == "w_scale" and zero is not None and not t.is_meta and t.numel() and name in expected:
             m = model.get_submodule(prefix)
             if isinstance(m, QuantLinear) and m.wq.progressive:
-                s2, z = t.float(), zero.float()
-                if (s2 * z > 128).any() or (s2 * (15 - z) > 127).any():
+                if not Q.progressive_fits(t.float(), zero.float()):
                     raise ZeroQuantError(f"{where}: {prefix} has progressive scales and zero points whose INT8 "
                                          "weights would overflow")
 

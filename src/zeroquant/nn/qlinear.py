@@ -177,10 +177,7 @@ class QuantLinear(nn.Module):
         """Progressive INT4: the integer group scales s2 behind float group scales [N, G] (s1 * s2, with s1 this
         layer's row scale), refused unless they are exactly that and keep every level inside int8."""
         s2 = (scale.float() / self.w_row_scale).round()
-        z = zero.float()
-        ok = (torch.equal(s2 * self.w_row_scale, scale.float()) and bool((s2 >= 1).all()) and bool((s2 <= 16).all())
-              and bool((s2 * z <= 128).all()) and bool((s2 * (15 - z) <= 127).all()))
-        if not ok:
+        if not (torch.equal(s2 * self.w_row_scale, scale.float()) and Q.progressive_fits(s2, zero.float())):
             raise ZeroQuantError("progressive (int8) scales must be whole multiples (1..16) of the row scale with "
                                  "every level inside int8 (zeroquant.core.quant.progressive_group)")
         return s2
