@@ -129,13 +129,14 @@ class GPTQResult(NamedTuple):
     zero: torch.Tensor  # [N, G]
     # [N, K] float: each column as it stood when rounded (the original plus the compensation it received),
     # so round-to-nearest on (scale, zero) gives q; distillation starts from it, not from q's grid points.
-    weight: torch.Tensor
+    # None unless asked for (keep_weight): a float32 copy of the weight.
+    weight: torch.Tensor | None
 
 
 @torch.no_grad()
 def gptq_round(
     w: torch.Tensor, hessian: torch.Tensor, wq: WeightQuant, damp: float = DAMP, block: int = BLOCK,
-    overwrite: bool = False,
+    overwrite: bool = False, keep_weight: bool = True,
 ) -> GPTQResult:
     """GPTQ rounding of an [N, K] weight with the Hessian [K, K] of its inputs (overwrite: the Hessian may be
     used as scratch space, which saves a copy of it)."""
@@ -166,7 +167,7 @@ def gptq_round(
     else:  # blocks hold whole groups, so a group's columns are all current when its scale is taken
         block = gs * max(1, block // gs)
     q = torch.empty(n, k, device=W.device)
-    before = torch.empty(n, k, device=W.device)
+    before = torch.empty(n, k, device=W.device) if keep_weight else None
     for b0 in range(0, k, block):
         b1 = min(b0 + block, k)
         W1 = W[:, b0:b1].clone()
@@ -185,7 +186,8 @@ def gptq_round(
                 scale[:, g], zero[:, g] = Q.stored_scale(s, sdtype), z
             s, z = scale[:, g], zero[:, g]
             col = W1[:, i]
-            before[:, c] = col
+            if before is not None:
+                before[:, c] = col
             qc = (torch.round(col / s) + z).clamp(qmin, qmax)
             q[:, c] = qc
             e = (col - (qc - z) * s) / U[c, c]
@@ -195,9 +197,10 @@ def gptq_round(
     return GPTQResult(q.to(Q.storage_dtype(wq.bits, wq.symmetric)), scale, zero, before)
 
 
-def gptq_starts(targets: list, block: nn.Module, inputs, stream) -> dict:
+def gptq_starts(targets: list, block: nn.Module, inputs, stream, keep_weights: bool = True) -> dict:
     """GPTQ's rounding of the GPTQ-rule linears among `targets` (Targets of one block), from the Hessians
-    of their inputs when `block` runs on `stream` (a blockwise.Hidden); name in the block -> GPTQResult."""
+    of their inputs when `block` runs on `stream` (a blockwise.Hidden); name in the block -> GPTQResult (its
+    weight None unless keep_weights: distillation starts from it, plain GPTQ does not need it)."""
     mods = {t.local: block.get_submodule(t.local) for t in targets if t.rule.rounding == "gptq"}
     if not mods:
         return {}
@@ -216,10 +219,11 @@ def gptq_starts(targets: list, block: nn.Module, inputs, stream) -> dict:
     out = {}
     for (_, wq), names in together.items():
         weights = [linear_weight(mods[n]) for n in names]
-        res = gptq_round(torch.cat(weights), hs.take(names), wq, overwrite=True)
+        res = gptq_round(torch.cat(weights), hs.take(names), wq, overwrite=True, keep_weight=keep_weights)
         rows = [w.shape[0] for w in weights]
-        for n, *parts in zip(names, *(t.split(rows) for t in res), strict=True):
-            out[n] = GPTQResult(*parts)
+        parts = [t.split(rows) if t is not None else [None] * len(names) for t in res]
+        for n, *fields in zip(names, *parts, strict=True):
+            out[n] = GPTQResult(*fields)
     return out
 
 
@@ -230,7 +234,7 @@ def gptq_step(by_block: dict[int, list], ranges: dict):
     @torch.no_grad()
     def step(block: nn.Module, inputs, _fp_out) -> nn.Module:
         ts = by_block.get(inputs.index, [])
-        rounded = gptq_starts(ts, block, inputs, inputs.quant)
+        rounded = gptq_starts(ts, block, inputs, inputs.quant, keep_weights=False)
         for t in ts:
             ql = QuantLinear.from_weight(linear_weight(t.module), t.module.bias, t.rule, ranges.get(t.name))
             if t.local in rounded:
