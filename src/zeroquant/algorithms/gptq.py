@@ -62,8 +62,8 @@ class InputHessians:
             shared = next((n for n, t in self._inputs.items() if t is x), name)
             self._inputs[name] = x
             owner = self.owner.setdefault(name, shared)
-            if owner != shared and shared != name:
-                raise RuntimeError(f"GPTQ: {name} shared its input with {owner} in one batch, with {shared} in another")
+            if owner != shared:  # its Hessian would be another module's, or miss batches
+                raise RuntimeError(f"GPTQ: {name} read {owner}'s input in one batch, {shared}'s in another")
             if owner != name:
                 return
             x = x.detach().reshape(-1, x.shape[-1]).double()

@@ -111,16 +111,13 @@ def quant_linear(
     which is what the kernels do in int32 on tensor cores. row_scale [N, 1]: progressive INT4, w_scale
     holding integer group scales s2: INT8 weights s2 * (q - z), one float scale a row.
     """
-    if row_scale is not None:
+    if row_scale is not None and x_scale is not None:
         k = x.shape[1]
         w8 = int_weight(qweight, w_zero, bits, group_size) * Q.expand_groups(w_scale.double(), k, group_size)
-        if x_scale is not None:
-            return int_linear(x, x_scale, None, w8.to(torch.int8), None, row_scale.reshape(-1, 1).float(), k, bias,
-                              act, out_dtype)
-        w = w8.float() * row_scale.reshape(-1, 1).float()
-        y = x.float() @ w.to(x.dtype).float().t()
-        y = y if bias is None else y + bias.float()
-        return apply_act(y, act).to(out_dtype)
+        return int_linear(x, x_scale, None, w8.to(torch.int8), None, row_scale.reshape(-1, 1).float(), k, bias,
+                          act, out_dtype)
+    if row_scale is not None:  # 16-bit tokens: s1 * s2 is the group's float scale, exact in float32
+        w_scale = w_scale.float() * row_scale.reshape(-1, 1).float()
     if x_scale is not None:
         if bits == 8 and w_zero is not None:
             raise ValueError("the kernels take symmetric INT8 weights only")

@@ -82,19 +82,21 @@ class GreedyDecoder:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.length = 0
 
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, keep: dict) -> torch.Tensor:
+        """The logits of tokens `ids` at positions `pos`, written into the static cache."""
+        return self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos.expand(ids.shape[0], -1),
+                          past_key_values=self.cache, cache_position=pos, use_cache=True, **keep).logits
+
     def _next_token(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos.expand(ids.shape[0], -1),
-                         past_key_values=self.cache, cache_position=pos, use_cache=True, **self.keep)
-        return out.logits[:, -1].argmax(-1)
+        return self._forward(ids, pos, self.keep)[:, -1].argmax(-1)
 
     def _prompt_token(self, ids: torch.Tensor, pos: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         """The token after position `last` [1] of a right-padded prompt: the padding's own cache entries lie
-        past the prompt, where the causal mask hides them until decode overwrites them."""
-        kwargs = {"logits_to_keep": last} if self.keep else {}
-        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos.expand(ids.shape[0], -1),
-                         past_key_values=self.cache, cache_position=pos, use_cache=True, **kwargs)
-        logits = out.logits if self.keep else out.logits.index_select(1, last)
-        return logits[:, -1].argmax(-1)
+        past the prompt, where the causal mask hides them until decode overwrites them. Its own function, so
+        the prompt's buckets and the decode step count against separate torch.compile recompile limits."""
+        if self.keep:
+            return self._forward(ids, pos, {"logits_to_keep": last})[:, -1].argmax(-1)
+        return self._forward(ids, pos, {}).index_select(1, last)[:, -1].argmax(-1)
 
     def _cache_lengths(self) -> list[torch.Tensor]:
         """The cache layers' own write positions, where they keep one (transformers >= 5: each new entry goes
