@@ -69,10 +69,17 @@ def torch_w8a8(x, w8t, sw):
     return (y.float() * s * sw).half()
 
 
-def weights(k, n, bits, group, dev, int4_scale_dtype=torch.float16, int8_tokens=False):
+def weights(k, n, bits, group, dev, int4_scale_dtype=torch.float16, int8_tokens=False, progressive=False):
     """Random kernel weights; INT4 scales and zero points in int4_scale_dtype (float16, as the W4 presets store
-    them, unless asked), interleaved where QuantLinear would for int8_tokens."""
+    them, unless asked), interleaved where QuantLinear would for int8_tokens. progressive: INT4 with integer group
+    scales s2 in [1, 16], zero points that keep s2 * (q - z) in int8, and float row scales."""
     g = 1 if group < 0 else k // group
+    if progressive:
+        q = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=dev)
+        s2 = torch.randint(1, 17, (n, g), dtype=torch.int8, device=dev)
+        z = torch.randint(7, 9, (n, g), dtype=torch.int8, device=dev)
+        rows = torch.rand(n, device=dev) * 1e-3 + 1e-4
+        return gemm.KernelWeight.from_quant(q, s2, z, 4, group, row_scale=rows)
     scale = torch.rand(n, g, device=dev) * 1e-2 + 1e-3
     if bits == 8:
         q = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=dev)
@@ -91,6 +98,7 @@ def gemm_rows(dev):
         w16 = torch.randn(n, k, device=dev, dtype=torch.float16) * k**-0.5
         w8c, w8g = weights(k, n, 8, -1, dev), weights(k, n, 8, 128, dev)
         w4g = weights(k, n, 4, 128, dev)
+        w4p = weights(k, n, 4, 128, dev, progressive=True)
         sw = w8c.scale.reshape(1, -1)
         for m in MS:
             x = torch.randn(m, k, device=dev, dtype=torch.float16)
@@ -116,6 +124,8 @@ def gemm_rows(dev):
                 "w4a16_g128": ms(*ours(w4g, "fp16")),
                 "w4a8_g128": ms(*ours(w4g, "quant")),
                 "w4a8_g128_gemm": ms(*ours(w4g, "int8")),
+                "w4a16_prog": ms(*ours(w4p, "fp16")),
+                "w4a8_prog_gemm": ms(*ours(w4p, "int8")),
             }
             row = {"M": m, "K": k, "N": n, "ms": t,
                    "x_fp16": {name: (t["fp16"] / v if v else None) for name, v in t.items()}}
@@ -124,7 +134,8 @@ def gemm_rows(dev):
             print(f"M={m:5d} K={k:5d} N={n:5d} fp16 {t['fp16'] * 1e3:8.1f}us | torch_w8a8 {r['torch_w8a8']:.2f}x "
                   f"w8a8-ch {r['w8a8_channel']:.2f}x ({r['w8a8_channel_gemm']:.2f}x gemm) "
                   f"w8a8-g128 {r['w8a8_g128']:.2f}x ({r['w8a8_g128_gemm']:.2f}x) "
-                  f"w4a16 {r['w4a16_g128']:.2f}x w4a8 {r['w4a8_g128']:.2f}x ({r['w4a8_g128_gemm']:.2f}x)", flush=True)
+                  f"w4a16 {r['w4a16_g128']:.2f}x w4a8 {r['w4a8_g128']:.2f}x ({r['w4a8_g128_gemm']:.2f}x) "
+                  f"progressive w4a16 {r['w4a16_prog']:.2f}x w4a8 gemm {r['w4a8_prog_gemm']:.2f}x", flush=True)
     return rows
 
 
@@ -173,14 +184,16 @@ def markdown(res) -> str:
            "replays (launch overhead excluded), weights rotated over >256 MiB so they stream from HBM. "
            "'+q' includes the token-wise quant kernel; 'gemm' is the GEMM alone on pre-quantized input.", "",
            "| M | K | N | fp16 us | torch W8A8 | W8A8 ch +q | W8A8 ch gemm | W8A8 g128 +q | W8A8 g128 gemm "
-           "| W4A16 g128 | W4A8 g128 +q | W4A8 g128 gemm |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| W4A16 g128 | W4A8 g128 +q | W4A8 g128 gemm | W4A16 progressive | W4A8 progressive gemm |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["gemm"]:
         x = r["x_fp16"]
         out.append(f"| {r['M']} | {r['K']} | {r['N']} | {r['ms']['fp16'] * 1e3:.1f} | {x['torch_w8a8']:.2f} "
                    f"| {x['w8a8_channel']:.2f} | {x['w8a8_channel_gemm']:.2f} | {x['w8a8_g128']:.2f} "
                    f"| {x['w8a8_g128_gemm']:.2f} | {x['w4a16_g128']:.2f} | {x['w4a8_g128']:.2f} "
-                   f"| {x['w4a8_g128_gemm']:.2f} |")
+                   f"| {x['w4a8_g128_gemm']:.2f} | {x['w4a16_prog']:.2f} | {x['w4a8_prog_gemm']:.2f} |")
+    if not res["rows"]:
+        return "\n".join(out) + "\n"
     out += ["", f"Row kernels, K=4096, vs device copy bandwidth {res['copy_GBps']:.0f} GB/s:", "",
             "| kernel | M | us | GB/s | of copy |", "|---|---|---|---|---|"]
     for r in res["rows"]:
@@ -192,16 +205,23 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--quick", action="store_true", help="two shapes only (smoke run)")
+    ap.add_argument("--ms", help="comma-separated token counts instead of the default sweep")
+    ap.add_argument("--shapes", help="comma-separated KxN (e.g. 4096x11008,11008x4096) instead of the defaults")
+    ap.add_argument("--gemm-only", action="store_true", help="skip the row kernels and the SASS facts")
     args = ap.parse_args()
     if args.quick:
         MS[:] = [1, 16, 2048, 8192]
         KNS[:] = [(4096, 4096)]
+    if args.ms:
+        MS[:] = [int(m) for m in args.ms.split(",")]
+    if args.shapes:
+        KNS[:] = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")]
     dev = "cuda"
     torch.manual_seed(0)
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
-    res["rows"], res["copy_GBps"] = row_kernel_rows(dev)
+    res["rows"], res["copy_GBps"] = ([], None) if args.gemm_only else row_kernel_rows(dev)
     res["gemm"] = gemm_rows(dev)
-    res["kernel_facts"] = kernel_facts()
+    res["kernel_facts"] = [] if args.gemm_only else kernel_facts()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "kernels.json").write_text(json.dumps(res, indent=1))

@@ -564,9 +564,10 @@ def test_tile_gemm_every_decode_config_masks_rows_past_m(cfg, a8):
             grid = (-(-m // c.kwargs["BLOCK_M"]) * -(-n // c.kwargs["BLOCK_N"]),)
             TG._qlinear_kernel.fn[grid](
                 xin, xs.reshape(-1) if a8 else got, kw.qweight, kw.scale, kw.zero if kw.zero is not None else kw.scale,
-                ql.bias, got, m, n, k, xin.stride(0), kw.qweight.stride(0), got.stride(0), 16, A_INT8=a8, W_BITS=bits,
-                HAS_ZERO=kw.zero is not None, GROUP_SIZE=kw.kernel_group, HAS_BIAS=True, ACT=act_code("silu"),
-                SZ_WORD=kw.sz_step == 2, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+                got, ql.bias, got, m, n, k, xin.stride(0), kw.qweight.stride(0), got.stride(0), 16, A_INT8=a8,
+                W_BITS=bits, HAS_ZERO=kw.zero is not None, GROUP_SIZE=kw.kernel_group, HAS_BIAS=True,
+                ACT=act_code("silu"), SZ_WORD=kw.sz_step == 2, PROG=False, **c.kwargs, num_warps=c.num_warps,
+                num_stages=c.num_stages)
             assert rel_err(got, want) < 2e-3, (bits, group, m)
             assert out[m:].isnan().all()
 

@@ -76,7 +76,7 @@ def test_fused_norm_quantizes_once_for_its_linears(monkeypatch):
     only o_proj quantizes its own input."""
     q = llama("w8a8")
     assert sum(isinstance(m, FusedNorm) for m in q.modules()) == 4
-    from zeroquant.kernels import rowwise  # needs Triton: imported only where the test runs
+    from zeroquant.kernels.triton import rowwise  # needs Triton: imported only where the test runs
 
     calls = []
     real = rowwise.quantize_per_token
@@ -114,7 +114,7 @@ def test_fused_activation_quantizes_for_the_next_linear(monkeypatch):
     m = T.BertModel(T.BertConfig(intermediate_size=512, **DIMS)).eval()
     fused = zq.quantize(m, "w8a8", progress=False).half().cuda()
     plain = zq.quantize(m, "w8a8", progress=False, fuse=False).half().cuda()
-    from zeroquant.kernels import rowwise  # needs Triton
+    from zeroquant.kernels.triton import rowwise  # needs Triton
 
     calls = []
     real = rowwise.quantize_per_token
@@ -150,7 +150,7 @@ def test_float32_model_runs_int8_kernels(preset, monkeypatch):
     torch.manual_seed(0)
     m = T.LlamaForCausalLM(T.LlamaConfig(intermediate_size=512, num_key_value_heads=2, **DIMS)).eval()
     q = zq.quantize(m, preset, progress=False).cuda()
-    from zeroquant.kernels import gemm  # needs Triton
+    from zeroquant.kernels.triton import gemm  # needs Triton
 
     calls = []
     real = gemm.quant_linear

@@ -4,6 +4,7 @@ split-K reduction and its arrival counters, and the autotuners' timing."""
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch
 import triton
@@ -198,4 +199,24 @@ def split_counters(device: torch.device, tiles: int) -> torch.Tensor:
 
 @functools.cache
 def _zeroed_counters(device: torch.device) -> torch.Tensor:
-    return torch.zeros(_COUNTERS, dtype=torch.int32, device=device)
+    """Allocated on a helper thread, outside any CUDA-graph memory pool: the first call may come while
+    torch.compile's CUDA graphs warm up, which route the calling thread's allocations into their pool, and
+    they refuse a tensor that stays alive there without being one of the graph's outputs. (A graph being
+    captured allows no allocation elsewhere: then the workspace joins its pool, which keeps it alive.)"""
+    if torch.cuda.is_current_stream_capturing():
+        return torch.zeros(_COUNTERS, dtype=torch.int32, device=device)
+    made: list = []
+
+    def allocate():
+        try:
+            made.append(torch.zeros(_COUNTERS, dtype=torch.int32, device=device))
+            torch.cuda.synchronize(device)
+        except Exception as e:  # e.g. out of memory: raised again on the calling thread
+            made.append(e)
+
+    worker = threading.Thread(target=allocate)
+    worker.start()
+    worker.join()
+    if isinstance(made[0], Exception):
+        raise made[0]
+    return made[0]
