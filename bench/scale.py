@@ -159,11 +159,13 @@ def main() -> None:
                  **quantize(src, q, ROWS[name], args.text, n, extra)}
             if "error" not in r:
                 r["minutes_per_block"] = r["quantize_minutes"] / shape["num_hidden_layers"]
-                if not args.no_compare and n == 1:
-                    r["max_logit_diff_vs_in_memory"] = compare(src, q, ROWS[name], args.text, device, extra)
             rows.append(r)
             print(json.dumps(r), flush=True)
             out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+            if "error" not in r and not args.no_compare and n == 1:  # after the row is on disk: it may be cut
+                r["max_logit_diff_vs_in_memory"] = compare(src, q, ROWS[name], args.text, device, extra)
+                print(json.dumps(r), flush=True)
+                out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [f"{args.shape} ({shape['num_hidden_layers']} blocks), fp16 shards {size / 2**30:.1f} GiB, "
              f"{meta['device']}, torch {meta['torch']}", "",
              "| row | processes | minutes | min / block | peak GPU GiB | host RSS growth GiB | "
