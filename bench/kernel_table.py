@@ -18,7 +18,7 @@ import torch
 import triton
 
 from zeroquant.core import quant as Q
-from zeroquant.kernels.triton import gemm, rowwise, tile_gemm
+from zeroquant.kernels.triton import gemm, rowwise, tile_gemm, w4_gemm
 from zeroquant.kernels.weight_format import interleavable, interleave
 
 MS = [1, 16, 128, 2048, 8192]
@@ -103,10 +103,16 @@ def gemm_rows(dev):
         for m in MS:
             x = torch.randn(m, k, device=dev, dtype=torch.float16)
             xq, xs = rowwise.quantize_per_token(x)
-            def ours(w, act):
-                """(fn, *weight tensors) for ms(); act: 'fp16' input, 'quant' token-wise quant + GEMM, 'int8'."""
+            def ours(w, act, wide=False):
+                """(fn, *weight tensors) for ms(); act: 'fp16' input, 'quant' token-wise quant + GEMM, 'int8'.
+                wide: the INT4 GEMM for prompts (w4_gemm) called directly, which gemm.quant_linear does not
+                dispatch to yet."""
                 def fn(q, s, z=None):
                     kw = replace(w, qweight=q, scale=s, zero=z)
+                    if wide:
+                        c = torch.empty(m, n, device=dev, dtype=torch.float16)
+                        tokens = (x, None) if act == "fp16" else (xq, xs.reshape(-1))
+                        return w4_gemm.w4_gemm(*tokens, kw, None, None, c)
                     if act == "fp16":
                         return gemm.quant_linear(x, None, kw)
                     return gemm.quant_linear(*(rowwise.quantize_per_token(x) if act == "quant" else (xq, xs)), kw)
@@ -126,6 +132,9 @@ def gemm_rows(dev):
                 "w4a8_g128_gemm": ms(*ours(w4g, "int8")),
                 "w4a16_prog": ms(*ours(w4p, "fp16")),
                 "w4a8_prog_gemm": ms(*ours(w4p, "int8")),
+                "w4a16_g128_wide": ms(*ours(w4g, "fp16", wide=True)) if m > 16 else None,
+                "w4a8_g128_wide_gemm": ms(*ours(w4g, "int8", wide=True)) if m > 16 else None,
+                "w4a8_prog_wide_gemm": ms(*ours(w4p, "int8", wide=True)) if m > 16 else None,
             }
             row = {"M": m, "K": k, "N": n, "ms": t,
                    "x_fp16": {name: (t["fp16"] / v if v else None) for name, v in t.items()}}
@@ -135,7 +144,9 @@ def gemm_rows(dev):
                   f"w8a8-ch {r['w8a8_channel']:.2f}x ({r['w8a8_channel_gemm']:.2f}x gemm) "
                   f"w8a8-g128 {r['w8a8_g128']:.2f}x ({r['w8a8_g128_gemm']:.2f}x) "
                   f"w4a16 {r['w4a16_g128']:.2f}x w4a8 {r['w4a8_g128']:.2f}x ({r['w4a8_g128_gemm']:.2f}x) "
-                  f"progressive w4a16 {r['w4a16_prog']:.2f}x w4a8 gemm {r['w4a8_prog_gemm']:.2f}x", flush=True)
+                  f"progressive w4a16 {r['w4a16_prog']:.2f}x w4a8 gemm {r['w4a8_prog_gemm']:.2f}x"
+                  + (f" | w4_gemm: w4a16 {r['w4a16_g128_wide']:.2f}x w4a8 {r['w4a8_g128_wide_gemm']:.2f}x "
+                     f"progressive w4a8 {r['w4a8_prog_wide_gemm']:.2f}x" if m > 16 else ""), flush=True)
     return rows
 
 
@@ -184,14 +195,17 @@ def markdown(res) -> str:
            "replays (launch overhead excluded), weights rotated over >256 MiB so they stream from HBM. "
            "'+q' includes the token-wise quant kernel; 'gemm' is the GEMM alone on pre-quantized input.", "",
            "| M | K | N | fp16 us | torch W8A8 | W8A8 ch +q | W8A8 ch gemm | W8A8 g128 +q | W8A8 g128 gemm "
-           "| W4A16 g128 | W4A8 g128 +q | W4A8 g128 gemm | W4A16 progressive | W4A8 progressive gemm |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| W4A16 g128 | W4A8 g128 +q | W4A8 g128 gemm | W4A16 progressive | W4A8 progressive gemm "
+           "| w4_gemm: W4A16 g128 | W4A8 g128 gemm | W4A8 progressive gemm |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["gemm"]:
         x = r["x_fp16"]
         out.append(f"| {r['M']} | {r['K']} | {r['N']} | {r['ms']['fp16'] * 1e3:.1f} | {x['torch_w8a8']:.2f} "
                    f"| {x['w8a8_channel']:.2f} | {x['w8a8_channel_gemm']:.2f} | {x['w8a8_g128']:.2f} "
                    f"| {x['w8a8_g128_gemm']:.2f} | {x['w4a16_g128']:.2f} | {x['w4a8_g128']:.2f} "
-                   f"| {x['w4a8_g128_gemm']:.2f} | {x['w4a16_prog']:.2f} | {x['w4a8_prog_gemm']:.2f} |")
+                   f"| {x['w4a8_g128_gemm']:.2f} | {x['w4a16_prog']:.2f} | {x['w4a8_prog_gemm']:.2f} | "
+                   + " | ".join("" if x[c] is None else f"{x[c]:.2f}"
+                                for c in ("w4a16_g128_wide", "w4a8_g128_wide_gemm", "w4a8_prog_wide_gemm")) + " |")
     if not res["rows"]:
         return "\n".join(out) + "\n"
     out += ["", f"Row kernels, K=4096, vs device copy bandwidth {res['copy_GBps']:.0f} GB/s:", "",

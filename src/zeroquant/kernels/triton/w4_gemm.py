@@ -1,0 +1,159 @@
+"""The INT4 GEMM for prompts and serving batches (17 tokens and more, Hopper): C^T = W x^T, tiled over tokens.
+
+The tile GEMM (tile_gemm.py) makes each INT4 weight tile the right-hand operand of its dot. On Hopper that
+operand of the warpgroup MMA must sit in shared memory, so every unpacked weight went registers -> shared
+memory -> tensor cores, and INT4 ran at a third of INT8's speed on that kernel (docs/kernels.md). Here, as in
+the small-M kernel (skinny_gemm.py), the weights are the left operand, which the warpgroup MMA reads from
+registers: a tile's nibbles become q - zero four at a time (_nibble_planes) and go straight into the MMA;
+the tokens stream through shared memory as an INT8 GEMM's would. Against INT8 tokens each group's int32 dot
+is exact and is scaled once per group (float16-scale INT4) or not at all (progressive INT4: the weight is
+s2 * (q - z) in int8, one int32 accumulator for the whole K loop, the row scale in the epilogue); against
+fp16/bf16 tokens the group's float32 dot is scaled. The per-token scale, bias and activation come last.
+
+gemm.quant_linear does not dispatch here yet: the kernel waits for its GPU timing (bench/kernel_table.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from zeroquant.kernels import act_code
+from zeroquant.kernels.triton.gemm_common import PACK_C, _exact_float, _gpu_time, _nibble_planes, _tile
+from zeroquant.kernels.triton.launch import device_index, device_info
+from zeroquant.kernels.triton.rowwise import apply_act
+from zeroquant.kernels.triton.skinny_gemm import _word_zero_operand, _zero_operand
+from zeroquant.kernels.weight_format import KernelWeight
+
+
+def _cfg(bn, bt, bk, warps, stages):
+    return triton.Config({"BLOCK_N": bn, "BLOCK_T": bt, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+
+
+# Weight rows a tile are the MMA's M side (64 a warpgroup), tokens its N side. BLOCK_K 64 serves K that is
+# a whole number of 64-channel chunks but not of 128 (a short last group).
+_CONFIGS = [_cfg(128, 128, 128, 8, 3), _cfg(128, 64, 128, 4, 4), _cfg(64, 128, 128, 4, 4),
+            _cfg(128, 128, 128, 4, 3), _cfg(256, 128, 128, 8, 3), _cfg(128, 256, 128, 8, 3),
+            _cfg(128, 128, 64, 8, 4), _cfg(64, 64, 64, 4, 4)]
+
+
+def _prune(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    k, gs = args["K"], args["GROUP_SIZE"]
+    bk = lambda c: c.kwargs["BLOCK_K"]
+    return [c for c in configs if k % bk(c) == 0 and (not gs or gs % bk(c) == 0 or bk(c) % gs == 0)]
+
+
+def _m_bucket(m: int) -> int:
+    return 64 if m <= 64 else 256 if m <= 256 else 1024 if m <= 1024 else 4096
+
+
+@triton.autotune(
+    configs=_CONFIGS,
+    key=["M_BUCKET", "N", "K", "A_INT8", "HAS_ZERO", "GROUP_SIZE", "SZ_WORD", "PROG"],
+    prune_configs_by={"early_config_prune": _prune},
+    do_bench=_gpu_time,
+)
+@triton.jit
+def _w4_gemm_kernel(
+    a_ptr, as_ptr, w_ptr, s_ptr, z_ptr, r_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_wn, stride_cm, M_BUCKET,
+    A_INT8: tl.constexpr, HAS_ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr, SZ_WORD: tl.constexpr, PROG: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Program (t, n) computes tokens t * BLOCK_T.. against weight rows n * BLOCK_N..; tokens past M load a
+    valid token instead (wrapped) and are never stored. A sub-step of SUB channels never straddles a weight
+    group; its bytes hold whole half-split chunks (quant.pack_int4: the low nibbles of a chunk's 32 bytes are
+    its channels 0..31, the high nibbles 32..63), so the tokens are gathered to match each nibble plane and one
+    dot covers each plane."""
+    pid_t, pid_n = _tile(tl.program_id(0), M, N, BLOCK_T, BLOCK_N)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    rn = offs_n % N
+    rt = offs_t % M
+    SUB: tl.constexpr = BLOCK_K if GROUP_SIZE == 0 or GROUP_SIZE >= BLOCK_K else GROUP_SIZE
+    HALF: tl.constexpr = PACK_C // 2
+    byte = tl.arange(0, SUB // 2)
+    w_rows = w_ptr + rn[:, None].to(tl.int64) * stride_wn + byte[None, :]
+    a_lo = a_ptr + rt[None, :].to(tl.int64) * stride_am + ((byte // HALF) * PACK_C + byte % HALF)[:, None]
+    ety = a_ptr.dtype.element_ty
+
+    # One accumulator live through the loop: int32 where no float scale enters it before the epilogue.
+    INT_ACC: tl.constexpr = A_INT8 and (GROUP_SIZE == 0 or PROG)
+    if INT_ACC:
+        acc_i = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+    if PROG:
+        row = tl.load(r_ptr + rn)
+    if GROUP_SIZE == 0:
+        if SZ_WORD:
+            s, zo = _word_zero_operand(s_ptr, rn, A_INT8, ety)
+        else:
+            s = tl.load(s_ptr + rn).to(tl.float32)
+            zo = _zero_operand(z_ptr, rn, s, HAS_ZERO, A_INT8, ety, BLOCK_N)
+    for k0 in range(0, K, BLOCK_K):
+        for j in tl.static_range(BLOCK_K // SUB):
+            kj = k0 + j * SUB
+            wb = tl.load(w_rows + tl.multiple_of(kj // 2, 16))  # [BLOCK_N, SUB / 2] bytes
+            x_lo = tl.load(a_lo + kj)  # [SUB / 2, BLOCK_T]: the low nibbles' channels
+            x_hi = tl.load(a_lo + kj + HALF)
+            if GROUP_SIZE > 0:
+                g = kj // GROUP_SIZE
+                if SZ_WORD:
+                    s, zo = _word_zero_operand(s_ptr, g * N + rn, A_INT8, ety)
+                else:
+                    s = tl.load(s_ptr + g * N + rn).to(tl.float32)
+                    zo = _zero_operand(z_ptr, g * N + rn, s, HAS_ZERO, A_INT8, ety, BLOCK_N)
+            lo, hi = _nibble_planes(wb, zo, ety, BLOCK_N, SUB // 2)
+            if A_INT8 and PROG:
+                # s2 * (q - z) lies in int8 by the format's construction (core.quant.progressive_fits)
+                s2 = s.to(tl.int16)[:, None]
+                lo = (lo.to(tl.int16) * s2).to(tl.int8)
+                hi = (hi.to(tl.int16) * s2).to(tl.int8)
+                acc_i = tl.dot(hi, x_hi, tl.dot(lo, x_lo, acc_i, out_dtype=tl.int32), out_dtype=tl.int32)
+            elif A_INT8:
+                part = tl.dot(hi, x_hi, tl.dot(lo, x_lo, out_dtype=tl.int32), out_dtype=tl.int32)
+                if GROUP_SIZE > 0:  # |part| <= SUB * 127 * 15 < 2^22: exact through _exact_float
+                    acc = tl.fma(_exact_float(part), s[:, None], acc)
+                else:
+                    acc_i += part
+            else:
+                part = tl.dot(hi, x_hi, tl.dot(lo, x_lo))
+                if GROUP_SIZE > 0:
+                    acc = tl.fma(part, (s * row if PROG else s)[:, None], acc)
+                else:
+                    acc += part
+
+    if INT_ACC:
+        acc = acc_i.to(tl.float32) * (row if PROG else s)[:, None]
+    elif GROUP_SIZE == 0:
+        acc = acc * (s * row if PROG else s)[:, None]
+    if A_INT8:
+        acc = acc * tl.load(as_ptr + rt)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn).to(tl.float32)[:, None]
+    acc = apply_act(acc, ACT)
+    c_ptrs = c_ptr + offs_t[None, :].to(tl.int64) * stride_cm + offs_n[:, None]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_t[None, :] < M) & (offs_n[:, None] < N))
+
+
+def w4_gemm_ok(a: torch.Tensor, w: KernelWeight) -> bool:
+    """INT4 weights, more than 16 tokens, on Hopper+ (the warpgroup MMA's register operand)."""
+    return w.bits == 4 and a.shape[0] > 16 and a.is_cuda and device_info(device_index(a))[0] >= 9
+
+
+def w4_gemm(a: torch.Tensor, xs: torch.Tensor | None, w: KernelWeight, bias, act, c: torch.Tensor) -> None:
+    """c = act(a [* xs] @ W^T + bias) for INT4 W: a int8 [M, K] with float32 per-token scales xs [M], or
+    fp16/bf16 [M, K] with xs None; twin: reference.quant_linear."""
+    m, k = a.shape
+    n = w.out_features
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_T"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+    _w4_gemm_kernel[grid](
+        a, xs if xs is not None else c, w.qweight, w.scale, w.zero if w.zero is not None else w.scale,
+        w.row_scale if w.row_scale is not None else c, bias if bias is not None else c, c,
+        m, n, k, a.stride(0), w.qweight.stride(0), c.stride(0), _m_bucket(m),
+        A_INT8=xs is not None, HAS_ZERO=w.zero is not None, GROUP_SIZE=w.kernel_group, HAS_BIAS=bias is not None,
+        ACT=act_code(act), SZ_WORD=w.sz_step == 2, PROG=w.row_scale is not None,
+    )
