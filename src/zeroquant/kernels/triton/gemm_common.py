@@ -145,6 +145,28 @@ def _nibble_planes(wb, zo, ety: tl.constexpr, ROWS: tl.constexpr, BYTES: tl.cons
 
 
 @triton.jit
+def _progressive_planes(wb, s2, zs, ROWS: tl.constexpr, BYTES: tl.constexpr):
+    """Bytes [ROWS, BYTES] of progressive INT4 -> (low, high) nibble planes as the int8 weights s2 * (q - z),
+    exact: s2 int8 [ROWS] (1..16), zs uint8 [ROWS] = s2 * z mod 256.
+
+    Four weights a 32-bit word, as _nibble_planes: a nibble mask leaves bytes q < 16, one integer multiply by
+    s2 makes each byte s2 * q <= 240 with no carry into the next, and a byte-wise subtract without borrow
+    across bytes ((x | 0x80..) - (y & 0x7F..), xor ((x ^ ~y) & 0x80..)) leaves s2 * q - s2 * z mod 256 in each
+    byte, which is s2 * (q - z) in two's complement because the format keeps it in int8
+    (core.quant.progressive_fits). Byte-wise in Triton the same took about five instructions a weight."""
+    s = tl.broadcast_to(s2[:, None], (ROWS, BYTES))
+    z = tl.broadcast_to(zs[:, None], (ROWS, BYTES))
+    return tl.inline_asm_elementwise(
+        "{ .reg .b32 s, y, t, u, a, v;"
+        " and.b32 s, $3, 0xFF; and.b32 y, $4, 0x7F7F7F7F;"
+        " and.b32 t, $2, 0x0F0F0F0F; mul.lo.u32 t, t, s; or.b32 a, t, 0x80808080; sub.u32 a, a, y;"
+        " lop3.b32 v, t, $4, 0x80808080, 0x82; xor.b32 $0, a, v;"
+        " shr.u32 u, $2, 4; and.b32 u, u, 0x0F0F0F0F; mul.lo.u32 u, u, s; or.b32 a, u, 0x80808080;"
+        " sub.u32 a, a, y; lop3.b32 v, u, $4, 0x80808080, 0x82; xor.b32 $1, a, v; }",
+        "=r,=r,r,r,r", [wb, s, z], dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
+
+
+@triton.jit
 def _tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """(row tile, column tile) of output tile `pid`. GROUP_M row-tiles share each column of weight tiles, so
     weights are reused from L2."""

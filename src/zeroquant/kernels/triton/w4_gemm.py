@@ -20,7 +20,14 @@ import triton
 import triton.language as tl
 
 from zeroquant.kernels import act_code
-from zeroquant.kernels.triton.gemm_common import PACK_C, _exact_float, _gpu_time, _nibble_planes, _tile
+from zeroquant.kernels.triton.gemm_common import (
+    PACK_C,
+    _exact_float,
+    _gpu_time,
+    _nibble_planes,
+    _progressive_planes,
+    _tile,
+)
 from zeroquant.kernels.triton.launch import device_index, device_info
 from zeroquant.kernels.triton.rowwise import apply_act
 from zeroquant.kernels.triton.skinny_gemm import _word_zero_operand, _zero_operand
@@ -32,25 +39,38 @@ def _cfg(bn, bt, bk, warps, stages):
 
 
 # Weight rows a tile are the MMA's M side (64 a warpgroup), tokens its N side. BLOCK_K 64 serves K that is
-# a whole number of 64-channel chunks but not of 128 (a short last group).
-_CONFIGS = [_cfg(128, 128, 128, 8, 3), _cfg(128, 64, 128, 4, 4), _cfg(64, 128, 128, 4, 4),
-            _cfg(128, 128, 128, 4, 3), _cfg(256, 128, 128, 8, 3), _cfg(128, 256, 128, 8, 3),
-            _cfg(128, 128, 64, 8, 4), _cfg(64, 64, 64, 4, 4)]
+# a whole number of 64-channel chunks but not of 128 (a short last group). Tiles of 256 weight rows by 128
+# tokens fit the registers only with one int32 accumulator (INT_ACC formats): a float accumulator beside each
+# group's dot spilled there when compiled for sm_90 (docs/kernels.md).
+_CONFIGS = [_cfg(128, 128, 128, 8, 3), _cfg(128, 128, 128, 8, 4), _cfg(128, 64, 128, 4, 4), _cfg(64, 128, 128, 4, 4),
+            _cfg(256, 64, 128, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(128, 64, 64, 4, 4), _cfg(64, 128, 64, 4, 4),
+            _cfg(64, 64, 64, 4, 4)]
+_INT_ACC_CONFIGS = [_cfg(256, 128, 128, 8, 3), _cfg(256, 128, 64, 8, 3)]
 
 
 def _prune(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     k, gs = args["K"], args["GROUP_SIZE"]
+    int_acc = args["A_INT8"] and (gs == 0 or args["PROG"])
     bk = lambda c: c.kwargs["BLOCK_K"]
-    return [c for c in configs if k % bk(c) == 0 and (not gs or gs % bk(c) == 0 or bk(c) % gs == 0)]
+    return [c for c in configs if k % bk(c) == 0 and (not gs or gs % bk(c) == 0 or bk(c) % gs == 0)
+            and (int_acc or c not in _INT_ACC_CONFIGS)]
 
 
 def _m_bucket(m: int) -> int:
     return 64 if m <= 64 else 256 if m <= 256 else 1024 if m <= 1024 else 4096
 
 
+@triton.jit
+def _progressive_operands(s_ptr, z_ptr, idx):
+    """What _progressive_planes takes for rows idx of one group: s2 (int8) and s2 * z mod 256 (uint8)."""
+    s2 = tl.load(s_ptr + idx)
+    zs = (s2.to(tl.int32) * tl.load(z_ptr + idx).to(tl.int32)) & 0xFF
+    return s2, zs.to(tl.uint8)
+
+
 @triton.autotune(
-    configs=_CONFIGS,
+    configs=_CONFIGS + _INT_ACC_CONFIGS,
     key=["M_BUCKET", "N", "K", "A_INT8", "HAS_ZERO", "GROUP_SIZE", "SZ_WORD", "PROG"],
     prune_configs_by={"early_config_prune": _prune},
     do_bench=_gpu_time,
@@ -87,8 +107,13 @@ def _w4_gemm_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
     if PROG:
         row = tl.load(r_ptr + rn)
+    # Against INT8 tokens a progressive weight is s2 * (q - z) in int8 (_progressive_planes); otherwise q - z
+    # (_nibble_planes) and the group's float scale s after the dot.
+    INT_W: tl.constexpr = A_INT8 and PROG
     if GROUP_SIZE == 0:
-        if SZ_WORD:
+        if INT_W:
+            s2, zs = _progressive_operands(s_ptr, z_ptr, rn)
+        elif SZ_WORD:
             s, zo = _word_zero_operand(s_ptr, rn, A_INT8, ety)
         else:
             s = tl.load(s_ptr + rn).to(tl.float32)
@@ -101,25 +126,25 @@ def _w4_gemm_kernel(
             x_hi = tl.load(a_lo + kj + HALF)
             if GROUP_SIZE > 0:
                 g = kj // GROUP_SIZE
-                if SZ_WORD:
+                if INT_W:
+                    s2, zs = _progressive_operands(s_ptr, z_ptr, g * N + rn)
+                elif SZ_WORD:
                     s, zo = _word_zero_operand(s_ptr, g * N + rn, A_INT8, ety)
                 else:
                     s = tl.load(s_ptr + g * N + rn).to(tl.float32)
                     zo = _zero_operand(z_ptr, g * N + rn, s, HAS_ZERO, A_INT8, ety, BLOCK_N)
-            lo, hi = _nibble_planes(wb, zo, ety, BLOCK_N, SUB // 2)
-            if A_INT8 and PROG:
-                # s2 * (q - z) lies in int8 by the format's construction (core.quant.progressive_fits)
-                s2 = s.to(tl.int16)[:, None]
-                lo = (lo.to(tl.int16) * s2).to(tl.int8)
-                hi = (hi.to(tl.int16) * s2).to(tl.int8)
+            if INT_W:
+                lo, hi = _progressive_planes(wb, s2, zs, BLOCK_N, SUB // 2)
                 acc_i = tl.dot(hi, x_hi, tl.dot(lo, x_lo, acc_i, out_dtype=tl.int32), out_dtype=tl.int32)
             elif A_INT8:
+                lo, hi = _nibble_planes(wb, zo, ety, BLOCK_N, SUB // 2)
                 part = tl.dot(hi, x_hi, tl.dot(lo, x_lo, out_dtype=tl.int32), out_dtype=tl.int32)
                 if GROUP_SIZE > 0:  # |part| <= SUB * 127 * 15 < 2^22: exact through _exact_float
                     acc = tl.fma(_exact_float(part), s[:, None], acc)
                 else:
                     acc_i += part
             else:
+                lo, hi = _nibble_planes(wb, zo, ety, BLOCK_N, SUB // 2)
                 part = tl.dot(hi, x_hi, tl.dot(lo, x_lo))
                 if GROUP_SIZE > 0:
                     acc = tl.fma(part, (s * row if PROG else s)[:, None], acc)
