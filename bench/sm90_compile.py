@@ -1,0 +1,92 @@
+"""Compile INT4 GEMM kernels for sm_90 without a GPU and report what the compiler made of them.
+
+Per configuration and format: registers a thread, bytes spilled to the stack, shared memory, and whether the
+warpgroup MMAs read the weights from registers (RS) or from shared memory (SS), with the count of MMA waits
+and shared-memory stores in the PTX. Needs Triton (its bundled ptxas and cuobjdump), not CUDA or a GPU:
+
+    python bench/sm90_compile.py                 # w4_gemm, every configuration it autotunes over
+    python bench/sm90_compile.py --tile-gemm     # the tile GEMM's INT4 path at 128 x 128 x 128, for comparison
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from zeroquant.kernels.triton import tile_gemm, w4_gemm
+
+FORMATS = {"w4a8-g128": (True, False), "w4a8-progressive": (True, True), "w4a16-g128": (False, False),
+           "w4a16-progressive": (False, True)}
+ALIGNED = ("a_ptr", "w_ptr", "c_ptr", "K", "stride_am", "stride_wn", "stride_cm")
+
+
+def signature(a_int8: bool, prog: bool) -> dict:
+    return {"a_ptr": "*i8" if a_int8 else "*fp16", "as_ptr": "*fp32" if a_int8 else "*fp16", "w_ptr": "*u8",
+            "s_ptr": "*i8" if prog else "*fp16", "z_ptr": "*i8" if prog else "*fp16",
+            "r_ptr": "*fp32" if prog else "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp16", "M": "i32", "N": "i32",
+            "K": "i32", "stride_am": "i32", "stride_wn": "i32", "stride_cm": "i32", "M_BUCKET": "i32"}
+
+
+def compile_sm90(fn, sig: dict, consts: dict, warps: int, stages: int) -> dict:
+    sig = {**sig, **{c: "constexpr" for c in consts}}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+                    attrs={(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in ALIGNED})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+        usage = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    line = next(x for x in usage.splitlines() if "REG:" in x)
+    ptx = k.asm["ptx"]
+    # The accumulator's register list, then the left operand: a register list (RS) or a descriptor (SS).
+    mma = re.findall(r"wgmma\.mma_async\S*\s*\{[^}]*\}\s*,\s*(\S)", ptx)
+    return {"regs": int(line.split("REG:")[1].split()[0]), "stack": int(line.split("STACK:")[1].split()[0]),
+            "shared_kib": k.metadata.shared // 1024,
+            "mma": ("RS" if mma[0] == "{" else "SS") if mma else "none",
+            "mma_waits": ptx.count("wgmma.wait_group"), "shared_stores": len(re.findall(r"\bst\.shared", ptx))}
+
+
+def w4_gemm_rows():
+    fn = w4_gemm._w4_gemm_kernel.fn
+    for c in w4_gemm._CONFIGS + w4_gemm._INT_ACC_CONFIGS:
+        for name, (a8, prog) in FORMATS.items():
+            if c in w4_gemm._INT_ACC_CONFIGS and not (a8 and prog):
+                continue
+            consts = {"A_INT8": a8, "HAS_ZERO": True, "GROUP_SIZE": 128, "HAS_BIAS": True, "ACT": 0,
+                      "SZ_WORD": a8 and not prog, "PROG": prog, **c.kwargs}
+            yield c, name, compile_sm90(fn, signature(a8, prog), consts, c.num_warps, c.num_stages)
+
+
+def tile_gemm_rows():
+    fn = tile_gemm._qlinear_kernel.fn.fn
+    for name, (a8, prog) in FORMATS.items():
+        consts = {"A_INT8": a8, "W_BITS": 4, "HAS_ZERO": True, "GROUP_SIZE": 128, "HAS_BIAS": True, "ACT": 0,
+                  "EVEN_K": True, "CH": 64, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "SZ_WORD": False,
+                  "MASK_M": False, "PROG": prog}
+        yield triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128}, num_warps=8, num_stages=3), name, \
+            compile_sm90(fn, signature(a8, prog), consts, 8, 3)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tile-gemm", action="store_true", help="the tile GEMM's INT4 path instead of w4_gemm")
+    args = p.parse_args()
+    print(f"Triton {triton.__version__}, sm_90\n")
+    print("| tile (warps, stages) | format | MMA | registers | spilled bytes | shared KiB | MMA waits | st.shared |")
+    print("|---|---|---|---|---|---|---|---|")
+    for c, name, r in (tile_gemm_rows() if args.tile_gemm else w4_gemm_rows()):
+        tile = " x ".join(str(v) for v in c.kwargs.values())
+        print(f"| {tile} ({c.num_warps}, {c.num_stages}) | {name} | {r['mma']} | {r['regs']} | {r['stack']} "
+              f"| {r['shared_kib']} | {r['mma_waits']} | {r['shared_stores']} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
