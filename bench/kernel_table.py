@@ -18,6 +18,7 @@ import torch
 import triton
 
 from zeroquant.core import quant as Q
+from zeroquant.kernels.gluon.progressive_gemm import progressive_gemm
 from zeroquant.kernels.triton import gemm, rowwise, tile_gemm, w4_gemm
 from zeroquant.kernels.weight_format import interleavable, interleave
 
@@ -103,6 +104,11 @@ def gemm_rows(dev):
         for m in MS:
             x = torch.randn(m, k, device=dev, dtype=torch.float16)
             xq, xs = rowwise.quantize_per_token(x)
+            def gluon_prog(q, s, z):
+                """The Gluon W4A8 GEMM for progressive weights (not dispatched to yet), on w4p's layout."""
+                c = torch.empty(m, n, device=dev, dtype=torch.float16)
+                return progressive_gemm(xq, xs.reshape(-1), replace(w4p, qweight=q, scale=s, zero=z), None, None, c)
+
             def ours(w, act, wide=False):
                 """(fn, *weight tensors) for ms(); act: 'fp16' input, 'quant' token-wise quant + GEMM, 'int8'.
                 wide: the INT4 GEMM for prompts (w4_gemm) called directly, which gemm.quant_linear does not
@@ -135,6 +141,7 @@ def gemm_rows(dev):
                 "w4a16_g128_wide": ms(*ours(w4g, "fp16", wide=True)) if m > 16 else None,
                 "w4a8_g128_wide_gemm": ms(*ours(w4g, "int8", wide=True)) if m > 16 else None,
                 "w4a8_prog_wide_gemm": ms(*ours(w4p, "int8", wide=True)) if m > 16 else None,
+                "w4a8_prog_gluon_gemm": ms(gluon_prog, w4p.qweight, w4p.scale, w4p.zero) if m > 16 else None,
             }
             row = {"M": m, "K": k, "N": n, "ms": t,
                    "x_fp16": {name: (t["fp16"] / v if v else None) for name, v in t.items()}}
@@ -146,7 +153,8 @@ def gemm_rows(dev):
                   f"w4a16 {r['w4a16_g128']:.2f}x w4a8 {r['w4a8_g128']:.2f}x ({r['w4a8_g128_gemm']:.2f}x) "
                   f"progressive w4a16 {r['w4a16_prog']:.2f}x w4a8 gemm {r['w4a8_prog_gemm']:.2f}x"
                   + (f" | w4_gemm: w4a16 {r['w4a16_g128_wide']:.2f}x w4a8 {r['w4a8_g128_wide_gemm']:.2f}x "
-                     f"progressive w4a8 {r['w4a8_prog_wide_gemm']:.2f}x" if m > 16 else ""), flush=True)
+                     f"progressive w4a8 {r['w4a8_prog_wide_gemm']:.2f}x | gluon progressive "
+                     f"{r['w4a8_prog_gluon_gemm']:.2f}x" if m > 16 else ""), flush=True)
     return rows
 
 
@@ -196,8 +204,8 @@ def markdown(res) -> str:
            "'+q' includes the token-wise quant kernel; 'gemm' is the GEMM alone on pre-quantized input.", "",
            "| M | K | N | fp16 us | torch W8A8 | W8A8 ch +q | W8A8 ch gemm | W8A8 g128 +q | W8A8 g128 gemm "
            "| W4A16 g128 | W4A8 g128 +q | W4A8 g128 gemm | W4A16 progressive | W4A8 progressive gemm "
-           "| w4_gemm: W4A16 g128 | W4A8 g128 gemm | W4A8 progressive gemm |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| w4_gemm: W4A16 g128 | W4A8 g128 gemm | W4A8 progressive gemm | Gluon W4A8 progressive gemm |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["gemm"]:
         x = r["x_fp16"]
         out.append(f"| {r['M']} | {r['K']} | {r['N']} | {r['ms']['fp16'] * 1e3:.1f} | {x['torch_w8a8']:.2f} "
@@ -205,7 +213,8 @@ def markdown(res) -> str:
                    f"| {x['w8a8_g128_gemm']:.2f} | {x['w4a16_g128']:.2f} | {x['w4a8_g128']:.2f} "
                    f"| {x['w4a8_g128_gemm']:.2f} | {x['w4a16_prog']:.2f} | {x['w4a8_prog_gemm']:.2f} | "
                    + " | ".join("" if x[c] is None else f"{x[c]:.2f}"
-                                for c in ("w4a16_g128_wide", "w4a8_g128_wide_gemm", "w4a8_prog_wide_gemm")) + " |")
+                                for c in ("w4a16_g128_wide", "w4a8_g128_wide_gemm", "w4a8_prog_wide_gemm",
+                                          "w4a8_prog_gluon_gemm")) + " |")
     if not res["rows"]:
         return "\n".join(out) + "\n"
     out += ["", f"Row kernels, K=4096, vs device copy bandwidth {res['copy_GBps']:.0f} GB/s:", "",

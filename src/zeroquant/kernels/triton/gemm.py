@@ -13,7 +13,8 @@
   (fewer tokens, float32 outputs, a Triton without Gluon), operands by TMA;
 - tile_gemm: everything else, every format, with a fused dequantizing epilogue; progressive INT4 (integer group
   scales) at every size for now.
-(w4_gemm, INT4 weights at 17+ tokens as the MMA's register operand, is not dispatched to until it is timed.)
+(w4_gemm, INT4 weights at 17+ tokens as the MMA's register operand, and gluon/progressive_gemm, its Gluon form for
+progressive INT4 against INT8 tokens, are not dispatched to until they are timed.)
 All of them apply the per-token activation scale, bias and activation in their epilogue. Why each shape
 goes where it goes: docs/kernels.md (measurements: docs/history.md).
 """

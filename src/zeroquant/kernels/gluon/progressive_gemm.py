@@ -1,0 +1,127 @@
+"""W4A8 with progressive INT4 weights for prompts and batches (Hopper, Gluon): C^T = W x^T, one int32
+accumulator, the weights' conversion under the tensor cores' work.
+
+Why Gluon: Triton's INT4 GEMM with the weights as the warpgroup MMA's register operand (triton/w4_gemm.py) waits
+for each step's MMAs before converting the next step's weights, so the conversion and the MMAs take turns.
+Here a step's MMAs are issued asynchronously and left in flight while the next step's weights are unpacked;
+the wait that follows retires the previous step, whose ring slot the next TMA load then reuses.
+
+A step is one 64-channel chunk of the half-split INT4 layout (quant.pack_int4: byte j holds channel j in its
+low nibble and channel j + 32 in its high one): its [BLOCK_N, 32] weight bytes become the int8 weights
+s2 * (q - z) of both nibble planes in registers (_progressive_planes), and each plane meets its own 32 token
+channels, which TMA loads into their own buffer, so no shared-memory tile is ever sliced. The row scale, the
+per-token scale, bias and activation come in the epilogue.
+
+gemm.quant_linear does not dispatch here yet: the kernel waits for its GPU test and timings.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from zeroquant.kernels import act_code
+from zeroquant.kernels.triton.gemm_common import _progressive_planes, _tile
+from zeroquant.kernels.triton.launch import device_index, device_info
+from zeroquant.kernels.triton.rowwise import apply_act
+from zeroquant.kernels.weight_format import PACK, KernelWeight
+
+HALF = gl.constexpr(PACK // 2)  # channels of one nibble plane in a chunk, and bytes of a chunk
+
+
+@gluon.jit
+def _load_step(w_desc, x_desc, bar, w_buf, lo_buf, hi_buf, n0, t0, k, pred):
+    """TMA loads of chunk k: its weight bytes and the tokens of its two nibble planes, arriving on bar."""
+    mbarrier.expect(bar, w_desc.block_type.nbytes + 2 * x_desc.block_type.nbytes, pred=pred)
+    tma.async_copy_global_to_shared(w_desc, [n0, k * HALF], bar, w_buf, pred=pred)
+    tma.async_copy_global_to_shared(x_desc, [t0, k * 2 * HALF], bar, lo_buf, pred=pred)
+    tma.async_copy_global_to_shared(x_desc, [t0, k * 2 * HALF + HALF], bar, hi_buf, pred=pred)
+
+
+@gluon.jit
+def _progressive_gemm_kernel(w_desc, x_desc, s_ptr, z_ptr, r_ptr, xs_ptr, b_ptr, c_ptr, M, N, K, stride_cm,
+                             GROUP_SIZE: gl.constexpr, HAS_BIAS: gl.constexpr, ACT: gl.constexpr,
+                             STAGES: gl.constexpr):
+    BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
+    BLOCK_T: gl.constexpr = x_desc.block_type.shape[0]
+    # Warpgroups split the weight rows (64 each at least): one warpgroup holds a 128 x 128 int32 tile only by
+    # spilling.
+    ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
+                                                   instr_shape=[16, BLOCK_T, 32])
+    A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC, k_width=4)
+    ROWS: gl.constexpr = gl.SliceLayout(1, A_OP)
+
+    pid_t, pid_n = _tile(gl.program_id(0), M, N, BLOCK_T, BLOCK_N)
+    n0 = pid_n * BLOCK_N
+    t0 = pid_t * BLOCK_T
+    w_bufs = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N, HALF], w_desc.layout)
+    lo_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_T, HALF], x_desc.layout)
+    hi_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_T, HALF], x_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+    steps = K // (2 * HALF)
+    for i in gl.static_range(STAGES - 1):
+        _load_step(w_desc, x_desc, ready.index(i), w_bufs.index(i), lo_bufs.index(i), hi_bufs.index(i), n0, t0, i,
+                   i < steps)
+
+    rows = (n0 + gl.arange(0, BLOCK_N, layout=ROWS)) % N
+    acc = gl.zeros([BLOCK_N, BLOCK_T], gl.int32, ACC)
+    for k in range(steps):
+        s = k % STAGES
+        g = k * 2 * HALF // GROUP_SIZE
+        s2 = gl.load(s_ptr + g * N + rows)
+        zs = ((s2.to(gl.int32) * gl.load(z_ptr + g * N + rows).to(gl.int32)) & 0xFF).to(gl.uint8)
+        mbarrier.wait(ready.index(s), (k // STAGES) & 1)
+        lo, hi = _progressive_planes(w_bufs.index(s).load(A_OP), s2, zs, BLOCK_N, HALF)
+        acc = warpgroup_mma(lo, lo_bufs.index(s).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma(hi, hi_bufs.index(s).permute((1, 0)), acc, is_async=True)
+        # This step's two MMAs stay in flight; the previous step's are done, and once every warp is past it
+        # (the other warpgroup's MMAs, every warp's weight loads) its slot takes chunk k + STAGES - 1.
+        acc = warpgroup_mma_wait(num_outstanding=2, deps=(acc,))
+        gl.thread_barrier()
+        nxt = k + STAGES - 1
+        ns = nxt % STAGES
+        _load_step(w_desc, x_desc, ready.index(ns), w_bufs.index(ns), lo_bufs.index(ns), hi_bufs.index(ns), n0, t0,
+                   nxt, nxt < steps)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(i))
+
+    offs_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, ACC))
+    offs_t = t0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, ACC))
+    out = acc.to(gl.float32) * gl.load(r_ptr + offs_n % N)[:, None]
+    out = out * gl.load(xs_ptr + offs_t % M)[None, :]
+    if HAS_BIAS:
+        out += gl.load(b_ptr + offs_n % N).to(gl.float32)[:, None]
+    out = apply_act(out, ACT)
+    c_ptrs = c_ptr + offs_t[None, :].to(gl.int64) * stride_cm + offs_n[:, None]
+    gl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=(offs_t[None, :] < M) & (offs_n[:, None] < N))
+
+
+def progressive_gemm_ok(a: torch.Tensor, w: KernelWeight) -> bool:
+    """Progressive INT4 weights (group sizes a multiple of 64) against INT8 tokens, more than 16 of them, on
+    Hopper+."""
+    return (w.row_scale is not None and a.dtype == torch.int8 and a.shape[0] > 16 and w.kernel_group % PACK == 0
+            and w.kernel_group > 0 and a.is_cuda and device_info(device_index(a))[0] >= 9)
+
+
+def progressive_gemm(a: torch.Tensor, xs: torch.Tensor, w: KernelWeight, bias, act, c: torch.Tensor,
+                     block: tuple[int, int] = (128, 128), stages: int = 4, warps: int = 8) -> None:
+    """c = act(a * xs @ W^T + bias) for progressive INT4 W; a int8 [M, K], xs float32 [M]; block: (weight rows,
+    tokens) a program."""
+    m, k = a.shape
+    n = w.out_features
+    bn, bt = block
+    w_layout = gl.NVMMASharedLayout.get_default_for([bn, HALF], gl.uint8)
+    x_layout = gl.NVMMASharedLayout.get_default_for([bt, HALF], gl.int8)
+    w_desc = TensorDescriptor.from_tensor(w.qweight, [bn, HALF], w_layout)
+    x_desc = TensorDescriptor.from_tensor(a, [bt, HALF], x_layout)
+    grid = (triton.cdiv(m, bt) * triton.cdiv(n, bn),)
+    _progressive_gemm_kernel[grid](
+        w_desc, x_desc, w.scale, w.zero, w.row_scale, xs, bias if bias is not None else c, c, m, n, k, c.stride(0),
+        GROUP_SIZE=w.kernel_group, HAS_BIAS=bias is not None, ACT=act_code(act), STAGES=stages, num_warps=warps)
