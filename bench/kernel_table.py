@@ -93,7 +93,7 @@ def weights(k, n, bits, group, dev, int4_scale_dtype=torch.float16, int8_tokens=
     return gemm.KernelWeight.from_quant(q, s, z, 4, group if group > 0 else k)
 
 
-def gemm_rows(dev):
+def gemm_rows(dev, gluon: bool = True):
     rows = []
     for k, n in KNS:
         w16 = torch.randn(n, k, device=dev, dtype=torch.float16) * k**-0.5
@@ -141,7 +141,7 @@ def gemm_rows(dev):
                 "w4a16_g128_wide": ms(*ours(w4g, "fp16", wide=True)) if m > 16 else None,
                 "w4a8_g128_wide_gemm": ms(*ours(w4g, "int8", wide=True)) if m > 16 else None,
                 "w4a8_prog_wide_gemm": ms(*ours(w4p, "int8", wide=True)) if m > 16 else None,
-                "w4a8_prog_gluon_gemm": ms(gluon_prog, w4p.qweight, w4p.scale, w4p.zero) if m > 16 else None,
+                "w4a8_prog_gluon_gemm": ms(gluon_prog, w4p.qweight, w4p.scale, w4p.zero) if m > 16 and gluon else None,
             }
             row = {"M": m, "K": k, "N": n, "ms": t,
                    "x_fp16": {name: (t["fp16"] / v if v else None) for name, v in t.items()}}
@@ -153,8 +153,8 @@ def gemm_rows(dev):
                   f"w4a16 {r['w4a16_g128']:.2f}x w4a8 {r['w4a8_g128']:.2f}x ({r['w4a8_g128_gemm']:.2f}x) "
                   f"progressive w4a16 {r['w4a16_prog']:.2f}x w4a8 gemm {r['w4a8_prog_gemm']:.2f}x"
                   + (f" | w4_gemm: w4a16 {r['w4a16_g128_wide']:.2f}x w4a8 {r['w4a8_g128_wide_gemm']:.2f}x "
-                     f"progressive w4a8 {r['w4a8_prog_wide_gemm']:.2f}x | gluon progressive "
-                     f"{r['w4a8_prog_gluon_gemm']:.2f}x" if m > 16 else ""), flush=True)
+                     f"progressive w4a8 {r['w4a8_prog_wide_gemm']:.2f}x" if m > 16 else "")
+                  + (f" | gluon progressive {r['w4a8_prog_gluon_gemm']:.2f}x" if m > 16 and gluon else ""), flush=True)
     return rows
 
 
@@ -231,6 +231,7 @@ def main():
     ap.add_argument("--ms", help="comma-separated token counts instead of the default sweep")
     ap.add_argument("--shapes", help="comma-separated KxN (e.g. 4096x11008,11008x4096) instead of the defaults")
     ap.add_argument("--gemm-only", action="store_true", help="skip the row kernels and the SASS facts")
+    ap.add_argument("--skip-gluon", action="store_true", help="leave out the Gluon progressive GEMM's column")
     args = ap.parse_args()
     if args.quick:
         MS[:] = [1, 16, 2048, 8192]
@@ -243,7 +244,7 @@ def main():
     torch.manual_seed(0)
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
     res["rows"], res["copy_GBps"] = ([], None) if args.gemm_only else row_kernel_rows(dev)
-    res["gemm"] = gemm_rows(dev)
+    res["gemm"] = gemm_rows(dev, gluon=not args.skip_gluon)
     res["kernel_facts"] = [] if args.gemm_only else kernel_facts()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
