@@ -6,6 +6,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+
+# Helper modules the tests import: their asserts report values as a test's own do.
+pytest.register_assert_rewrite("hostile_cases", "kernel_cases")
 import torch  # noqa: E402
 
 ASSETS = Path(os.environ.get("ZEROQUANT_ASSETS") or Path(__file__).resolve().parents[1].parent / "shared" / "assets")

@@ -1,4 +1,5 @@
-"""Shared builders for kernel tests: quantized weights in QuantLinear format and their kernel twins."""
+"""Shared builders for kernel tests: quantized weights in QuantLinear format and their kernel twins, and the GPU
+tests' poisoned allocations and error measure."""
 
 from __future__ import annotations
 
@@ -31,3 +32,15 @@ def quant_linear(k: int, n: int, bits: int, group: int, sym: bool, a8: bool, dev
         torch.nn.init.normal_(lin.bias, std=0.1)
     rule = LinearRule(WeightQuant(bits, group, sym, scale_dtype=scale_dtype), ActQuant(8) if a8 else None)
     return QuantLinear.from_float(lin, rule)
+
+
+def poison_cuda_cache() -> None:
+    """Fill freed blocks of the caching allocator (small and large pools) with 0xFF."""
+    blocks = [torch.empty(2**19, dtype=torch.uint8, device="cuda").fill_(255) for _ in range(64)]
+    blocks.append(torch.empty(2**28, dtype=torch.uint8, device="cuda").fill_(255))
+    del blocks
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    assert torch.isfinite(got).all(), "non-finite output (unwritten or overflowed elements)"
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()

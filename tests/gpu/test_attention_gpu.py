@@ -4,7 +4,7 @@ BERT with padding and inside a decoder's greedy decode."""
 import pytest
 import torch
 import transformers as T
-from test_kernels_gpu import poison_cuda_cache, rel_err
+from kernel_cases import poison_cuda_cache, rel_err
 
 import zeroquant as zq
 from zeroquant.api import set_mode

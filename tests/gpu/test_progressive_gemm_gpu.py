@@ -3,8 +3,7 @@ twin, at token counts on both sides of its tiles, with a short last group, for e
 
 import pytest
 import torch
-from kernel_cases import quant_linear
-from test_kernels_gpu import poison_cuda_cache, rel_err
+from kernel_cases import poison_cuda_cache, quant_linear, rel_err
 
 from zeroquant.kernels import reference as R
 

@@ -3,8 +3,7 @@ INT4 format it takes, at token counts on both sides of its tiles, with a short l
 
 import pytest
 import torch
-from kernel_cases import quant_linear
-from test_kernels_gpu import poison_cuda_cache, rel_err
+from kernel_cases import poison_cuda_cache, quant_linear, rel_err
 
 from zeroquant.kernels import reference as R
 

@@ -1,4 +1,5 @@
-"""GPU: every Triton kernel against its reference twin on fresh random inputs, over a grid of shapes.
+"""GPU: the decode kernels (one-token GEMVs, the small-M INT4 kernels in Triton and Gluon) against their
+reference twins, every configuration and K split, and which of them the dispatch takes.
 
 Outputs are allocated from memory poisoned with 0xFF bytes (NaN in fp16/fp32), so an element the kernel
 fails to write shows up as NaN or a wrong integer; NaN never passes the checks.
@@ -8,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from kernel_cases import SHAPES, VARIANTS, quant_linear
+from kernel_cases import poison_cuda_cache, quant_linear, rel_err
 
 from zeroquant.kernels import reference as R
 from zeroquant.kernels.weight_format import interleave
@@ -16,167 +17,6 @@ from zeroquant.kernels.weight_format import interleave
 gemm = pytest.importorskip("zeroquant.kernels.triton.gemm") if torch.cuda.is_available() else None
 
 pytestmark = pytest.mark.gpu
-
-MS = [1, 7, 16, 33, 128, 2048]
-
-
-def poison_cuda_cache() -> None:
-    """Fill freed blocks of the caching allocator (small and large pools) with 0xFF."""
-    blocks = [torch.empty(2**19, dtype=torch.uint8, device="cuda").fill_(255) for _ in range(64)]
-    blocks.append(torch.empty(2**28, dtype=torch.uint8, device="cuda").fill_(255))
-    del blocks
-
-
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    assert torch.isfinite(got).all(), "non-finite output (unwritten or overflowed elements)"
-    return ((got.float() - want.float()).norm() / want.float().norm()).item()
-
-
-def assert_quant_close(q, s, q_ref, s_ref):
-    assert rel_err(s, s_ref) < 1e-3
-    diff = (q.int() - q_ref.int()).abs()
-    # Norm/act outputs computed in a different float order may land on the other side of a rounding tie.
-    assert diff.max() <= 1 and diff.float().mean() < 1e-3
-
-
-@pytest.mark.parametrize("m", MS)
-@pytest.mark.parametrize("k", [200, 768, 4096, 11008])
-def test_quantize_per_token(m, k):
-    from zeroquant.kernels.triton import rowwise
-
-    x = torch.randn(m, k, device="cuda", dtype=torch.float16) * 3
-    poison_cuda_cache()
-    q, s = rowwise.quantize_per_token(x)
-    assert_quant_close(q, s, *R.quantize_per_token(x))
-
-
-@pytest.mark.parametrize("m", MS)
-@pytest.mark.parametrize("k", [200, 768, 4096])
-@pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("residual", [False, True])
-def test_norm_quant(m, k, kind, dtype, residual):
-    from zeroquant.kernels.triton import rowwise
-
-    x = (torch.randn(m, k, device="cuda") * 2 + 0.5).to(dtype)
-    w = (torch.rand(k, device="cuda") + 0.5).to(dtype)
-    b = torch.randn(k, device="cuda").to(dtype) if kind == "layernorm" else None
-    r = (torch.randn(m, k, device="cuda") * 3).to(dtype) if residual else None
-    poison_cuda_cache()
-    y, q, s = rowwise.norm_quant(x, w, b, 1e-5, kind, residual=r)
-    y_ref, q_ref, s_ref = R.norm_quant(x, w, b, 1e-5, kind, residual=r)
-    assert rel_err(y, y_ref) < 5e-3
-    assert_quant_close(q, s, q_ref, s_ref)
-    if not residual:
-        q2, s2 = rowwise.norm_quant_only(x, w, b, 1e-5, kind)
-        assert torch.equal(q2, q) and torch.equal(s2, s)
-
-
-@pytest.mark.parametrize("m", MS)
-@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "relu", "silu"])
-@pytest.mark.parametrize("gated", [False, True])
-def test_act_quant(m, act, gated):
-    from zeroquant.kernels.triton import rowwise
-
-    x = torch.randn(m, 3072, device="cuda", dtype=torch.float16) * 2
-    g = torch.randn_like(x) if gated else None
-    poison_cuda_cache()
-    q, s = rowwise.act_quant(x, act, gate=g)
-    assert_quant_close(q, s, *R.act_quant(x, act, gate=g))
-
-
-def test_quantize_per_token_edge_rows():
-    """Rows whose every element is the absmax (each divides to exactly +-127), all-zero rows (the scale floor)
-    and rows far below it: no clamp is applied in the kernel, so +-127 must come out of the rounding itself."""
-    from zeroquant.kernels.triton import rowwise
-
-    x = torch.randn(6, 4096, device="cuda", dtype=torch.float16)
-    x[0] = 3.0
-    x[1] = -0.007
-    x[2, ::2], x[2, 1::2] = 65504.0, -65504.0
-    x[3] = 0.0
-    x[4] *= 1e-7
-    poison_cuda_cache()
-    q, s = rowwise.quantize_per_token(x)
-    q_ref, s_ref = R.quantize_per_token(x)
-    # torch on CUDA divides by a scalar as a multiply by its reciprocal: the scales may differ by an ulp.
-    assert torch.equal(q, q_ref) and rel_err(s, s_ref) < 1e-6
-    assert q[0].eq(127).all() and q[1].eq(-127).all() and q[3].eq(0).all()
-
-
-def test_gelu_erf_accuracy():
-    """The kernels' GELU (A&S 7.1.26 on the normal CDF) against float64 erf GELU over [-12, 12]."""
-    import triton
-    import triton.language as tl
-
-    from zeroquant.kernels.triton.rowwise import gelu_erf
-
-    @triton.jit
-    def gelu_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        tl.store(y_ptr + offs, gelu_erf(tl.load(x_ptr + offs, mask=offs < n)), mask=offs < n)
-
-    x = torch.linspace(-12, 12, 1_000_001, device="cuda")
-    y = torch.empty_like(x)
-    gelu_kernel[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), BLOCK=1024)
-    want = torch.nn.functional.gelu(x.double())
-    # |y| * (error in Phi), Phi to ~3e-7 absolute; float32 rounding of 1 - h adds 6e-8.
-    assert ((y.double() - want).abs() / x.double().abs().clamp(min=1)).max() < 5e-7
-
-
-def _run_gemm(ql, x, bits, a8, act=None):
-    from zeroquant.kernels.triton import gemm, rowwise
-
-    kw = gemm.KernelWeight.from_quant(ql.qweight, ql.w_scale, ql.w_zero, bits, ql.group_size)
-    if a8:
-        q, s = rowwise.quantize_per_token(x)
-        args = (q, s, ql.qweight, ql.w_scale, ql.w_zero, bits, ql.group_size, ql.bias, act)
-        poison_cuda_cache()
-        return gemm.quant_linear(q, s, kw, ql.bias, act), R.quant_linear(*args)
-    poison_cuda_cache()
-    return gemm.quant_linear(x, None, kw, ql.bias, act), R.quant_linear(x, None, ql.qweight, ql.w_scale, ql.w_zero,
-                                                                        bits, ql.group_size, ql.bias, act)
-
-
-@pytest.mark.parametrize("name,bits,group,sym,a8", VARIANTS)
-@pytest.mark.parametrize("k,n", SHAPES)
-@pytest.mark.parametrize("m", MS)
-def test_quant_linear(m, k, n, name, bits, group, sym, a8):
-    ql = quant_linear(k, n, bits, group, sym, a8, "cuda").half()
-    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-    if gemm.KernelWeight.unsupported(k, bits, sym, ql.group_size):
-        with pytest.raises(ValueError):
-            gemm.KernelWeight.from_quant(ql.qweight, ql.w_scale, ql.w_zero, bits, ql.group_size)
-        return
-    got, want = _run_gemm(ql, x, bits, a8)
-    assert got.shape == (m, n) and got.dtype == torch.float16
-    assert rel_err(got, want) < 2e-3
-
-
-@pytest.mark.parametrize("m", [1, 16, 300])  # GEMV or small-M INT4, tile GEMM, TMA GEMM (per-channel W8A8)
-@pytest.mark.parametrize("name,bits,group,sym,a8", VARIANTS)
-def test_quant_linear_reads_fp16_scales(m, name, bits, group, sym, a8):
-    """Every GEMM family reads float16 scales and zero points in place (W4A8's interleaved) and computes what
-    the reference does with them (float32 arithmetic after the load)."""
-    k, n = 4096, 1000
-    ql = quant_linear(k, n, bits, group, sym, a8, "cuda", scale_dtype="float16").half()
-    if gemm.KernelWeight.unsupported(k, bits, sym, ql.group_size):
-        pytest.skip("format not on the kernels")
-    kw = ql.quantized.kernel()
-    assert kw.scale.dtype == torch.float16 and kw.scale.data_ptr() == ql.w_scale.data_ptr()
-    assert kw.sz_step == (2 if bits == 4 and not sym and a8 else 1)  # W4A8 zero points interleaved with scales
-    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-    got, want = _run_gemm(ql, x, bits, a8)
-    assert rel_err(got, want) < 2e-3
-
-
-@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "relu", "silu"])
-@pytest.mark.parametrize("name,bits,group,sym,a8", VARIANTS[:4])
-def test_quant_linear_fused_bias_act(act, name, bits, group, sym, a8):
-    ql = quant_linear(768, 3072, bits, group, sym, a8, "cuda").half()
-    x = torch.randn(2, 64, 768, device="cuda", dtype=torch.float16)
-    got, want = _run_gemm(ql, x.reshape(-1, 768), bits, a8, act)
-    assert rel_err(got, want) < 2e-3
 
 
 def _skinny_case(k, n, group, sym, m, dtype, scale_dtype="float16"):
@@ -193,14 +33,12 @@ def _skinny_case(k, n, group, sym, m, dtype, scale_dtype="float16"):
     w = R.dequantize_weight(ql.qweight, ql.w_scale, ql.w_zero, 4, ql.group_size)
     return ql, (x, None), R.apply_act(x.float() @ w.t() + ql.bias.float(), "silu")
 
-
 def _interleaved(kw):
     """kw with its float16 scales and zero points interleaved (as W4A8 linears store them), for any tokens."""
     s, z = interleave(kw.scale, kw.zero)
     out = replace(kw, scale=s, zero=z)
     assert out.sz_step == 2
     return out
-
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("split", [1, 2, 3, 5])
@@ -244,7 +82,6 @@ def test_w4_skinny_every_config_and_split(cfg, split, dtype):
         assert rel_err(got, want) < tol, (group, m)
         assert counters.eq(0).all()
 
-
 @pytest.mark.parametrize("m", [8, 16])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])
 def test_w4_skinny_is_taken_and_repeats_bitwise(dtype, m):
@@ -268,7 +105,6 @@ def test_w4_skinny_is_taken_and_repeats_bitwise(dtype, m):
         assert torch.equal(gemm.quant_linear(x, xs, kw, ql.bias, "silu"), first)
     assert SK.split_counters(x.device, 1).eq(0).all()
 
-
 @pytest.mark.parametrize("split", [1, 2, 3, 5])
 def test_w4a16_mma_every_format_and_split(split):
     """The Gluon small-M kernel for fp16 tokens against the exact result: group 128 with zero points, group 256
@@ -291,7 +127,6 @@ def test_w4a16_mma_every_format_and_split(split):
         assert rel_err(got, want) < 1e-3, (k, group, sym, m)
         assert SM.split_counters(x.device, 8).eq(0).all()
 
-
 @pytest.mark.parametrize("m", [3, 8, 16])
 def test_w4a16_mma_is_taken_and_repeats_bitwise(m, monkeypatch):
     """quant_linear sends 3..16 fp16 tokens with INT4 group-128 weights to the Gluon kernel, never to Triton's
@@ -312,7 +147,6 @@ def test_w4a16_mma_is_taken_and_repeats_bitwise(m, monkeypatch):
     for _ in range(50):
         assert torch.equal(gemm.quant_linear(x, None, kw, ql.bias, "silu"), first)
 
-
 def test_w4a16_mma_takes_only_its_formats():
     """bf16 and int8 tokens, one token, 17 tokens, group 64, interleaved scales, K not a multiple of 128 and
     misaligned token rows stay on the other kernels."""
@@ -328,7 +162,6 @@ def test_w4a16_mma_takes_only_its_formats():
     for k, group in [(1536, 64), (576, 128)]:
         ql, (x, _), _ = _skinny_case(k, 256, group, False, 4, torch.float16)
         assert not SM.mma_ok(x, ql.quantized.kernel())
-
 
 def test_w4a16_mma_in_a_cuda_graph_with_pdl():
     """Two dependent W4A16 linears at 8 tokens replayed in a CUDA graph (where the kernel waits on the kernel
@@ -356,7 +189,6 @@ def test_w4a16_mma_in_a_cuda_graph_with_pdl():
         graph.replay()
         assert torch.equal(got, step())
     assert not torch.equal(got, want)
-
 
 @pytest.mark.parametrize("tokens", [1, 2])
 @pytest.mark.parametrize("unroll", [1, 2])
@@ -396,7 +228,6 @@ def test_w4_gemv(split, dtype, unroll, tokens):
         assert rel_err(got, want) < tol, (k, group)
         assert counters.eq(0).all()
 
-
 @pytest.mark.parametrize("tokens", [1, 2])
 @pytest.mark.parametrize("unroll", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int8])
@@ -431,23 +262,6 @@ def test_w4_gemv_glu(split, dtype, unroll, tokens):
     assert rel_err(got, want) < 3e-3
     assert counters.eq(0).all()
 
-
-@pytest.mark.parametrize("m", [1, 2, 5])
-@pytest.mark.parametrize("name,bits,group,sym,a8", VARIANTS)
-def test_quant_linear_glu(m, name, bits, group, sym, a8):
-    """quant_linear(glu=True) in every format: one token (two with INT4 weights) in the GEMV's epilogue, more
-    after the GEMM, against
-    reference.gated_linear (2 x 1000 rows)."""
-    ql = quant_linear(1536, 2000, bits, group, sym, a8, "cuda").half()
-    x = torch.randn(m, 1536, device="cuda", dtype=torch.float16)
-    xin, xs = R.quantize_per_token(x) if a8 else (x, None)
-    want = R.gated_linear(xin, xs, ql.qweight, ql.w_scale, ql.w_zero, bits, ql.group_size, ql.bias, "silu",
-                          torch.float16)
-    poison_cuda_cache()
-    got = gemm.quant_linear(xin, xs, ql.quantized.kernel(), ql.bias, "silu", torch.float16, glu=True)
-    assert got.shape == (m, 1000) and rel_err(got, want) < 3e-3
-
-
 @pytest.mark.parametrize("m", [1, 2])
 @pytest.mark.parametrize("n", [4096, 8192])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.int8])
@@ -474,7 +288,6 @@ def test_one_or_two_tokens_int4_take_the_gemv_and_repeat_bitwise(dtype, n, m, mo
         assert torch.equal(gemm.quant_linear(x, xs, kw, ql.bias, "silu"), first)
     assert split_counters(x.device, 1).eq(0).all()
 
-
 def test_two_bf16_tokens_with_int4_weights_take_the_small_m_kernel(monkeypatch):
     """Two bf16 tokens stay on the small-M kernel (the GEMV is slower for them); one goes to the GEMV."""
     from zeroquant.kernels.triton import gemv as GV
@@ -487,7 +300,6 @@ def test_two_bf16_tokens_with_int4_weights_take_the_small_m_kernel(monkeypatch):
     monkeypatch.setattr(gemm, "w4_skinny", lambda *a, **k: taken.append(1) or SK.w4_skinny(*a, **k))
     got = gemm.quant_linear(x, None, kw, ql.bias, "silu")
     assert taken and rel_err(got, want) < 3e-3
-
 
 @pytest.mark.parametrize("k, n", [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096), (4096, 11008)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int8])
@@ -506,7 +318,6 @@ def test_w4_gemv_plan_fits_one_wave_without_empty_slices(m, k, n, dtype):
     assert (split - 1) * longest < iters
     per_sm = W4.W4_PROGRAMS_PER_SM_2 if m == 2 and dtype == torch.float16 else W4.W4_PROGRAMS_PER_SM
     assert unroll == 1 or -(-n // W4.W4_BLOCK_N) * split <= per_sm * sms
-
 
 @pytest.mark.parametrize("a8", [False, True])
 @pytest.mark.parametrize("cfg", range(14))
@@ -537,164 +348,3 @@ def test_gemv_every_w8_config(cfg, a8):
             PDL=False, **c.kwargs, num_warps=c.num_warps)
         assert rel_err(got, want) < 2e-3, group
         assert counters.eq(0).all()
-
-
-@pytest.mark.parametrize("a8", [False, True])
-@pytest.mark.parametrize("cfg", range(6))
-def test_tile_gemm_every_decode_config_masks_rows_past_m(cfg, a8):
-    """2..15 tokens on the tile GEMM (M_BUCKET 16): each configuration the autotuner may pick, INT8 (per-channel
-    with K not a whole number of BLOCK_K steps, and group 128) and INT4 weights, with rows past M masked (MASK_M)
-    and, at 16 tokens, not; rows past M are never written."""
-    from zeroquant.kernels import act_code
-    from zeroquant.kernels.triton import tile_gemm as TG
-
-    assert len(TG._CONFIGS[16]) == 6
-    c = TG._CONFIGS[16][cfg]
-    n = 1000
-    for bits, group, sym, k in ((8, -1, True, 2048 + 128), (8, 128, True, 2048), (4, 128, False, 2048)):
-        ql = quant_linear(k, n, bits, group, sym, a8, "cuda", scale_dtype="float16").half()
-        kw = ql.quantized.kernel()
-        for m in (2, 5, 16):
-            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-            xin, xs = R.quantize_per_token(x) if a8 else (x, None)
-            want = R.quant_linear(xin, xs, ql.qweight, ql.w_scale, ql.w_zero, bits, ql.group_size, ql.bias, "silu")
-            poison_cuda_cache()
-            out = torch.full((m + 3, n), float("nan"), device="cuda", dtype=torch.float16)
-            got = out[:m]
-            grid = (-(-m // c.kwargs["BLOCK_M"]) * -(-n // c.kwargs["BLOCK_N"]),)
-            TG._qlinear_kernel.fn[grid](
-                xin, xs.reshape(-1) if a8 else got, kw.qweight, kw.scale, kw.zero if kw.zero is not None else kw.scale,
-                got, ql.bias, got, m, n, k, xin.stride(0), kw.qweight.stride(0), got.stride(0), 16, A_INT8=a8,
-                W_BITS=bits, HAS_ZERO=kw.zero is not None, GROUP_SIZE=kw.kernel_group, HAS_BIAS=True,
-                ACT=act_code("silu"), SZ_WORD=kw.sz_step == 2, PROG=False, **c.kwargs, num_warps=c.num_warps,
-                num_stages=c.num_stages)
-            assert rel_err(got, want) < 2e-3, (bits, group, m)
-            assert out[m:].isnan().all()
-
-
-@pytest.mark.parametrize("k,n", [(1024, 3072), (4096, 1000), (768, 768)])
-def test_w8a8_tma_kernel_matches_pointer_kernel(k, n, monkeypatch):
-    """Large-M per-channel W8A8 takes the TMA kernel on Hopper; same numbers as the pointer-based kernel
-    (and so as the reference, which test_quant_linear checks at M = 2048)."""
-    from zeroquant.kernels.triton import rowwise
-
-    ql = quant_linear(k, n, 8, -1, True, True, "cuda").half()
-    x = torch.randn(600, k, device="cuda", dtype=torch.float16)
-    q, s = rowwise.quantize_per_token(x)
-    kw = ql.quantized.kernel()
-    assert gemm.tma_ok(q, kw) == (torch.cuda.get_device_capability()[0] >= 9)
-    got = gemm.quant_linear(q, s, kw, ql.bias, "gelu")
-    monkeypatch.setattr(gemm, "tma_ok", lambda a, w: False)
-    want = gemm.quant_linear(q, s, kw, ql.bias, "gelu")
-    assert want.abs().max().item() > 0 and rel_err(got, want) < 1e-5
-
-
-@pytest.mark.parametrize("cfg", range(8))
-def test_every_tma_config_matches_pointer_kernel(cfg, monkeypatch):
-    """The autotuner may pick any TMA configuration on another GPU: each one (persistent or not, out-of-range
-    rows clipped by the TMA store) gives the pointer-based kernel's numbers."""
-    from zeroquant.kernels.triton import rowwise
-    from zeroquant.kernels.triton import tma_gemm as TM
-
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("TMA needs Hopper")
-    assert len(TM._TMA_CONFIGS) == 8
-    ql = quant_linear(1024, 1280, 8, -1, True, True, "cuda").half()
-    x = torch.randn(700, 1024, device="cuda", dtype=torch.float16)
-    q, s = rowwise.quantize_per_token(x)
-    kw = ql.quantized.kernel()
-    poison_cuda_cache()
-    got = torch.empty(700, 1280, device="cuda", dtype=torch.float16)
-    TM.w8a8_tma(q, s.reshape(-1), kw, ql.bias, "relu", got, TM._TMA_CONFIGS[cfg])
-    monkeypatch.setattr(gemm, "tma_ok", lambda a, w: False)
-    want = gemm.quant_linear(q, s, kw, ql.bias, "relu")
-    assert want.abs().max().item() > 0 and rel_err(got, want) < 1e-5
-
-
-def test_quant_linear_matches_quantlinear_reference_path():
-    """The kernel GEMM equals QuantLinear's own integer path (forward_int), not just the twin."""
-    ql = quant_linear(4096, 1024, 8, 128, True, True, "cuda").half()
-    x = torch.randn(37, 4096, device="cuda", dtype=torch.float16)
-    got, _ = _run_gemm(ql, x, 8, True)
-    assert rel_err(got, ql._forward_int(x)) < 2e-3
-
-
-@pytest.mark.parametrize("m, k, n", [(4096, 1024, 3072), (1000, 256, 520), (4096, 4096, 1024)])
-def test_w8a8_pingpong_matches_the_tma_gemm_bitwise(m, k, n, monkeypatch):
-    """The warp-specialized ping-pong W8A8 GEMM gives the TMA GEMM's bits (same int32 sums, same epilogue order),
-    with a partial last row tile (1000 tokens), fewer K steps than ring slots (256) and every program taking
-    several tiles; bias and GELU in the epilogue, scales loaded after the main loop or before it. The dispatch
-    takes it for fp16 outputs and leaves float32 outputs and fewer than 512 tokens to the TMA GEMM."""
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("Hopper kernel")
-    from zeroquant.kernels.gluon import tma_pingpong
-    from zeroquant.kernels.triton import rowwise, tma_gemm
-
-    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-    a, xs = rowwise.quantize_per_token(x)
-    w = gemm.KernelWeight.from_quant(torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda"),
-                                     torch.rand(n, 1, device="cuda") * 1e-2, None, 8, k)
-    bias = torch.randn(n, device="cuda", dtype=torch.float16)
-    want = torch.empty(m, n, device="cuda", dtype=torch.float16)
-    tma_gemm.w8a8_tma(a, xs.reshape(-1).float(), w, bias, "gelu", want)
-    for block, stages, early in [((128, 128, 128), 4, False), ((128, 128, 128), 5, True), ((128, 128, 64), 6, False)]:
-        poison_cuda_cache()
-        got = torch.empty(m, n, device="cuda", dtype=torch.float16)
-        tma_pingpong.w8a8_pingpong(a, xs.reshape(-1).float(), w, bias, "gelu", got, block, stages, early=early)
-        assert torch.equal(got, want), (block, stages, early)
-    taken = []
-
-    def spy(*args):
-        taken.append(args[-1].dtype)
-        tma_pingpong.w8a8_pingpong(*args)
-
-    monkeypatch.setattr(gemm, "w8a8_pingpong", spy)
-    assert torch.equal(gemm.quant_linear(a, xs, w, bias, "gelu"), want)
-    gemm.quant_linear(a, xs, w, bias, "gelu", torch.float32)
-    gemm.quant_linear(a[:511], xs[:511], w, bias, "gelu")
-    assert taken == [torch.float16]
-
-
-def test_w8a8_pingpong_bf16_output_matches_the_tma_gemm_bitwise():
-    """bf16 models: the ping-pong GEMM writes bf16 with the TMA GEMM's bits, and the dispatch takes it."""
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("Hopper kernel")
-    from zeroquant.kernels.triton import rowwise, tma_gemm
-
-    m, k, n = 1000, 1024, 1040
-    a, xs = rowwise.quantize_per_token(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
-    w = gemm.KernelWeight.from_quant(torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda"),
-                                     torch.rand(n, 1, device="cuda") * 1e-2, None, 8, k)
-    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-    want = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
-    tma_gemm.w8a8_tma(a, xs.reshape(-1).float(), w, bias, "silu", want)
-    assert gemm.pingpong_ok(a, want)
-    assert torch.equal(gemm.quant_linear(a, xs, w, bias, "silu", torch.bfloat16), want)
-
-
-@pytest.mark.parametrize("a8", [True, False])
-@pytest.mark.parametrize("k,n", [(576, 1536), (4096, 1000), (11008, 4096)])
-@pytest.mark.parametrize("m", [1, 7, 64, 65, 128, 1000, 4096])
-def test_progressive_int4_tile_gemm(m, k, n, a8):
-    """Progressive INT4 (integer group scales, float row scales) on the tile GEMM against its twin: with INT8
-    tokens one int32 accumulator for the whole K loop, a short last group (576) too."""
-    if k == 11008 and m not in (64, 4096):
-        pytest.skip("the Llama-7B down projection at two sizes is enough")
-    from zeroquant.kernels.triton import rowwise
-
-    ql = quant_linear(k, n, 4, 128, False, a8, "cuda", scale_dtype="int8").half()
-    kw = ql.quantized.kernel()
-    assert kw.row_scale is not None and kw.scale.dtype == torch.int8
-    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-    if a8:
-        q, s = rowwise.quantize_per_token(x)
-        want = R.quant_linear(q, s, ql.qweight, ql.w_scale, ql.w_zero, 4, ql.group_size, ql.bias, None,
-                              torch.float16, row_scale=ql.w_row_scale)
-        poison_cuda_cache()
-        got = gemm.quant_linear(q, s, kw, ql.bias, None)
-    else:
-        want = R.quant_linear(x, None, ql.qweight, ql.w_scale, ql.w_zero, 4, ql.group_size, ql.bias, None,
-                              torch.float16, row_scale=ql.w_row_scale)
-        poison_cuda_cache()
-        got = gemm.quant_linear(x, None, kw, ql.bias, None)
-    assert got.shape == (m, n) and rel_err(got, want) < 2e-3
