@@ -1,10 +1,12 @@
-"""GPU: the INT4 GEMM for prompts and batches (kernels/triton/w4_gemm.py) against its reference twin, on every
-INT4 format it takes, at token counts on both sides of its tiles, with a short last group."""
+"""GPU: the INT4 GEMM for prompts and batches (kernels/triton/w4_gemm.py) against its reference twin: every
+configuration its autotuner may pick on every INT4 format it takes, at token counts on both sides of its tiles,
+with a short last group; then the autotuned entry point."""
 
 import pytest
 import torch
 from kernel_cases import poison_cuda_cache, quant_linear, rel_err
 
+from zeroquant.kernels import act_code
 from zeroquant.kernels import reference as R
 
 pytestmark = pytest.mark.gpu
@@ -14,16 +16,11 @@ FORMATS = [("g128", "int8"), ("g128", "fp16"), ("g128", "bf16"), ("progressive",
            ("progressive", "fp16"), ("channel", "int8"), ("channel", "fp16")]
 
 
-@pytest.mark.parametrize("fmt,tokens", FORMATS)
-@pytest.mark.parametrize("k,n", [(576, 1536), (4096, 1000), (11008, 4096)])
-@pytest.mark.parametrize("m", [17, 64, 65, 128, 1000, 4096])
-def test_w4_gemm_matches_its_twin(m, k, n, fmt, tokens):
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("Hopper kernel")
-    if k == 11008 and m not in (64, 4096):
-        pytest.skip("the Llama-7B down projection at two sizes is enough")
+def _case(m, k, n, fmt, tokens):
+    """A QuantLinear, its kernel weight and tokens, and the exact result: int8 tokens against the integer
+    reference (each group's dot is exact in int32 on both sides); fp16/bf16 ones against the exact float weights
+    (the kernel's dot of q - z is exact and scaled in float32)."""
     from zeroquant.kernels.triton import rowwise
-    from zeroquant.kernels.triton.w4_gemm import w4_gemm, w4_gemm_ok
 
     a8 = tokens == "int8"
     group, sym = (-1, True) if fmt == "channel" else (128, False)
@@ -33,14 +30,64 @@ def test_w4_gemm_matches_its_twin(m, k, n, fmt, tokens):
     kw = ql.quantized.kernel()
     assert (kw.row_scale is not None) == (fmt == "progressive")
     x = torch.randn(m, k, device="cuda", dtype=dtype)
-    xin, xs = rowwise.quantize_per_token(x) if a8 else (x, None)
-    assert w4_gemm_ok(xin, kw)
-    if a8:  # the integer reference: each group's dot is exact in int32 on both sides
-        want = R.quant_linear(xin, xs, ql.qweight, ql.w_scale, ql.w_zero, 4, ql.group_size, ql.bias, "silu", dtype,
+    if a8:
+        q, s = rowwise.quantize_per_token(x)
+        want = R.quant_linear(q, s, ql.qweight, ql.w_scale, ql.w_zero, 4, ql.group_size, ql.bias, "silu", dtype,
                               row_scale=ql.w_row_scale)
-    else:  # the kernel's dot of q - z is exact and scaled in float32: compare with the exact float weights
-        want = R.apply_act(x.float() @ ql.quantized.dequantize().t() + ql.bias.float(), "silu")
+        return ql, kw, q, s.reshape(-1).float().contiguous(), want
+    want = R.apply_act(x.float() @ ql.quantized.dequantize().t() + ql.bias.float(), "silu")
+    return ql, kw, x, None, want
+
+
+def _tol(tokens):
+    return 3e-3 if tokens == "bf16" else 1e-3
+
+
+def _skip_without_hopper():
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("Hopper kernel")
+
+
+@pytest.mark.parametrize("fmt,tokens", FORMATS)
+@pytest.mark.parametrize("cfg", range(11))
+def test_w4_gemm_every_config_matches_its_twin(cfg, fmt, tokens):
+    """Each configuration at 64, 65, 128, 1000 and 4096 tokens on 1000 output channels (a partial tile), K 576 (a
+    short last group) where BLOCK_K is 64, else 1024; the 256-row tiles only for int32-accumulator formats, as
+    the autotuner prunes."""
+    _skip_without_hopper()
+    from zeroquant.kernels.triton import w4_gemm as W
+
+    configs = W._CONFIGS + W._INT_ACC_CONFIGS
+    assert len(configs) == 11
+    c = configs[cfg]
+    if c in W._INT_ACC_CONFIGS and not (tokens == "int8" and fmt in ("progressive", "channel")):
+        pytest.skip("pruned for this format")
+    k, n = (576 if c.kwargs["BLOCK_K"] == 64 else 1024), 1000
+    for m in (64, 65, 128, 1000, 4096):
+        ql, kw, x, xs, want = _case(m, k, n, fmt, tokens)
+        poison_cuda_cache()
+        got = torch.empty(m, n, device="cuda", dtype=x.dtype if xs is None else torch.float16)
+        grid = (-(-m // c.kwargs["BLOCK_T"]) * -(-n // c.kwargs["BLOCK_N"]),)
+        W._w4_gemm_kernel.fn[grid](
+            x, got if xs is None else xs, kw.qweight, kw.scale, kw.zero if kw.zero is not None else kw.scale,
+            kw.row_scale if kw.row_scale is not None else got, ql.bias, got, m, n, k, x.stride(0),
+            kw.qweight.stride(0), got.stride(0), W._m_bucket(m), A_INT8=xs is not None, HAS_ZERO=kw.zero is not None,
+            GROUP_SIZE=kw.kernel_group, HAS_BIAS=True, ACT=act_code("silu"), SZ_WORD=kw.sz_step == 2,
+            PROG=kw.row_scale is not None, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+        assert rel_err(got, want) < _tol(tokens), m
+
+
+@pytest.mark.parametrize("fmt,tokens", FORMATS)
+@pytest.mark.parametrize("m,k,n", [(17, 4096, 1000), (4096, 4096, 1000), (64, 11008, 4096)])
+def test_w4_gemm_autotuned_matches_its_twin(m, k, n, fmt, tokens):
+    """The launcher (autotuned configuration) at the fewest tokens it takes, a prompt's worth, and the Llama-7B
+    down projection."""
+    _skip_without_hopper()
+    from zeroquant.kernels.triton.w4_gemm import w4_gemm, w4_gemm_ok
+
+    ql, kw, x, xs, want = _case(m, k, n, fmt, tokens)
+    assert w4_gemm_ok(x, kw) and not w4_gemm_ok(x[:16], kw)
     poison_cuda_cache()
-    got = torch.empty(m, n, device="cuda", dtype=dtype)
-    w4_gemm(xin, None if xs is None else xs.reshape(-1).float().contiguous(), kw, ql.bias, "silu", got)
-    assert rel_err(got, want) < (3e-3 if dtype == torch.bfloat16 else 1e-3)
+    got = torch.empty(m, n, device="cuda", dtype=x.dtype if xs is None else torch.float16)
+    w4_gemm(x, xs, kw, ql.bias, "silu", got)
+    assert rel_err(got, want) < _tol(tokens)
