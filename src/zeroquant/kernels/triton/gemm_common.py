@@ -153,7 +153,8 @@ def _progressive_planes(wb, s2, zs, ROWS: tl.constexpr, BYTES: tl.constexpr):
     s2 makes each byte s2 * q <= 240 with no carry into the next, and a byte-wise subtract without borrow
     across bytes ((x | 0x80..) - (y & 0x7F..), xor ((x ^ ~y) & 0x80..)) leaves s2 * q - s2 * z mod 256 in each
     byte, which is s2 * (q - z) in two's complement because the format keeps it in int8
-    (core.quant.progressive_fits). Byte-wise in Triton the same took about five instructions a weight.
+    (core.quant.progressive_fits). Byte-wise in Triton the same took several instructions a weight
+    (docs/kernels.md).
     The multiply takes s2 from the first of the four bytes Triton packs into a register: those are four
     consecutive channels of one row in the layouts a load along K or an 8-bit MMA operand has (zs is applied
     byte by byte either way); the GPU test's s2 differ from row to row and group to group, so it would show."""

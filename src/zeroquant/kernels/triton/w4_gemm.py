@@ -2,7 +2,7 @@
 
 The tile GEMM (tile_gemm.py) makes each INT4 weight tile the right-hand operand of its dot. On Hopper that
 operand of the warpgroup MMA must sit in shared memory, so every unpacked weight went registers -> shared
-memory -> tensor cores, and INT4 ran at a third of INT8's speed on that kernel (docs/kernels.md). Here, as in
+memory -> tensor cores, and INT4 ran far below INT8 on that kernel (docs/kernels.md). Here, as in
 the small-M kernel (skinny_gemm.py), the weights are the left operand, which the warpgroup MMA reads from
 registers: a tile's nibbles become q - zero four at a time (_nibble_planes) and go straight into the MMA;
 the tokens stream through shared memory as an INT8 GEMM's would. Against INT8 tokens each group's int32 dot
