@@ -56,9 +56,9 @@ def compile_sm90(fn, sig: dict, consts: dict, warps: int, stages: int) -> dict:
 
 def w4_gemm_rows():
     fn = w4_gemm._w4_gemm_kernel.fn
-    for c in w4_gemm._CONFIGS + w4_gemm._INT_ACC_CONFIGS:
+    for c in w4_gemm._CONFIGS + w4_gemm._ONE_ACC_CONFIGS:
         for name, (a8, prog) in FORMATS.items():
-            if c in w4_gemm._INT_ACC_CONFIGS and not (a8 and prog):
+            if c in w4_gemm._ONE_ACC_CONFIGS and a8 and not prog:
                 continue
             consts = {"A_INT8": a8, "HAS_ZERO": True, "GROUP_SIZE": 128, "HAS_BIAS": True, "ACT": 0,
                       "SZ_WORD": a8 and not prog, "PROG": prog, **c.kwargs}

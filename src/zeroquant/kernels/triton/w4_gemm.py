@@ -8,7 +8,8 @@ registers: a tile's nibbles become q - zero four at a time (_nibble_planes) and 
 the tokens stream through shared memory as an INT8 GEMM's would. Against INT8 tokens each group's int32 dot
 is exact and is scaled once per group (float16-scale INT4) or not at all (progressive INT4: the weight is
 s2 * (q - z) in int8, one int32 accumulator for the whole K loop, the row scale in the epilogue); against
-fp16/bf16 tokens the group's float32 dot is scaled. The per-token scale, bias and activation come last.
+fp16/bf16 tokens each weight is (q - z) * s in the tokens' dtype, one float32 accumulator. The per-token scale,
+bias and activation come last.
 
 gemm.quant_linear does not dispatch here yet: the kernel waits for its GPU timing (bench/kernel_table.py).
 """
@@ -40,21 +41,21 @@ def _cfg(bn, bt, bk, warps, stages):
 
 # Weight rows a tile are the MMA's M side (64 a warpgroup), tokens its N side. BLOCK_K 64 serves K that is
 # a whole number of 64-channel chunks but not of 128 (a short last group). Tiles of 256 weight rows by 128
-# tokens fit the registers only with one int32 accumulator (INT_ACC formats): a float accumulator beside each
-# group's dot spilled there when compiled for sm_90 (docs/kernels.md).
+# tokens fit the registers only with one accumulator: W4A8 with float16 group scales keeps a float one beside
+# each group's int32 dot and spilled there when compiled for sm_90 (docs/kernels.md).
 _CONFIGS = [_cfg(128, 128, 128, 8, 3), _cfg(128, 128, 128, 8, 4), _cfg(128, 64, 128, 4, 4), _cfg(64, 128, 128, 4, 4),
             _cfg(256, 64, 128, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(128, 64, 64, 4, 4), _cfg(64, 128, 64, 4, 4),
             _cfg(64, 64, 64, 4, 4)]
-_INT_ACC_CONFIGS = [_cfg(256, 128, 128, 8, 3), _cfg(256, 128, 64, 8, 3)]
+_ONE_ACC_CONFIGS = [_cfg(256, 128, 128, 8, 3), _cfg(256, 128, 64, 8, 3)]
 
 
 def _prune(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     k, gs = args["K"], args["GROUP_SIZE"]
-    int_acc = args["A_INT8"] and (gs == 0 or args["PROG"])
+    one_acc = not args["A_INT8"] or gs == 0 or args["PROG"]
     bk = lambda c: c.kwargs["BLOCK_K"]
     return [c for c in configs if k % bk(c) == 0 and (not gs or gs % bk(c) == 0 or bk(c) % gs == 0)
-            and (int_acc or c not in _INT_ACC_CONFIGS)]
+            and (one_acc or c not in _ONE_ACC_CONFIGS)]
 
 
 def _m_bucket(m: int) -> int:
@@ -70,7 +71,7 @@ def _progressive_operands(s_ptr, z_ptr, idx):
 
 
 @triton.autotune(
-    configs=_CONFIGS + _INT_ACC_CONFIGS,
+    configs=_CONFIGS + _ONE_ACC_CONFIGS,
     key=["M_BUCKET", "N", "K", "A_INT8", "HAS_ZERO", "GROUP_SIZE", "SZ_WORD", "PROG"],
     prune_configs_by={"early_config_prune": _prune},
     do_bench=_gpu_time,
@@ -143,18 +144,13 @@ def _w4_gemm_kernel(
                     acc = tl.fma(_exact_float(part), s[:, None], acc)
                 else:
                     acc_i += part
-            else:
+            else:  # the weight (q - z) * s rounded to the tokens' dtype, as the reference path does: one accumulator
                 lo, hi = _nibble_planes(wb, zo, ety, BLOCK_N, SUB // 2)
-                part = tl.dot(hi, x_hi, tl.dot(lo, x_lo))
-                if GROUP_SIZE > 0:
-                    acc = tl.fma(part, (s * row if PROG else s)[:, None], acc)
-                else:
-                    acc += part
+                sw = (s * row if PROG else s).to(ety)[:, None]
+                acc = tl.dot(hi * sw, x_hi, tl.dot(lo * sw, x_lo, acc))
 
     if INT_ACC:
         acc = acc_i.to(tl.float32) * (row if PROG else s)[:, None]
-    elif GROUP_SIZE == 0:
-        acc = acc * (s * row if PROG else s)[:, None]
     if A_INT8:
         acc = acc * tl.load(as_ptr + rt)[None, :]
     if HAS_BIAS:
