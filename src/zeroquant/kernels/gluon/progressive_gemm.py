@@ -4,7 +4,8 @@ accumulator, the weights' conversion under the tensor cores' work.
 Why Gluon: Triton's INT4 GEMM with the weights as the warpgroup MMA's register operand (triton/w4_gemm.py) waits
 for each step's MMAs before converting the next step's weights, so the conversion and the MMAs take turns.
 Here a step's MMAs are issued asynchronously and left in flight while the next step's weights are unpacked;
-the wait that follows retires the previous step, whose ring slot the next TMA load then reuses.
+the wait that follows retires the previous step, whose ring slot goes back to the loads. One warp issues every
+TMA load (warp-specialized, as in tma_pingpong): issued from all warps, each load cost a CTA-wide barrier.
 
 A step is one 64-channel chunk of the half-split INT4 layout (quant.pack_int4: byte j holds channel j in its
 low nibble and channel j + 32 in its high one): its [BLOCK_N, 32] weight bytes become the int8 weights
@@ -34,44 +35,49 @@ HALF = gl.constexpr(PACK // 2)  # channels of one nibble plane in a chunk, and b
 
 
 @gluon.jit
-def _load_step(w_desc, x_desc, bar, w_buf, lo_buf, hi_buf, n0, t0, k, pred):
-    """TMA loads of chunk k: its weight bytes and the tokens of its two nibble planes, arriving on bar."""
-    mbarrier.expect(bar, w_desc.block_type.nbytes + 2 * x_desc.block_type.nbytes, pred=pred)
-    tma.async_copy_global_to_shared(w_desc, [n0, k * HALF], bar, w_buf, pred=pred)
-    tma.async_copy_global_to_shared(x_desc, [t0, k * 2 * HALF], bar, lo_buf, pred=pred)
-    tma.async_copy_global_to_shared(x_desc, [t0, k * 2 * HALF + HALF], bar, hi_buf, pred=pred)
+def _producer(descs, bars, bufs, ptrs, M, N, K, GROUP_SIZE: gl.constexpr, HAS_BIAS: gl.constexpr,
+              ACT: gl.constexpr):
+    """One warp: the TMA loads of every chunk (its weight bytes and the tokens of its two nibble planes), in
+    order, each into the next slot the consumers have released."""
+    w_desc, x_desc = descs
+    ready, empty = bars
+    w_bufs, lo_bufs, hi_bufs = bufs
+    BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
+    BLOCK_T: gl.constexpr = x_desc.block_type.shape[0]
+    STAGES: gl.constexpr = w_bufs.type.shape[0]
+    pid_t, pid_n = _tile(gl.program_id(0), M, N, BLOCK_T, BLOCK_N)
+    for k in range(K // (2 * HALF)):
+        s = k % STAGES
+        mbarrier.wait(empty.index(s), ((k // STAGES) & 1) ^ 1)  # barriers start with phase 1 complete
+        mbarrier.expect(ready.index(s), w_desc.block_type.nbytes + 2 * x_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(w_desc, [pid_n * BLOCK_N, k * HALF], ready.index(s), w_bufs.index(s))
+        tma.async_copy_global_to_shared(x_desc, [pid_t * BLOCK_T, k * 2 * HALF], ready.index(s), lo_bufs.index(s))
+        tma.async_copy_global_to_shared(x_desc, [pid_t * BLOCK_T, k * 2 * HALF + HALF], ready.index(s),
+                                        hi_bufs.index(s))
 
 
 @gluon.jit
-def _progressive_gemm_kernel(w_desc, x_desc, s_ptr, z_ptr, r_ptr, xs_ptr, b_ptr, c_ptr, M, N, K, stride_cm,
-                             GROUP_SIZE: gl.constexpr, HAS_BIAS: gl.constexpr, ACT: gl.constexpr,
-                             STAGES: gl.constexpr):
+def _consumer(descs, bars, bufs, ptrs, M, N, K, GROUP_SIZE: gl.constexpr, HAS_BIAS: gl.constexpr,
+              ACT: gl.constexpr):
+    """The warpgroups (splitting the weight rows): per chunk the weights unpacked into registers and two
+    asynchronous MMAs, left in flight while the next chunk unpacks; a slot is released once the MMAs reading it
+    have completed. Then the epilogue."""
+    w_desc, x_desc = descs
+    ready, empty = bars
+    w_bufs, lo_bufs, hi_bufs = bufs
+    s_ptr, z_ptr, r_ptr, xs_ptr, b_ptr, c_ptr, stride_cm = ptrs
     BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
     BLOCK_T: gl.constexpr = x_desc.block_type.shape[0]
-    # Warpgroups split the weight rows (64 each at least): one warpgroup holds a 128 x 128 int32 tile only by
-    # spilling.
+    STAGES: gl.constexpr = w_bufs.type.shape[0]
+    # One warpgroup holds a 128 x 128 int32 tile only by spilling: the warpgroups split the rows.
     ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
                                                    instr_shape=[16, BLOCK_T, 32])
     A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC, k_width=4)
-    ROWS: gl.constexpr = gl.SliceLayout(1, A_OP)
-
     pid_t, pid_n = _tile(gl.program_id(0), M, N, BLOCK_T, BLOCK_N)
-    n0 = pid_n * BLOCK_N
-    t0 = pid_t * BLOCK_T
-    w_bufs = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N, HALF], w_desc.layout)
-    lo_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_T, HALF], x_desc.layout)
-    hi_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_T, HALF], x_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready.index(i), count=1)
-    steps = K // (2 * HALF)
-    for i in gl.static_range(STAGES - 1):
-        _load_step(w_desc, x_desc, ready.index(i), w_bufs.index(i), lo_bufs.index(i), hi_bufs.index(i), n0, t0, i,
-                   i < steps)
-
-    rows = (n0 + gl.arange(0, BLOCK_N, layout=ROWS)) % N
+    rows = (pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, A_OP))) % N
     acc = gl.zeros([BLOCK_N, BLOCK_T], gl.int32, ACC)
-    for k in range(steps):
+    prev = 0
+    for k in range(K // (2 * HALF)):
         s = k % STAGES
         g = k * 2 * HALF // GROUP_SIZE
         s2 = gl.load(s_ptr + g * N + rows)
@@ -80,20 +86,14 @@ def _progressive_gemm_kernel(w_desc, x_desc, s_ptr, z_ptr, r_ptr, xs_ptr, b_ptr,
         lo, hi = _progressive_planes(w_bufs.index(s).load(A_OP), s2, zs, BLOCK_N, HALF)
         acc = warpgroup_mma(lo, lo_bufs.index(s).permute((1, 0)), acc, is_async=True)
         acc = warpgroup_mma(hi, hi_bufs.index(s).permute((1, 0)), acc, is_async=True)
-        # This step's two MMAs stay in flight; the previous step's are done, and once every warp is past it
-        # (the other warpgroup's MMAs, every warp's weight loads) its slot takes chunk k + STAGES - 1.
         acc = warpgroup_mma_wait(num_outstanding=2, deps=(acc,))
-        gl.thread_barrier()
-        nxt = k + STAGES - 1
-        ns = nxt % STAGES
-        _load_step(w_desc, x_desc, ready.index(ns), w_bufs.index(ns), lo_bufs.index(ns), hi_bufs.index(ns), n0, t0,
-                   nxt, nxt < steps)
+        mbarrier.arrive(empty.index(prev), pred=k > 0)  # the previous chunk's MMAs are done with its slot
+        prev = s
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(ready.index(i))
+    mbarrier.arrive(empty.index(prev))
 
-    offs_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, ACC))
-    offs_t = t0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, ACC))
+    offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, ACC))
+    offs_t = pid_t * BLOCK_T + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, ACC))
     out = acc.to(gl.float32) * gl.load(r_ptr + offs_n % N)[:, None]
     out = out * gl.load(xs_ptr + offs_t % M)[None, :]
     if HAS_BIAS:
@@ -101,6 +101,26 @@ def _progressive_gemm_kernel(w_desc, x_desc, s_ptr, z_ptr, r_ptr, xs_ptr, b_ptr,
     out = apply_act(out, ACT)
     c_ptrs = c_ptr + offs_t[None, :].to(gl.int64) * stride_cm + offs_n[:, None]
     gl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=(offs_t[None, :] < M) & (offs_n[:, None] < N))
+
+
+@gluon.jit
+def _progressive_gemm_kernel(w_desc, x_desc, s_ptr, z_ptr, r_ptr, xs_ptr, b_ptr, c_ptr, M, N, K, stride_cm,
+                             GROUP_SIZE: gl.constexpr, HAS_BIAS: gl.constexpr, ACT: gl.constexpr,
+                             STAGES: gl.constexpr):
+    BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
+    BLOCK_T: gl.constexpr = x_desc.block_type.shape[0]
+    w_bufs = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N, HALF], w_desc.layout)
+    lo_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_T, HALF], x_desc.layout)
+    hi_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_T, HALF], x_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=1)
+    # Every partition takes the same arguments (Gluon's warp_specialize asks for one tuple shape).
+    args = ((w_desc, x_desc), (ready, empty), (w_bufs, lo_bufs, hi_bufs),
+            (s_ptr, z_ptr, r_ptr, xs_ptr, b_ptr, c_ptr, stride_cm), M, N, K, GROUP_SIZE, HAS_BIAS, ACT)
+    gl.warp_specialize([(_consumer, args), (_producer, args)], [1], [24])
 
 
 def progressive_gemm_ok(a: torch.Tensor, w: KernelWeight) -> bool:
