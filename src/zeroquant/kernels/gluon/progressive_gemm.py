@@ -7,11 +7,11 @@ Here a step's MMAs are issued asynchronously and left in flight while the next s
 the wait that follows retires the previous step, whose ring slot goes back to the loads. One warp issues every
 TMA load (warp-specialized, as in tma_pingpong): issued from all warps, each load cost a CTA-wide barrier.
 
-A step is one 64-channel chunk of the half-split INT4 layout (quant.pack_int4: byte j holds channel j in its
-low nibble and channel j + 32 in its high one): its [BLOCK_N, 32] weight bytes become the int8 weights
-s2 * (q - z) of both nibble planes in registers (_progressive_planes), and each plane meets its own 32 token
-channels, which TMA loads into their own buffer, so no shared-memory tile is ever sliced. The row scale, the
-per-token scale, bias and activation come in the epilogue.
+A chunk is 64 channels of the half-split INT4 layout (quant.pack_int4: byte j holds channel j in its low
+nibble and channel j + 32 in its high one), a step one or two chunks. A chunk's [BLOCK_N, 32] weight bytes
+become the int8 weights s2 * (q - z) of both nibble planes in registers (_progressive_planes), and each plane
+meets its own 32 token channels, which TMA loads into their own buffer, so no shared-memory tile is sliced.
+The row scale, the per-token scale, bias and activation come in the epilogue.
 
 gemm.quant_linear does not dispatch here yet: the kernel waits for its GPU test and timings.
 """
@@ -37,38 +37,44 @@ HALF = gl.constexpr(PACK // 2)  # channels of one nibble plane in a chunk, and b
 @gluon.jit
 def _producer(descs, bars, bufs, ptrs, M, N, K, GROUP_SIZE: gl.constexpr, HAS_BIAS: gl.constexpr,
               ACT: gl.constexpr):
-    """One warp: the TMA loads of every chunk (its weight bytes and the tokens of its two nibble planes), in
-    order, each into the next slot the consumers have released."""
+    """One warp: the TMA loads of every step (CHUNKS chunks: each one's weight bytes and the tokens of its two
+    nibble planes), in order, each into the next slot the consumers have released."""
     w_desc, x_desc = descs
     ready, empty = bars
     w_bufs, lo_bufs, hi_bufs = bufs
     BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
     BLOCK_T: gl.constexpr = x_desc.block_type.shape[0]
-    STAGES: gl.constexpr = w_bufs.type.shape[0]
+    STAGES: gl.constexpr = ready.type.shape[0]
+    CHUNKS: gl.constexpr = w_bufs.type.shape[0] // STAGES
     pid_t, pid_n = _tile(gl.program_id(0), M, N, BLOCK_T, BLOCK_N)
-    for k in range(K // (2 * HALF)):
+    for k in range(K // (2 * HALF * CHUNKS)):
         s = k % STAGES
         mbarrier.wait(empty.index(s), ((k // STAGES) & 1) ^ 1)  # barriers start with phase 1 complete
-        mbarrier.expect(ready.index(s), w_desc.block_type.nbytes + 2 * x_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(w_desc, [pid_n * BLOCK_N, k * HALF], ready.index(s), w_bufs.index(s))
-        tma.async_copy_global_to_shared(x_desc, [pid_t * BLOCK_T, k * 2 * HALF], ready.index(s), lo_bufs.index(s))
-        tma.async_copy_global_to_shared(x_desc, [pid_t * BLOCK_T, k * 2 * HALF + HALF], ready.index(s),
-                                        hi_bufs.index(s))
+        mbarrier.expect(ready.index(s), CHUNKS * (w_desc.block_type.nbytes + 2 * x_desc.block_type.nbytes))
+        for c in gl.static_range(CHUNKS):
+            j = k * CHUNKS + c
+            b = s * CHUNKS + c
+            tma.async_copy_global_to_shared(w_desc, [pid_n * BLOCK_N, j * HALF], ready.index(s), w_bufs.index(b))
+            tma.async_copy_global_to_shared(x_desc, [pid_t * BLOCK_T, j * 2 * HALF], ready.index(s),
+                                            lo_bufs.index(b))
+            tma.async_copy_global_to_shared(x_desc, [pid_t * BLOCK_T, j * 2 * HALF + HALF], ready.index(s),
+                                            hi_bufs.index(b))
 
 
 @gluon.jit
 def _consumer(descs, bars, bufs, ptrs, M, N, K, GROUP_SIZE: gl.constexpr, HAS_BIAS: gl.constexpr,
               ACT: gl.constexpr):
     """The warpgroups (splitting the weight rows): per chunk the weights unpacked into registers and two
-    asynchronous MMAs, left in flight while the next chunk unpacks; a slot is released once the MMAs reading it
-    have completed. Then the epilogue."""
+    asynchronous MMAs; a step's MMAs stay in flight while the next step's first chunk unpacks, and a slot is
+    released once the MMAs reading it have completed. Then the epilogue."""
     w_desc, x_desc = descs
     ready, empty = bars
     w_bufs, lo_bufs, hi_bufs = bufs
     s_ptr, z_ptr, r_ptr, xs_ptr, b_ptr, c_ptr, stride_cm = ptrs
     BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
     BLOCK_T: gl.constexpr = x_desc.block_type.shape[0]
-    STAGES: gl.constexpr = w_bufs.type.shape[0]
+    STAGES: gl.constexpr = ready.type.shape[0]
+    CHUNKS: gl.constexpr = w_bufs.type.shape[0] // STAGES
     # One warpgroup holds a 128 x 128 int32 tile only by spilling: the warpgroups split the rows.
     ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
                                                    instr_shape=[16, BLOCK_T, 32])
@@ -77,17 +83,19 @@ def _consumer(descs, bars, bufs, ptrs, M, N, K, GROUP_SIZE: gl.constexpr, HAS_BI
     rows = (pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, A_OP))) % N
     acc = gl.zeros([BLOCK_N, BLOCK_T], gl.int32, ACC)
     prev = 0
-    for k in range(K // (2 * HALF)):
+    for k in range(K // (2 * HALF * CHUNKS)):
         s = k % STAGES
-        g = k * 2 * HALF // GROUP_SIZE
-        s2 = gl.load(s_ptr + g * N + rows)
-        zs = ((s2.to(gl.int32) * gl.load(z_ptr + g * N + rows).to(gl.int32)) & 0xFF).to(gl.uint8)
         mbarrier.wait(ready.index(s), (k // STAGES) & 1)
-        lo, hi = _progressive_planes(w_bufs.index(s).load(A_OP), s2, zs, BLOCK_N, HALF)
-        acc = warpgroup_mma(lo, lo_bufs.index(s).permute((1, 0)), acc, is_async=True)
-        acc = warpgroup_mma(hi, hi_bufs.index(s).permute((1, 0)), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=2, deps=(acc,))
-        mbarrier.arrive(empty.index(prev), pred=k > 0)  # the previous chunk's MMAs are done with its slot
+        for c in gl.static_range(CHUNKS):
+            b = s * CHUNKS + c
+            g = (k * CHUNKS + c) * 2 * HALF // GROUP_SIZE
+            s2 = gl.load(s_ptr + g * N + rows)
+            zs = ((s2.to(gl.int32) * gl.load(z_ptr + g * N + rows).to(gl.int32)) & 0xFF).to(gl.uint8)
+            lo, hi = _progressive_planes(w_bufs.index(b).load(A_OP), s2, zs, BLOCK_N, HALF)
+            acc = warpgroup_mma(lo, lo_bufs.index(b).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma(hi, hi_bufs.index(b).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=2 * CHUNKS, deps=(acc,))
+        mbarrier.arrive(empty.index(prev), pred=k > 0)  # the previous step's MMAs are done with its slot
         prev = s
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     mbarrier.arrive(empty.index(prev))
@@ -106,18 +114,19 @@ def _consumer(descs, bars, bufs, ptrs, M, N, K, GROUP_SIZE: gl.constexpr, HAS_BI
 @gluon.jit
 def _progressive_gemm_kernel(w_desc, x_desc, s_ptr, z_ptr, r_ptr, xs_ptr, b_ptr, c_ptr, M, N, K, stride_cm,
                              GROUP_SIZE: gl.constexpr, HAS_BIAS: gl.constexpr, ACT: gl.constexpr,
-                             STAGES: gl.constexpr):
+                             STAGES: gl.constexpr, CHUNKS: gl.constexpr):
     BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
     BLOCK_T: gl.constexpr = x_desc.block_type.shape[0]
-    w_bufs = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N, HALF], w_desc.layout)
-    lo_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_T, HALF], x_desc.layout)
-    hi_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_T, HALF], x_desc.layout)
+    w_bufs = gl.allocate_shared_memory(gl.uint8, [STAGES * CHUNKS, BLOCK_N, HALF], w_desc.layout)
+    lo_bufs = gl.allocate_shared_memory(gl.int8, [STAGES * CHUNKS, BLOCK_T, HALF], x_desc.layout)
+    hi_bufs = gl.allocate_shared_memory(gl.int8, [STAGES * CHUNKS, BLOCK_T, HALF], x_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=1)
-    # Every partition takes the same arguments (Gluon's warp_specialize asks for one tuple shape).
+    # Every partition takes the same arguments (Gluon's warp_specialize asks for one tuple shape); the ring's
+    # depth and chunks a slot they read off the buffers' shapes.
     args = ((w_desc, x_desc), (ready, empty), (w_bufs, lo_bufs, hi_bufs),
             (s_ptr, z_ptr, r_ptr, xs_ptr, b_ptr, c_ptr, stride_cm), M, N, K, GROUP_SIZE, HAS_BIAS, ACT)
     gl.warp_specialize([(_consumer, args), (_producer, args)], [1], [24])
@@ -133,7 +142,7 @@ def progressive_gemm_ok(a: torch.Tensor, w: KernelWeight) -> bool:
 def progressive_gemm(a: torch.Tensor, xs: torch.Tensor, w: KernelWeight, bias, act, c: torch.Tensor,
                      block: tuple[int, int] = (128, 128), stages: int = 4, warps: int = 8) -> None:
     """c = act(a * xs @ W^T + bias) for progressive INT4 W; a int8 [M, K], xs float32 [M]; block: (weight rows,
-    tokens) a program."""
+    tokens) a program; stages: ring slots of two chunks each (one where K is an odd number of chunks)."""
     m, k = a.shape
     n = w.out_features
     bn, bt = block
@@ -144,4 +153,5 @@ def progressive_gemm(a: torch.Tensor, xs: torch.Tensor, w: KernelWeight, bias, a
     grid = (triton.cdiv(m, bt) * triton.cdiv(n, bn),)
     _progressive_gemm_kernel[grid](
         w_desc, x_desc, w.scale, w.zero, w.row_scale, xs, bias if bias is not None else c, c, m, n, k, c.stride(0),
-        GROUP_SIZE=w.kernel_group, HAS_BIAS=bias is not None, ACT=act_code(act), STAGES=stages, num_warps=warps)
+        GROUP_SIZE=w.kernel_group, HAS_BIAS=bias is not None, ACT=act_code(act), STAGES=stages,
+        CHUNKS=2 if k % (4 * HALF) == 0 else 1, num_warps=warps)
