@@ -150,3 +150,24 @@ def test_gptq_runs_blocks_without_autograd(monkeypatch):
     monkeypatch.setattr(B, "call_block", spy)
     zq.quantize(tiny_model("llama"), "w4a16+gptq", calib_data=tiny_input(4, 16, seed=3), progress=False)
     assert seen and not any(seen)
+
+
+def test_hessian_sums_of_one_input_width_at_a_time(monkeypatch):
+    """GPTQ takes a block's input sums one input width at a time, widest first (a Llama block: the down
+    projection alone, then the six linears that read the hidden size), so the widest sum never shares memory
+    with the others."""
+    from zeroquant.algorithms import gptq
+
+    passes = []
+
+    class Recording(gptq.InputHessians):
+        def __enter__(self):
+            passes.append(sorted(self.modules))
+            return super().__enter__()
+
+    monkeypatch.setattr(gptq, "InputHessians", Recording)
+    model = tiny_model("llama")
+    zq.quantize(model, "w4a16+gptq", calib_data=[tiny_input(2, 16, seed=s) for s in (1, 2)], progress=False)
+    others = sorted(["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                     "mlp.gate_proj", "mlp.up_proj"])
+    assert passes == [["mlp.down_proj"], others] * 2

@@ -202,28 +202,32 @@ def gptq_starts(targets: list, block: nn.Module, inputs, stream, keep_weights: b
     of their inputs when `block` runs on `stream` (a blockwise.Hidden); name in the block -> GPTQResult (its
     weight None unless keep_weights: distillation starts from it, plain GPTQ does not need it)."""
     mods = {t.local: block.get_submodule(t.local) for t in targets if t.rule.rounding == "gptq"}
-    if not mods:
-        return {}
     rules = {t.local: t.rule for t in targets}
-    with torch.no_grad(), InputHessians(mods) as hs:
-        for i, mask in enumerate(inputs.masks):
-            hs.only(mask)
-            call_block(block, stream.get(i), *inputs.ctx[i])
-    hs.reduce(inputs.ranks)
-    # Linears sharing a Hessian and a rule are rounded as one matrix (GPTQ treats rows alone, given the Hessian):
-    # one Cholesky factorisation and one column sweep for q/k/v, whose Python loop is most of GPTQ's time.
-    # One Hessian at a time: at 70B a down projection's alone is 3.3 GB.
-    together: dict[tuple, list[str]] = {}
-    for n in mods:
-        together.setdefault((hs.owner[n], rules[n].weight), []).append(n)
     out = {}
-    for (_, wq), names in together.items():
-        weights = [linear_weight(mods[n]) for n in names]
-        res = gptq_round(torch.cat(weights), hs.take(names), wq, overwrite=True, keep_weight=keep_weights)
-        rows = [w.shape[0] for w in weights]
-        parts = [t.split(rows) if t is not None else [None] * len(names) for t in res]
-        for n, *fields in zip(names, *parts, strict=True):
-            out[n] = GPTQResult(*fields)
+    # One forward pass per input width, widest first: only that width's float64 sums live at a time, so the
+    # peak is the widest input's (a down projection's) rather than every sum of the block together. Rounding
+    # writes copies, never the block, so every pass sees the same block and the sums are the same.
+    widths = sorted({linear_weight(m).shape[1] for m in mods.values()}, reverse=True)
+    for width in widths:
+        part = {n: m for n, m in mods.items() if linear_weight(m).shape[1] == width}
+        with torch.no_grad(), InputHessians(part) as hs:
+            for i, mask in enumerate(inputs.masks):
+                hs.only(mask)
+                call_block(block, stream.get(i), *inputs.ctx[i])
+        hs.reduce(inputs.ranks)
+        # Linears sharing a Hessian and a rule are rounded as one matrix (GPTQ treats rows alone, given the
+        # Hessian): one Cholesky factorisation and one column sweep for q/k/v, whose Python loop is most of
+        # GPTQ's time. One Hessian at a time.
+        together: dict[tuple, list[str]] = {}
+        for n in part:
+            together.setdefault((hs.owner[n], rules[n].weight), []).append(n)
+        for (_, wq), names in together.items():
+            weights = [linear_weight(part[n]) for n in names]
+            res = gptq_round(torch.cat(weights), hs.take(names), wq, overwrite=True, keep_weight=keep_weights)
+            rows = [w.shape[0] for w in weights]
+            parts = [t.split(rows) if t is not None else [None] * len(names) for t in res]
+            for n, *fields in zip(names, *parts, strict=True):
+                out[n] = GPTQResult(*fields)
     return out
 
 
