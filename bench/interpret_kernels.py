@@ -87,7 +87,8 @@ def check_w4_gemm() -> list[str]:
              (70, 256, 96, True, "progressive", (64, 64, 64)), (70, 256, 96, False, "progressive", (64, 64, 64)),
              (33, 576, 64, True, "g128", (64, 32, 64)), (33, 576, 64, False, "progressive", (64, 32, 64)),
              (40, 256, 64, True, "channel", (64, 64, 128)), (40, 256, 64, False, "channel", (64, 64, 128)),
-             (40, 512, 64, True, "g256", (64, 64, 128))]
+             (40, 512, 64, True, "g256", (64, 64, 128)), (150, 512, 200, True, "progressive", (256, 128, 128)),
+             (150, 512, 200, False, "g128", (128, 128, 64))]
     formats = {"g128": (128, False), "progressive": (128, False), "channel": (-1, True), "g256": (256, False)}
     bad = []
     for m, k, n, a8, fmt, (bn, bt, bk) in cases:
