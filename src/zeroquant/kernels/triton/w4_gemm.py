@@ -109,7 +109,8 @@ def _w4_gemm_kernel(
     if PROG:
         row = tl.load(r_ptr + rn)
     # Against INT8 tokens a progressive weight is s2 * (q - z) in int8 (_progressive_planes); otherwise q - z
-    # (_nibble_planes) and the group's float scale s after the dot.
+    # (_nibble_planes), scaled by the group's float scale s on the int32 dot (INT8 tokens) or on each weight
+    # (16-bit tokens).
     INT_W: tl.constexpr = A_INT8 and PROG
     if GROUP_SIZE == 0:
         if INT_W:
