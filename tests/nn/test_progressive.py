@@ -121,3 +121,39 @@ def test_kernel_twin_matches_the_layer(act):
         got = R.quant_linear(x, None, ql.qweight, ql.w_scale, ql.w_zero, 4, ql.group_size, ql.bias, None,
                              torch.float32, row_scale=ql.w_row_scale)
         assert torch.allclose(got, ql(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("act", [True, False])
+def test_kernel_ops_carry_the_row_scales_alone_and_packed(act, monkeypatch):
+    """The kernel ops take progressive weights (their row scales travel as row_scale): run through the ops (their
+    CPU twins here) a linear gives its integer path's output, and linears packed into one GEMM, or a gated pair
+    into one gated op, give each one's own."""
+    from zeroquant import kernels
+    from zeroquant.kernels import ops
+    from zeroquant.kernels import reference as R
+    from zeroquant.nn import packing
+    from zeroquant.nn.fused import packed_linears
+
+    torch.manual_seed(0)
+    rule = LinearRule(WeightQuant(4, 64, False, scale_dtype="int8"), ActQuant(8) if act else None)
+    linears = [QuantLinear.from_float(nn.Linear(192, n), rule) for n in (48, 32, 48)]
+    x = torch.randn(5, 192)
+    want = [m(x) for m in linears]  # the integer reference path
+    monkeypatch.setattr(kernels, "runs_on", lambda t: True)
+    for m in linears:
+        m.kernel_format = True  # what QuantLinear decides once its GPU kernels are enabled for this format
+    assert all(torch.allclose(m(x), w, rtol=1e-5, atol=1e-5) for m, w in zip(linears, want, strict=True))
+    packing.pack(linears)
+    packed = packing.packed_buffers(linears)
+    assert packed["w_row_scale"].shape == (128, 1)
+    for got, w in zip(packed_linears(packed, linears, x), want, strict=True):
+        assert torch.allclose(got, w, rtol=1e-5, atol=1e-5)
+    gate, up = linears[0], linears[2]
+    q8, s = Q.quantize_per_token(x) if act else (x, None)
+    both = packing.packed_buffers([gate, up]) or {}
+    assert not both  # gate and up are not neighbours in the pack: ask the op directly
+    w8 = torch.cat([gate.qweight, up.qweight])
+    glu = ops.gated_linear(q8, s, w8, torch.cat([gate.w_scale, up.w_scale]), torch.cat([gate.w_zero, up.w_zero]),
+                           4, 64, torch.cat([gate.bias, up.bias]), "silu", torch.float32,
+                           row_scale=torch.cat([gate.w_row_scale, up.w_row_scale]))
+    assert torch.allclose(glu, R.glu(torch.cat(want[::2], -1), "silu", torch.float32), rtol=1e-4, atol=1e-4)

@@ -98,15 +98,16 @@ def _(x, act, gate=None):
 @torch.library.custom_op(f"{LIB}::quant_linear", mutates_args=())
 def quant_linear(x: torch.Tensor, x_scale: torch.Tensor | None, qweight: torch.Tensor, w_scale: torch.Tensor,
                  w_zero: torch.Tensor | None, bits: int, group_size: int, bias: torch.Tensor | None,
-                 act: str | None, out_dtype: torch.dtype) -> torch.Tensor:
+                 act: str | None, out_dtype: torch.dtype, row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """act(x [* x_scale] @ dequant(W)^T + bias) -> [..., N] in out_dtype.
 
     x: int8 [..., K] with per-token float32 x_scale [..., 1], or fp16/bf16/fp32 with x_scale None (then
     out_dtype is x's dtype). qweight as QuantLinear stores it (int8 [N, K], or uint8 [N, K/2] for 4 bits);
     w_scale / w_zero [N, G] (QuantLinear's G-major buffers are read in place); group_size: channels per
-    scale (K for one per row)."""
+    scale (K for one per row); row_scale [N, 1]: progressive INT4's float row scales (w_scale then holds the
+    integer group scales)."""
     return _reference_rows(reference.quant_linear, x, x_scale, qweight, w_scale, w_zero, bits, group_size, bias, act,
-                           out_dtype)
+                           out_dtype, row_scale)
 
 
 def _reference_rows(fn, x, x_scale, *weight_args):
@@ -116,42 +117,44 @@ def _reference_rows(fn, x, x_scale, *weight_args):
     return fn(x.reshape(-1, x.shape[-1]), xs, *weight_args).reshape(*_rows(x), -1)
 
 
-def _launch(x, x_scale, qweight, w_scale, w_zero, bits, group_size, bias, act, out_dtype, glu):
+def _launch(x, x_scale, qweight, w_scale, w_zero, bits, group_size, bias, act, out_dtype, row_scale, glu):
     """The CUDA implementation of quant_linear and gated_linear: gemm.quant_linear on QuantLinear's buffers."""
     from zeroquant.kernels.triton.gemm import KernelWeight
     from zeroquant.kernels.triton.gemm import quant_linear as launch
 
-    kw = KernelWeight.from_quant(qweight, w_scale, w_zero, bits, group_size, check=False)
+    kw = KernelWeight.from_quant(qweight, w_scale, w_zero, bits, group_size, check=False, row_scale=row_scale)
     return launch(x, x_scale, kw, bias, act=act, out_dtype=out_dtype, glu=glu)
 
 
 @_cuda_kernel(quant_linear)
-def _(x, x_scale, qweight, w_scale, w_zero, bits, group_size, bias, act, out_dtype):
-    return _launch(x, x_scale, qweight, w_scale, w_zero, bits, group_size, bias, act, out_dtype, glu=False)
+def _(x, x_scale, qweight, w_scale, w_zero, bits, group_size, bias, act, out_dtype, row_scale=None):
+    return _launch(x, x_scale, qweight, w_scale, w_zero, bits, group_size, bias, act, out_dtype, row_scale,
+                   glu=False)
 
 
 @quant_linear.register_fake
-def _(x, x_scale, qweight, w_scale, w_zero, bits, group_size, bias, act, out_dtype):
+def _(x, x_scale, qweight, w_scale, w_zero, bits, group_size, bias, act, out_dtype, row_scale=None):
     return x.new_empty((*_rows(x), qweight.shape[0]), dtype=out_dtype)
 
 
 @torch.library.custom_op(f"{LIB}::gated_linear", mutates_args=())
 def gated_linear(x: torch.Tensor, x_scale: torch.Tensor | None, qweight: torch.Tensor, w_scale: torch.Tensor,
                  w_zero: torch.Tensor | None, bits: int, group_size: int, bias: torch.Tensor | None,
-                 act: str | None, out_dtype: torch.dtype) -> torch.Tensor:
+                 act: str | None, out_dtype: torch.dtype, row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """A gated MLP's act(x W_gate^T + b) * (x W_up^T + b) -> [..., N / 2] from one weight (arguments as
     quant_linear's) whose N rows are the gate projection's, then the up projection's (zeroquant.nn.packing)."""
     return _reference_rows(reference.gated_linear, x, x_scale, qweight, w_scale, w_zero, bits, group_size, bias,
-                           act, out_dtype)
+                           act, out_dtype, row_scale)
 
 
 @_cuda_kernel(gated_linear)
-def _(x, x_scale, qweight, w_scale, w_zero, bits, group_size, bias, act, out_dtype):
-    return _launch(x, x_scale, qweight, w_scale, w_zero, bits, group_size, bias, act, out_dtype, glu=True)
+def _(x, x_scale, qweight, w_scale, w_zero, bits, group_size, bias, act, out_dtype, row_scale=None):
+    return _launch(x, x_scale, qweight, w_scale, w_zero, bits, group_size, bias, act, out_dtype, row_scale,
+                   glu=True)
 
 
 @gated_linear.register_fake
-def _(x, x_scale, qweight, w_scale, w_zero, bits, group_size, bias, act, out_dtype):
+def _(x, x_scale, qweight, w_scale, w_zero, bits, group_size, bias, act, out_dtype, row_scale=None):
     return x.new_empty((*_rows(x), qweight.shape[0] // 2), dtype=out_dtype)
 
 

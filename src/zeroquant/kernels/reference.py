@@ -160,11 +160,11 @@ def int_linear(x8: torch.Tensor, x_scale: torch.Tensor, x_offset: torch.Tensor |
 
 def gated_linear(x: torch.Tensor, x_scale: torch.Tensor | None, qweight: torch.Tensor, w_scale: torch.Tensor,
                  w_zero: torch.Tensor | None, bits: int, group_size: int, bias: torch.Tensor | None, act: str | None,
-                 out_dtype: torch.dtype) -> torch.Tensor:
+                 out_dtype: torch.dtype, row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """A gated MLP's act(gate) * up from one weight holding the gate rows, then the up rows: [M, N / 2], the
     product in float32 from the float32 sums, as the GEMV's epilogue computes it."""
-    return glu(quant_linear(x, x_scale, qweight, w_scale, w_zero, bits, group_size, bias, None, torch.float32), act,
-               out_dtype)
+    return glu(quant_linear(x, x_scale, qweight, w_scale, w_zero, bits, group_size, bias, None, torch.float32,
+                            row_scale=row_scale), act, out_dtype)
 
 
 def glu(y: torch.Tensor, act: str | None, out_dtype: torch.dtype) -> torch.Tensor:

@@ -127,7 +127,8 @@ class GatedMLP(nn.Module):
             packed = packing.cached_pack(self, [gate, up], x)
             if packed is not None:
                 if x.shape[:-1].numel() == 1:
-                    return down(ops.gated_linear(x, None, *_packed_weight(packed, gate), self.act, x.dtype))
+                    return down(ops.gated_linear(x, None, *_packed_weight(packed, gate), self.act, x.dtype,
+                                                 row_scale=packed["w_row_scale"]))
                 g, u = packed_linears(packed, [gate, up], x)  # one GEMM; the product outside (inductor fuses it)
                 return down(self._act(g) * u)
         g, u = gate(x), up(x)
@@ -167,7 +168,7 @@ class ResidualNorm(nn.Module):
 
 def _packed_weight(packed: dict[str, torch.Tensor | None], first: QuantLinear) -> tuple:
     """The weight arguments of ops.quant_linear / ops.gated_linear for packed buffers (packing.packed_buffers):
-    qweight, w_scale, w_zero, bits, group_size, bias."""
+    qweight, w_scale, w_zero, bits, group_size, bias; the row scales go as the ops' keyword row_scale."""
     zero = None if packed["w_zero"] is None else packed["w_zero"].t()
     return packed["qweight"], packed["w_scale"].t(), zero, first.wq.bits, first.group_size, packed["bias"]
 
@@ -178,5 +179,5 @@ def packed_linears(packed: dict[str, torch.Tensor | None], linears: list[QuantLi
     or its token-wise INT8 form `int8` where the caller already has it."""
     first = linears[0]
     q8, s = (x, None) if first.aq is None else (int8 or first.int8_input(x))
-    y = ops.quant_linear(q8, s, *_packed_weight(packed, first), None, x.dtype)
+    y = ops.quant_linear(q8, s, *_packed_weight(packed, first), None, x.dtype, row_scale=packed["w_row_scale"])
     return list(y.split([m.out_features for m in linears], -1))

@@ -20,7 +20,8 @@ from zeroquant.nn.qlinear import QuantLinear
 
 # buffer, the dimension that holds the output channels in its storage, whether the buffer is a transposed
 # view of that storage (scales and zero points are [N, G] views of [G, N] rows)
-_LAYOUT = (("qweight", 0, False), ("w_scale", 1, True), ("w_zero", 1, True), ("bias", 0, False))
+_LAYOUT = (("qweight", 0, False), ("w_scale", 1, True), ("w_zero", 1, True), ("w_row_scale", 0, False),
+           ("bias", 0, False))
 
 
 def packable(linears: list[QuantLinear]) -> bool:
@@ -78,7 +79,7 @@ def _base(bufs: list[torch.Tensor], dim: int, flip: bool) -> torch.Tensor | None
 
 def packed_buffers(linears: list[QuantLinear]) -> dict[str, torch.Tensor | None] | None:
     """Each buffer's whole packed allocation in storage layout (qweight [N, K'], w_scale / w_zero [G, N],
-    bias [N], N summed over the linears), or None if the linears are not packed."""
+    w_row_scale [N, 1], bias [N], N summed over the linears), or None if the linears are not packed."""
     bases = {}
     for name, dim, flip in _LAYOUT:
         bufs = [m._buffers[name] for m in linears]

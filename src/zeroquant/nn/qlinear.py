@@ -239,7 +239,7 @@ class QuantLinear(nn.Module):
     def forward_quantized(self, q: torch.Tensor, s: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         """The kernel GEMM on an input in token-wise INT8 form (q [..., K], s [..., 1]); only where takes_int8."""
         return ops.quant_linear(q, s, self.qweight, self.w_scale, self.w_zero, self.wq.bits, self.group_size,
-                                self.bias, self.act, out_dtype)
+                                self.bias, self.act, out_dtype, self.w_row_scale)
 
     def _forward_kernel(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed_slot is not None and isinstance(x, QuantizedActivation):
@@ -248,7 +248,7 @@ class QuantLinear(nn.Module):
                 return y
         if self.aq is None:
             return ops.quant_linear(x, None, self.qweight, self.w_scale, self.w_zero, self.wq.bits, self.group_size,
-                                    self.bias, self.act, x.dtype)
+                                    self.bias, self.act, x.dtype, self.w_row_scale)
         return self.forward_quantized(*self.int8_input(x), x.dtype)
 
     # The reference backends ----------------------------------------------------------------------------
