@@ -26,7 +26,7 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from zeroquant.kernels import act_code
-from zeroquant.kernels.triton.gemm_common import _progressive_planes, _tile
+from zeroquant.kernels.triton.gemm_common import _progressive_operands, _progressive_planes, _tile
 from zeroquant.kernels.triton.launch import device_index, device_info
 from zeroquant.kernels.triton.rowwise import apply_act
 from zeroquant.kernels.weight_format import PACK, KernelWeight
@@ -89,8 +89,7 @@ def _consumer(descs, bars, bufs, ptrs, M, N, K, GROUP_SIZE: gl.constexpr, HAS_BI
         for c in gl.static_range(CHUNKS):
             b = s * CHUNKS + c
             g = (k * CHUNKS + c) * 2 * HALF // GROUP_SIZE
-            s2 = gl.load(s_ptr + g * N + rows)
-            zs = ((s2.to(gl.int32) * gl.load(z_ptr + g * N + rows).to(gl.int32)) & 0xFF).to(gl.uint8)
+            s2, zs = _progressive_operands(s_ptr, z_ptr, g * N + rows)
             lo, hi = _progressive_planes(w_bufs.index(b).load(A_OP), s2, zs, BLOCK_N, HALF)
             acc = warpgroup_mma(lo, lo_bufs.index(b).permute((1, 0)), acc, is_async=True)
             acc = warpgroup_mma(hi, hi_bufs.index(b).permute((1, 0)), acc, is_async=True)

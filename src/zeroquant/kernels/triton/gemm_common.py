@@ -171,6 +171,14 @@ def _progressive_planes(wb, s2, zs, ROWS: tl.constexpr, BYTES: tl.constexpr):
 
 
 @triton.jit
+def _progressive_operands(s_ptr, z_ptr, idx):
+    """What _progressive_planes takes for rows idx of one group: s2 (int8) and s2 * z mod 256 (uint8)."""
+    s2 = tl.load(s_ptr + idx)
+    zs = (s2.to(tl.int32) * tl.load(z_ptr + idx).to(tl.int32)) & 0xFF
+    return s2, zs.to(tl.uint8)
+
+
+@triton.jit
 def _tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """(row tile, column tile) of output tile `pid`. GROUP_M row-tiles share each column of weight tiles, so
     weights are reused from L2."""

@@ -26,6 +26,7 @@ from zeroquant.kernels.triton.gemm_common import (
     _exact_float,
     _gpu_time,
     _nibble_planes,
+    _progressive_operands,
     _progressive_planes,
     _tile,
 )
@@ -60,14 +61,6 @@ def _prune(configs, named_args, **kwargs):
 
 def _m_bucket(m: int) -> int:
     return 64 if m <= 64 else 256 if m <= 256 else 1024 if m <= 1024 else 4096
-
-
-@triton.jit
-def _progressive_operands(s_ptr, z_ptr, idx):
-    """What _progressive_planes takes for rows idx of one group: s2 (int8) and s2 * z mod 256 (uint8)."""
-    s2 = tl.load(s_ptr + idx)
-    zs = (s2.to(tl.int32) * tl.load(z_ptr + idx).to(tl.int32)) & 0xFF
-    return s2, zs.to(tl.uint8)
 
 
 @triton.autotune(
