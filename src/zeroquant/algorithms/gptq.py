@@ -207,9 +207,9 @@ def gptq_starts(targets: list, block: nn.Module, inputs, stream, keep_weights: b
     # One forward pass per input width, widest first: only that width's float64 sums live at a time, so the
     # peak is the widest input's (a down projection's) rather than every sum of the block together. Rounding
     # writes copies, never the block, so every pass sees the same block and the sums are the same.
-    widths = sorted({linear_weight(m).shape[1] for m in mods.values()}, reverse=True)
-    for width in widths:
-        part = {n: m for n, m in mods.items() if linear_weight(m).shape[1] == width}
+    width = {n: linear_weight(m).shape[1] for n, m in mods.items()}
+    for w in sorted(set(width.values()), reverse=True):
+        part = {n: m for n, m in mods.items() if width[n] == w}
         with torch.no_grad(), InputHessians(part) as hs:
             for i, mask in enumerate(inputs.masks):
                 hs.only(mask)
