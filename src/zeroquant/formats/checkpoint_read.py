@@ -82,15 +82,16 @@ def check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], where: str
                                  f"{want.dtype} {list(want.shape)}")
         if not t.is_meta and t.numel():
             _check_values(model, name, t, where)
-    for name, t in tensors.items():  # progressive INT4: every level s2 * (q - z) of a group inside int8
-        prefix, _, buf = name.rpartition(".")
-        zero = tensors.get(prefix + ".w_zero")
-        if buf == "w_scale" and zero is not None and not t.is_meta and t.numel() and name in expected:
-            m = model.get_submodule(prefix)
-            if isinstance(m, QuantLinear) and m.wq.progressive:
-                if not Q.progressive_fits(t.float(), zero.float()):
-                    raise ZeroQuantError(f"{where}: {prefix} has progressive scales and zero points whose INT8 "
-                                         "weights would overflow")
+    # Progressive INT4 layers, once every tensor's shape is checked: every level s2 * (q - z) of a group in int8.
+    for prefix, m in model.named_modules():
+        if not (isinstance(m, QuantLinear) and m.wq.progressive):
+            continue
+        scale, zero = tensors.get(f"{prefix}.w_scale"), tensors.get(f"{prefix}.w_zero")
+        if scale is None or zero is None or scale.is_meta or not scale.numel():
+            continue
+        if not Q.progressive_fits(scale.float(), zero.float()):
+            raise ZeroQuantError(f"{where}: {prefix} has progressive scales and zero points whose INT8 weights "
+                                 "would overflow")
 
 
 def _int_range(bits: int, symmetric: bool) -> tuple[int, int]:
