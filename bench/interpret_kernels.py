@@ -82,18 +82,21 @@ def check(label: str, got: torch.Tensor, want: torch.Tensor, tol: float, bad: li
 
 def check_w4_gemm() -> list[str]:
     """Both token kinds, progressive and float16 scales, one scale a row, a short last group (576), a group
-    longer than BLOCK_K, on small tiles so several programs and K steps run."""
+    longer than BLOCK_K and one shorter, on small tiles so several programs and K steps run."""
     cases = [(70, 256, 96, True, "g128", (64, 64, 64)), (70, 256, 96, False, "g128", (64, 64, 64)),
              (70, 256, 96, True, "progressive", (64, 64, 64)), (70, 256, 96, False, "progressive", (64, 64, 64)),
              (33, 576, 64, True, "g128", (64, 32, 64)), (33, 576, 64, False, "progressive", (64, 32, 64)),
              (40, 256, 64, True, "channel", (64, 64, 128)), (40, 256, 64, False, "channel", (64, 64, 128)),
              (40, 512, 64, True, "g256", (64, 64, 128)), (150, 512, 200, True, "progressive", (256, 128, 128)),
-             (150, 512, 200, False, "g128", (128, 128, 64))]
-    formats = {"g128": (128, False), "progressive": (128, False), "channel": (-1, True), "g256": (256, False)}
+             (150, 512, 200, False, "g128", (128, 128, 64)), (70, 384, 96, True, "g64", (64, 64, 128)),
+             (70, 384, 96, False, "g64", (64, 64, 128)), (70, 384, 96, True, "progressive64", (64, 64, 128))]
+    formats = {"g128": (128, False), "progressive": (128, False), "channel": (-1, True), "g256": (256, False),
+               "g64": (64, False), "progressive64": (64, False)}
     bad = []
     for m, k, n, a8, fmt, (bn, bt, bk) in cases:
         group, sym = formats[fmt]
-        ql = quant_linear(k, n, 4, group, sym, a8, "cpu", scale_dtype="int8" if fmt == "progressive" else "float16")
+        scale_dtype = "int8" if fmt.startswith("progressive") else "float16"
+        ql = quant_linear(k, n, 4, group, sym, a8, "cpu", scale_dtype=scale_dtype)
         kw = ql.quantized.kernel()
         x = torch.randn(m, k)
         if a8:

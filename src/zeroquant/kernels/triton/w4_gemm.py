@@ -63,6 +63,21 @@ def _m_bucket(m: int) -> int:
     return 64 if m <= 64 else 256 if m <= 256 else 1024 if m <= 1024 else 4096
 
 
+@triton.jit
+def _group_operands(s_ptr, z_ptr, idx, INT_W: tl.constexpr, SZ_WORD: tl.constexpr, HAS_ZERO: tl.constexpr,
+                    A_INT8: tl.constexpr, ety: tl.constexpr, BLOCK_N: tl.constexpr):
+    """What the unpacking takes for rows idx of one group: (s2, s2 * z mod 256) for progressive weights against
+    INT8 tokens, else (float32 scale, zero operand)."""
+    if INT_W:  # one return: Triton types every return of a function alike, constexpr branches or not
+        s, z = _progressive_operands(s_ptr, z_ptr, idx)
+    elif SZ_WORD:
+        s, z = _word_zero_operand(s_ptr, idx, A_INT8, ety)
+    else:
+        s = tl.load(s_ptr + idx).to(tl.float32)
+        z = _zero_operand(z_ptr, idx, s, HAS_ZERO, A_INT8, ety, BLOCK_N)
+    return s, z
+
+
 @triton.autotune(
     configs=_CONFIGS + _ONE_ACC_CONFIGS,
     key=["M_BUCKET", "N", "K", "A_INT8", "HAS_ZERO", "GROUP_SIZE", "SZ_WORD", "PROG"],
@@ -103,48 +118,39 @@ def _w4_gemm_kernel(
         row = tl.load(r_ptr + rn)
     # Against INT8 tokens a progressive weight is s2 * (q - z) in int8 (_progressive_planes); otherwise q - z
     # (_nibble_planes), scaled by the group's float scale s on the int32 dot (INT8 tokens) or on each weight
-    # (16-bit tokens).
+    # (16-bit tokens). A group's (scale, zero) operands load first in its step: too narrow for the asynchronous
+    # copies that pipeline weights and tokens, their latency then overlaps the wait for those copies. (Loading
+    # them a step ahead instead made them loop-carried, and the compiler then converted every unpacked weight
+    # tile through shared memory to meet their layout.)
     INT_W: tl.constexpr = A_INT8 and PROG
     if GROUP_SIZE == 0:
-        if INT_W:
-            s2, zs = _progressive_operands(s_ptr, z_ptr, rn)
-        elif SZ_WORD:
-            s, zo = _word_zero_operand(s_ptr, rn, A_INT8, ety)
-        else:
-            s = tl.load(s_ptr + rn).to(tl.float32)
-            zo = _zero_operand(z_ptr, rn, s, HAS_ZERO, A_INT8, ety, BLOCK_N)
+        p0, p1 = _group_operands(s_ptr, z_ptr, rn, INT_W, SZ_WORD, HAS_ZERO, A_INT8, ety, BLOCK_N)
     for k0 in range(0, K, BLOCK_K):
         for j in tl.static_range(BLOCK_K // SUB):
             kj = k0 + j * SUB
+            if GROUP_SIZE > 0:
+                p0, p1 = _group_operands(s_ptr, z_ptr, (kj // GROUP_SIZE) * N + rn, INT_W, SZ_WORD, HAS_ZERO,
+                                         A_INT8, ety, BLOCK_N)
             wb = tl.load(w_rows + tl.multiple_of(kj // 2, 16))  # [BLOCK_N, SUB / 2] bytes
             x_lo = tl.load(a_lo + kj)  # [SUB / 2, BLOCK_T]: the low nibbles' channels
             x_hi = tl.load(a_lo + kj + HALF)
-            if GROUP_SIZE > 0:
-                g = kj // GROUP_SIZE
-                if INT_W:
-                    s2, zs = _progressive_operands(s_ptr, z_ptr, g * N + rn)
-                elif SZ_WORD:
-                    s, zo = _word_zero_operand(s_ptr, g * N + rn, A_INT8, ety)
-                else:
-                    s = tl.load(s_ptr + g * N + rn).to(tl.float32)
-                    zo = _zero_operand(z_ptr, g * N + rn, s, HAS_ZERO, A_INT8, ety, BLOCK_N)
             if INT_W:
-                lo, hi = _progressive_planes(wb, s2, zs, BLOCK_N, SUB // 2)
+                lo, hi = _progressive_planes(wb, p0, p1, BLOCK_N, SUB // 2)  # p0, p1: s2, s2 * z
                 acc_i = tl.dot(hi, x_hi, tl.dot(lo, x_lo, acc_i, out_dtype=tl.int32), out_dtype=tl.int32)
-            elif A_INT8:
-                lo, hi = _nibble_planes(wb, zo, ety, BLOCK_N, SUB // 2)
+            elif A_INT8:  # p0, p1: the group's scale and zero operand
+                lo, hi = _nibble_planes(wb, p1, ety, BLOCK_N, SUB // 2)
                 part = tl.dot(hi, x_hi, tl.dot(lo, x_lo, out_dtype=tl.int32), out_dtype=tl.int32)
                 if GROUP_SIZE > 0:  # |part| <= SUB * 127 * 15 < 2^22: exact through _exact_float
-                    acc = tl.fma(_exact_float(part), s[:, None], acc)
+                    acc = tl.fma(_exact_float(part), p0[:, None], acc)
                 else:
                     acc_i += part
             else:  # the weight (q - z) * s rounded to the tokens' dtype, as the reference path does: one accumulator
-                lo, hi = _nibble_planes(wb, zo, ety, BLOCK_N, SUB // 2)
-                sw = (s * row if PROG else s).to(ety)[:, None]
+                lo, hi = _nibble_planes(wb, p1, ety, BLOCK_N, SUB // 2)
+                sw = (p0 * row if PROG else p0).to(ety)[:, None]
                 acc = tl.dot(hi * sw, x_hi, tl.dot(lo * sw, x_lo, acc))
 
     if INT_ACC:
-        acc = acc_i.to(tl.float32) * (row if PROG else s)[:, None]
+        acc = acc_i.to(tl.float32) * (row if PROG else p0)[:, None]  # p0: the per-channel scale here
     if A_INT8:
         acc = acc * tl.load(as_ptr + rt)[None, :]
     if HAS_BIAS:
