@@ -105,25 +105,28 @@ def gemm_rows(dev, gluon: bool = True):
             x = torch.randn(m, k, device=dev, dtype=torch.float16)
             xq, xs = rowwise.quantize_per_token(x)
             def gluon_prog(q, s, z):
-                """The Gluon W4A8 GEMM for progressive weights (not dispatched to yet), on w4p's layout."""
+                """The Gluon W4A8 GEMM for progressive weights, called directly, on w4p's layout."""
                 c = torch.empty(m, n, device=dev, dtype=torch.float16)
                 return progressive_gemm(xq, xs.reshape(-1), replace(w4p, qweight=q, scale=s, zero=z), None, None, c)
 
-            def ours(w, act, wide=False):
+            def ours(w, act, kernel=None):
                 """(fn, *weight tensors) for ms(); act: 'fp16' input, 'quant' token-wise quant + GEMM, 'int8'.
-                wide: the INT4 GEMM for prompts (w4_gemm) called directly, which gemm.quant_linear does not
-                dispatch to yet."""
+                kernel: None for gemm.quant_linear's choice, or 'tile' (tile_gemm) / 'wide' (w4_gemm) called
+                directly, so each INT4 kernel is timed whichever one the dispatch picks."""
                 def fn(q, s, z=None):
                     kw = replace(w, qweight=q, scale=s, zero=z)
-                    if wide:
+                    if kernel is not None:
                         c = torch.empty(m, n, device=dev, dtype=torch.float16)
-                        tokens = (x, None) if act == "fp16" else (xq, xs.reshape(-1))
-                        return w4_gemm.w4_gemm(*tokens, kw, None, None, c)
+                        a, scales = (x, None) if act == "fp16" else (xq, xs.reshape(-1))
+                        if kernel == "wide":
+                            return w4_gemm.w4_gemm(a, scales, kw, None, None, c)
+                        return tile_gemm.tile_gemm(a, c if scales is None else scales, kw, None, None, c)
                     if act == "fp16":
                         return gemm.quant_linear(x, None, kw)
                     return gemm.quant_linear(*(rowwise.quantize_per_token(x) if act == "quant" else (xq, xs)), kw)
                 return (fn, w.qweight, w.scale) + ((w.zero,) if w.zero is not None else ())
 
+            wide = m > 16  # the sizes where the dispatch has a choice of INT4 GEMM
             t = {
                 "fp16": ms(lambda w: torch.matmul(x, w.t()), w16),
                 "torch_w8a8": ms(lambda w: torch_w8a8(x, w.t(), sw), w8c.qweight),
@@ -138,10 +141,14 @@ def gemm_rows(dev, gluon: bool = True):
                 "w4a8_g128_gemm": ms(*ours(w4g, "int8")),
                 "w4a16_prog": ms(*ours(w4p, "fp16")),
                 "w4a8_prog_gemm": ms(*ours(w4p, "int8")),
-                "w4a16_g128_wide": ms(*ours(w4g, "fp16", wide=True)) if m > 16 else None,
-                "w4a8_g128_wide_gemm": ms(*ours(w4g, "int8", wide=True)) if m > 16 else None,
-                "w4a8_prog_wide_gemm": ms(*ours(w4p, "int8", wide=True)) if m > 16 else None,
-                "w4a8_prog_gluon_gemm": ms(gluon_prog, w4p.qweight, w4p.scale, w4p.zero) if m > 16 and gluon else None,
+                "w4a16_g128_tile": ms(*ours(w4g, "fp16", "tile")) if wide else None,
+                "w4a8_g128_tile_gemm": ms(*ours(w4g, "int8", "tile")) if wide else None,
+                "w4a8_prog_tile_gemm": ms(*ours(w4p, "int8", "tile")) if wide else None,
+                "w4a16_g128_wide": ms(*ours(w4g, "fp16", "wide")) if wide else None,
+                "w4a8_g128_wide_gemm": ms(*ours(w4g, "int8", "wide")) if wide else None,
+                "w4a16_prog_wide": ms(*ours(w4p, "fp16", "wide")) if wide else None,
+                "w4a8_prog_wide_gemm": ms(*ours(w4p, "int8", "wide")) if wide else None,
+                "w4a8_prog_gluon_gemm": ms(gluon_prog, w4p.qweight, w4p.scale, w4p.zero) if wide and gluon else None,
             }
             row = {"M": m, "K": k, "N": n, "ms": t,
                    "x_fp16": {name: (t["fp16"] / v if v else None) for name, v in t.items()}}
@@ -152,8 +159,11 @@ def gemm_rows(dev, gluon: bool = True):
                   f"w8a8-g128 {r['w8a8_g128']:.2f}x ({r['w8a8_g128_gemm']:.2f}x) "
                   f"w4a16 {r['w4a16_g128']:.2f}x w4a8 {r['w4a8_g128']:.2f}x ({r['w4a8_g128_gemm']:.2f}x) "
                   f"progressive w4a16 {r['w4a16_prog']:.2f}x w4a8 gemm {r['w4a8_prog_gemm']:.2f}x"
-                  + (f" | w4_gemm: w4a16 {r['w4a16_g128_wide']:.2f}x w4a8 {r['w4a8_g128_wide_gemm']:.2f}x "
-                     f"progressive w4a8 {r['w4a8_prog_wide_gemm']:.2f}x" if m > 16 else "")
+                  + (f" | tile: w4a16 {r['w4a16_g128_tile']:.2f}x w4a8 {r['w4a8_g128_tile_gemm']:.2f}x "
+                     f"progressive w4a8 {r['w4a8_prog_tile_gemm']:.2f}x"
+                     f" | w4_gemm: w4a16 {r['w4a16_g128_wide']:.2f}x w4a8 {r['w4a8_g128_wide_gemm']:.2f}x "
+                     f"progressive w4a16 {r['w4a16_prog_wide']:.2f}x w4a8 {r['w4a8_prog_wide_gemm']:.2f}x"
+                     if wide else "")
                   + (f" | gluon progressive {r['w4a8_prog_gluon_gemm']:.2f}x" if m > 16 and gluon else ""), flush=True)
     return rows
 
@@ -197,24 +207,29 @@ def kernel_facts():
     return facts
 
 
+COLUMNS = {"torch_w8a8": "torch W8A8", "w8a8_channel": "W8A8 ch +q", "w8a8_channel_gemm": "W8A8 ch gemm",
+           "w8a8_g128": "W8A8 g128 +q", "w8a8_g128_gemm": "W8A8 g128 gemm", "w4a16_g128": "W4A16 g128",
+           "w4a8_g128": "W4A8 g128 +q", "w4a8_g128_gemm": "W4A8 g128 gemm", "w4a16_prog": "W4A16 progressive",
+           "w4a8_prog_gemm": "W4A8 progressive gemm", "w4a16_g128_tile": "tile: W4A16 g128",
+           "w4a8_g128_tile_gemm": "tile: W4A8 g128 gemm", "w4a8_prog_tile_gemm": "tile: W4A8 progressive gemm",
+           "w4a16_g128_wide": "w4_gemm: W4A16 g128", "w4a8_g128_wide_gemm": "w4_gemm: W4A8 g128 gemm",
+           "w4a16_prog_wide": "w4_gemm: W4A16 progressive", "w4a8_prog_wide_gemm": "w4_gemm: W4A8 progressive gemm",
+           "w4a8_prog_gluon_gemm": "Gluon: W4A8 progressive gemm"}
+
+
 def markdown(res) -> str:
     out = [f"# Kernel timings on {res['device']}", "",
            "Speed-up vs cuBLAS FP16 (`torch.matmul`) in the same run: median GPU time per call from CUDA-graph "
            "replays (launch overhead excluded), weights rotated over >256 MiB so they stream from HBM. "
-           "'+q' includes the token-wise quant kernel; 'gemm' is the GEMM alone on pre-quantized input.", "",
-           "| M | K | N | fp16 us | torch W8A8 | W8A8 ch +q | W8A8 ch gemm | W8A8 g128 +q | W8A8 g128 gemm "
-           "| W4A16 g128 | W4A8 g128 +q | W4A8 g128 gemm | W4A16 progressive | W4A8 progressive gemm "
-           "| w4_gemm: W4A16 g128 | W4A8 g128 gemm | W4A8 progressive gemm | Gluon W4A8 progressive gemm |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "'+q' includes the token-wise quant kernel; 'gemm' is the GEMM alone on pre-quantized input. Unprefixed "
+           "columns are gemm.quant_linear's choice of kernel; 'tile:', 'w4_gemm:' and 'Gluon:' call one directly.",
+           "",
+           "| M | K | N | fp16 us | " + " | ".join(COLUMNS.values()) + " |",
+           "|---|---|---|---|" + "---|" * len(COLUMNS)]
     for r in res["gemm"]:
         x = r["x_fp16"]
-        out.append(f"| {r['M']} | {r['K']} | {r['N']} | {r['ms']['fp16'] * 1e3:.1f} | {x['torch_w8a8']:.2f} "
-                   f"| {x['w8a8_channel']:.2f} | {x['w8a8_channel_gemm']:.2f} | {x['w8a8_g128']:.2f} "
-                   f"| {x['w8a8_g128_gemm']:.2f} | {x['w4a16_g128']:.2f} | {x['w4a8_g128']:.2f} "
-                   f"| {x['w4a8_g128_gemm']:.2f} | {x['w4a16_prog']:.2f} | {x['w4a8_prog_gemm']:.2f} | "
-                   + " | ".join("" if x[c] is None else f"{x[c]:.2f}"
-                                for c in ("w4a16_g128_wide", "w4a8_g128_wide_gemm", "w4a8_prog_wide_gemm",
-                                          "w4a8_prog_gluon_gemm")) + " |")
+        out.append(f"| {r['M']} | {r['K']} | {r['N']} | {r['ms']['fp16'] * 1e3:.1f} | "
+                   + " | ".join("" if x.get(c) is None else f"{x[c]:.2f}" for c in COLUMNS) + " |")
     if not res["rows"]:
         return "\n".join(out) + "\n"
     out += ["", f"Row kernels, K=4096, vs device copy bandwidth {res['copy_GBps']:.0f} GB/s:", "",
