@@ -82,7 +82,8 @@ def check(label: str, got: torch.Tensor, want: torch.Tensor, tol: float, bad: li
 
 def check_w4_gemm() -> list[str]:
     """Both token kinds, progressive and float16 scales, one scale a row, a short last group (576), a group
-    longer than BLOCK_K and one shorter, on small tiles so several programs and K steps run."""
+    longer than BLOCK_K and one shorter, on small tiles so several programs and K steps run; the 16-bit token
+    cases again with an accumulator per nibble plane (SPLIT) on the int8 cases' shapes."""
     cases = [(70, 256, 96, True, "g128", (64, 64, 64)), (70, 256, 96, False, "g128", (64, 64, 64)),
              (70, 256, 96, True, "progressive", (64, 64, 64)), (70, 256, 96, False, "progressive", (64, 64, 64)),
              (33, 576, 64, True, "g128", (64, 32, 64)), (33, 576, 64, False, "progressive", (64, 32, 64)),
@@ -93,7 +94,9 @@ def check_w4_gemm() -> list[str]:
     formats = {"g128": (128, False), "progressive": (128, False), "channel": (-1, True), "g256": (256, False),
                "g64": (64, False), "progressive64": (64, False)}
     bad = []
-    for m, k, n, a8, fmt, (bn, bt, bk) in cases:
+    cases += [(m, k, n, False, fmt, tile + (True,)) for m, k, n, a8, fmt, tile in cases if a8]
+    for m, k, n, a8, fmt, (bn, bt, bk, *split) in cases:
+        split = bool(split)
         group, sym = formats[fmt]
         scale_dtype = "int8" if fmt.startswith("progressive") else "float16"
         ql = quant_linear(k, n, 4, group, sym, a8, "cpu", scale_dtype=scale_dtype)
@@ -112,8 +115,9 @@ def check_w4_gemm() -> list[str]:
             kw.zero if kw.zero is not None else kw.scale, kw.row_scale if kw.row_scale is not None else c, ql.bias, c,
             m, n, k, xin.stride(0), kw.qweight.stride(0), c.stride(0), 64, A_INT8=a8, HAS_ZERO=kw.zero is not None,
             GROUP_SIZE=kw.kernel_group, HAS_BIAS=True, ACT=act_code("silu"), SZ_WORD=kw.sz_step == 2,
-            PROG=kw.row_scale is not None, BLOCK_N=bn, BLOCK_T=bt, BLOCK_K=bk)
-        check(f"w4_gemm M={m} K={k} N={n} {'int8' if a8 else 'fp16'} tokens {fmt} tile {bn}x{bt}x{bk}", c, want,
+            PROG=kw.row_scale is not None, BLOCK_N=bn, BLOCK_T=bt, BLOCK_K=bk, SPLIT=split)
+        check(f"w4_gemm M={m} K={k} N={n} {'int8' if a8 else 'fp16'} tokens {fmt} tile {bn}x{bt}x{bk}"
+              + (" split" if split else ""), c, want,
               1e-3, bad)
     return bad
 

@@ -56,9 +56,9 @@ def compile_sm90(fn, sig: dict, consts: dict, warps: int, stages: int) -> dict:
 
 def w4_gemm_rows():
     fn = w4_gemm._w4_gemm_kernel.fn
-    for c in w4_gemm._CONFIGS + w4_gemm._ONE_ACC_CONFIGS:
+    for c in w4_gemm._CONFIGS + w4_gemm._ONE_ACC_CONFIGS + w4_gemm._SPLIT_CONFIGS:
         for name, (a8, prog) in FORMATS.items():
-            if c in w4_gemm._ONE_ACC_CONFIGS and a8 and not prog:
+            if (c in w4_gemm._ONE_ACC_CONFIGS and a8 and not prog) or (c.kwargs["SPLIT"] and a8):
                 continue
             consts = {"A_INT8": a8, "HAS_ZERO": True, "GROUP_SIZE": 128, "HAS_BIAS": True, "ACT": 0,
                       "SZ_WORD": a8 and not prog, "PROG": prog, **c.kwargs}
@@ -83,7 +83,8 @@ def main() -> None:
     print("| tile (warps, stages) | format | MMA | registers | spilled bytes | shared KiB | MMA waits | st.shared |")
     print("|---|---|---|---|---|---|---|---|")
     for c, name, r in (tile_gemm_rows() if args.tile_gemm else w4_gemm_rows()):
-        tile = " x ".join(str(v) for v in c.kwargs.values())
+        tile = " x ".join(str(c.kwargs[d]) for d in ("BLOCK_N", "BLOCK_T", "BLOCK_K"))
+        tile += ", split" if c.kwargs.get("SPLIT") else ""
         print(f"| {tile} ({c.num_warps}, {c.num_stages}) | {name} | {r['mma']} | {r['regs']} | {r['stack']} "
               f"| {r['shared_kib']} | {r['mma_waits']} | {r['shared_stores']} |", flush=True)
 

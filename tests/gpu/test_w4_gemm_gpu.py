@@ -49,18 +49,18 @@ def _skip_without_hopper():
 
 
 @pytest.mark.parametrize("fmt,tokens", FORMATS)
-@pytest.mark.parametrize("cfg", range(11))
+@pytest.mark.parametrize("cfg", range(16))
 def test_w4_gemm_every_config_matches_its_twin(cfg, fmt, tokens):
     """Each configuration at 64, 65, 128, 1000 and 4096 tokens on 1000 output channels (a partial tile), K 576 (a
     short last group) where BLOCK_K is 64, else 1024; the 256-row tiles for every format but W4A8 with float16
-    group scales, as the autotuner prunes."""
+    group scales, and an accumulator per nibble plane for 16-bit tokens only, as the autotuner prunes."""
     _skip_without_hopper()
     from zeroquant.kernels.triton import w4_gemm as W
 
-    configs = W._CONFIGS + W._ONE_ACC_CONFIGS
-    assert len(configs) == 11
+    configs = W._CONFIGS + W._ONE_ACC_CONFIGS + W._SPLIT_CONFIGS
+    assert len(configs) == 16
     c = configs[cfg]
-    if c in W._ONE_ACC_CONFIGS and tokens == "int8" and fmt == "g128":
+    if (c in W._ONE_ACC_CONFIGS and tokens == "int8" and fmt == "g128") or (c.kwargs["SPLIT"] and tokens == "int8"):
         pytest.skip("pruned for this format")
     k, n = (576 if c.kwargs["BLOCK_K"] == 64 else 1024), 1000
     for m in (64, 65, 128, 1000, 4096):

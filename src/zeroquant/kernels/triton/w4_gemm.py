@@ -36,8 +36,9 @@ from zeroquant.kernels.triton.skinny_gemm import _word_zero_operand, _zero_opera
 from zeroquant.kernels.weight_format import KernelWeight
 
 
-def _cfg(bn, bt, bk, warps, stages):
-    return triton.Config({"BLOCK_N": bn, "BLOCK_T": bt, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+def _cfg(bn, bt, bk, warps, stages, split=False):
+    return triton.Config({"BLOCK_N": bn, "BLOCK_T": bt, "BLOCK_K": bk, "SPLIT": split}, num_warps=warps,
+                         num_stages=stages)
 
 
 # Weight rows a tile are the MMA's M side (64 a warpgroup), tokens its N side. BLOCK_K 64 serves K that is
@@ -48,6 +49,12 @@ _CONFIGS = [_cfg(128, 128, 128, 8, 3), _cfg(128, 128, 128, 8, 4), _cfg(128, 64, 
             _cfg(256, 64, 128, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(128, 64, 64, 4, 4), _cfg(64, 128, 64, 4, 4),
             _cfg(64, 64, 64, 4, 4)]
 _ONE_ACC_CONFIGS = [_cfg(256, 128, 128, 8, 3), _cfg(256, 128, 64, 8, 3)]
+# 16-bit tokens: one accumulator per nibble plane. Triton keeps a warpgroup MMA in flight (async) only when no
+# other op in the loop reads its result and its accumulator is float32, so a plane's dot chained into the
+# other's waited for its MMAs; with an accumulator each, both planes' MMAs run under the next step's unpacking.
+# INT8 tokens gain nothing: their int32 accumulators are never async in Triton 3.6.
+_SPLIT_CONFIGS = [_cfg(128, 128, 128, 8, 3, True), _cfg(128, 128, 128, 8, 4, True),
+                  _cfg(64, 128, 128, 4, 4, True), _cfg(128, 128, 64, 8, 4, True), _cfg(64, 128, 64, 4, 4, True)]
 
 
 def _prune(configs, named_args, **kwargs):
@@ -56,7 +63,7 @@ def _prune(configs, named_args, **kwargs):
     one_acc = not args["A_INT8"] or gs == 0 or args["PROG"]
     bk = lambda c: c.kwargs["BLOCK_K"]
     return [c for c in configs if k % bk(c) == 0 and (not gs or gs % bk(c) == 0 or bk(c) % gs == 0)
-            and (one_acc or c not in _ONE_ACC_CONFIGS)]
+            and (one_acc or c not in _ONE_ACC_CONFIGS) and (not args["A_INT8"] or not c.kwargs["SPLIT"])]
 
 
 def _m_bucket(m: int) -> int:
@@ -79,7 +86,7 @@ def _group_operands(s_ptr, z_ptr, idx, INT_W: tl.constexpr, SZ_WORD: tl.constexp
 
 
 @triton.autotune(
-    configs=_CONFIGS + _ONE_ACC_CONFIGS,
+    configs=_CONFIGS + _ONE_ACC_CONFIGS + _SPLIT_CONFIGS,
     key=["M_BUCKET", "N", "K", "A_INT8", "HAS_ZERO", "GROUP_SIZE", "SZ_WORD", "PROG"],
     prune_configs_by={"early_config_prune": _prune},
     do_bench=_gpu_time,
@@ -89,7 +96,7 @@ def _w4_gemm_kernel(
     a_ptr, as_ptr, w_ptr, s_ptr, z_ptr, r_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_wn, stride_cm, M_BUCKET,
     A_INT8: tl.constexpr, HAS_ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACT: tl.constexpr, SZ_WORD: tl.constexpr, PROG: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """Program (t, n) computes tokens t * BLOCK_T.. against weight rows n * BLOCK_N..; tokens past M load a
     valid token instead (wrapped) and are never stored. A sub-step of SUB channels never straddles a weight
@@ -114,6 +121,8 @@ def _w4_gemm_kernel(
         acc_i = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.int32)
     else:
         acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+    if SPLIT:
+        acc_hi = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
     if PROG:
         row = tl.load(r_ptr + rn)
     # Against INT8 tokens a progressive weight is s2 * (q - z) in int8 (_progressive_planes); otherwise q - z
@@ -147,8 +156,14 @@ def _w4_gemm_kernel(
             else:  # the weight (q - z) * s rounded to the tokens' dtype, as the reference path does: one accumulator
                 lo, hi = _nibble_planes(wb, p1, ety, BLOCK_N, SUB // 2)
                 sw = (p0 * row if PROG else p0).to(ety)[:, None]
-                acc = tl.dot(hi * sw, x_hi, tl.dot(lo * sw, x_lo, acc))
+                if SPLIT:
+                    acc = tl.dot(lo * sw, x_lo, acc)
+                    acc_hi = tl.dot(hi * sw, x_hi, acc_hi)
+                else:
+                    acc = tl.dot(hi * sw, x_hi, tl.dot(lo * sw, x_lo, acc))
 
+    if SPLIT:
+        acc += acc_hi
     if INT_ACC:
         acc = acc_i.to(tl.float32) * (row if PROG else p0)[:, None]  # p0: the per-channel scale here
     if A_INT8:
