@@ -7,6 +7,7 @@ triton` (any CPU host); not a timing.
 
     python bench/interpret_kernels.py w4_gemm     # the INT4 GEMM for prompts, every format, short last group
     python bench/interpret_kernels.py tile_gemm   # every tile-GEMM configuration at 7, 16 and 33 tokens
+    python bench/interpret_kernels.py unpack      # INT4 weights unpacked whole, bit for bit
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from kernel_cases import VARIANTS, quant_linear  # noqa: E402
 
 from zeroquant.kernels import act_code  # noqa: E402
 from zeroquant.kernels import reference as R  # noqa: E402
-from zeroquant.kernels.triton import skinny_gemm, tile_gemm, w4_gemm  # noqa: E402
+from zeroquant.kernels.triton import skinny_gemm, tile_gemm, unpack, w4_gemm  # noqa: E402
 from zeroquant.kernels.triton.gemm_common import _chunk  # noqa: E402
 
 _patch_tensor = interpreter._patch_lang_tensor
@@ -154,12 +155,39 @@ def check_tile_gemm() -> list[str]:
     return bad
 
 
+def check_unpack() -> list[str]:
+    """Every INT4 format into each dtype it unpacks to, bit for bit against the twin: progressive (int8, fp16,
+    bf16), float16 group scales, one symmetric scale a row, groups of 64, a short last group, a partial tile."""
+    cases = [(100, 576, 128, False, "int8"), (100, 576, 128, False, "float16"), (40, 512, 128, False, "bfloat16"),
+             (40, 512, 64, False, "int8"), (40, 320, -1, True, "float16"), (72, 576, 128, False, "float16"),
+             (72, 384, 64, False, "bfloat16")]
+    bad = []
+    for i, (n, k, group, sym, dtype) in enumerate(cases):
+        prog = dtype == "int8" or i < 3
+        ql = quant_linear(k, n, 4, group, sym, False, "cpu", scale_dtype="int8" if prog else "float16")
+        kw = ql.quantized.kernel()
+        dt = getattr(torch, dtype)
+        got = unpack.unpack_int4(kw, dt)
+        if dt == torch.bfloat16:  # the interpreter truncates float32 to bfloat16 (the GPU rounds: its test)
+            f32 = R.unpacked_weight(ql.qweight, ql.w_scale, ql.w_zero, ql.group_size, torch.float32, ql.w_row_scale)
+            want = (f32.view(torch.int32) >> 16).to(torch.int16).view(dt)
+        else:
+            want = R.unpacked_weight(ql.qweight, ql.w_scale, ql.w_zero, ql.group_size, dt, ql.w_row_scale)
+        label = f"unpack N={n} K={k} group {group} {'progressive' if prog else 'float16 scales'} -> {dtype}"
+        same = torch.equal(got.view(torch.uint8 if dt == torch.int8 else torch.int16),
+                           want.view(torch.uint8 if dt == torch.int8 else torch.int16))
+        print(f"{label}: {'bit for bit' if same else 'DIFFERS'}", flush=True)
+        if not same:
+            bad.append(label)
+    return bad
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("kernel", choices=["w4_gemm", "tile_gemm"])
+    p.add_argument("kernel", choices=["w4_gemm", "tile_gemm", "unpack"])
     args = p.parse_args()
     torch.manual_seed(0)
-    bad = check_w4_gemm() if args.kernel == "w4_gemm" else check_tile_gemm()
+    bad = {"w4_gemm": check_w4_gemm, "tile_gemm": check_tile_gemm, "unpack": check_unpack}[args.kernel]()
     print(f"\n{len(bad)} case(s) off their twin" + "".join(f"\n  {b}" for b in bad))
     sys.exit(1 if bad else 0)
 

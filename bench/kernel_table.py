@@ -19,7 +19,7 @@ import triton
 
 from zeroquant.core import quant as Q
 from zeroquant.kernels.gluon.progressive_gemm import progressive_gemm
-from zeroquant.kernels.triton import gemm, rowwise, tile_gemm, w4_gemm
+from zeroquant.kernels.triton import gemm, rowwise, tile_gemm, unpack, w4_gemm
 from zeroquant.kernels.weight_format import interleavable, interleave
 
 MS = [1, 16, 128, 2048, 8192]
@@ -111,8 +111,9 @@ def gemm_rows(dev, gluon: bool = True):
 
             def ours(w, act, kernel=None):
                 """(fn, *weight tensors) for ms(); act: 'fp16' input, 'quant' token-wise quant + GEMM, 'int8'.
-                kernel: None for gemm.quant_linear's choice, or 'tile' (tile_gemm) / 'wide' (w4_gemm) called
-                directly, so each INT4 kernel is timed whichever one the dispatch picks."""
+                kernel: None for gemm.quant_linear's choice, or 'tile' (tile_gemm) / 'wide' (w4_gemm) / 'unpack'
+                (unpack_int4, then the W8A8 dispatch or cuBLAS) called directly, so each INT4 kernel is timed
+                whichever one the dispatch picks."""
                 def fn(q, s, z=None):
                     kw = replace(w, qweight=q, scale=s, zero=z)
                     if kernel is not None:
@@ -120,6 +121,11 @@ def gemm_rows(dev, gluon: bool = True):
                         a, scales = (x, None) if act == "fp16" else (xq, xs.reshape(-1))
                         if kernel == "wide":
                             return w4_gemm.w4_gemm(a, scales, kw, None, None, c)
+                        if kernel == "unpack" and scales is None:
+                            return unpack.dense_linear(a, unpack.unpack_int4(kw, a.dtype), None, None, c)
+                        if kernel == "unpack":
+                            w8 = unpack.as_int8_weight(kw, unpack.unpack_int4(kw, torch.int8))
+                            return gemm.quant_linear(a, scales.reshape(-1, 1), w8)
                         return tile_gemm.tile_gemm(a, c if scales is None else scales, kw, None, None, c)
                     if act == "fp16":
                         return gemm.quant_linear(x, None, kw)
@@ -149,6 +155,8 @@ def gemm_rows(dev, gluon: bool = True):
                 "w4a16_prog_wide": ms(*ours(w4p, "fp16", "wide")) if wide else None,
                 "w4a8_prog_wide_gemm": ms(*ours(w4p, "int8", "wide")) if wide else None,
                 "w4a8_prog_gluon_gemm": ms(gluon_prog, w4p.qweight, w4p.scale, w4p.zero) if wide and gluon else None,
+                "w4a16_g128_unpack": ms(*ours(w4g, "fp16", "unpack")) if m >= 256 else None,
+                "w4a8_prog_unpack_gemm": ms(*ours(w4p, "int8", "unpack")) if m >= 256 else None,
             }
             row = {"M": m, "K": k, "N": n, "ms": t,
                    "x_fp16": {name: (t["fp16"] / v if v else None) for name, v in t.items()}}
@@ -164,6 +172,8 @@ def gemm_rows(dev, gluon: bool = True):
                      f" | w4_gemm: w4a16 {r['w4a16_g128_wide']:.2f}x w4a8 {r['w4a8_g128_wide_gemm']:.2f}x "
                      f"progressive w4a16 {r['w4a16_prog_wide']:.2f}x w4a8 {r['w4a8_prog_wide_gemm']:.2f}x"
                      if wide else "")
+                  + (f" | unpack: w4a16 {r['w4a16_g128_unpack']:.2f}x progressive w4a8 "
+                     f"{r['w4a8_prog_unpack_gemm']:.2f}x" if m >= 256 else "")
                   + (f" | gluon progressive {r['w4a8_prog_gluon_gemm']:.2f}x" if m > 16 and gluon else ""), flush=True)
     return rows
 
@@ -214,7 +224,8 @@ COLUMNS = {"torch_w8a8": "torch W8A8", "w8a8_channel": "W8A8 ch +q", "w8a8_chann
            "w4a8_g128_tile_gemm": "tile: W4A8 g128 gemm", "w4a8_prog_tile_gemm": "tile: W4A8 progressive gemm",
            "w4a16_g128_wide": "w4_gemm: W4A16 g128", "w4a8_g128_wide_gemm": "w4_gemm: W4A8 g128 gemm",
            "w4a16_prog_wide": "w4_gemm: W4A16 progressive", "w4a8_prog_wide_gemm": "w4_gemm: W4A8 progressive gemm",
-           "w4a8_prog_gluon_gemm": "Gluon: W4A8 progressive gemm"}
+           "w4a8_prog_gluon_gemm": "Gluon: W4A8 progressive gemm", "w4a16_g128_unpack": "unpack: W4A16 g128",
+           "w4a8_prog_unpack_gemm": "unpack: W4A8 progressive gemm"}
 
 
 def markdown(res) -> str:

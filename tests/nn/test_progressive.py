@@ -140,8 +140,7 @@ def test_kernel_ops_carry_the_row_scales_alone_and_packed(act, monkeypatch):
     x = torch.randn(5, 192)
     want = [m(x) for m in linears]  # the integer reference path
     monkeypatch.setattr(kernels, "runs_on", lambda t: True)
-    for m in linears:
-        m.kernel_format = True  # what QuantLinear decides once its GPU kernels are enabled for this format
+    assert all(m.kernel_format for m in linears)
     assert all(torch.allclose(m(x), w, rtol=1e-5, atol=1e-5) for m, w in zip(linears, want, strict=True))
     packing.pack(linears)
     packed = packing.packed_buffers(linears)
@@ -157,3 +156,19 @@ def test_kernel_ops_carry_the_row_scales_alone_and_packed(act, monkeypatch):
                            4, 64, torch.cat([gate.bias, up.bias]), "silu", torch.float32,
                            row_scale=torch.cat([gate.w_row_scale, up.w_row_scale]))
     assert torch.allclose(glu, R.glu(torch.cat(want[::2], -1), "silu", torch.float32), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("group", [64, 128])
+def test_unpacked_int8_weight_times_its_row_scale_is_the_float_weight(group):
+    """What the unpack-first GEMM path runs on: the INT8 weight s2 * (q - z) with the row scale per channel is the
+    layer's float weight exactly (s1 * s2 is exact in float32), and fits int8 unclipped."""
+    from zeroquant.kernels import reference as R
+
+    torch.manual_seed(0)
+    m = QuantLinear.from_float(nn.Linear(320, 48), LinearRule(WeightQuant(4, group, False, scale_dtype="int8")))
+    w8 = R.unpacked_weight(m.qweight, m.w_scale, m.w_zero, m.group_size, torch.int8)
+    exact = R.int_weight(m.qweight, m.w_zero, 4, m.group_size) * Q.expand_groups(m.w_scale.double(), 320, m.group_size)
+    assert torch.equal(w8.double(), exact)
+    w32 = R.unpacked_weight(m.qweight, m.w_scale, m.w_zero, m.group_size, torch.float32, m.w_row_scale)
+    assert torch.equal(w8.float() * m.w_row_scale.float(), w32)
+    assert torch.equal(w32, m.quantized.dequantize().float())

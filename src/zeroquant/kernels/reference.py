@@ -90,6 +90,19 @@ def dequantize_weight(
     return q.float() * Q.expand_groups(w_scale, q.shape[1], group_size)
 
 
+def unpacked_weight(qweight: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None, group_size: int,
+                    dtype: torch.dtype, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """INT4 kernel-format storage as one [N, K] tensor (twin of triton/unpack.unpack_int4): int8 s2 * (q - z) for
+    progressive weights (w_scale holding s2), else the weight dequantized as quant_linear rounds it for 16-bit
+    tokens (progressive: (q - z) times s1 * s2 in float32)."""
+    if dtype == torch.int8:
+        k = qweight.shape[1] * 2
+        return (int_weight(qweight, w_zero, 4, group_size) * Q.expand_groups(w_scale.double(), k, group_size)).to(dtype)
+    if row_scale is not None:
+        w_scale = w_scale.float() * row_scale.reshape(-1, 1).float()
+    return dequantize_weight(qweight, w_scale, w_zero, 4, group_size).to(dtype)
+
+
 def quant_linear(
     x: torch.Tensor,
     x_scale: torch.Tensor | None,
@@ -112,10 +125,9 @@ def quant_linear(
     holding integer group scales s2: INT8 weights s2 * (q - z), one float scale a row.
     """
     if row_scale is not None and x_scale is not None:
-        k = x.shape[1]
-        w8 = int_weight(qweight, w_zero, bits, group_size) * Q.expand_groups(w_scale.double(), k, group_size)
-        return int_linear(x, x_scale, None, w8.to(torch.int8), None, row_scale.reshape(-1, 1).float(), k, bias,
-                          act, out_dtype)
+        w8 = unpacked_weight(qweight, w_scale, w_zero, group_size, torch.int8)
+        return int_linear(x, x_scale, None, w8, None, row_scale.reshape(-1, 1).float(), x.shape[1], bias, act,
+                          out_dtype)
     if row_scale is not None:  # 16-bit tokens: s1 * s2 is the group's float scale, exact in float32
         w_scale = w_scale.float() * row_scale.reshape(-1, 1).float()
     if x_scale is not None:

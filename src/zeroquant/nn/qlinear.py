@@ -75,7 +75,7 @@ class QuantLinear(nn.Module):
         # Whether the kernels take this weight and activation format: fixed by the rule, so decided once here
         # rather than on every forward.
         self.kernel_format = (
-            not weight.per_tensor and not weight.progressive and (act is None or (act.dynamic and act.bits == 8))
+            not weight.per_tensor and (act is None or (act.dynamic and act.bits == 8))
             and KernelWeight.unsupported(in_features, weight.bits, weight.symmetric, self.group_size) is None)
 
     SCALE_BUFFERS = ("w_scale", "w_zero", "w_row_scale", "a_scale", "a_zero")

@@ -12,7 +12,11 @@
 - tma_gemm: prefill W8A8 with per-channel weights on Hopper from 257 tokens where tma_pingpong does not take it
   (fewer tokens, float32 outputs, a Triton without Gluon), operands by TMA;
 - tile_gemm: everything else, every format, with a fused dequantizing epilogue; progressive INT4 (integer group
-  scales) at every size for now.
+  scales) below UNPACK_TOKENS;
+- unpack: from UNPACK_TOKENS tokens on, INT4 weights unpacked whole first (progressive ones to an INT8
+  per-channel weight for the W8A8 GEMMs against INT8 tokens, any to the tokens' dtype for cuBLAS against 16-bit
+  ones): the GEMM is compute-bound there, and the dense GEMMs beat any INT4 main loop by more than the unpacking
+  costs.
 (w4_gemm, INT4 weights at 17+ tokens as the MMA's register operand, and gluon/progressive_gemm, its Gluon form for
 progressive INT4 against INT8 tokens, are not dispatched to until they are timed.)
 All of them apply the per-token activation scale, bias and activation in their epilogue. Why each shape
@@ -28,6 +32,7 @@ from zeroquant.kernels.triton.gemv import gemv, gemv_ok
 from zeroquant.kernels.triton.skinny_gemm import skinny_ok, w4_skinny
 from zeroquant.kernels.triton.tile_gemm import tile_gemm
 from zeroquant.kernels.triton.tma_gemm import tma_ok, w8a8_tma
+from zeroquant.kernels.triton.unpack import as_int8_weight, dense_linear, unpack_int4
 from zeroquant.kernels.weight_format import KernelWeight
 
 try:  # Gluon as in Triton 3.6; with an older Triton, fp16 tokens take skinny_gemm like every other format
@@ -40,6 +45,8 @@ except (ImportError, AttributeError):
     pingpong_ok = w8a8_pingpong = None
 
 __all__ = ["KernelWeight", "quant_linear"]
+
+UNPACK_TOKENS = 1024  # where unpacking INT4 weights whole starts to pay (bench/kernel_table.py, docs/kernels.md)
 
 
 def quant_linear(
@@ -69,8 +76,7 @@ def quant_linear(
     if a.stride(-1) != 1:
         a = a.contiguous()
     m = a.shape[0]
-    progressive = w.row_scale is not None  # the tile GEMM alone reads it so far
-    on_gemv = not progressive and gemv_ok(a, w)
+    on_gemv = w.row_scale is None and gemv_ok(a, w)  # the GEMV does not read progressive row scales
     dtype = out_dtype if a_int8 else x.dtype
     if glu and not on_gemv:  # the product after the GEMM
         return reference.glu(quant_linear(x, x_scale, w, bias, None, out_dtype), act, dtype)
@@ -79,9 +85,14 @@ def quant_linear(
     if m == 0:
         return c.reshape(*lead, n)
     xs = x_scale.reshape(-1).float().contiguous() if a_int8 else c
+    if w.bits == 4 and m >= UNPACK_TOKENS and (w.row_scale is not None or not a_int8):
+        if not a_int8:
+            dense_linear(a, unpack_int4(w, a.dtype), bias, act, c)
+            return c.reshape(*lead, n)
+        w = as_int8_weight(w, unpack_int4(w, torch.int8))  # then a per-channel W8A8 GEMM below
     if on_gemv:
         gemv(a, xs, w, bias, act, c, glu)
-    elif progressive:
+    elif w.row_scale is not None:
         tile_gemm(a, xs, w, bias, act, c)
     elif mma_ok is not None and mma_ok(a, w):
         w4a16_mma(a, w, bias, act, c)
