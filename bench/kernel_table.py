@@ -93,7 +93,7 @@ def weights(k, n, bits, group, dev, int4_scale_dtype=torch.float16, int8_tokens=
     return gemm.KernelWeight.from_quant(q, s, z, 4, group if group > 0 else k)
 
 
-def gemm_rows(dev, gluon: bool = True):
+def gemm_rows(dev, gluon: bool = True, only: set[str] | None = None):
     rows = []
     for k, n in KNS:
         w16 = torch.randn(n, k, device=dev, dtype=torch.float16) * k**-0.5
@@ -133,48 +133,39 @@ def gemm_rows(dev, gluon: bool = True):
                 return (fn, w.qweight, w.scale) + ((w.zero,) if w.zero is not None else ())
 
             wide = m > 16  # the sizes where the dispatch has a choice of INT4 GEMM
-            t = {
-                "fp16": ms(lambda w: torch.matmul(x, w.t()), w16),
-                "torch_w8a8": ms(lambda w: torch_w8a8(x, w.t(), sw), w8c.qweight),
-                "torch_int_mm_only": ms(lambda w: torch._int_mm(xq, w.t()), w8c.qweight) if m > 16 else None,
-                "quant": ms(lambda: rowwise.quantize_per_token(x)),
-                "w8a8_channel": ms(*ours(w8c, "quant")),
-                "w8a8_channel_gemm": ms(*ours(w8c, "int8")),
-                "w8a8_g128": ms(*ours(w8g, "quant")),
-                "w8a8_g128_gemm": ms(*ours(w8g, "int8")),
-                "w4a16_g128": ms(*ours(w4g, "fp16")),
-                "w4a8_g128": ms(*ours(w4g, "quant")),
-                "w4a8_g128_gemm": ms(*ours(w4g, "int8")),
-                "w4a16_prog": ms(*ours(w4p, "fp16")),
-                "w4a8_prog_gemm": ms(*ours(w4p, "int8")),
-                "w4a16_g128_tile": ms(*ours(w4g, "fp16", "tile")) if wide else None,
-                "w4a8_g128_tile_gemm": ms(*ours(w4g, "int8", "tile")) if wide else None,
-                "w4a8_prog_tile_gemm": ms(*ours(w4p, "int8", "tile")) if wide else None,
-                "w4a16_g128_wide": ms(*ours(w4g, "fp16", "wide")) if wide else None,
-                "w4a8_g128_wide_gemm": ms(*ours(w4g, "int8", "wide")) if wide else None,
-                "w4a16_prog_wide": ms(*ours(w4p, "fp16", "wide")) if wide else None,
-                "w4a8_prog_wide_gemm": ms(*ours(w4p, "int8", "wide")) if wide else None,
-                "w4a8_prog_gluon_gemm": ms(gluon_prog, w4p.qweight, w4p.scale, w4p.zero) if wide and gluon else None,
-                "w4a16_g128_unpack": ms(*ours(w4g, "fp16", "unpack")) if m >= 256 else None,
-                "w4a8_prog_unpack_gemm": ms(*ours(w4p, "int8", "unpack")) if m >= 256 else None,
+            timed = {  # name: (when, what to time)
+                "fp16": (True, lambda: ms(lambda w: torch.matmul(x, w.t()), w16)),
+                "torch_w8a8": (True, lambda: ms(lambda w: torch_w8a8(x, w.t(), sw), w8c.qweight)),
+                "torch_int_mm_only": (m > 16, lambda: ms(lambda w: torch._int_mm(xq, w.t()), w8c.qweight)),
+                "quant": (True, lambda: ms(lambda: rowwise.quantize_per_token(x))),
+                "w8a8_channel": (True, lambda: ms(*ours(w8c, "quant"))),
+                "w8a8_channel_gemm": (True, lambda: ms(*ours(w8c, "int8"))),
+                "w8a8_g128": (True, lambda: ms(*ours(w8g, "quant"))),
+                "w8a8_g128_gemm": (True, lambda: ms(*ours(w8g, "int8"))),
+                "w4a16_g128": (True, lambda: ms(*ours(w4g, "fp16"))),
+                "w4a8_g128": (True, lambda: ms(*ours(w4g, "quant"))),
+                "w4a8_g128_gemm": (True, lambda: ms(*ours(w4g, "int8"))),
+                "w4a16_prog": (True, lambda: ms(*ours(w4p, "fp16"))),
+                "w4a8_prog_gemm": (True, lambda: ms(*ours(w4p, "int8"))),
+                "w4a16_g128_tile": (wide, lambda: ms(*ours(w4g, "fp16", "tile"))),
+                "w4a8_g128_tile_gemm": (wide, lambda: ms(*ours(w4g, "int8", "tile"))),
+                "w4a8_prog_tile_gemm": (wide, lambda: ms(*ours(w4p, "int8", "tile"))),
+                "w4a16_g128_wide": (wide, lambda: ms(*ours(w4g, "fp16", "wide"))),
+                "w4a8_g128_wide_gemm": (wide, lambda: ms(*ours(w4g, "int8", "wide"))),
+                "w4a16_prog_wide": (wide, lambda: ms(*ours(w4p, "fp16", "wide"))),
+                "w4a8_prog_wide_gemm": (wide, lambda: ms(*ours(w4p, "int8", "wide"))),
+                "w4a8_prog_gluon_gemm": (wide and gluon, lambda: ms(gluon_prog, w4p.qweight, w4p.scale, w4p.zero)),
+                "w4a16_g128_unpack": (m >= 256, lambda: ms(*ours(w4g, "fp16", "unpack"))),
+                "w4a8_prog_unpack_gemm": (m >= 256, lambda: ms(*ours(w4p, "int8", "unpack"))),
             }
+            t = {name: fn() if when and (only is None or name in only or name == "fp16") else None
+                 for name, (when, fn) in timed.items()}
             row = {"M": m, "K": k, "N": n, "ms": t,
                    "x_fp16": {name: (t["fp16"] / v if v else None) for name, v in t.items()}}
             rows.append(row)
-            r = row["x_fp16"]
-            print(f"M={m:5d} K={k:5d} N={n:5d} fp16 {t['fp16'] * 1e3:8.1f}us | torch_w8a8 {r['torch_w8a8']:.2f}x "
-                  f"w8a8-ch {r['w8a8_channel']:.2f}x ({r['w8a8_channel_gemm']:.2f}x gemm) "
-                  f"w8a8-g128 {r['w8a8_g128']:.2f}x ({r['w8a8_g128_gemm']:.2f}x) "
-                  f"w4a16 {r['w4a16_g128']:.2f}x w4a8 {r['w4a8_g128']:.2f}x ({r['w4a8_g128_gemm']:.2f}x) "
-                  f"progressive w4a16 {r['w4a16_prog']:.2f}x w4a8 gemm {r['w4a8_prog_gemm']:.2f}x"
-                  + (f" | tile: w4a16 {r['w4a16_g128_tile']:.2f}x w4a8 {r['w4a8_g128_tile_gemm']:.2f}x "
-                     f"progressive w4a8 {r['w4a8_prog_tile_gemm']:.2f}x"
-                     f" | w4_gemm: w4a16 {r['w4a16_g128_wide']:.2f}x w4a8 {r['w4a8_g128_wide_gemm']:.2f}x "
-                     f"progressive w4a16 {r['w4a16_prog_wide']:.2f}x w4a8 {r['w4a8_prog_wide_gemm']:.2f}x"
-                     if wide else "")
-                  + (f" | unpack: w4a16 {r['w4a16_g128_unpack']:.2f}x progressive w4a8 "
-                     f"{r['w4a8_prog_unpack_gemm']:.2f}x" if m >= 256 else "")
-                  + (f" | gluon progressive {r['w4a8_prog_gluon_gemm']:.2f}x" if m > 16 and gluon else ""), flush=True)
+            print(f"M={m:5d} K={k:5d} N={n:5d} fp16 {t['fp16'] * 1e3:8.1f}us | "
+                  + " ".join(f"{name} {v:.2f}x" for name, v in row["x_fp16"].items() if v and name != "fp16"),
+                  flush=True)
     return rows
 
 
@@ -258,6 +249,8 @@ def main():
     ap.add_argument("--shapes", help="comma-separated KxN (e.g. 4096x11008,11008x4096) instead of the defaults")
     ap.add_argument("--gemm-only", action="store_true", help="skip the row kernels and the SASS facts")
     ap.add_argument("--skip-gluon", action="store_true", help="leave out the Gluon progressive GEMM's column")
+    ap.add_argument("--only", help="comma-separated columns to time (beside fp16), e.g. w8a8_channel_gemm,"
+                    "w4a8_prog_unpack_gemm")
     args = ap.parse_args()
     if args.quick:
         MS[:] = [1, 16, 2048, 8192]
@@ -270,7 +263,7 @@ def main():
     torch.manual_seed(0)
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
     res["rows"], res["copy_GBps"] = ([], None) if args.gemm_only else row_kernel_rows(dev)
-    res["gemm"] = gemm_rows(dev, gluon=not args.skip_gluon)
+    res["gemm"] = gemm_rows(dev, gluon=not args.skip_gluon, only=set(args.only.split(",")) if args.only else None)
     res["kernel_facts"] = [] if args.gemm_only else kernel_facts()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
