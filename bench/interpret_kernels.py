@@ -157,14 +157,17 @@ def check_tile_gemm() -> list[str]:
 
 def check_unpack() -> list[str]:
     """Every INT4 format into each dtype it unpacks to, bit for bit against the twin: progressive (int8, fp16,
-    bf16), float16 group scales, one symmetric scale a row, groups of 64, a short last group, a partial tile."""
+    bf16), float16 group scales (interleaved with the zero points too), one symmetric scale a row, groups of 64,
+    a short last group, a partial tile."""
     cases = [(100, 576, 128, False, "int8"), (100, 576, 128, False, "float16"), (40, 512, 128, False, "bfloat16"),
              (40, 512, 64, False, "int8"), (40, 320, -1, True, "float16"), (72, 576, 128, False, "float16"),
-             (72, 384, 64, False, "bfloat16")]
+             (72, 384, 64, False, "bfloat16"), (72, 576, 128, False, "float16")]
     bad = []
     for i, (n, k, group, sym, dtype) in enumerate(cases):
         prog = dtype == "int8" or i < 3
-        ql = quant_linear(k, n, 4, group, sym, False, "cpu", scale_dtype="int8" if prog else "float16")
+        a8 = i == len(cases) - 1  # float16 scales stored for INT8 tokens: interleaved with the zero points
+        ql = quant_linear(k, n, 4, group, sym, a8, "cpu", scale_dtype="int8" if prog else "float16")
+        assert (ql.quantized.kernel().sz_step == 2) == a8
         kw = ql.quantized.kernel()
         dt = getattr(torch, dtype)
         got = unpack.unpack_int4(kw, dt)
@@ -173,7 +176,8 @@ def check_unpack() -> list[str]:
             want = (f32.view(torch.int32) >> 16).to(torch.int16).view(dt)
         else:
             want = R.unpacked_weight(ql.qweight, ql.w_scale, ql.w_zero, ql.group_size, dt, ql.w_row_scale)
-        label = f"unpack N={n} K={k} group {group} {'progressive' if prog else 'float16 scales'} -> {dtype}"
+        label = (f"unpack N={n} K={k} group {group} {'progressive' if prog else 'float16 scales'}"
+                 f"{' interleaved' if a8 else ''} -> {dtype}")
         same = torch.equal(got.view(torch.uint8 if dt == torch.int8 else torch.int16),
                            want.view(torch.uint8 if dt == torch.int8 else torch.int16))
         print(f"{label}: {'bit for bit' if same else 'DIFFERS'}", flush=True)

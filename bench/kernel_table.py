@@ -121,8 +121,9 @@ def gemm_rows(dev, gluon: bool = True, only: set[str] | None = None):
                         a, scales = (x, None) if act == "fp16" else (xq, xs.reshape(-1))
                         if kernel == "wide":
                             return w4_gemm.w4_gemm(a, scales, kw, None, None, c)
-                        if kernel == "unpack" and scales is None:
-                            return unpack.dense_linear(a, unpack.unpack_int4(kw, a.dtype), None, None, c)
+                        if kernel == "unpack" and kw.row_scale is None:  # INT8 tokens dequantized, as the dispatch
+                            a16 = a if scales is None else (a.float() * scales[:, None]).half()
+                            return unpack.dense_linear(a16, unpack.unpack_int4(kw, torch.float16), None, None, c)
                         if kernel == "unpack":
                             w8 = unpack.as_int8_weight(kw, unpack.unpack_int4(kw, torch.int8))
                             return gemm.quant_linear(a, scales.reshape(-1, 1), w8)
@@ -157,6 +158,7 @@ def gemm_rows(dev, gluon: bool = True, only: set[str] | None = None):
                 "w4a8_prog_gluon_gemm": (wide and gluon, lambda: ms(gluon_prog, w4p.qweight, w4p.scale, w4p.zero)),
                 "w4a16_g128_unpack": (m >= 256, lambda: ms(*ours(w4g, "fp16", "unpack"))),
                 "w4a8_prog_unpack_gemm": (m >= 256, lambda: ms(*ours(w4p, "int8", "unpack"))),
+                "w4a8_g128_unpack_gemm": (m >= 256, lambda: ms(*ours(w4g, "int8", "unpack"))),
             }
             t = {name: fn() if when and (only is None or name in only or name == "fp16") else None
                  for name, (when, fn) in timed.items()}
@@ -216,7 +218,7 @@ COLUMNS = {"torch_w8a8": "torch W8A8", "w8a8_channel": "W8A8 ch +q", "w8a8_chann
            "w4a16_g128_wide": "w4_gemm: W4A16 g128", "w4a8_g128_wide_gemm": "w4_gemm: W4A8 g128 gemm",
            "w4a16_prog_wide": "w4_gemm: W4A16 progressive", "w4a8_prog_wide_gemm": "w4_gemm: W4A8 progressive gemm",
            "w4a8_prog_gluon_gemm": "Gluon: W4A8 progressive gemm", "w4a16_g128_unpack": "unpack: W4A16 g128",
-           "w4a8_prog_unpack_gemm": "unpack: W4A8 progressive gemm"}
+           "w4a8_prog_unpack_gemm": "unpack: W4A8 progressive gemm", "w4a8_g128_unpack_gemm": "unpack: W4A8 g128 gemm"}
 
 
 def markdown(res) -> str:

@@ -13,10 +13,10 @@
   (fewer tokens, float32 outputs, a Triton without Gluon), operands by TMA;
 - tile_gemm: everything else, every format, with a fused dequantizing epilogue; progressive INT4 (integer group
   scales) below UNPACK_TOKENS;
-- unpack: from UNPACK_TOKENS tokens on, INT4 weights unpacked whole first (progressive ones to an INT8
-  per-channel weight for the W8A8 GEMMs against INT8 tokens, any to the tokens' dtype for cuBLAS against 16-bit
-  ones): the GEMM is compute-bound there, and the dense GEMMs beat any INT4 main loop by more than the unpacking
-  costs.
+- unpack: from UNPACK_TOKENS tokens on, INT4 weights unpacked whole first: progressive ones against INT8 tokens
+  to an INT8 per-channel weight for the W8A8 GEMMs, the others to 16 bits for cuBLAS (INT8 tokens dequantized
+  first). The GEMM is compute-bound there, and the dense GEMMs beat any INT4 main loop by more than the
+  unpacking costs.
 (w4_gemm, INT4 weights at 17+ tokens as the MMA's register operand, and gluon/progressive_gemm, its Gluon form for
 progressive INT4 against INT8 tokens, are not dispatched to until they are timed.)
 All of them apply the per-token activation scale, bias and activation in their epilogue. Why each shape
@@ -85,11 +85,13 @@ def quant_linear(
     if m == 0:
         return c.reshape(*lead, n)
     xs = x_scale.reshape(-1).float().contiguous() if a_int8 else c
-    if w.bits == 4 and m >= UNPACK_TOKENS and (w.row_scale is not None or not a_int8):
-        if not a_int8:
-            dense_linear(a, unpack_int4(w, a.dtype), bias, act, c)
+    if w.bits == 4 and m >= UNPACK_TOKENS:
+        if a_int8 and w.row_scale is not None:
+            w = as_int8_weight(w, unpack_int4(w, torch.int8))  # then a per-channel W8A8 GEMM below
+        else:  # float group scales against INT8 tokens: the tokens dequantized, the float16 GEMM
+            a16 = (a.float() * xs[:, None]).to(dtype) if a_int8 else a
+            dense_linear(a16, unpack_int4(w, a16.dtype), bias, act, c)
             return c.reshape(*lead, n)
-        w = as_int8_weight(w, unpack_int4(w, torch.int8))  # then a per-channel W8A8 GEMM below
     if on_gemv:
         gemv(a, xs, w, bias, act, c, glu)
     elif w.row_scale is not None:
