@@ -23,7 +23,7 @@ import torch
 from zeroquant.tools import benchmark
 
 MS = [1, 16, 64, 256, 1024, 4096, 8192]
-PRESETS = ["w8a8", "w8a8-g128", "w4a16", "w4/8-a8"]
+PRESETS = ["w8a8", "w8a8-g128", "w4a16", "w4/8-a8", "w4/8-a8+int8scale"]
 
 
 def point(m: int) -> tuple[int, int, int]:
