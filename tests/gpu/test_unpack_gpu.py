@@ -37,14 +37,15 @@ def test_unpack_matches_its_twin_bit_for_bit(k, n, group, sym, prog, dtype):
 @pytest.mark.parametrize("tokens,prog", [("int8", True), ("int8", False), ("fp16", False), ("bf16", False),
                                          ("fp16", True)])
 @pytest.mark.parametrize("m", [1024, 1000 + 1024, 4096])
-def test_quant_linear_unpacks_first_for_many_tokens(m, tokens, prog):
+@pytest.mark.parametrize("k", [576, 1024])
+def test_quant_linear_unpacks_first_for_many_tokens(m, k, tokens, prog):
     """From gemm.UNPACK_TOKENS on: progressive weights against INT8 tokens through the W8A8 GEMMs, everything else
-    through cuBLAS (INT8 tokens dequantized first), each equal to the reference."""
+    through cuBLAS (INT8 tokens dequantized first), each equal to the reference; K 576 ends on a short group."""
     _skip_without_cuda()
     from zeroquant.kernels.triton import gemm, rowwise
 
     assert m >= gemm.UNPACK_TOKENS
-    k, n = 1024, 1536
+    n = 1536
     a8 = tokens == "int8"
     ql = quant_linear(k, n, 4, 128, False, a8, "cuda", scale_dtype="int8" if prog else "float16")
     dtype = torch.bfloat16 if tokens == "bf16" else torch.float16
