@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 
 from zeroquant.kernels import reference
-from zeroquant.kernels.weight_format import PACK, KernelWeight
+from zeroquant.kernels.triton.gemm_common import PACK_C
+from zeroquant.kernels.weight_format import KernelWeight
 
 
 @triton.jit
@@ -22,13 +23,13 @@ def _unpack_kernel(w_ptr, s_ptr, z_ptr, r_ptr, o_ptr, N, K, stride_wn, stride_sg
                    GROUP_SIZE: tl.constexpr, HAS_ZERO: tl.constexpr, PROG: tl.constexpr, OUT_INT8: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
     """Program (n, b): weight rows n * BLOCK_N.. and their bytes b * BLOCK_B..; byte j of a half-split chunk
-    holds the chunk's channel j (low nibble) and j + PACK / 2 (high nibble), both in one group."""
-    HALF: tl.constexpr = PACK // 2
+    holds the chunk's channel j (low nibble) and j + PACK_C / 2 (high nibble), both in one group."""
+    HALF: tl.constexpr = PACK_C // 2
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     byte = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
     mask = (rn < N)[:, None] & (byte < K // 2)[None, :]
     wb = tl.load(w_ptr + rn[:, None].to(tl.int64) * stride_wn + byte[None, :], mask=mask, other=0).to(tl.int32)
-    ch = (byte // HALF) * PACK + byte % HALF  # the low nibbles' channels
+    ch = (byte // HALF) * PACK_C + byte % HALF  # the low nibbles' channels
     g = ch // GROUP_SIZE if GROUP_SIZE > 0 else ch * 0
     sz = g[None, :] * stride_sg + rn[:, None] * stride_sn
     s = tl.load(s_ptr + sz, mask=mask, other=0)
