@@ -73,7 +73,7 @@ def dense_linear(a: torch.Tensor, w16: torch.Tensor, bias: torch.Tensor | None, 
                  c: torch.Tensor) -> None:
     """c = act(a @ w16^T + bias) by cuBLAS, bias in its epilogue."""
     if bias is not None:
-        torch.addmm(bias, a, w16.t(), out=c)
+        torch.addmm(bias.to(c.dtype), a, w16.t(), out=c)
     else:
         torch.mm(a, w16.t(), out=c)
     if act is not None:
