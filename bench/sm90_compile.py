@@ -6,6 +6,10 @@ and shared-memory stores in the PTX. Needs Triton (its bundled ptxas and cuobjdu
 
     python bench/sm90_compile.py                 # w4_gemm, every configuration it autotunes over
     python bench/sm90_compile.py --tile-gemm     # the tile GEMM's INT4 path at 128 x 128 x 128, for comparison
+    python bench/sm90_compile.py --unpack        # the INT4 unpacking kernel, each output it writes
+
+A kernel that the interpreter runs may still not compile (a plain Python global read inside it, say): this
+catches that without a GPU too.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from zeroquant.kernels.triton import tile_gemm, w4_gemm
+from zeroquant.kernels.triton import tile_gemm, unpack, w4_gemm
 
 FORMATS = {"w4a8-g128": (True, False), "w4a8-progressive": (True, True), "w4a16-g128": (False, False),
            "w4a16-progressive": (False, True)}
@@ -34,10 +38,10 @@ def signature(a_int8: bool, prog: bool) -> dict:
             "K": "i32", "stride_am": "i32", "stride_wn": "i32", "stride_cm": "i32", "M_BUCKET": "i32"}
 
 
-def compile_sm90(fn, sig: dict, consts: dict, warps: int, stages: int) -> dict:
+def compile_sm90(fn, sig: dict, consts: dict, warps: int, stages: int, aligned=ALIGNED) -> dict:
     sig = {**sig, **{c: "constexpr" for c in consts}}
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
-                    attrs={(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in ALIGNED})
+                    attrs={(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in aligned})
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(k.asm["cubin"])
@@ -75,15 +79,30 @@ def tile_gemm_rows():
             compile_sm90(fn, signature(a8, prog), consts, 8, 3)
 
 
+def unpack_rows():
+    fn = unpack._unpack_kernel
+    for name, out, prog, scales in (("progressive -> int8", "*i8", True, "*i8"),
+                                    ("progressive -> fp16", "*fp16", True, "*i8"),
+                                    ("float16 scales -> bf16", "*bf16", False, "*fp16")):
+        sig = {"w_ptr": "*u8", "s_ptr": scales, "z_ptr": scales, "r_ptr": "*fp32" if prog else scales, "o_ptr": out,
+               "N": "i32", "K": "i32", "stride_wn": "i32", "stride_sg": "i32", "stride_sn": "i32"}
+        consts = {"GROUP_SIZE": 128, "HAS_ZERO": True, "PROG": prog, "OUT_INT8": out == "*i8", "BLOCK_N": 32,
+                  "BLOCK_B": 128}
+        config = triton.Config({"BLOCK_N": 32, "BLOCK_B": 128}, num_warps=4, num_stages=1)
+        yield config, name, compile_sm90(fn, sig, consts, 4, 1, ("w_ptr", "o_ptr", "K", "stride_wn"))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tile-gemm", action="store_true", help="the tile GEMM's INT4 path instead of w4_gemm")
+    p.add_argument("--unpack", action="store_true", help="the INT4 unpacking kernel instead of w4_gemm")
     args = p.parse_args()
     print(f"Triton {triton.__version__}, sm_90\n")
     print("| tile (warps, stages) | format | MMA | registers | spilled bytes | shared KiB | MMA waits | st.shared |")
     print("|---|---|---|---|---|---|---|---|")
-    for c, name, r in (tile_gemm_rows() if args.tile_gemm else w4_gemm_rows()):
-        tile = " x ".join(str(c.kwargs[d]) for d in ("BLOCK_N", "BLOCK_T", "BLOCK_K"))
+    rows = tile_gemm_rows() if args.tile_gemm else unpack_rows() if args.unpack else w4_gemm_rows()
+    for c, name, r in rows:
+        tile = " x ".join(str(v) for d, v in c.kwargs.items() if d != "SPLIT")
         tile += ", split" if c.kwargs.get("SPLIT") else ""
         print(f"| {tile} ({c.num_warps}, {c.num_stages}) | {name} | {r['mma']} | {r['regs']} | {r['stack']} "
               f"| {r['shared_kib']} | {r['mma_waits']} | {r['shared_stores']} |", flush=True)
