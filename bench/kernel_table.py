@@ -121,9 +121,8 @@ def gemm_rows(dev, gluon: bool = True, only: set[str] | None = None):
                         a, scales = (x, None) if act == "fp16" else (xq, xs.reshape(-1))
                         if kernel == "wide":
                             return w4_gemm.w4_gemm(a, scales, kw, None, None, c)
-                        if kernel == "unpack" and kw.row_scale is None:  # INT8 tokens dequantized, as the dispatch
-                            a16 = a if scales is None else (a.float() * scales[:, None]).half()
-                            return unpack.dense_linear(a16, unpack.unpack_int4(kw, torch.float16), None, None, c)
+                        if kernel == "unpack" and (kw.row_scale is None or scales is None):  # as the dispatch
+                            return unpack.dense_unpacked(a, scales, kw, None, None, c)
                         if kernel == "unpack":
                             w8 = unpack.as_int8_weight(kw, unpack.unpack_int4(kw, torch.int8))
                             return gemm.quant_linear(a, scales.reshape(-1, 1), w8)

@@ -32,7 +32,7 @@ from zeroquant.kernels.triton.gemv import gemv, gemv_ok
 from zeroquant.kernels.triton.skinny_gemm import skinny_ok, w4_skinny
 from zeroquant.kernels.triton.tile_gemm import tile_gemm
 from zeroquant.kernels.triton.tma_gemm import tma_ok, w8a8_tma
-from zeroquant.kernels.triton.unpack import as_int8_weight, dense_linear, unpack_int4
+from zeroquant.kernels.triton.unpack import as_int8_weight, dense_unpacked, unpack_int4
 from zeroquant.kernels.weight_format import KernelWeight
 
 try:  # Gluon as in Triton 3.6; with an older Triton, fp16 tokens take skinny_gemm like every other format
@@ -88,9 +88,8 @@ def quant_linear(
     if w.bits == 4 and m >= UNPACK_TOKENS:
         if a_int8 and w.row_scale is not None:
             w = as_int8_weight(w, unpack_int4(w, torch.int8))  # then a per-channel W8A8 GEMM below
-        else:  # float group scales against INT8 tokens: the tokens dequantized, the float16 GEMM
-            a16 = (a.float() * xs[:, None]).to(dtype) if a_int8 else a
-            dense_linear(a16, unpack_int4(w, a16.dtype), bias, act, c)
+        else:  # 16-bit tokens, or INT8 ones against float group scales
+            dense_unpacked(a, xs if a_int8 else None, w, bias, act, c)
             return c.reshape(*lead, n)
     if on_gemv:
         gemv(a, xs, w, bias, act, c, glu)

@@ -69,12 +69,15 @@ def as_int8_weight(w: KernelWeight, w8: torch.Tensor) -> KernelWeight:
     return KernelWeight(w8, w.row_scale.reshape(1, -1), None, 8, w.in_features, w.out_features, w.in_features)
 
 
-def dense_linear(a: torch.Tensor, w16: torch.Tensor, bias: torch.Tensor | None, act: str | None,
-                 c: torch.Tensor) -> None:
-    """c = act(a @ w16^T + bias) by cuBLAS, bias in its epilogue."""
+def dense_unpacked(a: torch.Tensor, xs: torch.Tensor | None, w: KernelWeight, bias: torch.Tensor | None,
+                   act: str | None, c: torch.Tensor) -> None:
+    """c = act(a [* xs] @ W^T + bias) by cuBLAS on INT4 w unpacked to c's dtype, bias in its epilogue: a fp16/bf16
+    with xs None, or int8 with float32 per-token scales xs [M], then dequantized to c's dtype first."""
+    a16 = a if xs is None else (a.float() * xs[:, None]).to(c.dtype)
+    w16 = unpack_int4(w, a16.dtype)
     if bias is not None:
-        torch.addmm(bias.to(c.dtype), a, w16.t(), out=c)
+        torch.addmm(bias.to(c.dtype), a16, w16.t(), out=c)
     else:
-        torch.mm(a, w16.t(), out=c)
+        torch.mm(a16, w16.t(), out=c)
     if act is not None:
         c.copy_(reference.apply_act(c.float(), act))
