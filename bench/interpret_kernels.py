@@ -159,16 +159,17 @@ def check_unpack() -> list[str]:
     """Every INT4 format into each dtype it unpacks to, bit for bit against the twin: progressive (int8, fp16,
     bf16), float16 group scales (interleaved with the zero points too), one symmetric scale a row, groups of 64,
     a short last group, a partial tile."""
-    cases = [(100, 576, 128, False, "int8"), (100, 576, 128, False, "float16"), (40, 512, 128, False, "bfloat16"),
-             (40, 512, 64, False, "int8"), (40, 320, -1, True, "float16"), (72, 576, 128, False, "float16"),
-             (72, 384, 64, False, "bfloat16"), (72, 576, 128, False, "float16")]
+    # (N, K, group, symmetric, scales, dtype); "float16 interleaved": stored for INT8 tokens, beside the zero points
+    cases = [(100, 576, 128, False, "progressive", "int8"), (100, 576, 128, False, "progressive", "float16"),
+             (40, 512, 128, False, "progressive", "bfloat16"), (40, 512, 64, False, "progressive", "int8"),
+             (40, 320, -1, True, "float16", "float16"), (72, 576, 128, False, "float16", "float16"),
+             (72, 384, 64, False, "float16", "bfloat16"), (72, 576, 128, False, "float16 interleaved", "float16")]
     bad = []
-    for i, (n, k, group, sym, dtype) in enumerate(cases):
-        prog = dtype == "int8" or i < 3
-        a8 = i == len(cases) - 1  # float16 scales stored for INT8 tokens: interleaved with the zero points
-        ql = quant_linear(k, n, 4, group, sym, a8, "cpu", scale_dtype="int8" if prog else "float16")
-        assert (ql.quantized.kernel().sz_step == 2) == a8
+    for n, k, group, sym, scales, dtype in cases:
+        a8 = scales.endswith("interleaved")
+        ql = quant_linear(k, n, 4, group, sym, a8, "cpu", scale_dtype="int8" if scales == "progressive" else "float16")
         kw = ql.quantized.kernel()
+        assert (kw.sz_step == 2) == a8
         dt = getattr(torch, dtype)
         got = unpack.unpack_int4(kw, dt)
         if dt == torch.bfloat16:  # the interpreter truncates float32 to bfloat16 (the GPU rounds: its test)
@@ -176,8 +177,7 @@ def check_unpack() -> list[str]:
             want = (f32.view(torch.int32) >> 16).to(torch.int16).view(dt)
         else:
             want = R.unpacked_weight(ql.qweight, ql.w_scale, ql.w_zero, ql.group_size, dt, ql.w_row_scale)
-        label = (f"unpack N={n} K={k} group {group} {'progressive' if prog else 'float16 scales'}"
-                 f"{' interleaved' if a8 else ''} -> {dtype}")
+        label = f"unpack N={n} K={k} group {group} {scales} scales -> {dtype}"
         same = torch.equal(got.view(torch.uint8 if dt == torch.int8 else torch.int16),
                            want.view(torch.uint8 if dt == torch.int8 else torch.int16))
         print(f"{label}: {'bit for bit' if same else 'DIFFERS'}", flush=True)
