@@ -213,27 +213,38 @@ def test_w8a8_pingpong_bf16_output_matches_the_tma_gemm_bitwise():
 
 @pytest.mark.parametrize("a8", [True, False])
 @pytest.mark.parametrize("k,n", [(576, 1536), (4096, 1000), (11008, 4096)])
-@pytest.mark.parametrize("m", [1, 7, 64, 65, 128, 1000, 4096])
-def test_progressive_int4_tile_gemm(m, k, n, a8):
-    """Progressive INT4 (integer group scales, float row scales) on the tile GEMM against its twin: with INT8
-    tokens one int32 accumulator for the whole K loop, a short last group (576) too."""
-    if k == 11008 and m not in (64, 4096):
-        pytest.skip("the Llama-7B down projection at two sizes is enough")
+@pytest.mark.parametrize("m", [1, 2, 7, 64, 65, 128, 1000, 4096])
+def test_progressive_int4_matches_its_twin(m, k, n, a8):
+    """Progressive INT4 (integer group scales, float row scales) against its twin: the GEMV (one or two tokens,
+    row scales on its sums), the tile GEMM (with INT8 tokens one int32 accumulator for the whole K loop), and
+    from gemm.UNPACK_TOKENS on the unpacked weight; a short last group (576) too."""
+    if k == 11008 and m not in (1, 64, 4096):
+        pytest.skip("the Llama-7B down projection at three sizes is enough")
     from zeroquant.kernels.triton import rowwise
 
     ql = quant_linear(k, n, 4, 128, False, a8, "cuda", scale_dtype="int8").half()
     kw = ql.quantized.kernel()
     assert kw.row_scale is not None and kw.scale.dtype == torch.int8
+    assert gemm.gemv_ok(torch.empty(m, k, device="cuda", dtype=torch.float16), kw) == (m <= 2 and k % 64 == 0)
     x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-    if a8:
-        q, s = rowwise.quantize_per_token(x)
-        want = R.quant_linear(q, s, ql.qweight, ql.w_scale, ql.w_zero, 4, ql.group_size, ql.bias, None,
-                              torch.float16, row_scale=ql.w_row_scale)
-        poison_cuda_cache()
-        got = gemm.quant_linear(q, s, kw, ql.bias, None)
-    else:
-        want = R.quant_linear(x, None, ql.qweight, ql.w_scale, ql.w_zero, 4, ql.group_size, ql.bias, None,
-                              torch.float16, row_scale=ql.w_row_scale)
-        poison_cuda_cache()
-        got = gemm.quant_linear(x, None, kw, ql.bias, None)
+    q, s = rowwise.quantize_per_token(x) if a8 else (x, None)
+    want = R.quant_linear(q, s, ql.qweight, ql.w_scale, ql.w_zero, 4, ql.group_size, ql.bias, None, torch.float16,
+                          row_scale=ql.w_row_scale)
+    poison_cuda_cache()
+    got = gemm.quant_linear(q, s, kw, ql.bias, None)
     assert got.shape == (m, n) and rel_err(got, want) < 2e-3
+
+
+@pytest.mark.parametrize("m", [1, 2, 5])
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float16, torch.bfloat16])
+def test_progressive_int4_glu(m, dtype):
+    """Progressive INT4 gated MLP rows: act(gate) * up in the GEMV's epilogue after the row scales (one token,
+    two fp16/int8), after the GEMM otherwise, against reference.gated_linear."""
+    ql = quant_linear(1536, 2000, 4, 128, False, dtype == torch.int8, "cuda", scale_dtype="int8").half()
+    x = torch.randn(m, 1536, device="cuda", dtype=torch.bfloat16 if dtype == torch.bfloat16 else torch.float16)
+    xin, xs = R.quantize_per_token(x) if dtype == torch.int8 else (x, None)
+    want = R.gated_linear(xin, xs, ql.qweight, ql.w_scale, ql.w_zero, 4, ql.group_size, ql.bias, "silu",
+                          x.dtype, row_scale=ql.w_row_scale)
+    poison_cuda_cache()
+    got = gemm.quant_linear(xin, xs, ql.quantized.kernel(), ql.bias, "silu", x.dtype, glu=True)
+    assert got.shape == (m, 1000) and rel_err(got, want) < 3e-3

@@ -76,7 +76,7 @@ def quant_linear(
     if a.stride(-1) != 1:
         a = a.contiguous()
     m = a.shape[0]
-    on_gemv = w.row_scale is None and gemv_ok(a, w)  # the GEMV does not read progressive row scales
+    on_gemv = gemv_ok(a, w)
     dtype = out_dtype if a_int8 else x.dtype
     if glu and not on_gemv:  # the product after the GEMM
         return reference.glu(quant_linear(x, x_scale, w, bias, None, out_dtype), act, dtype)

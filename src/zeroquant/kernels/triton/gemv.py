@@ -100,9 +100,10 @@ def _gemv_kernel(
 
 def gemv_ok(a: torch.Tensor, w: KernelWeight) -> bool:
     """Whether the GEMVs take tokens a: one token, or two fp16/int8 tokens against INT4 weights (two bf16 tokens
-    run faster on the small-M kernel: docs/kernels.md); K a whole number of chunks."""
+    run faster on the small-M kernel: docs/kernels.md); K a whole number of chunks. Row scales (progressive
+    weights) only on the INT4 GEMV."""
     two = a.shape[0] == 2 and w.bits == 4 and a.dtype != torch.bfloat16
-    return a.shape[1] % 64 == 0 and (a.shape[0] == 1 or two)
+    return a.shape[1] % 64 == 0 and (a.shape[0] == 1 or two) and (w.row_scale is None or w.bits == 4)
 
 
 def gemv(a, xs, w: KernelWeight, bias, act, c, glu: bool = False) -> None:
@@ -128,4 +129,4 @@ def gemv(a, xs, w: KernelWeight, bias, act, c, glu: bool = False) -> None:
         _w4_gemv_kernel[(tiles(W4_BLOCK_N), split)](
             *args, **flags, HAS_ZERO=w.zero is not None, STEP=step, SPLIT=split, BLOCK_N=W4_BLOCK_N,
             SZ_WORD=w.sz_step == 2, UNROLL=unroll, TOKENS=m, stride_am=a.stride(0), stride_cm=c.stride(0),
-            num_warps=4)
+            rs_ptr=w.row_scale, ROW_SCALE=w.row_scale is not None, num_warps=4)

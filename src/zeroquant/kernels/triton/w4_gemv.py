@@ -296,7 +296,7 @@ def _w4_gemv_kernel(
     A_INT8: tl.constexpr, HAS_ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACT: tl.constexpr, GLU: tl.constexpr, STEP: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
     PDL: tl.constexpr, SZ_WORD: tl.constexpr, UNROLL: tl.constexpr = 1, TOKENS: tl.constexpr = 1, stride_am=0,
-    stride_cm=0,
+    stride_cm=0, rs_ptr=None, ROW_SCALE: tl.constexpr = False,
 ):
     """One token (or two: TOKENS), INT4 weights, on CUDA cores: each thread reads 16-byte runs of its rows'
     packed weights, turns them into q - zero (fp16 tokens: packed fp16, _half_run_dots; bf16: float32,
@@ -305,7 +305,9 @@ def _w4_gemv_kernel(
     scale. Program (n, s) covers BLOCK_N rows and the s-th of SPLIT slices of K; _split_k_sum adds the slices.
     UNROLL (1 or 2): K steps an iteration, all their loads issued before the first step's math (K a whole
     number of them). TOKENS == 2: the second token (a_ptr + stride_am, output row c_ptr + stride_cm) shares
-    each step's unpacked weights, so the weights are read once for both.
+    each step's unpacked weights, so the weights are read once for both. ROW_SCALE: progressive INT4, the group
+    scales (s_ptr) are integers and each row's float scale (rs_ptr) multiplies its sums once, before the slices
+    are added.
     """
     wait_for_producer(PDL)
     pid_n = tl.program_id(0)
@@ -341,5 +343,8 @@ def _w4_gemv_kernel(
     if GROUP_SIZE == 0:
         s = _scale_zero(s_ptr, z_ptr, 0, rn, False, SZ_WORD)[0] * (256.0 if HALF_ACC else 1.0)
         out, out_b = out * s, out_b * s
+    if ROW_SCALE:
+        r = tl.load(rs_ptr + rn)
+        out, out_b = out * r, out_b * r
     _gemv_epilogue(out, out_b, offs_n, rn, pid_n, pid_k, as_ptr, b_ptr, c_ptr, stride_cm, ws_ptr, cnt_ptr, N, A_INT8,
                    HAS_BIAS, ACT, GLU, SPLIT, BLOCK_N, TOKENS)
