@@ -247,4 +247,5 @@ def test_progressive_int4_glu(m, dtype):
                           x.dtype, row_scale=ql.w_row_scale)
     poison_cuda_cache()
     got = gemm.quant_linear(xin, xs, ql.quantized.kernel(), ql.bias, "silu", x.dtype, glu=True)
-    assert got.shape == (m, 1000) and rel_err(got, want) < 3e-3
+    # the bf16 twin multiplies bf16-rounded weights (8 mantissa bits), the kernels exact ones
+    assert got.shape == (m, 1000) and rel_err(got, want) < (6e-3 if dtype == torch.bfloat16 else 3e-3)

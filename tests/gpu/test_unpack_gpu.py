@@ -36,7 +36,7 @@ def test_unpack_matches_its_twin_bit_for_bit(k, n, group, sym, prog, dtype):
 
 @pytest.mark.parametrize("tokens,prog", [("int8", True), ("int8", False), ("fp16", False), ("bf16", False),
                                          ("fp16", True)])
-@pytest.mark.parametrize("m", [1024, 1000 + 1024, 4096])
+@pytest.mark.parametrize("m", [256, 1000 + 1024, 4096])
 @pytest.mark.parametrize("k", [576, 1024])
 def test_quant_linear_unpacks_first_for_many_tokens(m, k, tokens, prog):
     """From gemm.UNPACK_TOKENS on: progressive weights against INT8 tokens through the W8A8 GEMMs, everything else
@@ -58,8 +58,10 @@ def test_quant_linear_unpacks_first_for_many_tokens(m, k, tokens, prog):
                               row_scale=ql.w_row_scale)
         got = gemm.quant_linear(q, s, kw, ql.bias, "silu")
     else:
-        want = R.quant_linear(x, None, ql.qweight, ql.w_scale, ql.w_zero, 4, ql.group_size, ql.bias, "silu", dtype)
+        want = R.quant_linear(x, None, ql.qweight, ql.w_scale, ql.w_zero, 4, ql.group_size, ql.bias, "silu", dtype,
+                              row_scale=ql.w_row_scale)
         got = gemm.quant_linear(x, None, kw, ql.bias, "silu")
     assert got.dtype == want.dtype
-    # INT8 tokens with float scales meet 16-bit weights and tokens: each rounded to float16 once
-    assert rel_err(got, want) < (3e-3 if tokens == "bf16" or (a8 and not prog) else 1e-3)
+    # INT8 tokens with float scales meet 16-bit weights and tokens: each rounded to float16 once; bf16 keeps 8
+    # mantissa bits, so two bf16 results a rounding apart differ by more than 3e-3 in norm
+    assert rel_err(got, want) < (5e-3 if tokens == "bf16" else 3e-3 if a8 and not prog else 1e-3)

@@ -11,14 +11,15 @@
   under the other's MMAs);
 - tma_gemm: prefill W8A8 with per-channel weights on Hopper from 257 tokens where tma_pingpong does not take it
   (fewer tokens, float32 outputs, a Triton without Gluon), operands by TMA;
-- tile_gemm: everything else, every format, with a fused dequantizing epilogue; progressive INT4 (integer group
-  scales) below UNPACK_TOKENS;
+- w4_gemm: INT4 weights at 17 to UNPACK_TOKENS - 1 tokens on Hopper against 16-bit tokens, and progressive ones
+  against INT8 tokens, the weights unpacked into the warpgroup MMA's register operand;
+- tile_gemm: everything else, every format, with a fused dequantizing epilogue (INT4 with float group scales
+  against INT8 tokens below UNPACK_TOKENS among them);
 - unpack: from UNPACK_TOKENS tokens on, INT4 weights unpacked whole first: progressive ones against INT8 tokens
   to an INT8 per-channel weight for the W8A8 GEMMs, the others to 16 bits for cuBLAS (INT8 tokens dequantized
-  first). The GEMM is compute-bound there, and the dense GEMMs beat any INT4 main loop by more than the
-  unpacking costs.
-(w4_gemm, INT4 weights at 17+ tokens as the MMA's register operand, and gluon/progressive_gemm, its Gluon form for
-progressive INT4 against INT8 tokens, are not dispatched to until they are timed.)
+  first). The dense GEMMs beat any INT4 main loop there by more than the unpacking costs.
+(gluon/progressive_gemm, w4_gemm's Gluon form for progressive INT4 against INT8 tokens, is not dispatched to
+until it is tested and timed.)
 All of them apply the per-token activation scale, bias and activation in their epilogue. Why each shape
 goes where it goes: docs/kernels.md (measurements: docs/history.md).
 """
@@ -33,6 +34,7 @@ from zeroquant.kernels.triton.skinny_gemm import skinny_ok, w4_skinny
 from zeroquant.kernels.triton.tile_gemm import tile_gemm
 from zeroquant.kernels.triton.tma_gemm import tma_ok, w8a8_tma
 from zeroquant.kernels.triton.unpack import as_int8_weight, dense_unpacked, unpack_int4
+from zeroquant.kernels.triton.w4_gemm import w4_gemm, w4_gemm_ok
 from zeroquant.kernels.weight_format import KernelWeight
 
 try:  # Gluon as in Triton 3.6; with an older Triton, fp16 tokens take skinny_gemm like every other format
@@ -46,7 +48,7 @@ except (ImportError, AttributeError):
 
 __all__ = ["KernelWeight", "quant_linear"]
 
-UNPACK_TOKENS = 1024  # where unpacking INT4 weights whole starts to pay (bench/kernel_table.py, docs/kernels.md)
+UNPACK_TOKENS = 256  # where unpacking INT4 weights whole overtook the INT4 GEMMs (docs/kernels.md)
 
 
 def quant_linear(
@@ -93,6 +95,8 @@ def quant_linear(
             return c.reshape(*lead, n)
     if on_gemv:
         gemv(a, xs, w, bias, act, c, glu)
+    elif (not a_int8 or w.row_scale is not None) and w4_gemm_ok(a, w):
+        w4_gemm(a, xs if a_int8 else None, w, bias, act, c)
     elif w.row_scale is not None:
         tile_gemm(a, xs, w, bias, act, c)
     elif mma_ok is not None and mma_ok(a, w):
