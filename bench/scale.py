@@ -102,9 +102,10 @@ def quantize(src: Path, out: Path, row: list[str], text: str, nproc: int, extra:
             "rss_growth_gib": max(x["peak_rss_kib"] - x["base_rss_kib"] for x in results) / 2**20}
 
 
-def compare(src: Path, out: Path, row: list[str], text: str, device: str, extra: list[str]) -> float | None:
-    """Largest |logit difference| between the checkpoint the CLI wrote and quantizing the whole FP model in memory
-    with the same data and settings (GPTQ rows only: the in-memory LKD would double the run)."""
+def compare(src: Path, out: Path, row: list[str], text: str, device: str, extra: list[str]) -> dict | None:
+    """The checkpoint the CLI wrote against quantizing the whole FP model in memory with the same data and settings
+    (GPTQ rows only: the in-memory LKD would double the run), the latter saved and loaded back the same way so
+    that both run the same kernels: integer tensors that differ, and the largest |logit difference|."""
     import torch
 
     import zeroquant as zq
@@ -116,11 +117,18 @@ def compare(src: Path, out: Path, row: list[str], text: str, device: str, extra:
     n = build_parser().parse_args(["quantize", str(src), "-o", "x", *row, *extra]).calib_samples
     fp, tok = zq.load_fp_model(src, device)
     calib = _calib_data(text, _calib_texts(text, n), n, fp, tok)
-    want = zq.quantize(fp, row[1], calib_data=calib, tokenizer=tok, progress=False, inplace=True)
-    got = zq.load_quantized(out, device=device)
+    mem = out.with_name(out.name + "-in-memory")
+    zq.save_quantized(zq.quantize(fp, row[1], calib_data=calib, tokenizer=tok, progress=False, inplace=True), mem)
+    del fp
+    want, got = zq.load_quantized(mem, device=device), zq.load_quantized(out, device=device)
+    a, b = want.state_dict(), got.state_dict()
+    ints = [k for k in a if not a[k].is_floating_point()]
     ids = tok("Once upon a time there was a little girl", return_tensors="pt").input_ids.to(device)
     with torch.no_grad():
-        return (want(ids).logits.float() - got(ids).logits.float()).abs().max().item()
+        diff = (want(ids).logits.float() - got(ids).logits.float()).abs().max().item()
+    shutil.rmtree(mem, ignore_errors=True)
+    return {"max_logit_diff_vs_in_memory": diff, "integer_tensors": len(ints),
+            "integer_tensors_differing": sum(not torch.equal(a[k], b[k]) for k in ints)}
 
 
 def main() -> None:
@@ -163,21 +171,24 @@ def main() -> None:
             print(json.dumps(r), flush=True)
             out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
             if "error" not in r and not args.no_compare and n == 1:  # after the row is on disk: it may be cut
-                r["max_logit_diff_vs_in_memory"] = compare(src, q, ROWS[name], args.text, device, extra)
+                r.update(compare(src, q, ROWS[name], args.text, device, extra) or {})
                 print(json.dumps(r), flush=True)
                 out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [f"{args.shape} ({shape['num_hidden_layers']} blocks), fp16 shards {size / 2**30:.1f} GiB, "
              f"{meta['device']}, torch {meta['torch']}", "",
-             "| row | processes | minutes | min / block | peak GPU GiB | host RSS growth GiB | "
-             "max logit diff vs in-memory |",
-             "|---|---|---|---|---|---|---|"]
+             "| row | processes | minutes | min / block | peak GPU GiB (of shards) | host RSS growth GiB (of shards) | "
+             "integer tensors differing from in-memory | max logit diff vs in-memory |",
+             "|---|---|---|---|---|---|---|---|"]
+    share = lambda gib: f"{gib:.2f} ({gib / (size / 2**30):.0%})"
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['row']} | {r['processes']} | {r['error']} | | | | |")
+            lines.append(f"| {r['row']} | {r['processes']} | {r['error']} | | | | | |")
             continue
         diff = r.get("max_logit_diff_vs_in_memory")
+        ints = f"{r['integer_tensors_differing']} of {r['integer_tensors']}" if "integer_tensors" in r else ""
         lines.append(f"| {r['row']} | {r['processes']} | {r['minutes']:.2f} | {r['minutes_per_block']:.3f} | "
-                     f"{r['peak_gpu_gib']:.1f} | {r['rss_growth_gib']:.2f} | {'' if diff is None else f'{diff:.2e}'} |")
+                     f"{share(r['peak_gpu_gib'])} | {share(r['rss_growth_gib'])} | {ints} | "
+                     f"{'' if diff is None else f'{diff:.2e}'} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -32,6 +32,36 @@ def test_lazy_equals_in_memory(shards, preset, lkd):
     assert torch.equal(want(ids).logits, got(ids).logits)
 
 
+def test_lazy_equals_in_memory_in_float16(shards):
+    """As read for a GPU (float16), computed here on the CPU: the same integers as quantizing from_pretrained's
+    float16 model in memory (GPTQ's Hessians see every rounding difference in the hidden states)."""
+    from zeroquant.models.hf import model_class, read_config
+
+    calib = tiny_input(4, 16, seed=5)
+    fp = model_class(read_config(shards, shards, {})).from_pretrained(shards, dtype=torch.float16).eval()
+    want = zq.quantize(fp, "w4/8-a8+gptq", calib_data=calib, progress=False)
+    model, _, blocks = open_lazy(shards, "cuda", tokenizer=False)  # moves nothing to the device by itself
+    got = zq.quantize(model, "w4/8-a8+gptq", calib_data=calib, inplace=True, blocks=blocks, progress=False)
+    a, b = want.state_dict(), got.state_dict()
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gptj"])
+def test_lazy_skeleton_builds_buffers_as_from_pretrained(arch, tmp_path):
+    """For a GPU the model is read in float16 (open_lazy moves nothing to the device itself); buffers computed at
+    init, such as rotary frequencies, keep the dtype and values from_pretrained gives them, not a float16 cast."""
+    from zeroquant.models.hf import model_class
+
+    tiny_model(arch).save_pretrained(tmp_path)
+    ref = model_class(zq.models.hf.read_config(tmp_path, tmp_path, {})).from_pretrained(tmp_path, dtype=torch.float16)
+    model, _, _ = open_lazy(tmp_path, "cuda", tokenizer=False)
+    want, got = dict(ref.named_buffers()), dict(model.named_buffers())
+    assert sorted(want) == sorted(got)
+    assert all(got[n].dtype == want[n].dtype and torch.equal(got[n], want[n]) for n in want)
+    assert any(b.dtype == torch.float32 for b in got.values())  # what a cast to float16 lost
+    assert next(model.parameters()).dtype == torch.float16
+
+
 def test_lazy_refuses_missing_block_tensors_and_copies(shards, tmp_path):
     assert has_safetensors(shards) and not has_safetensors(tmp_path)
     model, _, blocks = open_lazy(shards, tokenizer=False)

@@ -97,12 +97,13 @@ class InputHessians:
         owner = self.owner[names[0]]
         if any(self.owner[n] != owner for n in names):
             raise ValueError(f"{names} do not share one input")
-        h = (2 * self.sums[owner] / self.rows[owner]).float()
         for n in names:
             del self.owner[n]
-        if owner not in self.owner.values():
-            del self.sums[owner]
-        return h
+        if owner in self.owner.values():  # another module still needs the sum
+            return (2 * self.sums[owner] / self.rows[owner]).float()
+        # The last reader scales the float64 sum in place (the same two roundings as above): two float64
+        # temporaries of a down projection's [K, K] sum would be most of the GPU's peak (2 GB at Llama-7B width).
+        return self.sums.pop(owner).mul_(2).div_(self.rows[owner]).float()
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:

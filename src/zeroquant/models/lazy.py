@@ -181,7 +181,14 @@ def open_lazy(path: str | os.PathLike, device: str = "cpu", allow_generic: bool 
     dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
     with init_empty_weights():
         cls = model_class(config)
-        model = (cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)).to(dtype)
+        model = cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
+    # Buffers computed at init (rotary frequencies, GPT-J's sin/cos table) stay as computed in float32, as
+    # from_pretrained leaves them: cast to float16 they shift every rotary angle. Checkpoint tensors are read
+    # in dtype below.
+    computed = [(name, b) for name, b in model.named_buffers() if not b.is_meta]
+    model.to(dtype)
+    for name, b in computed:
+        _set(model, name, b)
     weights = ShardedWeights(d)
     blocks = get_blocks(model, allow_generic)
     prefix = blocks_name(model, blocks)
