@@ -72,6 +72,69 @@ def test_lazy_refuses_missing_block_tensors_and_copies(shards, tmp_path):
         zq.quantize(model, "w8a8", inplace=True, blocks=blocks, progress=False)
 
 
+@pytest.fixture(scope="module")
+def neox(tmp_path_factory):
+    """A GPT-NeoX as save_pretrained writes it: its head under the checkpoint's name `embed_out.weight`, which
+    transformers 5 renames to the model's `lm_head.weight` on loading."""
+    out = tmp_path_factory.mktemp("gpt_neox")
+    tiny_model("gpt_neox").save_pretrained(out)
+    return out
+
+
+def test_lazy_reads_renamed_checkpoint_tensors_and_equals_in_memory(neox):
+    pytest.importorskip("transformers.conversion_mapping")
+    calib = tiny_input(4, 16, seed=5)
+    fp, _ = zq.load_fp_model(neox, tokenizer=False)
+    want = zq.quantize(fp, "w4/8-a8+gptq", calib_data=calib, progress=False)
+    model, _, blocks = open_lazy(neox, tokenizer=False)
+    got = zq.quantize(model, "w4/8-a8+gptq", calib_data=calib, inplace=True, blocks=blocks, progress=False)
+    a, b = want.state_dict(), got.state_dict()
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    ids = tiny_input(2, 8, seed=9)
+    assert torch.equal(want(ids).logits, got(ids).logits)
+
+
+def test_renamed_head_is_the_checkpoints_embed_out(neox):
+    from safetensors import safe_open
+
+    pytest.importorskip("transformers.conversion_mapping")
+    with safe_open(neox / "model.safetensors", "pt") as f:
+        assert "embed_out.weight" in f.keys() and "lm_head.weight" not in f.keys()  # else nothing is renamed here
+        saved = f.get_tensor("embed_out.weight")
+    model, _, blocks = open_lazy(neox, tokenizer=False)
+    assert blocks.weights.renames == {"lm_head.weight": "embed_out.weight"}
+    assert torch.equal(model.lm_head.weight, saved)
+    assert not torch.equal(model.lm_head.weight, model.gpt_neox.embed_in.weight)  # not tied to the embeddings
+
+
+def test_lazy_refuses_tensors_transformers_converts(neox, monkeypatch):
+    """A tensor transformers would change on loading (split, merge, transpose), not only rename, is refused rather
+    than read as saved; a converter whose result the model does not hold is no reason to refuse."""
+    mapping = pytest.importorskip("transformers.conversion_mapping")
+    from transformers.core_model_loading import Chunk, WeightConverter
+
+    real = mapping.get_model_conversion_mapping
+    extra = [WeightConverter(r"attention\.dense\.weight", "attention.dense.weight", operations=[Chunk(dim=0)])]
+    monkeypatch.setattr(mapping, "get_model_conversion_mapping", lambda model: [*real(model), *extra])
+    with pytest.raises(zq.ZeroQuantError, match=r"converts 2 checkpoint tensor\(s\).*load_fp_model") as e:
+        open_lazy(neox, tokenizer=False)
+    assert "\n" not in str(e.value) and "gpt_neox.layers.0.attention.dense.weight ->" in str(e.value)
+    extra[0] = WeightConverter(r"attention\.dense\.weight", "attention.fused.weight", operations=[Chunk(dim=0)])
+    _, _, blocks = open_lazy(neox, tokenizer=False)
+    assert blocks.weights.renames == {"lm_head.weight": "embed_out.weight"}  # the plain renames still apply
+
+
+def test_without_conversion_mapping_nothing_is_renamed(neox, shards, monkeypatch):
+    """transformers 4.x has no conversion mapping and loads keys as saved: the lazy loader renames nothing."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers.conversion_mapping", None)  # its import fails
+    model, _, blocks = open_lazy(shards, tokenizer=False)
+    assert blocks.weights.renames == {}
+    with pytest.raises(zq.ZeroQuantError, match="lack 1 tensor.*lm_head.weight"):
+        open_lazy(neox, tokenizer=False)
+
+
 MAKE = """
 import sys, torch
 from transformers import LlamaConfig, LlamaForCausalLM

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -56,11 +57,14 @@ class ShardedWeights:
         else:
             self.files = dict.fromkeys(_open(path / "model.safetensors").keys(), path / "model.safetensors")
         self.open: dict[Path, object] = {}
+        self.renames: dict[str, str] = {}  # the model's name -> the checkpoint's, see checkpoint_renames
 
     def find(self, name: str, prefix: str) -> str | None:
         """The checkpoint's name for the model's tensor `name`: itself, or without/with the base model's prefix
-        (a checkpoint of the base model read into a model with a head, or the other way round)."""
+        (a checkpoint of the base model read into a model with a head, or the other way round), each as saved
+        under the name transformers renames on loading if `renames` holds one."""
         for n in (name, name.removeprefix(prefix + "."), f"{prefix}.{name}"):
+            n = self.renames.get(n, n)
             if n in self.files:
                 return n
         return None
@@ -79,6 +83,49 @@ class ShardedWeights:
 
     def close(self) -> None:
         self.open.clear()
+
+
+def checkpoint_renames(model: nn.Module, keys: Iterable[str], path: str | os.PathLike) -> dict[str, str]:
+    """{the model's name: the checkpoint's name} for each checkpoint tensor that transformers loads under another
+    name. transformers 5 renames keys on loading through its conversion mapping (GPT-NeoX's saved
+    `embed_out.weight` is the model's `lm_head.weight`), so a reader that looks tensors up by the model's names
+    must apply the same renames, taken from transformers itself to stay in step with it. Only plain renames: a
+    checkpoint tensor that transformers would merge, split or otherwise change into one the model holds is
+    refused, since reading it unchanged would give a wrong model. Empty on a transformers without the mapping
+    (before 5 it loads keys as saved)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+    except ImportError:
+        return {}
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
+    names = {n for n, _ in [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]}
+    base = getattr(model, "base_model_prefix", "")
+
+    def held(n: str) -> bool:
+        return n in names or n.removeprefix(base + ".") in names or f"{base}.{n}" in names
+
+    renames, converted = {}, []
+    # transformers renames keys in sorted order, and some renames (GroupWeightRename) depend on the keys seen before
+    for key in sorted(keys):
+        new = key
+        for t in renamings:
+            new, _ = t.rename_source_key(new)
+        for t in converters:
+            target, pattern = t.rename_source_key(new)
+            if pattern is not None:
+                if held(target):
+                    converted.append(f"{key} -> {target}")
+                break
+        if new != key:
+            renames[new] = key
+    if converted:
+        raise ZeroQuantError(f"{path}: transformers converts {len(converted)} checkpoint tensor(s) on loading, not "
+                             f"only renames them ({converted[0]}{', ...' if len(converted) > 1 else ''}): load this "
+                             "model with load_fp_model (in memory), not lazily")
+    return renames
 
 
 def _return_freed_memory() -> None:
@@ -190,6 +237,7 @@ def open_lazy(path: str | os.PathLike, device: str = "cpu", allow_generic: bool 
     for name, b in computed:
         _set(model, name, b)
     weights = ShardedWeights(d)
+    weights.renames = checkpoint_renames(model, weights.files, path)
     blocks = get_blocks(model, allow_generic)
     prefix = blocks_name(model, blocks)
     base = getattr(model, "base_model_prefix", "")
