@@ -8,6 +8,7 @@ and shared-memory stores in the PTX. Needs Triton (its bundled ptxas and cuobjdu
     python bench/sm90_compile.py --tile-gemm     # the tile GEMM's INT4 path at 128 x 128 x 128, for comparison
     python bench/sm90_compile.py --unpack        # the INT4 unpacking kernel, each output it writes
     python bench/sm90_compile.py --gemv          # the INT4 GEMV, float16 and progressive scales, 1 and 2 tokens
+    python bench/sm90_compile.py --skinny        # the small-M INT4 GEMM, float16 and progressive scales
 
 A kernel that the interpreter runs may still not compile (a plain Python global read inside it, say): this
 catches that without a GPU too.
@@ -25,7 +26,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from zeroquant.kernels.triton import tile_gemm, unpack, w4_gemm, w4_gemv
+from zeroquant.kernels.triton import skinny_gemm, tile_gemm, unpack, w4_gemm, w4_gemv
 
 FORMATS = {"w4a8-g128": (True, False), "w4a8-progressive": (True, True), "w4a16-g128": (False, False),
            "w4a16-progressive": (False, True)}
@@ -110,17 +111,36 @@ def gemv_rows():
             yield config, name, compile_sm90(fn, sig, consts, 4, 1, ("a_ptr", "w_ptr", "K", "stride_wn"))
 
 
+def skinny_rows():
+    fn = skinny_gemm._w4_skinny_kernel.fn
+    for name, tokens, prog in (("int8 tokens, progressive", "*i8", True), ("fp16, progressive", "*fp16", True),
+                               ("bf16, progressive", "*bf16", True), ("int8 tokens, float16 scales", "*i8", False)):
+        scales = "*i8" if prog else "*fp16"
+        sig = {"a_ptr": tokens, "as_ptr": "*fp32" if tokens == "*i8" else tokens, "w_ptr": "*u8", "s_ptr": scales,
+               "z_ptr": scales, "b_ptr": "*fp16", "c_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32",
+               "N": "i32", "K": "i32", "stride_am": "i32", "stride_wn": "i32", "stride_cm": "i32",
+               "rs_ptr": "*fp32" if prog else "*fp16"}
+        for rows, warps in ((skinny_gemm.SKINNY_BLOCK_N, 4), (skinny_gemm.SKINNY_SYNC_BLOCK_N, 2)):
+            if rows == skinny_gemm.SKINNY_SYNC_BLOCK_N and tokens == "*i8":
+                continue  # INT8 tokens always take the warpgroup programs (skinny_tile)
+            consts = {"A_INT8": tokens == "*i8", "HAS_ZERO": True, "GROUP_SIZE": 128, "HAS_BIAS": True, "ACT": 0,
+                      "SPLIT": 4, "BLOCK_N": rows, "BLOCK_K": 128, "SZ_WORD": False, "ROW_SCALE": prog}
+            config = triton.Config({"BLOCK_N": rows, "BLOCK_K": 128}, num_warps=warps, num_stages=3)
+            yield config, name, compile_sm90(fn, sig, consts, warps, 3, ("a_ptr", "w_ptr", "K", "stride_wn"))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tile-gemm", action="store_true", help="the tile GEMM's INT4 path instead of w4_gemm")
     p.add_argument("--unpack", action="store_true", help="the INT4 unpacking kernel instead of w4_gemm")
     p.add_argument("--gemv", action="store_true", help="the INT4 GEMV instead of w4_gemm")
+    p.add_argument("--skinny", action="store_true", help="the small-M INT4 GEMM instead of w4_gemm")
     args = p.parse_args()
     print(f"Triton {triton.__version__}, sm_90\n")
     print("| tile (warps, stages) | format | MMA | registers | spilled bytes | shared KiB | MMA waits | st.shared |")
     print("|---|---|---|---|---|---|---|---|")
     rows = (tile_gemm_rows() if args.tile_gemm else unpack_rows() if args.unpack else gemv_rows() if args.gemv
-            else w4_gemm_rows())
+            else skinny_rows() if args.skinny else w4_gemm_rows())
     for c, name, r in rows:
         tile = " x ".join(str(v) for d, v in c.kwargs.items() if d != "SPLIT")
         tile += ", split" if c.kwargs.get("SPLIT") else ""

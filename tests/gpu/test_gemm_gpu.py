@@ -213,11 +213,11 @@ def test_w8a8_pingpong_bf16_output_matches_the_tma_gemm_bitwise():
 
 @pytest.mark.parametrize("a8", [True, False])
 @pytest.mark.parametrize("k,n", [(576, 1536), (4096, 1000), (11008, 4096)])
-@pytest.mark.parametrize("m", [1, 2, 7, 64, 65, 128, 1000, 4096])
+@pytest.mark.parametrize("m", [1, 2, 7, 16, 64, 65, 128, 1000, 4096])
 def test_progressive_int4_matches_its_twin(m, k, n, a8):
-    """Progressive INT4 (integer group scales, float row scales) against its twin: the GEMV (one or two tokens,
-    row scales on its sums), the tile GEMM (with INT8 tokens one int32 accumulator for the whole K loop), and
-    from gemm.UNPACK_TOKENS on the unpacked weight; a short last group (576) too."""
+    """Progressive INT4 (integer group scales, float row scales) against its twin on every kernel the dispatch
+    gives it: the GEMV (one or two tokens) and the small-M kernel (up to 16), both with the row scales on their
+    sums, w4_gemm (17 and more), and from gemm.UNPACK_TOKENS on the unpacked weight; a short last group (576)."""
     if k == 11008 and m not in (1, 64, 4096):
         pytest.skip("the Llama-7B down projection at three sizes is enough")
     from zeroquant.kernels.triton import rowwise

@@ -4,8 +4,8 @@
   split-K;
 - skinny_mma: INT4 weights at 3..16 fp16 tokens on Hopper (batched decode) in Gluon, the weights unpacked straight
   into mma.sync's register operand, split-K; group sizes that are multiples of 128, separate scale buffers;
-- skinny_gemm: INT4 weights at 3..16 tokens (2..16 bf16) on Hopper, the other formats and token types, the weights
-  as the MMA's M side, split-K;
+- skinny_gemm: INT4 weights at 3..16 tokens (2..16 bf16) on Hopper, the other formats and token types (progressive
+  INT4 among them), the weights as the MMA's M side, split-K;
 - tma_pingpong: prefill W8A8 (512 tokens and more) with per-channel weights and 16-bit outputs on Hopper in
   Gluon, warp-specialized (one TMA producer warp, two consumer warpgroups on alternate tiles, each one's epilogue
   under the other's MMAs);
@@ -14,7 +14,7 @@
 - w4_gemm: INT4 weights at 17 to UNPACK_TOKENS - 1 tokens on Hopper against 16-bit tokens, and progressive ones
   against INT8 tokens, the weights unpacked into the warpgroup MMA's register operand;
 - tile_gemm: everything else, every format, with a fused dequantizing epilogue (INT4 with float group scales
-  against INT8 tokens below UNPACK_TOKENS among them);
+  against INT8 tokens from 17 tokens to UNPACK_TOKENS among them, and every INT4 format before Hopper);
 - unpack: from UNPACK_TOKENS tokens on, INT4 weights unpacked whole first: progressive ones against INT8 tokens
   to an INT8 per-channel weight for the W8A8 GEMMs, the others to 16 bits for cuBLAS (INT8 tokens dequantized
   first). The dense GEMMs beat any INT4 main loop there by more than the unpacking costs.
@@ -97,9 +97,7 @@ def quant_linear(
         gemv(a, xs, w, bias, act, c, glu)
     elif (not a_int8 or w.row_scale is not None) and w4_gemm_ok(a, w):
         w4_gemm(a, xs if a_int8 else None, w, bias, act, c)
-    elif w.row_scale is not None:
-        tile_gemm(a, xs, w, bias, act, c)
-    elif mma_ok is not None and mma_ok(a, w):
+    elif w.row_scale is None and mma_ok is not None and mma_ok(a, w):
         w4a16_mma(a, w, bias, act, c)
     elif skinny_ok(a, w):
         w4_skinny(a, xs if a_int8 else None, w, bias, act, c)

@@ -73,7 +73,7 @@ def _word_zero_operand(s_ptr, idx, A_INT8: tl.constexpr, ety: tl.constexpr):
 
 @triton.autotune(
     configs=_SKINNY_CONFIGS,
-    key=["N", "K", "A_INT8", "HAS_ZERO", "GROUP_SIZE", "SPLIT", "SZ_WORD"],
+    key=["N", "K", "A_INT8", "HAS_ZERO", "GROUP_SIZE", "SPLIT", "SZ_WORD", "ROW_SCALE"],
     prune_configs_by={"early_config_prune": _prune_skinny},
     do_bench=_gpu_time,
 )
@@ -82,6 +82,7 @@ def _w4_skinny_kernel(
     a_ptr, as_ptr, w_ptr, s_ptr, z_ptr, b_ptr, c_ptr, ws_ptr, cnt_ptr, M, N, K, stride_am, stride_wn, stride_cm,
     A_INT8: tl.constexpr, HAS_ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACT: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SZ_WORD: tl.constexpr,
+    rs_ptr=None, ROW_SCALE: tl.constexpr = False,
 ):
     """INT4 weights for M <= 16 (batched decode): C^T = W x^T, so the weights are the MMA's M side.
 
@@ -93,6 +94,8 @@ def _w4_skinny_kernel(
     dot instead of each weight (SZ_WORD: scales interleaved with the zero points, one word a row). Tokens past M
     load as zeros. Program (n, s) covers BLOCK_N channels (64 on a warpgroup; 32 on 2 warps, mma.sync) and the
     s-th of SPLIT slices of K, so enough programs stream weights at once (_split_k_sum adds the slices).
+    ROW_SCALE: progressive INT4, whose integer group scales (s_ptr) scale the group dots like float ones and
+    whose float row scales (rs_ptr) multiply each row's sums once, before the slices are added.
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -143,6 +146,8 @@ def _w4_skinny_kernel(
                 acc += part
     if GROUP_SIZE == 0:
         acc = acc * s[:, None]
+    if ROW_SCALE:
+        acc = acc * tl.load(rs_ptr + rn)[:, None]
 
     last = True
     if SPLIT > 1:
@@ -167,7 +172,7 @@ def skinny_ok(a: torch.Tensor, w: KernelWeight) -> bool:
 # The same kernel on 2-warp mma.sync tiles (SKINNY_SYNC_BLOCK_N channels a program).
 _w4_skinny_sync_kernel = triton.autotune(
     configs=_SKINNY_SYNC_CONFIGS,
-    key=["N", "K", "A_INT8", "HAS_ZERO", "GROUP_SIZE", "SPLIT", "SZ_WORD"],
+    key=["N", "K", "A_INT8", "HAS_ZERO", "GROUP_SIZE", "SPLIT", "SZ_WORD", "ROW_SCALE"],
     prune_configs_by={"early_config_prune": _prune_skinny},
     do_bench=_gpu_time,
 )(_w4_skinny_kernel.fn)
@@ -206,5 +211,6 @@ def w4_skinny(a, xs, w: KernelWeight, bias, act, c, split: int | None = None) ->
         w.qweight.stride(0), c.stride(0),
         A_INT8=xs is not None, HAS_ZERO=w.zero is not None, GROUP_SIZE=w.kernel_group,
         HAS_BIAS=bias is not None, ACT=act_code(act), SPLIT=split, BLOCK_N=rows, SZ_WORD=w.sz_step == 2,
+        rs_ptr=w.row_scale, ROW_SCALE=w.row_scale is not None,
     )
 
