@@ -100,10 +100,10 @@ def _gemv_kernel(
 
 def gemv_ok(a: torch.Tensor, w: KernelWeight) -> bool:
     """Whether the GEMVs take tokens a: one token, or two fp16/int8 tokens against INT4 weights (two bf16 tokens
-    run faster on the small-M kernel: docs/kernels.md); K a whole number of chunks. Row scales (progressive
-    weights) only on the INT4 GEMV."""
+    run faster on the small-M kernel: docs/kernels.md); K a whole number of chunks. Progressive weights (row
+    scales) are INT4, which the INT4 GEMV reads."""
     two = a.shape[0] == 2 and w.bits == 4 and a.dtype != torch.bfloat16
-    return a.shape[1] % 64 == 0 and (a.shape[0] == 1 or two) and (w.row_scale is None or w.bits == 4)
+    return a.shape[1] % 64 == 0 and (a.shape[0] == 1 or two)
 
 
 def gemv(a, xs, w: KernelWeight, bias, act, c, glu: bool = False) -> None:
