@@ -160,12 +160,13 @@ def check_tile_gemm() -> list[str]:
 def check_unpack() -> list[str]:
     """Every INT4 format into each dtype it unpacks to, bit for bit against the twin: progressive (int8, fp16,
     bf16), float16 group scales (interleaved with the zero points too), one symmetric scale a row, groups of 64,
-    a short last group, a partial tile."""
+    256 and 384 (a program's bytes span a part of a group), a short last group, a partial tile."""
     # (N, K, group, symmetric, scales, dtype); "float16 interleaved": stored for INT8 tokens, beside the zero points
     cases = [(100, 576, 128, False, "progressive", "int8"), (100, 576, 128, False, "progressive", "float16"),
              (40, 512, 128, False, "progressive", "bfloat16"), (40, 512, 64, False, "progressive", "int8"),
              (40, 320, -1, True, "float16", "float16"), (72, 576, 128, False, "float16", "float16"),
-             (72, 384, 64, False, "float16", "bfloat16"), (72, 576, 128, False, "float16 interleaved", "float16")]
+             (72, 384, 64, False, "float16", "bfloat16"), (72, 576, 128, False, "float16 interleaved", "float16"),
+             (40, 896, 384, False, "float16", "float16"), (40, 640, 256, False, "progressive", "int8")]
     bad = []
     for n, k, group, sym, scales, dtype in cases:
         a8 = scales.endswith("interleaved")

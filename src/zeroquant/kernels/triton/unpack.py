@@ -9,6 +9,8 @@ about one pass over a 16-bit weight. gemm.quant_linear decides from how many tok
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -23,25 +25,29 @@ def _unpack_kernel(w_ptr, s_ptr, z_ptr, r_ptr, o_ptr, N, K, stride_wn, stride_sg
                    GROUP_SIZE: tl.constexpr, HAS_ZERO: tl.constexpr, PROG: tl.constexpr, OUT_INT8: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
     """Program (n, b): weight rows n * BLOCK_N.. and their bytes b * BLOCK_B..; byte j of a half-split chunk
-    holds the chunk's channel j (low nibble) and j + PACK_C / 2 (high nibble), both in one group."""
+    holds the chunk's channel j (low nibble) and j + PACK_C / 2 (high nibble). A program's bytes lie in one
+    group (the launch makes 2 * BLOCK_B divide the group), so its scales and zero points are one per row: a
+    vector load, where a per-element gather of them cost more than the weights' own load."""
     HALF: tl.constexpr = PACK_C // 2
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     byte = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
-    mask = (rn < N)[:, None] & (byte < K // 2)[None, :]
+    row_ok = rn < N
+    mask = row_ok[:, None] & (byte < K // 2)[None, :]
     wb = tl.load(w_ptr + rn[:, None].to(tl.int64) * stride_wn + byte[None, :], mask=mask, other=0).to(tl.int32)
     ch = (byte // HALF) * PACK_C + byte % HALF  # the low nibbles' channels
-    g = ch // GROUP_SIZE if GROUP_SIZE > 0 else ch * 0
-    sz = g[None, :] * stride_sg + rn[:, None] * stride_sn
-    s = tl.load(s_ptr + sz, mask=mask, other=0)
-    z = tl.load(z_ptr + sz, mask=mask, other=0) if HAS_ZERO else tl.full(s.shape, 8, tl.int8)
+    g = (tl.program_id(1) * BLOCK_B * 2) // GROUP_SIZE if GROUP_SIZE > 0 else 0
+    sz = g * stride_sg + rn * stride_sn
+    s = tl.load(s_ptr + sz, mask=row_ok, other=0)[:, None]
+    z = tl.load(z_ptr + sz, mask=row_ok, other=0).to(tl.int32)[:, None] if HAS_ZERO else 8
+    if not OUT_INT8:  # the reference's rounding: (q - z) times the float32 scale (s1 * s2 when progressive)
+        scale = s.to(tl.float32) * tl.load(r_ptr + rn, mask=row_ok, other=0)[:, None] if PROG else s.to(tl.float32)
     out = o_ptr + rn[:, None].to(tl.int64) * K + ch[None, :]
     for plane in tl.static_range(2):
         q = (wb >> (4 * plane)) & 0xF
         if OUT_INT8:  # progressive: s2 * (q - z) is int8 by the format's own check
-            w = (s.to(tl.int32) * (q - z.to(tl.int32))).to(tl.int8)
-        else:  # the reference's rounding: (q - z) times the float32 scale (s1 * s2 when progressive), then the dtype
-            scale = s.to(tl.float32) * tl.load(r_ptr + rn)[:, None] if PROG else s.to(tl.float32)
-            w = ((q.to(tl.float32) - z.to(tl.float32)) * scale).to(o_ptr.dtype.element_ty)
+            w = (s.to(tl.int32) * (q - z)).to(tl.int8)
+        else:
+            w = ((q - z).to(tl.float32) * scale).to(o_ptr.dtype.element_ty)
         tl.store(out + plane * HALF, w, mask=mask)
 
 
@@ -54,14 +60,21 @@ def unpack_int4(w: KernelWeight, dtype: torch.dtype) -> torch.Tensor:
         raise ValueError("only progressive INT4 (integer group scales) unpacks to INT8")
     n, k = w.out_features, w.in_features
     out = torch.empty(n, k, dtype=dtype, device=w.qweight.device)
-    block_n, block_b = 32, 128
+    _launch(w, out, block_n=32, num_warps=4)  # bench/unpack_configs.py
+    return out
+
+
+def _launch(w: KernelWeight, out: torch.Tensor, block_n: int, num_warps: int) -> None:
+    n, k = w.out_features, w.in_features
+    group = w.kernel_group
+    # 2 * block_b channels must divide the group: groups are whole 64-channel chunks, so 32 bytes or more
+    block_b = math.gcd(128, group // 2) if group else 128
     grid = (triton.cdiv(n, block_n), triton.cdiv(k // 2, block_b))
     _unpack_kernel[grid](
         w.qweight, w.scale, w.zero if w.zero is not None else w.scale,
         w.row_scale if w.row_scale is not None else w.scale, out, n, k, w.qweight.stride(0), w.scale.stride(0),
-        w.scale.stride(1), GROUP_SIZE=w.kernel_group, HAS_ZERO=w.zero is not None, PROG=w.row_scale is not None,
-        OUT_INT8=dtype == torch.int8, BLOCK_N=block_n, BLOCK_B=block_b, num_warps=4)
-    return out
+        w.scale.stride(1), GROUP_SIZE=group, HAS_ZERO=w.zero is not None, PROG=w.row_scale is not None,
+        OUT_INT8=out.dtype == torch.int8, BLOCK_N=block_n, BLOCK_B=block_b, num_warps=num_warps)
 
 
 def as_int8_weight(w: KernelWeight, w8: torch.Tensor) -> KernelWeight:
