@@ -131,12 +131,42 @@ def compare(src: Path, out: Path, row: list[str], text: str, device: str, extra:
             "integer_tensors_differing": sum(not torch.equal(a[k], b[k]) for k in ints)}
 
 
+def markdown(meta: dict, rows: list[dict]) -> str:
+    size = meta["fp16_shards_gib"]
+    lines = [f"{meta['shape']} ({meta['config']['num_hidden_layers']} blocks), fp16 shards {size:.1f} GiB, "
+             f"{meta['device']}, torch {meta['torch']}", "",
+             "| row | processes | minutes | min / block | peak GPU GiB (of shards) | host RSS growth GiB (of shards) | "
+             "integer tensors differing from in-memory | max logit diff vs in-memory |",
+             "|---|---|---|---|---|---|---|---|"]
+    share = lambda gib: f"{gib:.2f} ({gib / size:.0%})"  # noqa: E731
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['row']} | {r['processes']} | {r['error']} | | | | | |")
+            continue
+        diff = r.get("max_logit_diff_vs_in_memory")
+        ints = f"{r['integer_tensors_differing']} of {r['integer_tensors']}" if "integer_tensors" in r else ""
+        lines.append(f"| {r['row']} | {r['processes']} | {r['minutes']:.2f} | {r['minutes_per_block']:.3f} | "
+                     f"{share(r['peak_gpu_gib'])} | {share(r['rss_growth_gib'])} | {ints} | "
+                     f"{'' if diff is None else f'{diff:.2e}'} |")
+    return "\n".join(lines) + "\n"
+
+
+def merge(parts: list[str], out: Path) -> None:
+    """One table from the rows of runs split over several calls (each --rows a part), the first run's meta."""
+    runs = [json.loads(Path(f).read_text()) for f in parts]
+    meta, rows = runs[0]["meta"], [r for run in runs for r in run["rows"]]
+    if any(run["meta"]["config"] != meta["config"] or run["meta"]["device"] != meta["device"] for run in runs):
+        raise SystemExit("--merge takes runs of one shape on one device")
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    out.with_suffix(".md").write_text(markdown(meta, rows))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=list(SHAPES), default="llama-7b")
     p.add_argument("--layers", type=int, help="blocks to build (default: the shape's own)")
-    p.add_argument("--work", required=True, help="where the FP shards and the checkpoints go")
-    p.add_argument("--text", required=True, help="calibration / LKD text (wikitext-2 valid.txt)")
+    p.add_argument("--work", help="where the FP shards and the checkpoints go")
+    p.add_argument("--text", help="calibration / LKD text (wikitext-2 valid.txt)")
     p.add_argument("--rows", default="gptq,gptq+lkd")
     p.add_argument("--nproc", default="1", help="comma-separated process counts (torchrun above 1)")
     p.add_argument("--extra", default="", help="more CLI options, space-separated (e.g. --calib-samples 32)")
@@ -144,8 +174,13 @@ def main() -> None:
                    "time per block grows about linearly with it)")
     p.add_argument("--no-compare", action="store_true", help="skip the in-memory logits check (needs the FP model)")
     p.add_argument("--stories", default="../shared/assets/stories260K", help="a directory with a tokenizer")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="only write OUT from these runs' rows (split calls)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
+    if args.merge:
+        return merge(args.merge, Path(args.out))
+    if not args.work or not args.text:
+        p.error("--work and --text are required (except with --merge)")
     import torch
 
     shape = {**SHAPES[args.shape], **({"num_hidden_layers": args.layers} if args.layers else {})}
@@ -174,23 +209,9 @@ def main() -> None:
                 r.update(compare(src, q, ROWS[name], args.text, device, extra) or {})
                 print(json.dumps(r), flush=True)
                 out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    lines = [f"{args.shape} ({shape['num_hidden_layers']} blocks), fp16 shards {size / 2**30:.1f} GiB, "
-             f"{meta['device']}, torch {meta['torch']}", "",
-             "| row | processes | minutes | min / block | peak GPU GiB (of shards) | host RSS growth GiB (of shards) | "
-             "integer tensors differing from in-memory | max logit diff vs in-memory |",
-             "|---|---|---|---|---|---|---|---|"]
-    share = lambda gib: f"{gib:.2f} ({gib / (size / 2**30):.0%})"
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['row']} | {r['processes']} | {r['error']} | | | | | |")
-            continue
-        diff = r.get("max_logit_diff_vs_in_memory")
-        ints = f"{r['integer_tensors_differing']} of {r['integer_tensors']}" if "integer_tensors" in r else ""
-        lines.append(f"| {r['row']} | {r['processes']} | {r['minutes']:.2f} | {r['minutes_per_block']:.3f} | "
-                     f"{share(r['peak_gpu_gib'])} | {share(r['rss_growth_gib'])} | {ints} | "
-                     f"{'' if diff is None else f'{diff:.2e}'} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    text = markdown(meta, rows)
+    out.with_suffix(".md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":
