@@ -26,6 +26,19 @@ def apply_act(y: torch.Tensor, act: str | None) -> torch.Tensor:
     raise ValueError(f"unsupported fused activation {act!r}")
 
 
+def apply_act_(y: torch.Tensor, act: str | None) -> torch.Tensor:
+    """apply_act in place on a 16-bit y, rounded once as apply_act(y.float()) is (PyTorch computes these in float32
+    for 16-bit tensors; gelu_tanh's tanh may differ below 1e-6 in the far negative tail). One pass over y where the
+    float32 round trip made three, over twice the bytes."""
+    if act == "relu":
+        return torch.relu_(y)
+    if act == "silu":
+        return F.silu(y, inplace=True)
+    if act in ("gelu", "gelu_tanh"):
+        return torch.ops.aten.gelu_(y, approximate="tanh" if act == "gelu_tanh" else "none")
+    return apply_act(y, act)  # None, or the one-line error
+
+
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., K] -> (int8 [..., K], float32 scale [..., 1]), symmetric, scale = amax / 127."""
     return Q.quantize_per_token(x, 8)

@@ -92,5 +92,4 @@ def dense_unpacked(a: torch.Tensor, xs: torch.Tensor | None, w: KernelWeight, bi
         torch.addmm(bias.to(c.dtype), a16, w16.t(), out=c)
     else:
         torch.mm(a16, w16.t(), out=c)
-    if act is not None:
-        c.copy_(reference.apply_act(c.float(), act))
+    reference.apply_act_(c, act)
