@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -37,10 +38,12 @@ def point(m: int) -> tuple[int, int, int]:
 def measure_point(model, base: benchmark.BenchSettings, m: int) -> dict:
     batch, length, new = point(m)
     torch._dynamo.reset()  # every point compiles afresh: no recompile limit reached across rows
+    t = time.perf_counter()
     row = benchmark.measure(model, replace(base, batch=batch, prompt_len=length, gen_len=new), "compile")
+    wall = time.perf_counter() - t  # compiling included: what a sweep's device time goes to
     tok_s = row.decode_tok_s if new else batch * length / (row.prefill_ms / 1e3)
     return {"m": m, "batch": batch, "prompt_len": length, "decode": bool(new), "tok_s": tok_s,
-            "ttft_ms" if new else "forward_ms": row.prefill_ms, "peak_gib": row.peak_gib}
+            "ttft_ms" if new else "forward_ms": row.prefill_ms, "peak_gib": row.peak_gib, "wall_s": wall}
 
 
 def table(points: list[dict], presets: list[str], ms: list[int]) -> str:
