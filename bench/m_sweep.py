@@ -7,8 +7,8 @@ compiled (zeroquant.tools.runtime, the same loop for FP16 and each preset), one 
     python bench/m_sweep.py --config llama-7b --layers 8 --presets w8a8 --m 1,4096 --out /tmp/m --resume
 
 Writes OUT.json after every point; OUT.md (tokens/s and the ratio to FP16 per M) and OUT.png (the curve, when
-matplotlib is installed) at the end. Decode points also record the time to the first token of their batch's
-128-token prompt.
+matplotlib is installed: `pip install .[bench]`) at the end; `--replot` rewrites them from OUT.json. Decode points
+also record the time to the first token of their batch's 128-token prompt, and every point its wall time.
 """
 
 from __future__ import annotations
@@ -93,11 +93,15 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--resume", action="store_true", help="keep OUT.json's points and add these")
+    p.add_argument("--replot", action="store_true", help="only rewrite OUT.md and OUT.png from OUT.json")
     p.add_argument("--out", required=True)
     args = p.parse_args()
+    out = Path(args.out)
+    if args.replot:
+        old = json.loads(out.with_suffix(".json").read_text())
+        return report(old["points"], [], old["meta"], out)
     from zeroquant.api import quantize
 
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     presets, ms = args.presets.split(","), [int(m) for m in args.m.split(",")]
     base = benchmark.BenchSettings(config=args.config, layers=args.layers, reps=args.reps, device=args.device,
@@ -105,7 +109,7 @@ def main() -> None:
     old = json.loads(out.with_suffix(".json").read_text()) if args.resume and out.with_suffix(".json").exists() else {}
     points = old.get("points", [])
     meta = {"config": args.config, "layers": args.layers, "device": benchmark.device_name(base),
-            "torch": torch.__version__}
+            "torch": torch.__version__, "reps": args.reps}
     for preset in ([] if args.no_fp else ["fp16"]) + presets:
         model = benchmark.build_model(base)
         if preset != "fp16":
@@ -117,17 +121,20 @@ def main() -> None:
             out.with_suffix(".json").write_text(json.dumps({"meta": meta, "points": points}, indent=2))
         del model
         benchmark._free()
+    report(points, presets, meta, out)
+
+
+def report(points: list[dict], presets: list[str], meta: dict, out: Path) -> None:
+    """OUT.md (the table) and OUT.png (the curve) from every point measured so far."""
     every_m = sorted({q["m"] for q in points})
-    every_preset = [x for x in PRESETS + presets if any(q["preset"] == x for q in points)]
-    every_preset = list(dict.fromkeys(every_preset))
-    depth = f", {args.layers} blocks" if args.layers else ""
-    title = f"{args.config}{depth}, {meta['device']}"
-    text = f"{title}, torch {meta['torch']}, every row compiled, median of {args.reps}\n\n"
+    every_preset = list(dict.fromkeys(x for x in PRESETS + presets if any(q["preset"] == x for q in points)))
+    depth = f", {meta['layers']} blocks" if meta["layers"] else ""
+    title = f"{meta['config']}{depth}, {meta['device']}"
+    text = f"{title}, torch {meta['torch']}, every row compiled, median of {meta.get('reps', '?')}\n\n"
     text += table(points, every_preset, every_m) + "\n"
     out.with_suffix(".md").write_text(text)
     plotted = plot(points, every_preset, out.with_suffix(".png"), title)
-    print(text + ("" if plotted else "(no plot: matplotlib is not installed)"))
-
+    print(text + ("" if plotted else "(no plot: matplotlib is not installed; pip install .[bench])"))
 
 if __name__ == "__main__":
     main()
