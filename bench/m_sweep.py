@@ -136,5 +136,6 @@ def report(points: list[dict], presets: list[str], meta: dict, out: Path) -> Non
     plotted = plot(points, every_preset, out.with_suffix(".png"), title)
     print(text + ("" if plotted else "(no plot: matplotlib is not installed; pip install .[bench])"))
 
+
 if __name__ == "__main__":
     main()

@@ -88,10 +88,10 @@ def unpack_rows():
                                     ("float16 scales -> bf16", "*bf16", False, "*fp16")):
         sig = {"w_ptr": "*u8", "s_ptr": scales, "z_ptr": scales, "r_ptr": "*fp32" if prog else scales, "o_ptr": out,
                "N": "i32", "K": "i32", "stride_wn": "i32", "stride_sg": "i32", "stride_sn": "i32"}
-        consts = {"GROUP_SIZE": 128, "HAS_ZERO": True, "PROG": prog, "OUT_INT8": out == "*i8", "BLOCK_N": 32,
-                  "BLOCK_B": 128}
-        config = triton.Config({"BLOCK_N": 32, "BLOCK_B": 128}, num_warps=4, num_stages=1)
-        yield config, name, compile_sm90(fn, sig, consts, 4, 1, ("w_ptr", "o_ptr", "K", "stride_wn"))
+        tile = {"BLOCK_N": unpack.BLOCK_N, "BLOCK_B": unpack.block_bytes(128)}  # as unpack_int4 launches it
+        consts = {"GROUP_SIZE": 128, "HAS_ZERO": True, "PROG": prog, "OUT_INT8": out == "*i8", **tile}
+        config = triton.Config(tile, num_warps=unpack.NUM_WARPS, num_stages=1)
+        yield config, name, compile_sm90(fn, sig, consts, unpack.NUM_WARPS, 1, ("w_ptr", "o_ptr", "K", "stride_wn"))
 
 
 def gemv_rows():

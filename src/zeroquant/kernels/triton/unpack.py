@@ -19,6 +19,8 @@ from zeroquant.kernels import reference
 from zeroquant.kernels.triton.gemm_common import PACK_C
 from zeroquant.kernels.weight_format import KernelWeight
 
+BLOCK_N, NUM_WARPS = 32, 4  # weight rows a program, and its warps (bench/unpack_configs.py)
+
 
 @triton.jit
 def _unpack_kernel(w_ptr, s_ptr, z_ptr, r_ptr, o_ptr, N, K, stride_wn, stride_sg, stride_sn,
@@ -60,15 +62,20 @@ def unpack_int4(w: KernelWeight, dtype: torch.dtype) -> torch.Tensor:
         raise ValueError("only progressive INT4 (integer group scales) unpacks to INT8")
     n, k = w.out_features, w.in_features
     out = torch.empty(n, k, dtype=dtype, device=w.qweight.device)
-    _launch(w, out, block_n=32, num_warps=4)  # bench/unpack_configs.py
+    _launch(w, out, BLOCK_N, NUM_WARPS)
     return out
+
+
+def block_bytes(group: int) -> int:
+    """Bytes of a row a program unpacks for the kernels' GROUP_SIZE `group`: 2 x them must divide the group
+    (groups are whole 64-channel chunks, so 32 bytes or more)."""
+    return math.gcd(128, group // 2) if group else 128
 
 
 def _launch(w: KernelWeight, out: torch.Tensor, block_n: int, num_warps: int) -> None:
     n, k = w.out_features, w.in_features
     group = w.kernel_group
-    # 2 * block_b channels must divide the group: groups are whole 64-channel chunks, so 32 bytes or more
-    block_b = math.gcd(128, group // 2) if group else 128
+    block_b = block_bytes(group)
     grid = (triton.cdiv(n, block_n), triton.cdiv(k // 2, block_b))
     _unpack_kernel[grid](
         w.qweight, w.scale, w.zero if w.zero is not None else w.scale,
