@@ -132,12 +132,15 @@ def compare(src: Path, out: Path, row: list[str], text: str, device: str, extra:
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
-    size = meta["fp16_shards_gib"]
-    lines = [f"{meta['shape']} ({meta['config']['num_hidden_layers']} blocks), fp16 shards {size:.1f} GiB, "
-             f"{meta['device']}, torch {meta['torch']}", "",
-             "| row | processes | minutes | min / block | peak GPU GiB (of shards) | host RSS growth GiB (of shards) | "
-             "integer tensors differing from in-memory | max logit diff vs in-memory |",
-             "|---|---|---|---|---|---|---|---|"]
+    size, blocks = meta["fp16_shards_gib"], meta["config"]["num_hidden_layers"]
+    depth = SHAPES.get(meta["shape"], {}).get("num_hidden_layers", blocks)
+    part = blocks < depth  # the first blocks of a deeper shape: extrapolate the time to its whole depth
+    lines = [f"{meta['shape']} ({blocks} blocks), fp16 shards {size:.1f} GiB, {meta['device']}, torch {meta['torch']}",
+             "", "| row | processes | minutes | min / block | peak GPU GiB (of shards) | "
+             "host RSS growth GiB (of shards) | "
+             + (f"{depth} blocks, min (extrapolated) |" if part else
+                "integer tensors differing from in-memory | max logit diff vs in-memory |"),
+             "|---|---|---|---|---|---|" + ("---|" if part else "---|---|")]
     share = lambda gib: f"{gib:.2f} ({gib / size:.0%})"  # noqa: E731
     for r in rows:
         if "error" in r:
@@ -145,9 +148,10 @@ def markdown(meta: dict, rows: list[dict]) -> str:
             continue
         diff = r.get("max_logit_diff_vs_in_memory")
         ints = f"{r['integer_tensors_differing']} of {r['integer_tensors']}" if "integer_tensors" in r else ""
+        tail = (f"{r['minutes'] - r['quantize_minutes'] + r['minutes_per_block'] * depth:.1f} |" if part else
+                f"{ints} | {'' if diff is None else f'{diff:.2e}'} |")
         lines.append(f"| {r['row']} | {r['processes']} | {r['minutes']:.2f} | {r['minutes_per_block']:.3f} | "
-                     f"{share(r['peak_gpu_gib'])} | {share(r['rss_growth_gib'])} | {ints} | "
-                     f"{'' if diff is None else f'{diff:.2e}'} |")
+                     f"{share(r['peak_gpu_gib'])} | {share(r['rss_growth_gib'])} | {tail}")
     return "\n".join(lines) + "\n"
 
 
