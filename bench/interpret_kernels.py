@@ -86,7 +86,8 @@ def check(label: str, got: torch.Tensor, want: torch.Tensor, tol: float, bad: li
 def check_w4_gemm() -> list[str]:
     """Both token kinds, progressive and float16 scales, one scale a row, a short last group (576), a group
     longer than BLOCK_K and one shorter, on small tiles so several programs and K steps run; the 16-bit token
-    cases again with an accumulator per nibble plane (SPLIT) on the int8 cases' shapes."""
+    cases again with an accumulator per nibble plane (SPLIT) on the int8 cases' shapes; every case whole and
+    split over K (SPLIT_K)."""
     cases = [(70, 256, 96, True, "g128", (64, 64, 64)), (70, 256, 96, False, "g128", (64, 64, 64)),
              (70, 256, 96, True, "progressive", (64, 64, 64)), (70, 256, 96, False, "progressive", (64, 64, 64)),
              (33, 576, 64, True, "g128", (64, 32, 64)), (33, 576, 64, False, "progressive", (64, 32, 64)),
@@ -98,8 +99,10 @@ def check_w4_gemm() -> list[str]:
                "g64": (64, False), "progressive64": (64, False)}
     bad = []
     cases += [(m, k, n, False, fmt, tile + (True,)) for m, k, n, a8, fmt, tile in cases if a8]
-    for m, k, n, a8, fmt, (bn, bt, bk, *split) in cases:
-        split = bool(split)
+    # Each case again split over K: slices of whole BLOCK_K steps, 3 of them where that leaves a short last one.
+    cases = [(m, k, n, a8, fmt, (*tile[:3], len(tile) > 3, split_k)) for m, k, n, a8, fmt, tile in cases
+             for split_k in (1, 3 if k // tile[2] % 3 else 2)]
+    for m, k, n, a8, fmt, (bn, bt, bk, split, split_k) in cases:
         group, sym = formats[fmt]
         scale_dtype = "int8" if fmt.startswith("progressive") else "float16"
         ql = quant_linear(k, n, 4, group, sym, a8, "cpu", scale_dtype=scale_dtype)
@@ -113,15 +116,17 @@ def check_w4_gemm() -> list[str]:
             xin, xs = x.half(), None
             want = R.apply_act(xin.float() @ ql.quantized.dequantize().t() + ql.bias.float(), "silu")
         c = torch.full((m, n), float("nan"), dtype=torch.float16)
-        w4_gemm._w4_gemm_kernel.fn[(triton.cdiv(m, bt) * triton.cdiv(n, bn),)](
+        tiles = triton.cdiv(m, bt) * triton.cdiv(n, bn)
+        w4_gemm._w4_gemm_kernel.fn[(tiles, split_k)](
             xin, xs.reshape(-1).float() if a8 else c, kw.qweight, kw.scale,
             kw.zero if kw.zero is not None else kw.scale, kw.row_scale if kw.row_scale is not None else c, ql.bias, c,
             m, n, k, xin.stride(0), kw.qweight.stride(0), c.stride(0), 64, A_INT8=a8, HAS_ZERO=kw.zero is not None,
             GROUP_SIZE=kw.kernel_group, HAS_BIAS=True, ACT=act_code("silu"), SZ_WORD=kw.sz_step == 2,
-            PROG=kw.row_scale is not None, BLOCK_N=bn, BLOCK_T=bt, BLOCK_K=bk, SPLIT=split)
+            PROG=kw.row_scale is not None, BLOCK_N=bn, BLOCK_T=bt, BLOCK_K=bk, SPLIT=split,
+            ws_ptr=torch.full((split_k * tiles * bn * bt,), float("nan")),
+            cnt_ptr=torch.zeros(tiles, dtype=torch.int32), SPLIT_K=split_k)
         check(f"w4_gemm M={m} K={k} N={n} {'int8' if a8 else 'fp16'} tokens {fmt} tile {bn}x{bt}x{bk}"
-              + (" split" if split else ""), c, want,
-              1e-3, bad)
+              + (" split" if split else "") + (f" split-K {split_k}" if split_k > 1 else ""), c, want, 1e-3, bad)
     return bad
 
 

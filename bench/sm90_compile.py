@@ -62,13 +62,14 @@ def compile_sm90(fn, sig: dict, consts: dict, warps: int, stages: int, aligned=A
 
 def w4_gemm_rows():
     fn = w4_gemm._w4_gemm_kernel.fn
-    for c in w4_gemm._CONFIGS + w4_gemm._ONE_ACC_CONFIGS + w4_gemm._SPLIT_CONFIGS:
+    for c in w4_gemm._EVERY_CONFIG:
         for name, (a8, prog) in FORMATS.items():
             if (c in w4_gemm._ONE_ACC_CONFIGS and a8 and not prog) or (c.kwargs["SPLIT"] and a8):
                 continue
             consts = {"A_INT8": a8, "HAS_ZERO": True, "GROUP_SIZE": 128, "HAS_BIAS": True, "ACT": 0,
                       "SZ_WORD": a8 and not prog, "PROG": prog, **c.kwargs}
-            yield c, name, compile_sm90(fn, signature(a8, prog), consts, c.num_warps, c.num_stages)
+            sig = {**signature(a8, prog), "ws_ptr": "*fp32", "cnt_ptr": "*i32"}  # the split-K workspace
+            yield c, name, compile_sm90(fn, sig, consts, c.num_warps, c.num_stages)
 
 
 def tile_gemm_rows():
@@ -142,8 +143,9 @@ def main() -> None:
     rows = (tile_gemm_rows() if args.tile_gemm else unpack_rows() if args.unpack else gemv_rows() if args.gemv
             else skinny_rows() if args.skinny else w4_gemm_rows())
     for c, name, r in rows:
-        tile = " x ".join(str(v) for d, v in c.kwargs.items() if d != "SPLIT")
+        tile = " x ".join(str(v) for d, v in c.kwargs.items() if d not in ("SPLIT", "SPLIT_K"))
         tile += ", split" if c.kwargs.get("SPLIT") else ""
+        tile += f", split-K {c.kwargs['SPLIT_K']}" if c.kwargs.get("SPLIT_K", 1) > 1 else ""
         print(f"| {tile} ({c.num_warps}, {c.num_stages}) | {name} | {r['mma']} | {r['regs']} | {r['stack']} "
               f"| {r['shared_kib']} | {r['mma_waits']} | {r['shared_stores']} |", flush=True)
 

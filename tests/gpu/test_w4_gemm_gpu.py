@@ -49,36 +49,39 @@ def _skip_without_hopper():
 
 
 @pytest.mark.parametrize("fmt,tokens", FORMATS)
-@pytest.mark.parametrize("cfg", range(16))
+@pytest.mark.parametrize("cfg", range(22))
 def test_w4_gemm_every_config_matches_its_twin(cfg, fmt, tokens):
-    """Each configuration at 64, 65, 128, 1000 and 4096 tokens on 1000 output channels (a partial tile), K 576 (a
-    short last group) where BLOCK_K is 64, else 1024; the 256-row tiles for every format but W4A8 with float16
-    group scales, and an accumulator per nibble plane for 16-bit tokens only, as the autotuner prunes."""
+    """Each configuration at 64, 65, 128, 1000 and 4096 tokens (split over K: 17, 64, 65, 128 and 256) on 1000
+    output channels (a partial tile), K 576 (a short last group) where BLOCK_K is 64, else 1024; the 256-row tiles
+    for every format but W4A8 with float16 group scales, and an accumulator per nibble plane for 16-bit tokens
+    only, as the autotuner prunes."""
     _skip_without_hopper()
     from zeroquant.kernels.triton import w4_gemm as W
 
-    configs = W._CONFIGS + W._ONE_ACC_CONFIGS + W._SPLIT_CONFIGS
-    assert len(configs) == 16
+    configs = W._EVERY_CONFIG
+    assert len(configs) == 22
     c = configs[cfg]
     if (c in W._ONE_ACC_CONFIGS and tokens == "int8" and fmt == "g128") or (c.kwargs["SPLIT"] and tokens == "int8"):
         pytest.skip("pruned for this format")
     k, n = (576 if c.kwargs["BLOCK_K"] == 64 else 1024), 1000
-    for m in (64, 65, 128, 1000, 4096):
+    for m in (17, 64, 65, 128, 256) if c.kwargs["SPLIT_K"] > 1 else (64, 65, 128, 1000, 4096):
         ql, kw, x, xs, want = _case(m, k, n, fmt, tokens)
         poison_cuda_cache()
         got = torch.empty(m, n, device="cuda", dtype=x.dtype if xs is None else torch.float16)
-        grid = (-(-m // c.kwargs["BLOCK_T"]) * -(-n // c.kwargs["BLOCK_N"]),)
+        grid = (-(-m // c.kwargs["BLOCK_T"]) * -(-n // c.kwargs["BLOCK_N"]), c.kwargs["SPLIT_K"])
+        ws, counters = W.split_workspace(m, n, x.device)
         W._w4_gemm_kernel.fn[grid](
             x, got if xs is None else xs, kw.qweight, kw.scale, kw.zero if kw.zero is not None else kw.scale,
             kw.row_scale if kw.row_scale is not None else got, ql.bias, got, m, n, k, x.stride(0),
             kw.qweight.stride(0), got.stride(0), W._m_bucket(m), A_INT8=xs is not None, HAS_ZERO=kw.zero is not None,
             GROUP_SIZE=kw.kernel_group, HAS_BIAS=True, ACT=act_code("silu"), SZ_WORD=kw.sz_step == 2,
-            PROG=kw.row_scale is not None, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+            PROG=kw.row_scale is not None, ws_ptr=ws, cnt_ptr=counters, **c.kwargs, num_warps=c.num_warps,
+            num_stages=c.num_stages)
         assert rel_err(got, want) < _tol(tokens), m
 
 
 @pytest.mark.parametrize("fmt,tokens", FORMATS)
-@pytest.mark.parametrize("m,k,n", [(17, 4096, 1000), (4096, 4096, 1000), (64, 11008, 4096)])
+@pytest.mark.parametrize("m,k,n", [(17, 4096, 1000), (4096, 4096, 1000), (64, 11008, 4096), (200, 4096, 11008)])
 def test_w4_gemm_autotuned_matches_its_twin(m, k, n, fmt, tokens):
     """The launcher (autotuned configuration) at the fewest tokens it takes, a prompt's worth, and the Llama-7B
     down projection."""

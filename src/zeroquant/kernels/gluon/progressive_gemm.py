@@ -31,7 +31,8 @@ from zeroquant.kernels.triton.launch import device_index, device_info
 from zeroquant.kernels.triton.rowwise import apply_act
 from zeroquant.kernels.weight_format import PACK, KernelWeight
 
-HALF = gl.constexpr(PACK // 2)  # channels of one nibble plane in a chunk, and bytes of a chunk
+HALF_BYTES = PACK // 2  # channels of one nibble plane in a chunk, and bytes of a chunk
+HALF = gl.constexpr(HALF_BYTES)  # the same inside kernels (host-side shapes take the plain int)
 
 
 @gluon.jit
@@ -145,12 +146,12 @@ def progressive_gemm(a: torch.Tensor, xs: torch.Tensor, w: KernelWeight, bias, a
     m, k = a.shape
     n = w.out_features
     bn, bt = block
-    w_layout = gl.NVMMASharedLayout.get_default_for([bn, HALF], gl.uint8)
-    x_layout = gl.NVMMASharedLayout.get_default_for([bt, HALF], gl.int8)
-    w_desc = TensorDescriptor.from_tensor(w.qweight, [bn, HALF], w_layout)
-    x_desc = TensorDescriptor.from_tensor(a, [bt, HALF], x_layout)
+    w_layout = gl.NVMMASharedLayout.get_default_for([bn, HALF_BYTES], gl.uint8)
+    x_layout = gl.NVMMASharedLayout.get_default_for([bt, HALF_BYTES], gl.int8)
+    w_desc = TensorDescriptor.from_tensor(w.qweight, [bn, HALF_BYTES], w_layout)
+    x_desc = TensorDescriptor.from_tensor(a, [bt, HALF_BYTES], x_layout)
     grid = (triton.cdiv(m, bt) * triton.cdiv(n, bn),)
     _progressive_gemm_kernel[grid](
         w_desc, x_desc, w.scale, w.zero, w.row_scale, xs, bias if bias is not None else c, c, m, n, k, c.stride(0),
         GROUP_SIZE=w.kernel_group, HAS_BIAS=bias is not None, ACT=act_code(act), STAGES=stages,
-        CHUNKS=2 if k % (4 * HALF) == 0 else 1, num_warps=warps)
+        CHUNKS=2 if k % (4 * HALF_BYTES) == 0 else 1, num_warps=warps)

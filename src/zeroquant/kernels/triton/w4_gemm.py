@@ -25,10 +25,13 @@ from zeroquant.kernels.triton.gemm_common import (
     PACK_C,
     _exact_float,
     _gpu_time,
+    _k_slice,
     _nibble_planes,
     _progressive_operands,
     _progressive_planes,
+    _split_k_sum,
     _tile,
+    split_counters,
 )
 from zeroquant.kernels.triton.launch import device_index, device_info
 from zeroquant.kernels.triton.rowwise import apply_act
@@ -36,9 +39,9 @@ from zeroquant.kernels.triton.skinny_gemm import _word_zero_operand, _zero_opera
 from zeroquant.kernels.weight_format import KernelWeight
 
 
-def _cfg(bn, bt, bk, warps, stages, split=False):
-    return triton.Config({"BLOCK_N": bn, "BLOCK_T": bt, "BLOCK_K": bk, "SPLIT": split}, num_warps=warps,
-                         num_stages=stages)
+def _cfg(bn, bt, bk, warps, stages, split=False, split_k=1):
+    return triton.Config({"BLOCK_N": bn, "BLOCK_T": bt, "BLOCK_K": bk, "SPLIT": split, "SPLIT_K": split_k},
+                         num_warps=warps, num_stages=stages)
 
 
 # Weight rows a tile are the MMA's M side (64 a warpgroup), tokens its N side. BLOCK_K 64 serves K that is
@@ -55,6 +58,15 @@ _ONE_ACC_CONFIGS = [_cfg(256, 128, 128, 8, 3), _cfg(256, 128, 64, 8, 3)]
 # INT8 tokens gain nothing: their int32 accumulators are never async in Triton 3.6.
 _SPLIT_CONFIGS = [_cfg(128, 128, 128, 8, 3, True), _cfg(128, 128, 128, 8, 4, True),
                   _cfg(64, 128, 128, 4, 4, True), _cfg(128, 128, 64, 8, 4, True), _cfg(64, 128, 64, 4, 4, True)]
+# Split-K for up to SPLIT_K_TOKENS tokens (M_BUCKET): at 64 tokens a Llama-7B projection has 32 to 172 output tiles
+# for 132 SMs, each streaming the whole of K, so the weights were read by too few programs at once; SPLIT_K
+# programs a tile each take a slice of K and the last to finish adds the float32 partials (_split_k_sum).
+SPLIT_K_TOKENS = 256
+# (128 x 128 tiles spilled with the partials' epilogue when compiled for sm_90.)
+_SPLIT_K_CONFIGS = [_cfg(128, 64, 128, 4, 4, split_k=2), _cfg(128, 64, 128, 4, 4, split_k=4),
+                    _cfg(64, 64, 64, 4, 4, split_k=2), _cfg(64, 64, 64, 4, 4, split_k=4),
+                    _cfg(128, 64, 128, 4, 4, True, 2), _cfg(128, 64, 128, 4, 4, True, 4)]
+_EVERY_CONFIG = _CONFIGS + _ONE_ACC_CONFIGS + _SPLIT_CONFIGS + _SPLIT_K_CONFIGS
 
 
 def _prune(configs, named_args, **kwargs):
@@ -63,7 +75,8 @@ def _prune(configs, named_args, **kwargs):
     one_acc = not args["A_INT8"] or gs == 0 or args["PROG"]
     bk = lambda c: c.kwargs["BLOCK_K"]
     return [c for c in configs if k % bk(c) == 0 and (not gs or gs % bk(c) == 0 or bk(c) % gs == 0)
-            and (one_acc or c not in _ONE_ACC_CONFIGS) and (not args["A_INT8"] or not c.kwargs["SPLIT"])]
+            and (one_acc or c not in _ONE_ACC_CONFIGS) and (not args["A_INT8"] or not c.kwargs["SPLIT"])
+            and (c.kwargs["SPLIT_K"] == 1 or args["M_BUCKET"] <= SPLIT_K_TOKENS)]
 
 
 def _m_bucket(m: int) -> int:
@@ -86,7 +99,7 @@ def _group_operands(s_ptr, z_ptr, idx, INT_W: tl.constexpr, SZ_WORD: tl.constexp
 
 
 @triton.autotune(
-    configs=_CONFIGS + _ONE_ACC_CONFIGS + _SPLIT_CONFIGS,
+    configs=_EVERY_CONFIG,
     key=["M_BUCKET", "N", "K", "A_INT8", "HAS_ZERO", "GROUP_SIZE", "SZ_WORD", "PROG"],
     prune_configs_by={"early_config_prune": _prune},
     do_bench=_gpu_time,
@@ -97,12 +110,14 @@ def _w4_gemm_kernel(
     A_INT8: tl.constexpr, HAS_ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACT: tl.constexpr, SZ_WORD: tl.constexpr, PROG: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+    ws_ptr=None, cnt_ptr=None, SPLIT_K: tl.constexpr = 1,
 ):
     """Program (t, n) computes tokens t * BLOCK_T.. against weight rows n * BLOCK_N..; tokens past M load a
     valid token instead (wrapped) and are never stored. A sub-step of SUB channels never straddles a weight
     group; its bytes hold whole half-split chunks (quant.pack_int4: the low nibbles of a chunk's 32 bytes are
     its channels 0..31, the high nibbles 32..63), so the tokens are gathered to match each nibble plane and one
-    dot covers each plane."""
+    dot covers each plane. Program (t, n)'s copy s of SPLIT_K (grid axis 1) takes the s-th slice of K; ws_ptr
+    holds SPLIT_K slices of every tile's float32 partials, cnt_ptr one zeroed arrival counter a tile."""
     pid_t, pid_n = _tile(tl.program_id(0), M, N, BLOCK_T, BLOCK_N)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -134,7 +149,8 @@ def _w4_gemm_kernel(
     INT_W: tl.constexpr = A_INT8 and PROG
     if GROUP_SIZE == 0:
         p0, p1 = _group_operands(s_ptr, z_ptr, rn, INT_W, SZ_WORD, HAS_ZERO, A_INT8, ety, BLOCK_N)
-    for k0 in range(0, K, BLOCK_K):
+    k_beg, k_end = _k_slice(K, tl.program_id(1), SPLIT_K, BLOCK_K)
+    for k0 in range(k_beg, k_end, BLOCK_K):
         for j in tl.static_range(BLOCK_K // SUB):
             kj = k0 + j * SUB
             if GROUP_SIZE > 0:
@@ -166,13 +182,20 @@ def _w4_gemm_kernel(
         acc += acc_hi
     if INT_ACC:
         acc = acc_i.to(tl.float32) * (row if PROG else p0)[:, None]  # p0: the per-channel scale here
-    if A_INT8:
-        acc = acc * tl.load(as_ptr + rt)[None, :]
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rn).to(tl.float32)[:, None]
-    acc = apply_act(acc, ACT)
-    c_ptrs = c_ptr + offs_t[None, :].to(tl.int64) * stride_cm + offs_n[:, None]
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_t[None, :] < M) & (offs_n[:, None] < N))
+    last = True
+    if SPLIT_K > 1:
+        tile_size: tl.constexpr = BLOCK_N * BLOCK_T
+        tile = tl.program_id(0) * tile_size + tl.arange(0, BLOCK_N)[:, None] * BLOCK_T + tl.arange(0, BLOCK_T)[None, :]
+        acc, last = _split_k_sum(acc, ws_ptr, cnt_ptr, tile, tl.num_programs(0) * tile_size, tl.program_id(0),
+                                 tl.program_id(1), SPLIT_K)
+    if last:
+        if A_INT8:
+            acc = acc * tl.load(as_ptr + rt)[None, :]
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn).to(tl.float32)[:, None]
+        acc = apply_act(acc, ACT)
+        c_ptrs = c_ptr + offs_t[None, :].to(tl.int64) * stride_cm + offs_n[:, None]
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_t[None, :] < M) & (offs_n[:, None] < N))
 
 
 def w4_gemm_ok(a: torch.Tensor, w: KernelWeight) -> bool:
@@ -185,11 +208,23 @@ def w4_gemm(a: torch.Tensor, xs: torch.Tensor | None, w: KernelWeight, bias, act
     fp16/bf16 [M, K] with xs None; twin: reference.quant_linear."""
     m, k = a.shape
     n = w.out_features
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_T"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_T"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
+    ws, counters = split_workspace(m, n, a.device)
     _w4_gemm_kernel[grid](
         a, xs if xs is not None else c, w.qweight, w.scale, w.zero if w.zero is not None else w.scale,
         w.row_scale if w.row_scale is not None else c, bias if bias is not None else c, c,
         m, n, k, a.stride(0), w.qweight.stride(0), c.stride(0), _m_bucket(m),
         A_INT8=xs is not None, HAS_ZERO=w.zero is not None, GROUP_SIZE=w.kernel_group, HAS_BIAS=bias is not None,
-        ACT=act_code(act), SZ_WORD=w.sz_step == 2, PROG=w.row_scale is not None,
+        ACT=act_code(act), SZ_WORD=w.sz_step == 2, PROG=w.row_scale is not None, ws_ptr=ws, cnt_ptr=counters,
     )
+
+
+def split_workspace(m: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 partials, arrival counters) for any split-K configuration at m tokens: SPLIT_K slices of every
+    tile's outputs, tiles of at most 128 tokens by 256 rows (an empty one past SPLIT_K_TOKENS tokens)."""
+    counters = split_counters(device, triton.cdiv(m, 64) * triton.cdiv(n, 64) if m <= SPLIT_K_TOKENS else 1)
+    if m > SPLIT_K_TOKENS:
+        return torch.empty(0, dtype=torch.float32, device=device), counters
+    most = max(c.kwargs["SPLIT_K"] for c in _SPLIT_K_CONFIGS)
+    return torch.empty(most * triton.cdiv(m, 128) * 128 * triton.cdiv(n, 256) * 256, dtype=torch.float32,
+                       device=device), counters
