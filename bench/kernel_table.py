@@ -93,6 +93,15 @@ def weights(k, n, bits, group, dev, int4_scale_dtype=torch.float16, int8_tokens=
     return gemm.KernelWeight.from_quant(q, s, z, 4, group if group > 0 else k)
 
 
+def _timed_or_none(name: str, fn):
+    """fn()'s time, or None (and the error printed) where that column's kernel fails: the others still run."""
+    try:
+        return fn()
+    except Exception as e:  # a kernel that does not compile or launch on this device
+        print(f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}", flush=True)
+        return None
+
+
 def gemm_rows(dev, gluon: bool = True, only: set[str] | None = None):
     rows = []
     for k, n in KNS:
@@ -159,7 +168,7 @@ def gemm_rows(dev, gluon: bool = True, only: set[str] | None = None):
                 "w4a8_prog_unpack_gemm": (m >= 256, lambda: ms(*ours(w4p, "int8", "unpack"))),
                 "w4a8_g128_unpack_gemm": (m >= 256, lambda: ms(*ours(w4g, "int8", "unpack"))),
             }
-            t = {name: fn() if when and (only is None or name in only or name == "fp16") else None
+            t = {name: _timed_or_none(name, fn) if when and (only is None or name in only or name == "fp16") else None
                  for name, (when, fn) in timed.items()}
             row = {"M": m, "K": k, "N": n, "ms": t,
                    "x_fp16": {name: (t["fp16"] / v if v else None) for name, v in t.items()}}

@@ -189,12 +189,15 @@ def test_cli_lkd_writes_report(tmp_path, minilm):
     assert rc == 0
     rep = json.loads((tmp_path / "q" / "lkd_report.json").read_text())
     assert rep["data"] == "random" and len(rep["blocks"]) == 2 and rep["config"]["steps"] == 5
-    # the saved model holds the distilled scales, not round-to-nearest's, in every block that kept them
+    # the saved model holds the distilled values, not round-to-nearest's, in every block that kept them
     saved = zq.quantized_modules(zq.load_quantized(tmp_path / "q"))
     rtn = zq.quantized_modules(zq.quantize(tiny_model("gpt2"), "w4/8-a8", progress=False))
     assert sorted(saved) == sorted(rtn)
+    def values(m):  # progressive INT4 (the MLP here) clips in whole steps of its row scale: few in 5 steps
+        return [m.qweight, m.w_scale, m.w_zero] if m.w_zero is not None else [m.qweight, m.w_scale]
+
     for b, row in enumerate(rep["blocks"]):
-        moved = [not torch.equal(saved[n].w_scale, rtn[n].w_scale) for n in saved if f".h.{b}." in n]
+        moved = [not all(map(torch.equal, values(saved[n]), values(rtn[n]))) for n in saved if f".h.{b}." in n]
         assert len(moved) == 4 and all(moved) != row["kept_start"]
 
 
@@ -202,8 +205,9 @@ def test_lkd_on_half_precision_model_keeps_dtypes_and_reloads(tmp_path):
     model = tiny_model("gpt2").to(torch.bfloat16)
     q = _lkd(model)
     ql = next(iter(zq.quantized_modules(q).values()))
-    # scales keep the rule's storage dtype (w4a8: float16), not the model's bfloat16
-    assert ql.w_scale.dtype == torch.float16 and ql.bias.dtype == torch.bfloat16
+    # scales keep the rule's storage dtype (w4a8: int8 group scales, float32 row scales), not the model's bfloat16
+    assert ql.w_scale.dtype == torch.int8 and ql.w_row_scale.dtype == torch.float32
+    assert ql.bias.dtype == torch.bfloat16
     assert all(r["mse_after"] < r["mse_before"] for r in q.zeroquant.lkd)
     zq.save_quantized(q, tmp_path / "q")
     ids = tiny_input()

@@ -30,8 +30,11 @@ def test_suffix_sets_every_weight_rule():
     assert cfg.attention.weight.scale_dtype == cfg.mlp.weight.scale_dtype == "float16"
     assert cfg.mlp.rounding == "gptq"
     assert resolve_config("w4a16+fp32scale").mlp.weight.scale_dtype == "float32"
-    # the presets: INT4 group scales in float16, INT8 per-row scales in float32
-    assert resolve_config("w4/8-a8").mlp.weight.scale_dtype == "float16"
+    # the presets: INT4 group scales in float16 (progressive against INT8 tokens), INT8 per-row scales in float32
+    assert resolve_config("w4a16").mlp.weight.scale_dtype == resolve_config("w4/8-a16").mlp.weight.scale_dtype
+    assert resolve_config("w4a16").mlp.weight.scale_dtype == "float16"
+    assert resolve_config("w4/8-a8").mlp.weight.scale_dtype == resolve_config("w4a8").attention.weight.scale_dtype
+    assert resolve_config("w4/8-a8").mlp.weight.scale_dtype == "int8"
     assert resolve_config("w4/8-a8").attention.weight.scale_dtype == "float32"
 
 
@@ -133,7 +136,7 @@ def test_checkpoint_stores_fp16_scales_and_reloads_identically(tmp_path):
 def test_compressed_tensors_export_writes_float32_scales(tmp_path):
     """compressed-tensors decompresses in the scale's dtype, so the export widens float16 scales (exactly) and
     the import gives the same outputs."""
-    q = zq.quantize(tiny_model("llama"), "w4/8-a8-g32", progress=False)
+    q = zq.quantize(tiny_model("llama"), "w4/8-a8-g32+fp16scale", progress=False)
     assert q.model.layers[0].mlp.down_proj.w_scale.dtype == torch.float16
     zq.save_quantized(q, tmp_path / "ct", format="compressed-tensors")
     with safe_open(str(tmp_path / "ct" / "model.safetensors"), "pt") as f:

@@ -85,7 +85,7 @@ def _damaged(tmp_path, case):
         weights.write_bytes(b"\x00" * 64)
     elif case in ("missing", "shape", "dtype", "nan_scale"):
         t = load_file(str(weights))
-        name = "model.layers.0.mlp.down_proj." + ("w_scale" if case == "nan_scale" else "qweight")
+        name = "model.layers.0.mlp.down_proj." + ("w_row_scale" if case == "nan_scale" else "qweight")
         if case == "missing":
             del t[name]
         elif case == "shape":
@@ -114,7 +114,7 @@ def _damaged(tmp_path, case):
     ("missing", "does not match the model: missing ['model.layers.0.mlp.down_proj.qweight']"),
     ("shape", "down_proj.qweight is torch.uint8 [64, 63], the model expects torch.uint8 [64, 64]"),
     ("dtype", "down_proj.qweight is torch.int16 [64, 64], the model expects torch.uint8"),
-    ("nan_scale", "down_proj.w_scale holds NaN or infinite values"),
+    ("nan_scale", "down_proj.w_row_scale holds NaN or infinite values"),
     ("not_json", "quantization.json: not valid JSON"),
     ("version", "quantization.json: format version 99; this zeroquant reads version 2"),
     ("bad_module", "quantization.json: module model.layers.0.mlp.down_proj: ZeroQuantError: weight bits"),
@@ -154,5 +154,7 @@ def test_load_builds_no_float_linears_and_keeps_ties(tmp_path, arch):
     stored = load_file(str(out / "model.safetensors"))
     for name, m in zq.quantized_modules(loaded).items():
         assert torch.equal(m.qweight, stored[f"{name}.qweight"])
-        kw = m.quantized.kernel()  # G-major (INT4: interleaved with the zero points), as the kernels read it in place
-        assert kw.scale.data_ptr() == m.w_scale.data_ptr() and kw.sz_step == (2 if m.wq.bits == 4 else 1)
+        # G-major (float16-scale INT4: interleaved with the zero points), as the kernels read it in place
+        kw = m.quantized.kernel()
+        interleaved = m.wq.bits == 4 and not m.wq.progressive
+        assert kw.scale.data_ptr() == m.w_scale.data_ptr() and kw.sz_step == (2 if interleaved else 1)

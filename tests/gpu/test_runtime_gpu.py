@@ -230,25 +230,16 @@ def test_fullgraph_compile_on_kernels_matches_eager(arch, preset):
 
 @pytest.mark.parametrize("preset", [None, "w8a8", "w4a16", "w4/8-a8"])
 def test_compiled_graph_decoder_matches_generate(preset):
-    """The compiled loop (torch.compile inside the CUDA graph) gives generate()'s 32 greedy tokens: the first
-    prompt eager, later ones through their bucket's captured prompt graph, a new length in the same bucket
-    (replayed) and one in a new bucket (captured)."""
+    """The compiled loop (torch.compile inside the CUDA graph) gives generate()'s 32 greedy tokens."""
     model = llama(preset)
-
-    def want(ids):
-        with torch.no_grad():
-            return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, min_new_tokens=32,
-                                  do_sample=False, pad_token_id=0)[:, ids.shape[1]:]
-
     ids = torch.randint(0, 1000, (2, 8), device="cuda")
+    with torch.no_grad():
+        want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, min_new_tokens=32,
+                              do_sample=False, pad_token_id=0)[:, 8:]
     torch._dynamo.reset()
-    dec = GreedyDecoder(model, 2, 64, cuda_graph=True, compile=True)
-    assert torch.equal(dec.generate(ids, 32), want(ids))
-    assert torch.equal(dec.generate(ids, 32), want(ids)) and list(dec.prompt_graphs) == [16]
-    for n in (13, 20):
-        other = torch.randint(0, 1000, (2, n), device="cuda")
-        assert torch.equal(dec.generate(other, 32), want(other)), n
-    assert sorted(dec.prompt_graphs) == [16, 32]
+    dec = GreedyDecoder(model, 2, 48, cuda_graph=True, compile=True)
+    assert torch.equal(dec.generate(ids, 32), want)
+    assert torch.equal(dec.generate(ids, 32), want)
 
 
 def test_compiled_graphed_forward_runs_packed():

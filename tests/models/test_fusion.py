@@ -8,7 +8,7 @@ from tiny_models import model_output, tiny_input, tiny_model
 from torch import nn
 
 import zeroquant as zq
-from zeroquant.core.config import LinearRule, QuantConfig, WeightQuant, with_group_size
+from zeroquant.core.config import LinearRule, QuantConfig, WeightQuant, resolve_config, with_group_size
 from zeroquant.formats import checkpoint
 from zeroquant.models.fusion import fuse
 from zeroquant.nn.fused import FusedAct, FusedNorm, GatedMLP, ResidualNorm
@@ -132,18 +132,19 @@ def test_saved_fused_model_loads_fused(tmp_path, arch):
     assert torch.equal(model_output(q, ids), model_output(loaded, ids))
 
 
-@pytest.mark.parametrize("preset", ["w4a16", "w4a8"])
+@pytest.mark.parametrize("preset", ["w4a16", "w4a8+fp16scale", "w4a8"])
 def test_scales_are_stored_group_major(preset):
     """The kernels read scales as [G, N] rows: QuantLinear keeps them that way (no second GPU copy); W4A8's
-    float16 scales and zero points share one [G, N, 2] allocation (weight_format.interleave)."""
+    float16 scales and zero points share one [G, N, 2] allocation (weight_format.interleave); progressive
+    INT4 (w4a8's own) keeps int8 group scales and zero points apart."""
     from zeroquant.kernels.weight_format import interleaved
 
-    cfg = with_group_size(zq.PRESETS[preset], 32)
+    cfg = with_group_size(resolve_config(preset), 32)
     ql = zq.quantize(tiny_model("llama"), cfg, progress=False).model.layers[0].mlp.down_proj
     assert ql.w_scale.shape == (64, 4) and not ql.w_scale.is_contiguous()
     s, z = ql.half().w_scale.t(), ql.w_zero.t()
-    assert s.dtype == torch.float16  # W4: stored float16
-    if preset == "w4a8":
+    assert s.dtype == (torch.int8 if preset == "w4a8" else torch.float16)
+    if preset == "w4a8+fp16scale":
         assert interleaved(s, z) and s.stride() == (2 * 64, 2)
     else:
         assert s.is_contiguous() and z.is_contiguous()

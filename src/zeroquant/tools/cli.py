@@ -24,9 +24,9 @@ Any preset takes a group-size suffix for its group-wise weights: -g64, -g128 (w8
 INT8), -ch (one scale per output channel); a group size that does not divide a layer's input size leaves
 a shorter last group. "+gptq" after a preset (w4a16+gptq) rounds its weights with GPTQ (needs --calib);
 "+smooth" (w8a8+smooth) first folds SmoothQuant scales into the model where activations are INT8, alpha
-searched per site ("+smooth0.5" fixes it; needs --calib). "+int8scale" (w4/8-a8+int8scale) stores INT4
-group scales as integers times a float row scale (progressive INT4, for an all-integer W4A8 GEMM; no GPU
-kernel runs it yet).
+searched per site ("+smooth0.5" fixes it; needs --calib). INT4 stores float16 group scales, except
+against INT8 activations (w4a8, w4/8-a8): integer group scales times a float row scale (progressive INT4,
+whose W4A8 GEMM runs in integers); "+fp16scale" / "+int8scale" choose either for any INT4 preset.
 Embeddings, norms and the LM head stay in floating point."""
 
 

@@ -80,10 +80,6 @@ class GreedyDecoder:
         self.keep = last_logits_only(model)
         self.use_graph = cuda_graph and device.type == "cuda"
         self.graph: torch.cuda.CUDAGraph | None = None
-        # compile on CUDA: each prompt bucket's compiled forward as a CUDA graph of its own, (graph, ids, last,
-        # output), captured on the bucket's first prompt, so a short prompt does not wait on Python launching
-        # each kernel of every block (at a 128-token prompt that was most of the time to the first token).
-        self.prompt_graphs: dict[int, tuple] = {}
         self.length = 0
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, keep: dict) -> torch.Tensor:
@@ -122,15 +118,8 @@ class GreedyDecoder:
         if self._prompt_forward is not None and self._packed:
             padded = prompt_bucket(p, self.max_len)
             ids = torch.nn.functional.pad(ids, (0, padded - p))
-            if self.use_graph:
-                graph, static_ids, last, out = self._prompt_graph(padded)
-                static_ids.copy_(ids)
-                last.fill_(p - 1)
-                graph.replay()
-                nxt = out[0].clone()  # the graph's output is overwritten by its next replay
-            else:
-                last = torch.full((1,), p - 1, dtype=torch.long, device=ids.device)
-                nxt = self._prompt_forward(ids, torch.arange(padded, device=ids.device), last)
+            last = torch.full((1,), p - 1, dtype=torch.long, device=ids.device)
+            nxt = self._prompt_forward(ids, torch.arange(padded, device=ids.device), last)
             for t in self._cache_lengths():  # the next token goes right after the prompt, not after its padding
                 t.fill_(p)
         else:
@@ -140,21 +129,6 @@ class GreedyDecoder:
         self.pos.fill_(p)
         self.length = p
         return nxt
-
-    def _prompt_graph(self, padded: int) -> tuple:
-        """The bucket's captured prompt forward (captured now if new), with the cache emptied again after the
-        capture's warm-up forwards wrote into it."""
-        if padded not in self.prompt_graphs:
-            device = self.ids.device
-            ids = torch.zeros(self.batch, padded, dtype=torch.long, device=device)
-            pos, last, out = torch.arange(padded, device=device), torch.zeros(1, dtype=torch.long, device=device), []
-
-            def run() -> None:
-                out[:] = [self._prompt_forward(ids, pos, last)]
-
-            self.prompt_graphs[padded] = (_warm_and_capture(run), ids, last, out)
-            self.cache.reset()
-        return self.prompt_graphs[padded]
 
     @torch.no_grad()
     def decode(self, n: int) -> torch.Tensor:

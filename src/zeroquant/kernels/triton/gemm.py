@@ -12,7 +12,8 @@
 - tma_gemm: prefill W8A8 with per-channel weights on Hopper from 257 tokens where tma_pingpong does not take it
   (fewer tokens, float32 outputs, a Triton without Gluon), operands by TMA;
 - w4_gemm: INT4 weights at 17 to UNPACK_TOKENS - 1 tokens on Hopper against 16-bit tokens, and progressive ones
-  against INT8 tokens, the weights unpacked into the warpgroup MMA's register operand;
+  against INT8 tokens, the weights unpacked into the warpgroup MMA's register operand, split over K where the
+  tiles are too few for the SMs;
 - tile_gemm: everything else, every format, with a fused dequantizing epilogue (INT4 with float group scales
   against INT8 tokens from 17 tokens to UNPACK_TOKENS among them, and every INT4 format before Hopper);
 - unpack: from UNPACK_TOKENS tokens on, INT4 weights unpacked whole first: progressive ones against INT8 tokens
