@@ -9,6 +9,7 @@ and shared-memory stores in the PTX. Needs Triton (its bundled ptxas and cuobjdu
     python bench/sm90_compile.py --unpack        # the INT4 unpacking kernel, each output it writes
     python bench/sm90_compile.py --gemv          # the INT4 GEMV, float16 and progressive scales, 1 and 2 tokens
     python bench/sm90_compile.py --skinny        # the small-M INT4 GEMM, float16 and progressive scales
+    python bench/sm90_compile.py --gluon-progressive  # the Gluon W4A8 GEMM (progressive INT4), with and without bias
 
 A kernel that the interpreter runs may still not compile (a plain Python global read inside it, say): this
 catches that without a GPU too.
@@ -22,6 +23,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -40,10 +42,10 @@ def signature(a_int8: bool, prog: bool) -> dict:
             "K": "i32", "stride_am": "i32", "stride_wn": "i32", "stride_cm": "i32", "M_BUCKET": "i32"}
 
 
-def compile_sm90(fn, sig: dict, consts: dict, warps: int, stages: int, aligned=ALIGNED) -> dict:
+def compile_sm90(fn, sig: dict, consts: dict, warps: int, stages: int, aligned=ALIGNED, source=ASTSource) -> dict:
     sig = {**sig, **{c: "constexpr" for c in consts}}
-    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
-                    attrs={(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in aligned})
+    src = source(fn, sig, {(fn.arg_names.index(k),): v for k, v in consts.items()},
+                 {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in aligned})
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(k.asm["cubin"])
@@ -70,6 +72,31 @@ def w4_gemm_rows():
                       "SZ_WORD": a8 and not prog, "PROG": prog, **c.kwargs}
             sig = {**signature(a8, prog), "ws_ptr": "*fp32", "cnt_ptr": "*i32"}  # the split-K workspace
             yield c, name, compile_sm90(fn, sig, consts, c.num_warps, c.num_stages)
+
+
+def gluon_progressive_rows():
+    """The Gluon W4A8 GEMM (progressive INT4) at each tile its GPU test covers, with and without a bias."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.runtime.jit import mangle_type
+
+    from zeroquant.kernels.gluon import progressive_gemm as P
+
+    fn, half = P._progressive_gemm_kernel, P.HALF_BYTES
+    for (bn, bt), stages, warps in [((128, 128), 4, 8), ((128, 64), 4, 4), ((256, 64), 4, 8)]:
+        descs = {}
+        for name, rows, dtype, tdtype in (("w_desc", bn, gl.uint8, torch.uint8), ("x_desc", bt, gl.int8, torch.int8)):
+            layout = gl.NVMMASharedLayout.get_default_for([rows, half], dtype)
+            descs[name] = mangle_type(TensorDescriptor.from_tensor(torch.zeros(256, 256, dtype=tdtype), [rows, half],
+                                                                   layout))
+        sig = {**descs, "s_ptr": "*i8", "z_ptr": "*i8", "r_ptr": "*fp32", "xs_ptr": "*fp32", "b_ptr": "*fp16",
+               "c_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i32", "stride_cm": "i32"}
+        for bias in (True, False):
+            consts = {"GROUP_SIZE": 128, "HAS_BIAS": bias, "ACT": 0, "STAGES": stages, "CHUNKS": 2}
+            config = triton.Config({"BLOCK_N": bn, "BLOCK_T": bt}, num_warps=warps, num_stages=stages)
+            yield config, "w4a8-progressive" + ("" if bias else ", no bias"), compile_sm90(
+                fn, sig, consts, warps, 1, aligned=(), source=GluonASTSource)
 
 
 def tile_gemm_rows():
@@ -136,12 +163,14 @@ def main() -> None:
     p.add_argument("--unpack", action="store_true", help="the INT4 unpacking kernel instead of w4_gemm")
     p.add_argument("--gemv", action="store_true", help="the INT4 GEMV instead of w4_gemm")
     p.add_argument("--skinny", action="store_true", help="the small-M INT4 GEMM instead of w4_gemm")
+    p.add_argument("--gluon-progressive", action="store_true", help="the Gluon W4A8 GEMM instead of w4_gemm")
     args = p.parse_args()
     print(f"Triton {triton.__version__}, sm_90\n")
     print("| tile (warps, stages) | format | MMA | registers | spilled bytes | shared KiB | MMA waits | st.shared |")
     print("|---|---|---|---|---|---|---|---|")
     rows = (tile_gemm_rows() if args.tile_gemm else unpack_rows() if args.unpack else gemv_rows() if args.gemv
-            else skinny_rows() if args.skinny else w4_gemm_rows())
+            else skinny_rows() if args.skinny else gluon_progressive_rows() if args.gluon_progressive
+            else w4_gemm_rows())
     for c, name, r in rows:
         tile = " x ".join(str(v) for d, v in c.kwargs.items() if d not in ("SPLIT", "SPLIT_K"))
         tile += ", split" if c.kwargs.get("SPLIT") else ""

@@ -35,3 +35,22 @@ def test_progressive_gemm_matches_its_twin(m, k, n, tile):
     block, stages, warps = tile
     progressive_gemm(q, s.reshape(-1).float().contiguous(), kw, ql.bias, "silu", got, block, stages, warps)
     assert rel_err(got, want) < 1e-3
+
+
+@pytest.mark.parametrize("tile", TILES, ids=lambda t: f"{t[0][0]}x{t[0][1]}")
+def test_progressive_gemm_without_bias_or_activation(tile):
+    """No bias and no activation (the kernel table's call): a separate compile, which once failed to lower."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("Hopper kernel")
+    from zeroquant.kernels.gluon.progressive_gemm import progressive_gemm
+    from zeroquant.kernels.triton import rowwise
+
+    ql = quant_linear(4096, 1000, 4, 128, False, True, "cuda", scale_dtype="int8").half()
+    kw = ql.quantized.kernel()
+    q, s = rowwise.quantize_per_token(torch.randn(65, 4096, device="cuda", dtype=torch.float16))
+    want = R.quant_linear(q, s, ql.qweight, ql.w_scale, ql.w_zero, 4, ql.group_size, None, None, torch.float16,
+                          row_scale=ql.w_row_scale)
+    got = torch.empty(65, 1000, device="cuda", dtype=torch.float16)
+    block, stages, warps = tile
+    progressive_gemm(q, s.reshape(-1).float().contiguous(), kw, None, None, got, block, stages, warps)
+    assert rel_err(got, want) < 1e-3

@@ -104,8 +104,9 @@ def _consumer(descs, bars, bufs, ptrs, M, N, K, GROUP_SIZE: gl.constexpr, HAS_BI
     offs_t = pid_t * BLOCK_T + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, ACC))
     out = acc.to(gl.float32) * gl.load(r_ptr + offs_n % N)[:, None]
     out = out * gl.load(xs_ptr + offs_t % M)[None, :]
-    if HAS_BIAS:
-        out += gl.load(b_ptr + offs_n % N).to(gl.float32)[:, None]
+    # A masked load, not `if HAS_BIAS`: with the bias pointer unused in every partition, Triton 3.6's lowering of
+    # the warp-specialized kernel to LLVM asserts (bench/sm90_compile.py --gluon-progressive reproduces it).
+    out += gl.load(b_ptr + offs_n % N, mask=(offs_n < N) & HAS_BIAS, other=0.0).to(gl.float32)[:, None]
     out = apply_act(out, ACT)
     c_ptrs = c_ptr + offs_t[None, :].to(gl.int64) * stride_cm + offs_n[:, None]
     gl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=(offs_t[None, :] < M) & (offs_n[:, None] < N))
