@@ -13,7 +13,7 @@ become the int8 weights s2 * (q - z) of both nibble planes in registers (_progre
 meets its own 32 token channels, which TMA loads into their own buffer, so no shared-memory tile is sliced.
 The row scale, the per-token scale, bias and activation come in the epilogue.
 
-gemm.quant_linear does not dispatch here yet: the kernel waits for its GPU test and timings.
+gemm.quant_linear does not dispatch here yet: the kernel passes its GPU test and waits for its timings.
 """
 
 from __future__ import annotations

@@ -11,7 +11,9 @@ s2 * (q - z) in int8, one int32 accumulator for the whole K loop, the row scale 
 fp16/bf16 tokens each weight is (q - z) * s in the tokens' dtype, one float32 accumulator. The per-token scale,
 bias and activation come last.
 
-gemm.quant_linear does not dispatch here yet: the kernel waits for its GPU timing (bench/kernel_table.py).
+From 1 to SPLIT_K_TOKENS tokens a tile's K may be split over several programs (SPLIT_K), so that a few token
+tiles still put enough programs on the weights. gemm.quant_linear dispatches here from 17 tokens to
+UNPACK_TOKENS - 1 (docs/kernels.md).
 """
 
 from __future__ import annotations
