@@ -12,8 +12,8 @@ fp16/bf16 tokens each weight is (q - z) * s in the tokens' dtype, one float32 ac
 bias and activation come last.
 
 From 1 to SPLIT_K_TOKENS tokens a tile's K may be split over several programs (SPLIT_K), so that a few token
-tiles still put enough programs on the weights. gemm.quant_linear dispatches here from 17 tokens to
-UNPACK_TOKENS - 1 (docs/kernels.md).
+tiles still put enough programs on the weights. gemm.quant_linear sends 16-bit tokens, and progressive weights
+against INT8 tokens, here from 17 tokens to UNPACK_TOKENS - 1 (docs/kernels.md).
 """
 
 from __future__ import annotations
