@@ -76,22 +76,18 @@ def w4_gemm_rows():
 
 def gluon_progressive_rows():
     """The Gluon W4A8 GEMM (progressive INT4) at each tile its GPU test covers, with and without a bias."""
-    from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     from triton.runtime.jit import mangle_type
 
     from zeroquant.kernels.gluon import progressive_gemm as P
 
-    fn, half = P._progressive_gemm_kernel, P.HALF_BYTES
+    fn = P._progressive_gemm_kernel
     for (bn, bt), stages, warps in [((128, 128), 4, 8), ((128, 64), 4, 4), ((256, 64), 4, 8)]:
-        descs = {}
-        for name, rows, dtype, tdtype in (("w_desc", bn, gl.uint8, torch.uint8), ("x_desc", bt, gl.int8, torch.int8)):
-            layout = gl.NVMMASharedLayout.get_default_for([rows, half], dtype)
-            descs[name] = mangle_type(TensorDescriptor.from_tensor(torch.zeros(256, 256, dtype=tdtype), [rows, half],
-                                                                   layout))
-        sig = {**descs, "s_ptr": "*i8", "z_ptr": "*i8", "r_ptr": "*fp32", "xs_ptr": "*fp32", "b_ptr": "*fp16",
-               "c_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i32", "stride_cm": "i32"}
+        weights, tokens = torch.zeros(256, 256, dtype=torch.uint8), torch.zeros(256, 256, dtype=torch.int8)
+        w_desc, x_desc = P.descriptors(weights, tokens, (bn, bt))
+        sig = {"w_desc": mangle_type(w_desc), "x_desc": mangle_type(x_desc), "s_ptr": "*i8", "z_ptr": "*i8",
+               "r_ptr": "*fp32", "xs_ptr": "*fp32", "b_ptr": "*fp16", "c_ptr": "*fp16", "M": "i32", "N": "i32",
+               "K": "i32", "stride_cm": "i32"}
         for bias in (True, False):
             consts = {"GROUP_SIZE": 128, "HAS_BIAS": bias, "ACT": 0, "STAGES": stages, "CHUNKS": 2}
             config = triton.Config({"BLOCK_N": bn, "BLOCK_T": bt}, num_warps=warps, num_stages=stages)

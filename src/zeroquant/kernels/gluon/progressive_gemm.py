@@ -140,6 +140,15 @@ def progressive_gemm_ok(a: torch.Tensor, w: KernelWeight) -> bool:
             and w.kernel_group > 0 and a.is_cuda and device_info(device_index(a))[0] >= 9)
 
 
+def descriptors(qweight: torch.Tensor, a: torch.Tensor, block: tuple[int, int]) -> tuple:
+    """TMA descriptors of the packed weights and the INT8 tokens: one chunk's bytes of (weight rows, tokens)."""
+    bn, bt = block
+    w_layout = gl.NVMMASharedLayout.get_default_for([bn, HALF_BYTES], gl.uint8)
+    x_layout = gl.NVMMASharedLayout.get_default_for([bt, HALF_BYTES], gl.int8)
+    return (TensorDescriptor.from_tensor(qweight, [bn, HALF_BYTES], w_layout),
+            TensorDescriptor.from_tensor(a, [bt, HALF_BYTES], x_layout))
+
+
 def progressive_gemm(a: torch.Tensor, xs: torch.Tensor, w: KernelWeight, bias, act, c: torch.Tensor,
                      block: tuple[int, int] = (128, 128), stages: int = 4, warps: int = 8) -> None:
     """c = act(a * xs @ W^T + bias) for progressive INT4 W; a int8 [M, K], xs float32 [M]; block: (weight rows,
@@ -147,10 +156,7 @@ def progressive_gemm(a: torch.Tensor, xs: torch.Tensor, w: KernelWeight, bias, a
     m, k = a.shape
     n = w.out_features
     bn, bt = block
-    w_layout = gl.NVMMASharedLayout.get_default_for([bn, HALF_BYTES], gl.uint8)
-    x_layout = gl.NVMMASharedLayout.get_default_for([bt, HALF_BYTES], gl.int8)
-    w_desc = TensorDescriptor.from_tensor(w.qweight, [bn, HALF_BYTES], w_layout)
-    x_desc = TensorDescriptor.from_tensor(a, [bt, HALF_BYTES], x_layout)
+    w_desc, x_desc = descriptors(w.qweight, a, block)
     grid = (triton.cdiv(m, bt) * triton.cdiv(n, bn),)
     _progressive_gemm_kernel[grid](
         w_desc, x_desc, w.scale, w.zero, w.row_scale, xs, bias if bias is not None else c, c, m, n, k, c.stride(0),

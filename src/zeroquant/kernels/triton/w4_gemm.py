@@ -222,11 +222,11 @@ def w4_gemm(a: torch.Tensor, xs: torch.Tensor | None, w: KernelWeight, bias, act
 
 
 def split_workspace(m: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float32 partials, arrival counters) for any split-K configuration at m tokens: SPLIT_K slices of every
-    tile's outputs, tiles of at most 128 tokens by 256 rows (an empty one past SPLIT_K_TOKENS tokens)."""
-    counters = split_counters(device, triton.cdiv(m, 64) * triton.cdiv(n, 64) if m <= SPLIT_K_TOKENS else 1)
+    """(float32 partials, arrival counters) for whichever split-K configuration the autotuner picks at m tokens:
+    SPLIT_K slices of every tile's outputs, one counter a tile (none past SPLIT_K_TOKENS tokens)."""
     if m > SPLIT_K_TOKENS:
-        return torch.empty(0, dtype=torch.float32, device=device), counters
-    most = max(c.kwargs["SPLIT_K"] for c in _SPLIT_K_CONFIGS)
-    return torch.empty(most * triton.cdiv(m, 128) * 128 * triton.cdiv(n, 256) * 256, dtype=torch.float32,
-                       device=device), counters
+        return torch.empty(0, dtype=torch.float32, device=device), split_counters(device, 1)
+    tiles = [(c.kwargs["SPLIT_K"], triton.cdiv(m, c.kwargs["BLOCK_T"]) * triton.cdiv(n, c.kwargs["BLOCK_N"]),
+              c.kwargs["BLOCK_T"] * c.kwargs["BLOCK_N"]) for c in _SPLIT_K_CONFIGS]
+    return (torch.empty(max(split * t * size for split, t, size in tiles), dtype=torch.float32, device=device),
+            split_counters(device, max(t for _, t, _ in tiles)))
