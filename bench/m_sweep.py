@@ -9,6 +9,8 @@ compiled (zeroquant.tools.runtime, the same loop for FP16 and each preset), one 
 Writes OUT.json after every point; OUT.md (tokens/s and the ratio to FP16 per M) and OUT.png (the curve, when
 matplotlib is installed: `pip install .[bench]`) at the end; `--replot` rewrites them from OUT.json. Decode points
 also record the time to the first token of their batch's 128-token prompt, and every point its wall time.
+`--ttft` lengths add the time to the first token of one prompt of that length (GreedyDecoder's compiled and
+graphed prompt, KV cache written), a table of its own.
 """
 
 from __future__ import annotations
@@ -46,8 +48,34 @@ def measure_point(model, base: benchmark.BenchSettings, m: int) -> dict:
             "ttft_ms" if new else "forward_ms": row.prefill_ms, "peak_gib": row.peak_gib, "wall_s": wall}
 
 
+def measure_ttft(model, base: benchmark.BenchSettings, length: int) -> dict:
+    """Time to the first token of one prompt of `length` tokens."""
+    torch._dynamo.reset()
+    t = time.perf_counter()
+    row = benchmark.measure(model, replace(base, batch=1, prompt_len=length, gen_len=1), "compile")
+    return {"kind": "ttft", "m": length, "ttft_ms": row.prefill_ms, "peak_gib": row.peak_gib,
+            "wall_s": time.perf_counter() - t}
+
+
+def ttft_table(points: list[dict], presets: list[str]) -> str:
+    by = {(p["preset"], p["m"]): p for p in points if p.get("kind") == "ttft"}
+    lengths = sorted({m for _, m in by})
+    if not lengths:
+        return ""
+    lines = ["| prompt (batch 1) | FP compile ms | " + " | ".join(f"{p} ms (x FP)" for p in presets) + " |",
+             "|---|---|" + "---|" * len(presets)]
+    for n in lengths:
+        fp = by.get(("fp16", n))
+        if fp is None:
+            continue
+        cells = [f"{by[(p, n)]['ttft_ms']:.2f} ({fp['ttft_ms'] / by[(p, n)]['ttft_ms']:.2f}x)" if (p, n) in by
+                 else "-" for p in presets]
+        lines.append(f"| {n} | {fp['ttft_ms']:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def table(points: list[dict], presets: list[str], ms: list[int]) -> str:
-    by = {(p["preset"], p["m"]): p for p in points}
+    by = {(p["preset"], p["m"]): p for p in points if p.get("kind") != "ttft"}
     lines = ["| M (tokens per forward) | what | FP compile tok/s | " + " | ".join(f"{p} x FP" for p in presets)
              + " |", "|---|---|---|" + "---|" * len(presets)]
     for m in ms:
@@ -68,6 +96,7 @@ def plot(points: list[dict], presets: list[str], path: Path, title: str) -> bool
         import matplotlib.pyplot as plt
     except ImportError:
         return False
+    points = [p for p in points if p.get("kind") != "ttft"]
     fp = {p["m"]: p["tok_s"] for p in points if p["preset"] == "fp16"}
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for preset in presets:
@@ -89,6 +118,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, help="fewer blocks (quick looks; the reported curve uses the full depth)")
     p.add_argument("--presets", default=",".join(PRESETS))
     p.add_argument("--m", default=",".join(map(str, MS)), help="tokens per forward, comma-separated")
+    p.add_argument("--ttft", default="128,2048", help="prompt lengths for the time-to-first-token table ('' for none)")
     p.add_argument("--no-fp", action="store_true", help="skip the FP16 rows (already in OUT.json, with --resume)")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -103,7 +133,8 @@ def main() -> None:
     from zeroquant.api import quantize
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    presets, ms = args.presets.split(","), [int(m) for m in args.m.split(",")]
+    presets, ms = args.presets.split(","), [int(m) for m in args.m.split(",") if m]
+    ttfts = [int(n) for n in args.ttft.split(",") if n]
     base = benchmark.BenchSettings(config=args.config, layers=args.layers, reps=args.reps, device=args.device,
                                    presets=presets)
     old = json.loads(out.with_suffix(".json").read_text()) if args.resume and out.with_suffix(".json").exists() else {}
@@ -114,9 +145,10 @@ def main() -> None:
         model = benchmark.build_model(base)
         if preset != "fp16":
             model = quantize(model, preset, inplace=True, progress=False)
-        for m in ms:
-            r = {"preset": preset, **measure_point(model, base, m)}
-            points = [q for q in points if (q["preset"], q["m"]) != (preset, m)] + [r]
+        for kind, m in [("sweep", m) for m in ms] + [("ttft", n) for n in ttfts]:
+            measured = measure_point(model, base, m) if kind == "sweep" else measure_ttft(model, base, m)
+            r = {"preset": preset, **measured}
+            points = [q for q in points if (q["preset"], q["m"], q.get("kind", "sweep")) != (preset, m, kind)] + [r]
             print(json.dumps(r), flush=True)
             out.with_suffix(".json").write_text(json.dumps({"meta": meta, "points": points}, indent=2))
         del model
@@ -126,12 +158,14 @@ def main() -> None:
 
 def report(points: list[dict], presets: list[str], meta: dict, out: Path) -> None:
     """OUT.md (the table) and OUT.png (the curve) from every point measured so far."""
-    every_m = sorted({q["m"] for q in points})
+    every_m = sorted({q["m"] for q in points if q.get("kind") != "ttft"})
     every_preset = list(dict.fromkeys(x for x in PRESETS + presets if any(q["preset"] == x for q in points)))
     depth = f", {meta['layers']} blocks" if meta["layers"] else ""
     title = f"{meta['config']}{depth}, {meta['device']}"
     text = f"{title}, torch {meta['torch']}, every row compiled, median of {meta.get('reps', '?')}\n\n"
     text += table(points, every_preset, every_m) + "\n"
+    ttft = ttft_table(points, every_preset)
+    text += f"\nTime to the first token, compiled and graphed prompt:\n\n{ttft}\n" if ttft else ""
     out.with_suffix(".md").write_text(text)
     plotted = plot(points, every_preset, out.with_suffix(".png"), title)
     print(text + ("" if plotted else "(no plot: matplotlib is not installed; pip install .[bench])"))

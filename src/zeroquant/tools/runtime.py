@@ -11,7 +11,8 @@ compile=True puts torch.compile around the forward inside the same loop: inducto
 between the GEMMs (norms, rotary embedding, residual adds, attention glue), zeroquant's kernels stay as they
 are (they are custom ops: zeroquant.kernels.ops), and the CUDA graph then captures the compiled step. The
 prompt forward is compiled too, for lengths padded up to a bucket (prompt_bucket), so a new prompt length
-compiles again only when it falls into a new bucket.
+compiles again only when it falls into a new bucket; on CUDA each bucket's compiled prompt is a CUDA graph as
+well (the time to the first token of a short prompt is otherwise the Python launch of every kernel).
 """
 
 from __future__ import annotations
@@ -46,9 +47,9 @@ def prompt_bucket(length: int, max_len: int) -> int:
     return min(bucket, max_len)
 
 
-def _warm_and_capture(fn, warmup: int = 2) -> torch.cuda.CUDAGraph:
+def _warm_and_capture(fn, warmup: int = 2, pool=None) -> torch.cuda.CUDAGraph:
     """Run fn a few times on a side stream (first calls autotune and compile kernels; a graph cannot
-    capture that), then capture one call."""
+    capture that), then capture one call (into memory pool `pool`, shared with other graphs when given)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -56,9 +57,38 @@ def _warm_and_capture(fn, warmup: int = 2) -> torch.cuda.CUDAGraph:
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         fn()
     return graph
+
+
+class _PromptGraph:
+    """One prompt bucket's forward as a CUDA graph over fixed input buffers: forward(ids [B, padded], positions,
+    last [1]) -> the next token [B]. The graph resets the cache first (so its own warm-ups never run past the
+    cache's end) and last sets every cache layer's write counter to the prompt's true length (decode then
+    overwrites the padding's entries)."""
+
+    def __init__(self, forward, cache, lengths, batch: int, padded: int, device: torch.device, pool) -> None:
+        self.ids = torch.zeros(batch, padded, dtype=torch.long, device=device)
+        self.last = torch.zeros(1, dtype=torch.long, device=device)
+        pos = torch.arange(padded, device=device)
+        self.out = None
+
+        def run():
+            cache.reset()
+            self.out = forward(self.ids, pos, self.last)
+            counters = lengths()
+            if counters:
+                torch._foreach_copy_(counters, [self.last[0] + 1] * len(counters))
+
+        self.graph = _warm_and_capture(run, pool=pool)
+
+    def __call__(self, ids: torch.Tensor, last: int) -> torch.Tensor:
+        self.ids[:, : ids.shape[1]].copy_(ids)
+        self.ids[:, ids.shape[1]:].zero_()
+        self.last.fill_(last)
+        self.graph.replay()
+        return self.out
 
 
 class GreedyDecoder:
@@ -80,6 +110,8 @@ class GreedyDecoder:
         self.keep = last_logits_only(model)
         self.use_graph = cuda_graph and device.type == "cuda"
         self.graph: torch.cuda.CUDAGraph | None = None
+        self._prompt_graphs: dict[int, _PromptGraph] = {}  # by bucket; all graphs share one memory pool
+        self._pool = torch.cuda.graph_pool_handle() if self.use_graph else None
         self.length = 0
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, keep: dict) -> torch.Tensor:
@@ -114,17 +146,27 @@ class GreedyDecoder:
         b, p = ids.shape
         if b != self.batch or p >= self.max_len:
             raise ValueError(f"prompt {tuple(ids.shape)} does not fit batch {self.batch}, max_len {self.max_len}")
-        self.cache.reset()
-        if self._prompt_forward is not None and self._packed:
+        if self._prompt_forward is not None and not self._packed:
+            self.cache.reset()
+            self._next_token(ids, torch.arange(p, device=ids.device))
+            self._packed = True
+        if self._prompt_forward is None:
+            self.cache.reset()
+            nxt = self._next_token(ids, torch.arange(p, device=ids.device))
+        elif self.use_graph:
             padded = prompt_bucket(p, self.max_len)
-            ids = torch.nn.functional.pad(ids, (0, padded - p))
+            if padded not in self._prompt_graphs:
+                self._prompt_graphs[padded] = _PromptGraph(self._prompt_forward, self.cache, self._cache_lengths,
+                                                           self.batch, padded, ids.device, self._pool)
+            nxt = self._prompt_graphs[padded](ids, p - 1).clone()  # graph memory: the decode graph may reuse it
+        else:
+            self.cache.reset()
+            padded = prompt_bucket(p, self.max_len)
             last = torch.full((1,), p - 1, dtype=torch.long, device=ids.device)
-            nxt = self._prompt_forward(ids, torch.arange(padded, device=ids.device), last)
+            nxt = self._prompt_forward(torch.nn.functional.pad(ids, (0, padded - p)),
+                                       torch.arange(padded, device=ids.device), last)
             for t in self._cache_lengths():  # the next token goes right after the prompt, not after its padding
                 t.fill_(p)
-        else:
-            nxt = self._next_token(ids, torch.arange(p, device=ids.device))
-            self._packed = True
         self.ids.copy_(nxt[:, None])
         self.pos.fill_(p)
         self.length = p
@@ -141,7 +183,7 @@ class GreedyDecoder:
             # (ours and the cache layers' own) after them.
             counters = [self.ids, self.pos, *self._cache_lengths()]
             saved = [t.clone() for t in counters]
-            self.graph = _warm_and_capture(self._step)
+            self.graph = _warm_and_capture(self._step, pool=self._pool)
             for t, v in zip(counters, saved, strict=True):
                 t.copy_(v)
         for i in range(n):
