@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -140,7 +141,8 @@ def main() -> None:
     old = json.loads(out.with_suffix(".json").read_text()) if args.resume and out.with_suffix(".json").exists() else {}
     points = old.get("points", [])
     meta = {"config": args.config, "layers": args.layers, "device": benchmark.device_name(base),
-            "torch": torch.__version__, "reps": args.reps}
+            "torch": torch.__version__, "reps": args.reps,
+            "command": " ".join(["python bench/m_sweep.py", *sys.argv[1:]])}
     for preset in ([] if args.no_fp else ["fp16"]) + presets:
         model = benchmark.build_model(base)
         if preset != "fp16":
@@ -163,6 +165,7 @@ def report(points: list[dict], presets: list[str], meta: dict, out: Path) -> Non
     depth = f", {meta['layers']} blocks" if meta["layers"] else ""
     title = f"{meta['config']}{depth}, {meta['device']}"
     text = f"{title}, torch {meta['torch']}, every row compiled, median of {meta.get('reps', '?')}\n\n"
+    text += f"```\n{meta['command']}\n```\n\n" if meta.get("command") else ""
     text += table(points, every_preset, every_m) + "\n"
     ttft = ttft_table(points, every_preset)
     text += f"\nTime to the first token, compiled and graphed prompt:\n\n{ttft}\n" if ttft else ""
