@@ -13,7 +13,8 @@ become the int8 weights s2 * (q - z) of both nibble planes in registers (_progre
 meets its own 32 token channels, which TMA loads into their own buffer, so no shared-memory tile is sliced.
 The row scale, the per-token scale, bias and activation come in the epilogue.
 
-gemm.quant_linear does not dispatch here yet: the kernel passes its GPU test and waits for its timings.
+gemm.quant_linear does not dispatch here: timed against the other INT4 paths (docs/kernels.md), it leads only
+where one wave of 128 x 128 tiles fills the GPU (128 tokens of a wide layer) and trails from 256 tokens.
 """
 
 from __future__ import annotations

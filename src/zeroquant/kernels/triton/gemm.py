@@ -19,8 +19,8 @@
 - unpack: from UNPACK_TOKENS tokens on, INT4 weights unpacked whole first: progressive ones against INT8 tokens
   to an INT8 per-channel weight for the W8A8 GEMMs, the others to 16 bits for cuBLAS (INT8 tokens dequantized
   first). The dense GEMMs beat any INT4 main loop there by more than the unpacking costs.
-(gluon/progressive_gemm, w4_gemm's Gluon form for progressive INT4 against INT8 tokens, is not dispatched to
-until it is tested and timed.)
+(gluon/progressive_gemm, w4_gemm's Gluon form for progressive INT4 against INT8 tokens, is not dispatched to:
+it trails w4_gemm or the unpack path at every size but one.)
 All of them apply the per-token activation scale, bias and activation in their epilogue. Why each shape
 goes where it goes: docs/kernels.md (measurements: docs/history.md).
 """
