@@ -36,6 +36,17 @@ def test_graph_decoder_matches_generate(preset, batch):
     assert torch.equal(dec.generate(ids, 32), want)  # replays after a fresh prefill
 
 
+def test_graph_decoder_fills_the_cache_to_its_last_entry():
+    """A prompt one entry short of max_len, then one decode step: the step's warm-ups before its capture must not
+    write past the cache's end."""
+    model = llama("w8a8")
+    ids = torch.randint(0, 1000, (2, 9), device="cuda")
+    with torch.no_grad():
+        want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, min_new_tokens=2,
+                              do_sample=False, pad_token_id=0)[:, 9:]
+    assert torch.equal(GreedyDecoder(model, 2, 10, cuda_graph=True).generate(ids, 2), want)
+
+
 # 128 tokens: the tile GEMM; 320: the TMA GEMM; 640: the ping-pong GEMM; PDL in the graph
 @pytest.mark.parametrize("seq", [32, 80, 160])
 def test_graphed_encoder_matches_eager(seq):

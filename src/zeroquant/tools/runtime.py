@@ -179,11 +179,11 @@ class GreedyDecoder:
             raise ValueError(f"{self.length} + {n} tokens exceed max_len {self.max_len}")
         out = torch.empty(self.batch, n, dtype=torch.long, device=self.ids.device)
         if self.use_graph and self.graph is None and n:
-            # Warm-up steps write the same cache entries the real steps will; rewind every position counter
-            # (ours and the cache layers' own) after them.
+            # Warm-up steps write the same cache entries the real steps will (no more of them than the cache has
+            # left); rewind every position counter (ours and the cache layers' own) after them.
             counters = [self.ids, self.pos, *self._cache_lengths()]
             saved = [t.clone() for t in counters]
-            self.graph = _warm_and_capture(self._step, pool=self._pool)
+            self.graph = _warm_and_capture(self._step, warmup=min(2, self.max_len - self.length), pool=self._pool)
             for t, v in zip(counters, saved, strict=True):
                 t.copy_(v)
         for i in range(n):
