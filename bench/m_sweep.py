@@ -38,12 +38,18 @@ def point(m: int) -> tuple[int, int, int]:
     return max(1, m // length), length, 0
 
 
-def measure_point(model, base: benchmark.BenchSettings, m: int) -> dict:
-    batch, length, new = point(m)
-    torch._dynamo.reset()  # every point compiles afresh: no recompile limit reached across rows
+def compiled_row(model, base: benchmark.BenchSettings, batch: int, length: int, new: int) -> tuple:
+    """(benchmark.Row of the compiled loop, wall seconds with compiling included: what a sweep's device time
+    goes to). Every row compiles afresh, so no recompile limit is reached across rows."""
+    torch._dynamo.reset()
     t = time.perf_counter()
     row = benchmark.measure(model, replace(base, batch=batch, prompt_len=length, gen_len=new), "compile")
-    wall = time.perf_counter() - t  # compiling included: what a sweep's device time goes to
+    return row, time.perf_counter() - t
+
+
+def measure_point(model, base: benchmark.BenchSettings, m: int) -> dict:
+    batch, length, new = point(m)
+    row, wall = compiled_row(model, base, batch, length, new)
     tok_s = row.decode_tok_s if new else batch * length / (row.prefill_ms / 1e3)
     return {"m": m, "batch": batch, "prompt_len": length, "decode": bool(new), "tok_s": tok_s,
             "ttft_ms" if new else "forward_ms": row.prefill_ms, "peak_gib": row.peak_gib, "wall_s": wall}
@@ -51,11 +57,13 @@ def measure_point(model, base: benchmark.BenchSettings, m: int) -> dict:
 
 def measure_ttft(model, base: benchmark.BenchSettings, length: int) -> dict:
     """Time to the first token of one prompt of `length` tokens."""
-    torch._dynamo.reset()
-    t = time.perf_counter()
-    row = benchmark.measure(model, replace(base, batch=1, prompt_len=length, gen_len=1), "compile")
-    return {"kind": "ttft", "m": length, "ttft_ms": row.prefill_ms, "peak_gib": row.peak_gib,
-            "wall_s": time.perf_counter() - t}
+    row, wall = compiled_row(model, base, 1, length, 1)
+    return {"kind": "ttft", "m": length, "ttft_ms": row.prefill_ms, "peak_gib": row.peak_gib, "wall_s": wall}
+
+
+def sweep_points(points: list[dict]) -> list[dict]:
+    """The tokens-per-forward points, without the time-to-first-token ones."""
+    return [p for p in points if p.get("kind") != "ttft"]
 
 
 def ttft_table(points: list[dict], presets: list[str]) -> str:
@@ -76,7 +84,7 @@ def ttft_table(points: list[dict], presets: list[str]) -> str:
 
 
 def table(points: list[dict], presets: list[str], ms: list[int]) -> str:
-    by = {(p["preset"], p["m"]): p for p in points if p.get("kind") != "ttft"}
+    by = {(p["preset"], p["m"]): p for p in sweep_points(points)}
     lines = ["| M (tokens per forward) | what | FP compile tok/s | " + " | ".join(f"{p} x FP" for p in presets)
              + " |", "|---|---|---|" + "---|" * len(presets)]
     for m in ms:
@@ -97,7 +105,7 @@ def plot(points: list[dict], presets: list[str], path: Path, title: str) -> bool
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    points = [p for p in points if p.get("kind") != "ttft"]
+    points = sweep_points(points)
     fp = {p["m"]: p["tok_s"] for p in points if p["preset"] == "fp16"}
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for preset in presets:
@@ -160,7 +168,7 @@ def main() -> None:
 
 def report(points: list[dict], presets: list[str], meta: dict, out: Path) -> None:
     """OUT.md (the table) and OUT.png (the curve) from every point measured so far."""
-    every_m = sorted({q["m"] for q in points if q.get("kind") != "ttft"})
+    every_m = sorted({q["m"] for q in sweep_points(points)})
     every_preset = list(dict.fromkeys(x for x in PRESETS + presets if any(q["preset"] == x for q in points)))
     depth = f", {meta['layers']} blocks" if meta["layers"] else ""
     title = f"{meta['config']}{depth}, {meta['device']}"

@@ -146,30 +146,34 @@ class GreedyDecoder:
         b, p = ids.shape
         if b != self.batch or p >= self.max_len:
             raise ValueError(f"prompt {tuple(ids.shape)} does not fit batch {self.batch}, max_len {self.max_len}")
-        if self._prompt_forward is not None and not self._packed:
-            self.cache.reset()
-            self._next_token(ids, torch.arange(p, device=ids.device))
-            self._packed = True
-        if self._prompt_forward is None:
+        if self._prompt_forward is None or not self._packed:
+            # compile: this first eager pass packs the linears run as one GEMM (a traced forward cannot)
             self.cache.reset()
             nxt = self._next_token(ids, torch.arange(p, device=ids.device))
-        elif self.use_graph:
-            padded = prompt_bucket(p, self.max_len)
-            if padded not in self._prompt_graphs:
-                self._prompt_graphs[padded] = _PromptGraph(self._prompt_forward, self.cache, self._cache_lengths,
-                                                           self.batch, padded, ids.device, self._pool)
-            nxt = self._prompt_graphs[padded](ids, p - 1).clone()  # graph memory: the decode graph may reuse it
-        else:
-            self.cache.reset()
-            padded = prompt_bucket(p, self.max_len)
-            last = torch.full((1,), p - 1, dtype=torch.long, device=ids.device)
-            nxt = self._prompt_forward(torch.nn.functional.pad(ids, (0, padded - p)),
-                                       torch.arange(padded, device=ids.device), last)
-            for t in self._cache_lengths():  # the next token goes right after the prompt, not after its padding
-                t.fill_(p)
+            self._packed = True
+        if self._prompt_forward is not None:
+            nxt = self._compiled_prompt(ids)
         self.ids.copy_(nxt[:, None])
         self.pos.fill_(p)
         self.length = p
+        return nxt
+
+    def _compiled_prompt(self, ids: torch.Tensor) -> torch.Tensor:
+        """The compiled prompt forward at the prompt's bucket length (right-padded): a CUDA-graph replay of that
+        bucket on CUDA (its graph captured on first use), a direct call otherwise."""
+        p = ids.shape[1]
+        padded = prompt_bucket(p, self.max_len)
+        if self.use_graph:
+            if padded not in self._prompt_graphs:
+                self._prompt_graphs[padded] = _PromptGraph(self._prompt_forward, self.cache, self._cache_lengths,
+                                                           self.batch, padded, ids.device, self._pool)
+            return self._prompt_graphs[padded](ids, p - 1).clone()  # graph memory: the decode graph may reuse it
+        self.cache.reset()
+        last = torch.full((1,), p - 1, dtype=torch.long, device=ids.device)
+        nxt = self._prompt_forward(torch.nn.functional.pad(ids, (0, padded - p)),
+                                   torch.arange(padded, device=ids.device), last)
+        for t in self._cache_lengths():  # the next token goes right after the prompt, not after its padding
+            t.fill_(p)
         return nxt
 
     @torch.no_grad()
